@@ -1,0 +1,226 @@
+//! raft-store: a broker group's CommitLog as openraft's log storage, and the RocksDB
+//! state machine (ConsumeQueues, key index, topics, consumer offsets) applied from it.
+//!
+//! # The CommitLog is the Raft log
+//!
+//! Every message of every topic is written once, as (part of) a Raft entry, into
+//! segment files under `<data>/log/segments/`. A record is framed
+//! `len | crc32c | term | index | payload` (see [`record`]); segments roll at a
+//! configurable size and are named by their first Raft index.
+//!
+//! * **Group commit.** `append` writes records into the page cache and hands the
+//!   openraft callback to a flusher thread. The flusher drains every queued append,
+//!   issues one `fdatasync` per touched file, then fires the callbacks in order; so
+//!   concurrent appends share one fsync and openraft 0.10's asynchronous append can
+//!   keep writing while a sync is in flight. With [`FlushMode::Async`] the callback
+//!   fires right after the write, before the fsync: faster, but a majority crashing
+//!   together can lose acknowledged messages.
+//! * **Reads do not scan.** An in-memory table maps Raft index to (segment, byte
+//!   offset). Start-up loads each sealed segment's `.idx` file (written and fsynced
+//!   when the segment is sealed) and scans only the last segment, so opening costs
+//!   O(index files) + O(one segment), not O(log). See [`segment`].
+//! * **Recovery.** The last segment's tail is scanned: a record cut short, or a bad
+//!   checksum with nothing valid after it, is a torn write and is truncated away. A
+//!   bad record followed by a valid one, or any bad record in a sealed segment, is
+//!   damage: opening (or reading that entry) fails with an error naming the file
+//!   and byte offset; nothing is skipped silently.
+//! * **Vote, committed id, purge point** are small JSON files replaced atomically and
+//!   durably (write temp, fsync, rename, fsync directory). The vote is durable before
+//!   `save_vote` returns. The committed id is persisted by the flusher at most every
+//!   100 ms: the state machine persists its own applied id, so a stale committed id
+//!   only means fewer entries re-applied at start-up, never wrong ones.
+//! * **Truncation** of a conflicting suffix cuts segment files at the record
+//!   boundary (deleting later segments); **physical purge** deletes whole segments.
+//!
+//! # The log is the data: purge and snapshots
+//!
+//! openraft's `purge` is *logical* here: it records the purge point (so openraft
+//! replicates from a snapshot below it) but deletes nothing. Segments are deleted only
+//! by retention ([`CommitLog::apply_retention`]), never merely because a snapshot
+//! exists, and never above the purge point. openraft is configured never to purge on
+//! its own (see [`recommended_raft_config`]).
+//!
+//! A snapshot (see [`snapshot`]) carries the state machine's rows *and every retained
+//! message record* up to its last log id. A replica that installs one, being new or
+//! behind the purge point, stores those records in its state machine's `archive/`
+//! (same segment format) and reads messages from there below the snapshot index and
+//! from the CommitLog above it. So it ends up with every retained message even though
+//! openraft then purges its own log up to the snapshot.
+//!
+//! # State machine
+//!
+//! Applying a batch of committed entries writes one RocksDB `WriteBatch`: ConsumeQueue
+//! rows (queue offset -> Raft index, position in the entry, size, tag hash, store
+//! time), key-index rows, topic configs, consumer offsets, and the applied log id and
+//! membership. A crash therefore never leaves an entry half-applied; on restart
+//! openraft re-applies whatever the last durable batch did not cover.
+
+pub mod command;
+pub mod commitlog;
+pub mod durable;
+mod entry_codec;
+pub mod record;
+pub mod segment;
+pub mod snapshot;
+pub mod state_machine;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use command::{AppendBatch, Command, Message, QueueOffset, Response, TopicConfig};
+pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
+pub use state_machine::{StateMachine, StoreReader, StoredMessage};
+
+/// A broker node's identity in its Raft group.
+pub type NodeId = u64;
+
+/// What the Raft membership records about a node: where its peers reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct BrokerNode {
+    /// Advertised address of the node's gRPC server (Raft RPCs and messaging).
+    pub addr: String,
+}
+
+impl std::fmt::Display for BrokerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for a broker group. Standard (one leader per
+    /// term) leader ids, so a log id is exactly the record header's (term, index).
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = BrokerNode,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, NodeId>,
+);
+
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+
+/// Builds a log id from the record header's (term, index).
+pub fn log_id(term: u64, index: u64) -> LogId {
+    openraft::LogId::new(openraft::alias::CommittedLeaderIdOf::<TypeConfig>::new(term), index)
+}
+
+/// The term of a log id (std mode: the committed leader id is the term).
+pub fn term_of(id: &LogId) -> u64 {
+    *id.leader_id
+}
+
+/// When `append` reports entries flushed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushMode {
+    /// After `fdatasync` of every record in the batch (the default): an acknowledged
+    /// message is on a majority's disk.
+    #[default]
+    Sync,
+    /// Right after the write reaches the page cache; the fsync follows in the
+    /// background. Survives process crashes, not power loss of a majority.
+    Async,
+}
+
+/// Storage settings of one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Segment files roll when the next record would exceed this many bytes.
+    pub segment_bytes: u64,
+    pub flush: FlushMode,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            segment_bytes: 128 * 1024 * 1024,
+            flush: FlushMode::Sync,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks the settings; the error names the bad key and value.
+    pub fn validate(&self) -> Result<(), Error> {
+        const MIN: u64 = 64 * 1024;
+        const MAX: u64 = 1 << 30;
+        if !(MIN..=MAX).contains(&self.segment_bytes) {
+            return Err(Error::Config {
+                key: "segment_bytes",
+                value: self.segment_bytes.to_string(),
+                reason: format!("must be between {MIN} and {MAX} bytes"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// openraft settings that the storage design depends on: openraft must never build
+/// snapshots or purge the log on its own, because the log is the data.
+pub fn recommended_raft_config(cluster_name: &str) -> openraft::Config {
+    openraft::Config {
+        cluster_name: cluster_name.to_owned(),
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: u64::MAX,
+        ..Default::default()
+    }
+}
+
+/// raft-store's error type for opening stores and reading data outside openraft's
+/// traits (which speak `io::Error`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("RocksDB {action} in {path}: {source}")]
+    Rocks {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("invalid storage setting {key} = {value}: {reason}")]
+    Config {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { action, path, source }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io { source, action, path } => {
+                io::Error::new(source.kind(), format!("{action} {}: {source}", path.display()))
+            }
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}
+
+/// Opens a replica's log and state machine under `dir` (`dir/log`, `dir/sm`).
+pub async fn open(dir: impl Into<PathBuf>, config: StoreConfig) -> Result<(CommitLog, StateMachine), Error> {
+    config.validate()?;
+    let dir = dir.into();
+    let log = CommitLog::open(dir.join("log"), &config).await?;
+    let sm = StateMachine::open(dir.join("sm"), log.reader(), &config).await?;
+    Ok((log, sm))
+}

@@ -1,0 +1,650 @@
+//! The replicated state built from committed entries, in RocksDB: ConsumeQueues,
+//! the message-key index, topic configs, queue offset counters, consumer-group
+//! offsets, and the applied log id and membership. Also the message read path
+//! (ConsumeQueue row -> CommitLog or snapshot archive record -> message).
+//!
+//! Layout: `sm/CURRENT` names the live `sm/state-N/` directory, which holds `db/`
+//! (RocksDB) and `archive/` (retained records received in a snapshot). Installing a
+//! snapshot builds `state-N+1` beside the live one and switches `CURRENT`
+//! atomically, so a crash mid-install leaves the old state intact.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+
+use crate::command::{AppendBatch, Command, Message, QueueOffset, Response, TopicConfig, tag_hash};
+use crate::commitlog::CommitLogReader;
+use crate::segment::SegmentSet;
+use crate::snapshot::{self, SnapshotBuilder};
+use crate::{Error, LogId, SnapshotMeta, StoreConfig, StoredMembership, TypeConfig, durable, entry_codec};
+
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_CQ: &str = "cq";
+pub(crate) const CF_KEY: &str = "key";
+pub(crate) const CF_TOPIC: &str = "topic";
+pub(crate) const CF_OFFSET: &str = "offset";
+pub(crate) const CF_QMAX: &str = "qmax";
+/// Every column family, in the order snapshots number them.
+pub(crate) const CFS: [&str; 6] = [CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX];
+
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const CURRENT_FILE: &str = "CURRENT";
+/// Bytes of one ConsumeQueue row: raft index, position in batch, size, tag hash, store time.
+const CQ_ROW_LEN: usize = 32;
+
+/// One ConsumeQueue row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CqRow {
+    pub raft_index: u64,
+    /// Position of the message within its entry's batch.
+    pub batch_pos: u32,
+    pub size: u32,
+    pub tag_hash: u64,
+    pub store_timestamp_ms: u64,
+}
+
+impl CqRow {
+    fn encode(&self) -> [u8; CQ_ROW_LEN] {
+        let mut b = [0u8; CQ_ROW_LEN];
+        b[0..8].copy_from_slice(&self.raft_index.to_le_bytes());
+        b[8..12].copy_from_slice(&self.batch_pos.to_le_bytes());
+        b[12..16].copy_from_slice(&self.size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.tag_hash.to_le_bytes());
+        b[24..32].copy_from_slice(&self.store_timestamp_ms.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> io::Result<CqRow> {
+        let b: &[u8; CQ_ROW_LEN] = b.try_into().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("ConsumeQueue row of {} bytes", b.len()),
+            )
+        })?;
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        Ok(CqRow {
+            raft_index: u64_at(0),
+            batch_pos: u32_at(8),
+            size: u32_at(12),
+            tag_hash: u64_at(16),
+            store_timestamp_ms: u64_at(24),
+        })
+    }
+}
+
+/// A message as read back, with where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub queue_id: u32,
+    pub queue_offset: u64,
+    pub raft_index: u64,
+    pub batch_pos: u32,
+    pub store_timestamp_ms: u64,
+    pub message: Message,
+}
+
+fn queue_key(topic: &str, queue_id: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + 5);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&queue_id.to_be_bytes());
+    k
+}
+
+fn cq_key(topic: &str, queue_id: u32, offset: u64) -> Vec<u8> {
+    let mut k = queue_key(topic, queue_id);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn key_prefix(topic: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + key.len() + 5);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn offset_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.len() + topic.len() + 6);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&queue_key(topic, queue_id));
+    k
+}
+
+/// `[topic 0x00, topic 0x01)`: every row of a topic in a topic-first column family.
+fn topic_range(topic: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut from = topic.as_bytes().to_vec();
+    from.push(0);
+    let mut to = topic.as_bytes().to_vec();
+    to.push(1);
+    (from, to)
+}
+
+fn u64_value(v: &[u8]) -> io::Result<u64> {
+    v.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("counter of {} bytes", v.len())))
+}
+
+pub(crate) fn rocks_io(action: &str) -> impl FnOnce(rocksdb::Error) -> io::Error + '_ {
+    move |e| io::Error::other(format!("RocksDB {action}: {e}"))
+}
+
+/// One generation of state: a RocksDB instance plus the snapshot archive.
+pub(crate) struct SmState {
+    pub db: DB,
+    pub archive: SegmentSet,
+    pub dir: PathBuf,
+}
+
+impl SmState {
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<SmState, Error> {
+        let db_path = dir.join("db");
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|source| Error::Rocks {
+            action: "open",
+            path: db_path.clone(),
+            source,
+        })?;
+        let archive_dir = dir.join("archive");
+        let archive = SegmentSet::open(&archive_dir, segment_bytes).map_err(Error::io("opening", &archive_dir))?;
+        Ok(SmState {
+            db,
+            archive,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created on open")
+    }
+
+    fn get(&self, cf: &str, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(cf), key).map_err(rocks_io("read"))
+    }
+
+    fn applied_state(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let applied = match self.get(CF_META, KEY_APPLIED)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            None => None,
+        };
+        let membership = match self.get(CF_META, KEY_MEMBERSHIP)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+}
+
+pub(crate) struct SmShared {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    pub state: RwLock<Arc<SmState>>,
+    pub log: CommitLogReader,
+}
+
+impl SmShared {
+    pub fn current(&self) -> Arc<SmState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, new: SmState) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+    }
+
+    /// Reads records `start..end` for the message path: from the snapshot archive
+    /// where it covers them, otherwise from the CommitLog.
+    pub fn read_records(
+        &self,
+        state: &SmState,
+        start: u64,
+        end: u64,
+    ) -> io::Result<Vec<(crate::record::Header, Bytes)>> {
+        let mut out = Vec::new();
+        let mut next = start;
+        if let (Some(af), Some(al)) = (state.archive.first_index(), state.archive.last_index())
+            && next <= al
+        {
+            let from = next.max(af);
+            let to = end.min(al + 1);
+            if from < to {
+                state.archive.read_range(from, to, &mut out)?;
+            }
+            next = to;
+        }
+        if next < end {
+            out.extend(self.log.read_records(next, end)?);
+        }
+        Ok(out)
+    }
+}
+
+/// openraft's state machine for a broker group.
+pub struct StateMachine {
+    shared: Arc<SmShared>,
+    /// Next queue offset per (topic, queue); loaded lazily from `qmax`.
+    next_offsets: HashMap<(String, u32), u64>,
+    topics: HashMap<String, TopicConfig>,
+}
+
+/// A cloneable read handle for the broker (pull, admin, queries).
+#[derive(Clone)]
+pub struct StoreReader {
+    shared: Arc<SmShared>,
+}
+
+impl StateMachine {
+    pub async fn open(dir: PathBuf, log: CommitLogReader, config: &StoreConfig) -> Result<StateMachine, Error> {
+        let segment_bytes = config.segment_bytes;
+        tokio::task::spawn_blocking(move || Self::open_blocking(dir, log, segment_bytes))
+            .await
+            .map_err(|e| Error::Io {
+                action: "opening state machine (task failed)",
+                path: PathBuf::new(),
+                source: io::Error::other(e),
+            })?
+    }
+
+    fn open_blocking(dir: PathBuf, log: CommitLogReader, segment_bytes: u64) -> Result<StateMachine, Error> {
+        std::fs::create_dir_all(&dir).map_err(Error::io("creating", &dir))?;
+        let current_path = dir.join(CURRENT_FILE);
+        let current = match durable::read_optional(&current_path).map_err(Error::io("reading", &current_path))? {
+            Some(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+            None => {
+                durable::write_atomic(&dir, CURRENT_FILE, b"state-0").map_err(Error::io("writing", &current_path))?;
+                "state-0".to_owned()
+            }
+        };
+        // A directory that CURRENT does not name is a crashed install or a replaced
+        // generation; either way nothing reads it.
+        for entry in std::fs::read_dir(&dir).map_err(Error::io("listing", &dir))? {
+            let entry = entry.map_err(Error::io("listing", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("state-") && name != current {
+                std::fs::remove_dir_all(entry.path()).map_err(Error::io("removing", entry.path()))?;
+            }
+        }
+        let state = SmState::open(&dir.join(&current), segment_bytes)?;
+        let topics = load_topics(&state).map_err(Error::io("loading topics from", &dir))?;
+        let shared = Arc::new(SmShared {
+            dir,
+            segment_bytes,
+            state: RwLock::new(Arc::new(state)),
+            log,
+        });
+        Ok(StateMachine {
+            shared,
+            next_offsets: HashMap::new(),
+            topics,
+        })
+    }
+
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn next_offset(&mut self, state: &SmState, topic: &str, queue_id: u32) -> io::Result<u64> {
+        let key = (topic.to_owned(), queue_id);
+        if let Some(&n) = self.next_offsets.get(&key) {
+            return Ok(n);
+        }
+        let n = match state.get(CF_QMAX, &queue_key(topic, queue_id))? {
+            Some(v) => u64_value(&v)?,
+            None => 0,
+        };
+        self.next_offsets.insert(key, n);
+        Ok(n)
+    }
+
+    fn apply_append(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        raft_index: u64,
+        batch: &AppendBatch,
+    ) -> io::Result<Response> {
+        let Some(topic) = self.topics.get(&batch.topic) else {
+            return Ok(Response::Rejected {
+                reason: format!("topic {} does not exist", batch.topic),
+            });
+        };
+        if batch.queue_id >= topic.queues {
+            return Ok(Response::Rejected {
+                reason: format!(
+                    "queue {} out of range: topic {} has {} queues",
+                    batch.queue_id, batch.topic, topic.queues
+                ),
+            });
+        }
+        let first = self.next_offset(state, &batch.topic, batch.queue_id)?;
+        let (cq, key_cf) = (state.cf(CF_CQ), state.cf(CF_KEY));
+        for (pos, m) in batch.messages.iter().enumerate() {
+            let row = CqRow {
+                raft_index,
+                batch_pos: pos as u32,
+                size: m.body.len() as u32,
+                tag_hash: tag_hash(&m.tag),
+                store_timestamp_ms: batch.store_timestamp_ms,
+            };
+            wb.put_cf(
+                cq,
+                cq_key(&batch.topic, batch.queue_id, first + pos as u64),
+                row.encode(),
+            );
+            for k in &m.keys {
+                let mut kk = key_prefix(&batch.topic, k);
+                kk.extend_from_slice(&raft_index.to_be_bytes());
+                kk.extend_from_slice(&(pos as u32).to_be_bytes());
+                wb.put_cf(key_cf, kk, []);
+            }
+        }
+        let next = first + batch.messages.len() as u64;
+        wb.put_cf(
+            state.cf(CF_QMAX),
+            queue_key(&batch.topic, batch.queue_id),
+            next.to_le_bytes(),
+        );
+        self.next_offsets.insert((batch.topic.clone(), batch.queue_id), next);
+        Ok(Response::Appended {
+            queue_id: batch.queue_id,
+            first_offset: first,
+            count: batch.messages.len() as u32,
+        })
+    }
+
+    fn apply_command(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        raft_index: u64,
+        cmd: &Command,
+    ) -> io::Result<Response> {
+        match cmd {
+            Command::Append(batch) => self.apply_append(state, wb, raft_index, batch),
+            Command::UpsertTopic(t) => {
+                let json = serde_json::to_vec(t).map_err(io::Error::other)?;
+                wb.put_cf(state.cf(CF_TOPIC), t.name.as_bytes(), json);
+                self.topics.insert(t.name.clone(), t.clone());
+                Ok(Response::TopicUpserted)
+            }
+            Command::DeleteTopic { name } => {
+                let existed = self.topics.remove(name).is_some();
+                wb.delete_cf(state.cf(CF_TOPIC), name.as_bytes());
+                let (from, to) = topic_range(name);
+                for cf in [CF_CQ, CF_KEY, CF_QMAX] {
+                    wb.delete_range_cf(state.cf(cf), &from, &to);
+                }
+                self.next_offsets.retain(|(t, _), _| t != name);
+                Ok(Response::TopicDeleted { existed })
+            }
+            Command::CommitOffsets { group, offsets } => {
+                let cf = state.cf(CF_OFFSET);
+                for QueueOffset {
+                    topic,
+                    queue_id,
+                    offset,
+                } in offsets
+                {
+                    wb.put_cf(cf, offset_key(group, topic, *queue_id), offset.to_le_bytes());
+                }
+                Ok(Response::OffsetsCommitted)
+            }
+        }
+    }
+}
+
+fn load_topics(state: &SmState) -> io::Result<HashMap<String, TopicConfig>> {
+    let mut topics = HashMap::new();
+    for item in state.db.iterator_cf(state.cf(CF_TOPIC), rocksdb::IteratorMode::Start) {
+        let (_, v) = item.map_err(rocks_io("scan topics"))?;
+        let t: TopicConfig = serde_json::from_slice(&v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        topics.insert(t.name.clone(), t);
+    }
+    Ok(topics)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = File;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        self.shared.current().applied_state()
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let state = self.shared.current();
+        let mut wb = WriteBatch::default();
+        let mut replies = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response::Empty,
+                EntryPayload::Normal(cmd) => self.apply_command(&state, &mut wb, entry.log_id.index, cmd)?,
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    Response::Empty
+                }
+            };
+            last = Some(entry.log_id);
+            replies.push((responder, response));
+        }
+        let Some(last) = last else { return Ok(()) };
+        let meta = state.cf(CF_META);
+        wb.put_cf(
+            meta,
+            KEY_APPLIED,
+            serde_json::to_vec(&Some(last)).map_err(io::Error::other)?,
+        );
+        if let Some(m) = &membership {
+            wb.put_cf(meta, KEY_MEMBERSHIP, serde_json::to_vec(m).map_err(io::Error::other)?);
+        }
+        // No fsync: the batch is atomic through RocksDB's WAL, and whatever a crash
+        // loses is re-applied from the (fsynced) CommitLog on restart.
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        state.db.write_opt(wb, &opts).map_err(rocks_io("apply write"))?;
+        for (responder, response) in replies {
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder::new(self.shared.clone())
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: File) -> Result<(), io::Error> {
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || snapshot::install(&shared, &meta, snapshot))
+            .await
+            .map_err(io::Error::other)??;
+        self.next_offsets.clear();
+        self.topics = load_topics(&self.shared.current())?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, File>>, io::Error> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || snapshot::current(&shared))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+impl StoreReader {
+    /// The last applied log id.
+    pub fn applied(&self) -> io::Result<Option<LogId>> {
+        Ok(self.shared.current().applied_state()?.0)
+    }
+
+    pub fn topic(&self, name: &str) -> io::Result<Option<TopicConfig>> {
+        let state = self.shared.current();
+        match state.get(CF_TOPIC, name.as_bytes())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn topics(&self) -> io::Result<Vec<TopicConfig>> {
+        let mut v: Vec<_> = load_topics(&self.shared.current())?.into_values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// The offset the next message appended to the queue will get.
+    pub fn queue_next_offset(&self, topic: &str, queue_id: u32) -> io::Result<u64> {
+        match self.shared.current().get(CF_QMAX, &queue_key(topic, queue_id))? {
+            Some(v) => u64_value(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// Number of ConsumeQueue rows across all queues (for checks and admin).
+    pub fn consume_queue_rows(&self) -> io::Result<u64> {
+        let state = self.shared.current();
+        let mut n = 0;
+        for item in state.db.iterator_cf(state.cf(CF_CQ), rocksdb::IteratorMode::Start) {
+            item.map_err(rocks_io("scan ConsumeQueue"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn consumer_offset(&self, group: &str, topic: &str, queue_id: u32) -> io::Result<Option<u64>> {
+        self.shared
+            .current()
+            .get(CF_OFFSET, &offset_key(group, topic, queue_id))?
+            .map(|v| u64_value(&v))
+            .transpose()
+    }
+
+    /// Up to `max` messages of a queue starting at `offset`, in queue order.
+    pub fn read_messages(&self, topic: &str, queue_id: u32, offset: u64, max: usize) -> io::Result<Vec<StoredMessage>> {
+        let state = self.shared.current();
+        let start = cq_key(topic, queue_id, offset);
+        let prefix = queue_key(topic, queue_id);
+        let mut rows = Vec::new();
+        let iter = state.db.iterator_cf(
+            state.cf(CF_CQ),
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        for item in iter.take(max) {
+            let (k, v) = item.map_err(rocks_io("scan ConsumeQueue"))?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 8 {
+                break;
+            }
+            let off = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
+            rows.push((off, CqRow::decode(&v)?));
+        }
+        self.resolve(&state, topic, queue_id, rows)
+    }
+
+    /// Messages of `topic` carrying `key`, oldest first.
+    pub fn messages_by_key(&self, topic: &str, key: &str, max: usize) -> io::Result<Vec<Message>> {
+        let state = self.shared.current();
+        let prefix = key_prefix(topic, key);
+        let mut out = Vec::new();
+        let iter = state.db.prefix_iterator_cf(state.cf(CF_KEY), &prefix);
+        for item in iter {
+            let (k, _) = item.map_err(rocks_io("scan key index"))?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 12 || out.len() >= max {
+                break;
+            }
+            let index = u64::from_be_bytes(k[prefix.len()..prefix.len() + 8].try_into().expect("8 bytes"));
+            let pos = u32::from_be_bytes(k[prefix.len() + 8..].try_into().expect("4 bytes"));
+            if let Some(Command::Append(b)) = self.read_command(&state, index)? {
+                out.extend(b.messages.into_iter().nth(pos as usize));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_command(&self, state: &SmState, index: u64) -> io::Result<Option<Command>> {
+        let recs = self.shared.read_records(state, index, index + 1)?;
+        let Some((h, payload)) = recs.into_iter().next() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("entry {index} is referenced by an index row but is not retained"),
+            ));
+        };
+        entry_codec::decode_command(&h, payload)
+    }
+
+    fn resolve(
+        &self,
+        state: &SmState,
+        topic: &str,
+        queue_id: u32,
+        rows: Vec<(u64, CqRow)>,
+    ) -> io::Result<Vec<StoredMessage>> {
+        let mut out = Vec::with_capacity(rows.len());
+        // Consecutive rows usually share an entry (a batch): decode it once.
+        let mut cached: Option<(u64, Vec<Message>)> = None;
+        for (queue_offset, row) in rows {
+            if cached.as_ref().is_none_or(|(i, _)| *i != row.raft_index) {
+                let msgs = match self.read_command(state, row.raft_index)? {
+                    Some(Command::Append(b)) => b.messages,
+                    other => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "ConsumeQueue row {topic}/{queue_id}@{queue_offset} points at entry {} which is not an append ({other:?})",
+                                row.raft_index
+                            ),
+                        ));
+                    }
+                };
+                cached = Some((row.raft_index, msgs));
+            }
+            let msgs = &cached.as_ref().expect("just filled").1;
+            let message = msgs.get(row.batch_pos as usize).cloned().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("entry {} has no message at position {}", row.raft_index, row.batch_pos),
+                )
+            })?;
+            out.push(StoredMessage {
+                topic: topic.to_owned(),
+                queue_id,
+                queue_offset,
+                raft_index: row.raft_index,
+                batch_pos: row.batch_pos,
+                store_timestamp_ms: row.store_timestamp_ms,
+                message,
+            });
+        }
+        Ok(out)
+    }
+}

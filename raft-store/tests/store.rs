@@ -1,0 +1,702 @@
+//! raft-store against real files: openraft's storage suite, crash recovery (torn and
+//! corrupt records), restart between log write and apply, truncation and purge
+//! across segments, and snapshots that carry retained messages to a new replica.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, StorageError};
+use raftmq_raft_store::record::{self, Decoded};
+use raftmq_raft_store::{
+    AppendBatch, BrokerNode, Command, CommitLog, Entry, Message, StateMachine, StoreConfig, TopicConfig, TypeConfig,
+    log_id,
+};
+use tempfile::TempDir;
+
+const TOPIC: &str = "orders";
+/// The smallest segment size the config allows, so a few hundred 1 KiB entries span
+/// several segments.
+const SMALL_SEGMENTS: u64 = 64 * 1024;
+
+fn config(segment_bytes: u64) -> StoreConfig {
+    StoreConfig {
+        segment_bytes,
+        ..StoreConfig::default()
+    }
+}
+
+fn message(i: u64, body_len: usize) -> Message {
+    Message {
+        tag: if i.is_multiple_of(2) {
+            "even".into()
+        } else {
+            "odd".into()
+        },
+        keys: vec![format!("key-{i}")],
+        properties: vec![("seq".into(), i.to_string())],
+        body: Bytes::from(vec![(i % 251) as u8; body_len]),
+        born_timestamp_ms: 1_700_000_000_000 + i,
+    }
+}
+
+fn membership_entry(index: u64) -> Entry {
+    let nodes = BTreeMap::from([(
+        1u64,
+        BrokerNode {
+            addr: "127.0.0.1:1".into(),
+        },
+    )]);
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Membership(Membership::new(vec![[1u64].into()], nodes).unwrap()),
+    }
+}
+
+fn normal(term: u64, index: u64, cmd: Command) -> Entry {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(cmd),
+    }
+}
+
+fn topic_cmd() -> Command {
+    Command::UpsertTopic(TopicConfig {
+        name: TOPIC.into(),
+        queues: 4,
+        perm: 6,
+    })
+}
+
+/// An append of `per_entry` messages to queue `(index % 4)`, message numbers
+/// derived from the entry index so every message is distinct.
+fn append_cmd(index: u64, per_entry: u64, body_len: usize) -> Command {
+    Command::Append(AppendBatch {
+        topic: TOPIC.into(),
+        queue_id: (index % 4) as u32,
+        store_timestamp_ms: 1_800_000_000_000 + index,
+        messages: (0..per_entry).map(|j| message(index * 1000 + j, body_len)).collect(),
+    })
+}
+
+/// Entries 1..=n: membership, topic, then appends.
+fn workload(n: u64, per_entry: u64, body_len: usize) -> Vec<Entry> {
+    (1..=n)
+        .map(|i| match i {
+            1 => membership_entry(1),
+            2 => normal(1, 2, topic_cmd()),
+            _ => normal(1, i, append_cmd(i, per_entry, body_len)),
+        })
+        .collect()
+}
+
+async fn append(log: &mut CommitLog, entries: Vec<Entry>) -> io::Result<()> {
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await?;
+    rx.await.map_err(io::Error::other)?
+}
+
+async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) -> io::Result<()> {
+    sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
+        .await
+}
+
+async fn open(dir: &Path, segment_bytes: u64) -> (CommitLog, StateMachine) {
+    raftmq_raft_store::open(dir, config(segment_bytes))
+        .await
+        .expect("store opens")
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("log/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Byte offsets of every record in a segment file.
+fn record_offsets(path: &Path) -> Vec<usize> {
+    let data = std::fs::read(path).unwrap();
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while let Decoded::Record { header, .. } = record::decode(&data[pos..]) {
+        out.push(pos);
+        pos += header.record_len() as usize;
+    }
+    out
+}
+
+fn flip_bit(path: &Path, at: usize) {
+    let mut data = std::fs::read(path).unwrap();
+    data[at] ^= 0x10;
+    std::fs::write(path, data).unwrap();
+}
+
+async fn last_log_index(log: &mut CommitLog) -> Option<u64> {
+    log.get_log_state().await.unwrap().last_log_id.map(|l| l.index)
+}
+
+// ---------------------------------------------------------------- openraft suite
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, CommitLog, StateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, CommitLog, StateMachine), StorageError<TypeConfig>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_passes_on_disk() {
+    Suite::<TypeConfig, CommitLog, StateMachine, Builder, TempDir>::test_all(Builder)
+        .await
+        .expect("openraft storage suite");
+}
+
+// ---------------------------------------------------------------- recovery
+
+#[tokio::test]
+async fn torn_last_record_is_dropped_and_the_log_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(10, 1, 100)).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(_sm);
+
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+
+    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    assert_eq!(last_log_index(&mut log).await, Some(9), "torn record 10 is dropped");
+    // The next append lands where the torn record was, and reads back intact.
+    append(&mut log, vec![normal(1, 10, append_cmd(10, 1, 100))])
+        .await
+        .unwrap();
+    let got = log.get_log_reader().await.try_get_log_entries(1..=10).await.unwrap();
+    assert_eq!(got, workload(10, 1, 100));
+}
+
+#[tokio::test]
+async fn bit_flip_in_last_record_is_treated_as_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(10, 1, 100)).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let last = *record_offsets(&seg).last().unwrap();
+    flip_bit(&seg, last + record::HEADER_LEN + 20);
+
+    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    assert_eq!(last_log_index(&mut log).await, Some(9));
+}
+
+#[tokio::test]
+async fn bit_flip_mid_active_segment_refuses_to_open_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(10, 1, 100)).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let fifth = record_offsets(&seg)[4];
+    flip_bit(&seg, fifth + record::HEADER_LEN + 3);
+
+    let err = match raftmq_raft_store::open(dir.path(), config(SMALL_SEGMENTS)).await {
+        Ok(_) => panic!("a corrupt record followed by valid ones must not be dropped silently"),
+        Err(e) => e.to_string(),
+    };
+    let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(err.contains(&name), "error names the file: {err}");
+    assert!(
+        err.contains(&format!("offset {fifth}")),
+        "error names the offset: {err}"
+    );
+}
+
+#[tokio::test]
+async fn bit_flip_in_length_field_mid_segment_is_not_mistaken_for_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(10, 1, 100)).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let third = record_offsets(&seg)[2];
+    // Bit 29 of the length: the record now claims to run far past the file's end.
+    flip_bit(&seg, third + 3);
+    assert!(
+        raftmq_raft_store::open(dir.path(), config(SMALL_SEGMENTS))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn bit_flip_in_sealed_segment_is_refused_on_read_and_on_rescan() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(300, 1, 1024)).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let segs = segment_files(dir.path());
+    assert!(segs.len() >= 3, "300 KiB over 64 KiB segments: {segs:?}");
+    let sealed = &segs[0];
+    let offsets = record_offsets(sealed);
+    let victim = offsets[offsets.len() / 2];
+    flip_bit(sealed, victim + record::HEADER_LEN + 50);
+    let victim_index = (offsets.len() / 2 + 1) as u64;
+
+    // Sealed segments open from their index file without a scan, so the damage is
+    // found when the record is read: the read fails, naming file and offset.
+    let (log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let mut reader = log.reader();
+    let err = reader
+        .try_get_log_entries(victim_index..victim_index + 1)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("00000000000000000001.log") && msg.contains(&format!("offset {victim}")),
+        "{msg}"
+    );
+    // Neighbours still read; nothing is skipped silently in a range read either.
+    assert_eq!(
+        reader.try_get_log_entries(1..victim_index).await.unwrap().len() as u64,
+        victim_index - 1
+    );
+    assert!(reader.try_get_log_entries(1..=300).await.is_err());
+    drop((log, _sm));
+
+    // Without the index file the segment is rescanned and opening is refused.
+    std::fs::remove_file(sealed.with_extension("idx")).unwrap();
+    let err = raftmq_raft_store::open(dir.path(), config(SMALL_SEGMENTS))
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains(&format!("offset {victim}")), "{err}");
+}
+
+#[tokio::test]
+async fn startup_uses_segment_index_files_and_rebuilds_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(300, 1, 1024);
+    append(&mut log, entries.clone()).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let segs = segment_files(dir.path());
+    for s in &segs[..segs.len() - 1] {
+        assert!(s.with_extension("idx").exists(), "sealed segment {s:?} has an index");
+    }
+    assert!(
+        !segs.last().unwrap().with_extension("idx").exists(),
+        "active segment has none"
+    );
+    // A damaged index is ignored and the segment rescanned.
+    flip_bit(&segs[1].with_extension("idx"), 5);
+
+    let (log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let got = log.reader().try_get_log_entries(1..=300).await.unwrap();
+    assert_eq!(got, entries);
+}
+
+// ---------------------------------------------------------------- vote
+
+#[tokio::test]
+async fn vote_and_committed_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(5, 1, 10)).await.unwrap();
+    let vote = raftmq_raft_store::Vote::new_committed(7, 3);
+    log.save_vote(&vote).await.unwrap();
+    log.save_committed(Some(log_id(1, 4))).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    assert_eq!(log.get_log_reader().await.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
+}
+
+// ---------------------------------------------------------------- truncate / purge
+
+#[tokio::test]
+async fn truncation_across_segments_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(300, 1, 1024)).await.unwrap();
+    let before = segment_files(dir.path()).len();
+    // Keep 1..=30 (inside the first segment): later segments must go.
+    log.truncate_after(Some(log_id(1, 30))).await.unwrap();
+    assert_eq!(last_log_index(&mut log).await, Some(30));
+    assert!(segment_files(dir.path()).len() < before);
+    // A new leader's entries replace the truncated suffix.
+    let replacement: Vec<Entry> = (31..=40).map(|i| normal(2, i, append_cmd(i, 1, 1024))).collect();
+    append(&mut log, replacement.clone()).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+
+    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2, 40)));
+    let got = log.reader().try_get_log_entries(31..=40).await.unwrap();
+    assert_eq!(got, replacement);
+}
+
+#[tokio::test]
+async fn purge_is_logical_and_retention_deletes_whole_segments_below_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(300, 1, 1024)).await.unwrap();
+    let segs = segment_files(dir.path());
+
+    log.purge(log_id(1, 150)).await.unwrap();
+    // openraft no longer sees purged entries, but nothing was deleted.
+    assert_eq!(segment_files(dir.path()), segs);
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 150)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 300)));
+    let visible = log.reader().try_get_log_entries(100..=160).await.unwrap();
+    assert_eq!(visible.first().map(|e| e.log_id.index), Some(151));
+
+    // Retention may not go above the purge point, and keeps a straddling segment.
+    let removed = log.apply_retention(u64::MAX).await.unwrap();
+    assert!(removed >= 1);
+    let (first, last) = log.reader().physical_range().unwrap();
+    assert!(first <= 151 && first > 1, "first retained index {first}");
+    assert_eq!(last, 300);
+    assert_eq!(log.reader().try_get_log_entries(151..=300).await.unwrap().len(), 150);
+}
+
+// ---------------------------------------------------------------- apply & restart
+
+/// Messages carried by the append entries among `entries`.
+fn message_count(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(Command::Append(b)) => b.messages.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn restart_between_log_write_and_apply_is_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries = workload(120, 5, 200);
+    {
+        let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+        append(&mut log, entries.clone()).await.unwrap();
+        apply(&mut sm, entries[..70].to_vec()).await.unwrap();
+        // Dropped without shutdown: the log holds 120 entries, the state 70.
+    }
+    let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let reader = sm.reader();
+    let (applied, membership) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 70)));
+    assert_eq!(membership.log_id(), &Some(log_id(1, 1)));
+    assert_eq!(reader.consume_queue_rows().unwrap(), message_count(&entries[..70]));
+
+    // Re-applying the rest (what openraft does on start-up) completes the state
+    // with offsets continuing where they stopped.
+    let rest = log.reader().try_get_log_entries(71..=120).await.unwrap();
+    apply(&mut sm, rest).await.unwrap();
+    assert_eq!(reader.consume_queue_rows().unwrap(), message_count(&entries));
+    for q in 0..4u32 {
+        let msgs = reader.read_messages(TOPIC, q, 0, 10_000).unwrap();
+        assert_eq!(msgs.len() as u64, reader.queue_next_offset(TOPIC, q).unwrap());
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m.queue_offset, i as u64, "queue {q} offsets are dense");
+        }
+    }
+    assert_eq!(last_log_index(&mut log).await, Some(120));
+}
+
+#[tokio::test]
+async fn messages_read_back_by_offset_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(40, 3, 64);
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let reader = sm.reader();
+    // Entry 7 went to queue 3 with messages 7000..7003.
+    let by_key = reader.messages_by_key(TOPIC, "key-7001", 10).unwrap();
+    assert_eq!(by_key, vec![message(7001, 64)]);
+    let q3 = reader.read_messages(TOPIC, 3, 0, 100).unwrap();
+    assert_eq!(q3[0].message, message(3000, 64));
+    assert_eq!(q3[0].raft_index, 3);
+    assert_eq!(q3[3].message, message(7000, 64));
+    assert_eq!(q3[3].store_timestamp_ms, 1_800_000_000_007);
+}
+
+// ---------------------------------------------------------------- snapshots
+
+#[tokio::test]
+async fn snapshot_brings_a_new_replica_every_retained_message() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(200, 2, 512);
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries.clone()).await.unwrap();
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(log_id(1, 200)));
+    let src = sm.reader();
+
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    // What openraft does after installing: purge its own log up to the snapshot.
+    dlog.purge(log_id(1, 200)).await.unwrap();
+    let dst = dsm.reader();
+    let assert_same = |dst: &raftmq_raft_store::StoreReader| {
+        for q in 0..4 {
+            let a = src.read_messages(TOPIC, q, 0, 10_000).unwrap();
+            let b = dst.read_messages(TOPIC, q, 0, 10_000).unwrap();
+            assert!(!a.is_empty());
+            assert_eq!(a, b, "queue {q} matches after install");
+        }
+    };
+    assert_same(&dst);
+    assert_eq!(dsm.applied_state().await.unwrap().0, Some(log_id(1, 200)));
+
+    // Replication continues after the snapshot, and both halves stay readable.
+    let next: Vec<Entry> = (201..=210).map(|i| normal(1, i, append_cmd(i, 2, 512))).collect();
+    append(&mut dlog, next.clone()).await.unwrap();
+    apply(&mut dsm, next).await.unwrap();
+    let q1 = dst.read_messages(TOPIC, 1, 0, 10_000).unwrap();
+    assert_eq!(q1.last().unwrap().raft_index, 209);
+    dlog.shutdown().await.unwrap();
+    // Every handle on the state must go before the directory is reopened.
+    drop((dsm, dst));
+
+    // And after a restart.
+    let (_dlog, dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    let dst = dsm.reader();
+    let q1_again = dst.read_messages(TOPIC, 1, 0, 10_000).unwrap();
+    assert_eq!(q1_again, q1);
+    // The re-installed replica can itself serve a snapshot with everything.
+    let mut dsm = dsm;
+    let again = dsm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("installed snapshot is kept");
+    assert_eq!(again.meta.last_log_id, Some(log_id(1, 200)));
+    let rebuilt = dsm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(rebuilt.meta.last_log_id, Some(log_id(1, 210)));
+}
+
+#[tokio::test]
+async fn corrupt_snapshot_is_refused_and_leaves_state_alone() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(20, 1, 100);
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let path = std::fs::read_dir(src_dir.path().join("sm/snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .unwrap();
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    flip_bit(&path, len - 40);
+
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (_dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    let file = std::fs::File::open(&path).unwrap();
+    assert!(dsm.install_snapshot(&snap.meta, file).await.is_err());
+    assert_eq!(dsm.applied_state().await.unwrap().0, None, "nothing was installed");
+}
+
+// ---------------------------------------------------------------- real Raft
+
+mod single_node {
+    use super::*;
+    use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+    use openraft::network::RPCOption;
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+    use openraft::{Raft, RaftNetworkFactory, RaftNetworkV2};
+
+    /// A one-node group sends no RPCs; any attempt is a bug this makes loud.
+    pub struct NoNetwork;
+
+    fn unreachable() -> Unreachable<TypeConfig> {
+        Unreachable::new(&io::Error::other("single-node test has no network"))
+    }
+
+    impl RaftNetworkV2<TypeConfig> for NoNetwork {
+        type SnapshotData = std::fs::File;
+
+        async fn append_entries(
+            &mut self,
+            _rpc: AppendEntriesRequest<TypeConfig>,
+            _option: RPCOption,
+        ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+            Err(RPCError::Unreachable(unreachable()))
+        }
+
+        async fn vote(
+            &mut self,
+            _rpc: VoteRequest<TypeConfig>,
+            _option: RPCOption,
+        ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+            Err(RPCError::Unreachable(unreachable()))
+        }
+
+        async fn full_snapshot(
+            &mut self,
+            _vote: raftmq_raft_store::Vote,
+            _snapshot: openraft::alias::SnapshotOf<TypeConfig, std::fs::File>,
+            _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+            _option: RPCOption,
+        ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+            Err(StreamingError::Unreachable(unreachable()))
+        }
+    }
+
+    pub struct NoNetworkFactory;
+
+    impl RaftNetworkFactory<TypeConfig> for NoNetworkFactory {
+        type Network = NoNetwork;
+        async fn new_client(&mut self, _target: u64, _node: &BrokerNode) -> NoNetwork {
+            NoNetwork
+        }
+    }
+
+    fn raft_config() -> Arc<openraft::Config> {
+        let mut c = raftmq_raft_store::recommended_raft_config("test");
+        c.election_timeout_min = 150;
+        c.election_timeout_max = 300;
+        c.heartbeat_interval = 50;
+        Arc::new(c.validate().unwrap())
+    }
+
+    struct Node {
+        raft: Raft<TypeConfig, StateMachine>,
+        store: raftmq_raft_store::StoreReader,
+        log: raftmq_raft_store::CommitLogReader,
+    }
+
+    async fn start(dir: &Path) -> Node {
+        let (log, sm) = open(dir, SMALL_SEGMENTS).await;
+        let (store, log_reader) = (sm.reader(), log.reader());
+        let raft = Raft::new(1, raft_config(), NoNetworkFactory, log, sm).await.unwrap();
+        Node {
+            raft,
+            store,
+            log: log_reader,
+        }
+    }
+
+    /// Runs a node on its own runtime and drops the runtime mid-flight: every task
+    /// is cancelled where it stands, with no `raft.shutdown()`, as a crash would.
+    fn write_then_abandon(dir: PathBuf) -> u64 {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let acked = rt.block_on(async {
+                let raft = start(&dir).await.raft;
+                raft.initialize(BTreeMap::from([(
+                    1u64,
+                    BrokerNode {
+                        addr: "127.0.0.1:1".into(),
+                    },
+                )]))
+                .await
+                .unwrap();
+                raft.wait(Some(Duration::from_secs(10)))
+                    .current_leader(1, "elected")
+                    .await
+                    .unwrap();
+                raft.client_write(topic_cmd()).await.unwrap();
+                let mut acked = 0u64;
+                for i in 0..50u64 {
+                    match raft.client_write(append_cmd(i, 4, 128)).await.unwrap().response() {
+                        raftmq_raft_store::Response::Appended { count, .. } => acked += u64::from(*count),
+                        other => panic!("unexpected response {other:?}"),
+                    }
+                }
+                // More writes in flight when the runtime goes away.
+                for i in 50..60u64 {
+                    let _ = raft.client_write_ff(append_cmd(i, 4, 128), None).await;
+                }
+                acked
+            });
+            rt.shutdown_background();
+            acked
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledged_writes_survive_an_abrupt_stop_and_are_reapplied() {
+        let dir = tempfile::tempdir().unwrap();
+        let acked = write_then_abandon(dir.path().to_path_buf());
+        assert_eq!(acked, 200);
+
+        let Node { raft, store, mut log } = start(dir.path()).await;
+        // Membership, topic and 50 acknowledged appends: index 52 at least.
+        raft.wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(52), "re-applied after restart")
+            .await
+            .unwrap();
+        raft.shutdown().await.unwrap();
+        let applied = store.applied().unwrap().unwrap().index;
+        let rows = store.consume_queue_rows().unwrap();
+        let total: u64 = (0..4).map(|q| store.queue_next_offset(TOPIC, q).unwrap()).sum();
+        assert!(rows >= acked, "every acknowledged message is indexed: {rows} < {acked}");
+        assert_eq!(rows, total, "ConsumeQueue rows match queue offsets");
+        // Rows match exactly what the applied prefix of the log carries.
+        let applied_entries = log.try_get_log_entries(1..=applied).await.unwrap();
+        assert_eq!(rows, message_count(&applied_entries));
+    }
+}
