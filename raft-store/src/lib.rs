@@ -58,7 +58,7 @@
 pub mod command;
 pub mod commitlog;
 pub mod durable;
-mod entry_codec;
+pub mod entry_codec;
 pub mod record;
 pub mod segment;
 pub mod snapshot;
