@@ -72,11 +72,11 @@ fn append_fsync(c: &mut Criterion) {
     let mut group = c.benchmark_group("append_fsync_1KiB");
     for batch in [1u64, 16, 256] {
         group.throughput(Throughput::Elements(batch));
+        let dir = bench_dir();
+        let mut log = rt.block_on(open(dir.path()));
+        let mut next = 1u64;
+        let (mut total_records, mut total_time) = (0u64, Duration::ZERO);
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
-            let dir = bench_dir();
-            let mut log = rt.block_on(open(dir.path()));
-            let mut next = 1u64;
-            let (mut total_records, mut total_time) = (0u64, Duration::ZERO);
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let start = Instant::now();
@@ -93,8 +93,8 @@ fn append_fsync(c: &mut Criterion) {
                     took
                 })
             });
-            report(&format!("append batch={batch}"), &log, total_records, total_time);
         });
+        report(&format!("append batch={batch}"), &log, total_records, total_time);
     }
     group.finish();
 }
@@ -106,11 +106,11 @@ fn append_pipelined(c: &mut Criterion) {
     let mut group = c.benchmark_group("append_pipelined_1KiB");
     const IN_FLIGHT: u64 = 64;
     group.throughput(Throughput::Elements(IN_FLIGHT));
+    let dir = bench_dir();
+    let mut log = rt.block_on(open(dir.path()));
+    let mut next = 1u64;
+    let (mut total_records, mut total_time) = (0u64, Duration::ZERO);
     group.bench_function("64_in_flight", |b| {
-        let dir = bench_dir();
-        let mut log = rt.block_on(open(dir.path()));
-        let mut next = 1u64;
-        let (mut total_records, mut total_time) = (0u64, Duration::ZERO);
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let start = Instant::now();
@@ -134,8 +134,8 @@ fn append_pipelined(c: &mut Criterion) {
                 took
             })
         });
-        report("append pipelined 64x1", &log, total_records, total_time);
     });
+    report("append pipelined 64x1", &log, total_records, total_time);
     group.finish();
 }
 
