@@ -113,6 +113,17 @@ async fn open(dir: &Path, segment_bytes: u64) -> (CommitLog, StateMachine) {
         .expect("store opens")
 }
 
+/// A closed store holding `workload(n, per_entry, body_len)`, for tests that then
+/// damage its files.
+async fn written_store(n: u64, per_entry: u64, body_len: usize) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    append(&mut log, workload(n, per_entry, body_len)).await.unwrap();
+    log.shutdown().await.unwrap();
+    drop(sm);
+    dir
+}
+
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("log/segments"))
         .unwrap()
@@ -168,11 +179,7 @@ async fn openraft_storage_suite_passes_on_disk() {
 
 #[tokio::test]
 async fn torn_last_record_is_dropped_and_the_log_continues() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, _sm) = open(dir.path(), SMALL_SEGMENTS).await;
-    append(&mut log, workload(10, 1, 100)).await.unwrap();
-    log.shutdown().await.unwrap();
-    drop(_sm);
+    let dir = written_store(10, 1, 100).await;
 
     let seg = segment_files(dir.path()).pop().unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
@@ -195,11 +202,7 @@ async fn torn_last_record_is_dropped_and_the_log_continues() {
 
 #[tokio::test]
 async fn bit_flip_in_last_record_is_treated_as_torn() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
-    append(&mut log, workload(10, 1, 100)).await.unwrap();
-    log.shutdown().await.unwrap();
-    drop(sm);
+    let dir = written_store(10, 1, 100).await;
 
     let seg = segment_files(dir.path()).pop().unwrap();
     let last = *record_offsets(&seg).last().unwrap();
@@ -211,11 +214,7 @@ async fn bit_flip_in_last_record_is_treated_as_torn() {
 
 #[tokio::test]
 async fn bit_flip_mid_active_segment_refuses_to_open_naming_file_and_offset() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
-    append(&mut log, workload(10, 1, 100)).await.unwrap();
-    log.shutdown().await.unwrap();
-    drop(sm);
+    let dir = written_store(10, 1, 100).await;
 
     let seg = segment_files(dir.path()).pop().unwrap();
     let fifth = record_offsets(&seg)[4];
@@ -235,11 +234,7 @@ async fn bit_flip_mid_active_segment_refuses_to_open_naming_file_and_offset() {
 
 #[tokio::test]
 async fn bit_flip_in_length_field_mid_segment_is_not_mistaken_for_a_torn_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
-    append(&mut log, workload(10, 1, 100)).await.unwrap();
-    log.shutdown().await.unwrap();
-    drop(sm);
+    let dir = written_store(10, 1, 100).await;
 
     let seg = segment_files(dir.path()).pop().unwrap();
     let third = record_offsets(&seg)[2];
@@ -254,11 +249,7 @@ async fn bit_flip_in_length_field_mid_segment_is_not_mistaken_for_a_torn_tail() 
 
 #[tokio::test]
 async fn bit_flip_in_sealed_segment_is_refused_on_read_and_on_rescan() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
-    append(&mut log, workload(300, 1, 1024)).await.unwrap();
-    log.shutdown().await.unwrap();
-    drop(sm);
+    let dir = written_store(300, 1, 1024).await;
 
     let segs = segment_files(dir.path());
     assert!(segs.len() >= 3, "300 KiB over 64 KiB segments: {segs:?}");
@@ -300,13 +291,8 @@ async fn bit_flip_in_sealed_segment_is_refused_on_read_and_on_rescan() {
 
 #[tokio::test]
 async fn startup_uses_segment_index_files_and_rebuilds_a_bad_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let dir = written_store(300, 1, 1024).await;
     let entries = workload(300, 1, 1024);
-    append(&mut log, entries.clone()).await.unwrap();
-    log.shutdown().await.unwrap();
-    drop(sm);
-
     let segs = segment_files(dir.path());
     for s in &segs[..segs.len() - 1] {
         assert!(s.with_extension("idx").exists(), "sealed segment {s:?} has an index");
@@ -670,7 +656,9 @@ mod single_node {
                 }
                 acked
             });
-            rt.shutdown_background();
+            // Waits until the worker threads have dropped every task (and so closed
+            // the store's files) but lets no task run to a clean end.
+            rt.shutdown_timeout(Duration::from_secs(10));
             acked
         })
         .join()
@@ -684,9 +672,18 @@ mod single_node {
         assert_eq!(acked, 200);
 
         let Node { raft, store, mut log } = start(dir.path()).await;
-        // Membership, topic and 50 acknowledged appends: index 52 at least.
+        // Membership, topic and 50 acknowledged appends: index 52 at least; then
+        // wait until nothing in the log is left to apply, so the reads below do
+        // not race the state machine worker (it may outlive `shutdown`).
         raft.wait(Some(Duration::from_secs(10)))
             .applied_index_at_least(Some(52), "re-applied after restart")
+            .await
+            .unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.last_applied.map(|l| l.index) == m.last_log_index,
+                "everything in the log applied",
+            )
             .await
             .unwrap();
         raft.shutdown().await.unwrap();
