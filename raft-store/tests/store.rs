@@ -670,7 +670,10 @@ mod single_node {
                 }
                 acked
             });
-            rt.shutdown_background();
+            // Every task is dropped where it stands (no raft.shutdown()), as a crash
+            // would; waiting for that to finish releases RocksDB's lock before the
+            // test reopens the store (shutdown_background raced it).
+            rt.shutdown_timeout(Duration::from_secs(10));
             acked
         })
         .join()
@@ -684,9 +687,14 @@ mod single_node {
         assert_eq!(acked, 200);
 
         let Node { raft, store, mut log } = start(dir.path()).await;
-        // Membership, topic and 50 acknowledged appends: index 52 at least.
+        // Membership, topic and 50 acknowledged appends: index 52 at least. The
+        // sole voter commits its whole log on restart, so wait for all of it:
+        // `raft.shutdown()` does not join openraft's state-machine task, and reads
+        // below taken while it still applied would see two different states.
+        let last = log.physical_range().map(|(_, last)| last);
+        assert!(last >= Some(52), "the log holds the acknowledged entries: {last:?}");
         raft.wait(Some(Duration::from_secs(10)))
-            .applied_index_at_least(Some(52), "re-applied after restart")
+            .applied_index_at_least(last, "re-applied after restart")
             .await
             .unwrap();
         raft.shutdown().await.unwrap();
