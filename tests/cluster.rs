@@ -171,10 +171,15 @@ impl Cluster {
     /// running, knows it leads, and holds a lease (a quorum acknowledged it):
     /// before that openraft refuses writes with `LeaseExpired`.
     async fn wait_for_leader(&self, within: Duration) -> anyhow::Result<NodeId> {
+        self.wait_for_leader_other_than(None, within).await
+    }
+
+    async fn wait_for_leader_other_than(&self, old: Option<NodeId>, within: Duration) -> anyhow::Result<NodeId> {
         let deadline = Instant::now() + within;
         loop {
             let views: Vec<Option<NodeId>> = self.running().map(|r| r.metrics().current_leader).collect();
             if let Some(Some(leader)) = views.first()
+                && Some(*leader) != old
                 && views.iter().all(|v| *v == Some(*leader))
                 && let Some(r) = self.running().find(|r| r.id == *leader)
                 && let m = r.metrics()
@@ -184,9 +189,9 @@ impl Cluster {
                 return Ok(*leader);
             }
             if Instant::now() > deadline {
-                bail!("no agreed leader within {within:?}; views: {views:?}");
+                bail!("no agreed leader (other than {old:?}) within {within:?}; views: {views:?}");
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -556,5 +561,38 @@ async fn raft_service_refuses_wrong_group_and_bad_input_and_keeps_serving() -> a
         .client_write(create_topic())
         .await
         .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_leader_transfer_moves_leadership_without_waiting_for_the_lease() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    let to = if leader == 3 { 2 } else { 3 };
+    let started = Instant::now();
+    cluster
+        .replica(leader)
+        .node()
+        .raft()
+        .trigger()
+        .transfer_leader(to)
+        .await?;
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader), DEADLINE).await?;
+    let took = started.elapsed();
+    eprintln!("leadership moved from node {leader} to node {new_leader} in {took:?}");
+    assert_eq!(new_leader, to);
+    // Without the TransferLeader RPC the target would campaign only after the
+    // lease (400 ms) plus its own election timeout.
+    assert!(took < Duration::from_millis(400), "transfer took {took:?}");
+    cluster
+        .replica(new_leader)
+        .node()
+        .raft()
+        .client_write(create_topic())
+        .await
+        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    let last = write_messages(&cluster, new_leader, 0..10).await?;
+    cluster.wait_applied(last).await?;
+    assert_converged(&cluster, 10)?;
     cluster.shutdown().await
 }
