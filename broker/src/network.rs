@@ -1,0 +1,472 @@
+//! The client side of Raft RPC: openraft's network factory and per-peer network
+//! over tonic. One lazily connected HTTP/2 channel per peer address, cached in the
+//! factory, carries every RPC to that peer (replication, heartbeats, votes,
+//! snapshots multiplex on it), because openraft asks for a new client on every
+//! replication restart and every election round. It does not retry: openraft owns
+//! retries and backoff, this layer only classifies failures for it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::SeekFrom;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
+use openraft::network::{RPCOption, RPCTypes};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{RaftNetworkFactory, RaftNetworkV2};
+use raftmq_proto::raft::v1 as pb;
+use raftmq_proto::raft::v1::raft_service_client::RaftServiceClient;
+use raftmq_raft_store::{BrokerNode, NodeId, TypeConfig, Vote};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::wire::{self, SnapshotHeader, WireError};
+
+/// Snapshot chunk size when openraft does not say (it normally passes
+/// `snapshot_max_chunk_size`, 3 MiB by default).
+const DEFAULT_CHUNK: usize = 1024 * 1024;
+
+/// How channels to peers are built.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    pub connect_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// openraft's factory of per-peer clients for one broker group.
+pub struct GrpcNetworkFactory {
+    node_id: NodeId,
+    group: Arc<str>,
+    settings: ChannelSettings,
+    /// Keyed by address, not node id, so a membership change that moves a node to
+    /// a new address gets a new channel.
+    channels: HashMap<String, Result<Channel, Arc<str>>>,
+}
+
+impl GrpcNetworkFactory {
+    pub fn new(node_id: NodeId, group: &str, settings: ChannelSettings) -> Self {
+        GrpcNetworkFactory {
+            node_id,
+            group: group.into(),
+            settings,
+            channels: HashMap::new(),
+        }
+    }
+
+    fn channel(&mut self, addr: &str) -> Result<Channel, Arc<str>> {
+        if let Some(c) = self.channels.get(addr) {
+            return c.clone();
+        }
+        // connect_lazy: no I/O here; the first RPC connects, and a broken connection
+        // is re-established by the next RPC rather than by a background loop.
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| {
+                e.connect_timeout(self.settings.connect_timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy()
+            })
+            .map_err(|e| Arc::<str>::from(format!("invalid peer address {addr:?}: {e}")));
+        self.channels.insert(addr.to_owned(), channel.clone());
+        channel
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
+    type Network = GrpcNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BrokerNode) -> GrpcNetwork {
+        let client = self.channel(&node.addr).map(|ch| {
+            RaftServiceClient::new(ch)
+                .max_decoding_message_size(self.settings.max_message_bytes)
+                .max_encoding_message_size(self.settings.max_message_bytes)
+        });
+        GrpcNetwork {
+            node_id: self.node_id,
+            target,
+            group: self.group.clone(),
+            client,
+        }
+    }
+}
+
+/// Raft RPCs from this node to one peer.
+pub struct GrpcNetwork {
+    node_id: NodeId,
+    target: NodeId,
+    group: Arc<str>,
+    /// An error when the peer's advertised address is not a valid URI: every RPC
+    /// then reports the peer unreachable instead of panicking in `new_client`.
+    client: Result<RaftServiceClient<Channel>, Arc<str>>,
+}
+
+impl GrpcNetwork {
+    fn client(&self) -> Result<RaftServiceClient<Channel>, RPCError<TypeConfig>> {
+        self.client
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
+    }
+
+    fn timeout(&self, action: RPCTypes, timeout: Duration) -> Timeout<TypeConfig> {
+        Timeout {
+            action,
+            id: self.node_id,
+            target: self.target,
+            timeout,
+        }
+    }
+
+    /// Runs one unary RPC under openraft's soft deadline and decodes the JSON reply.
+    async fn unary<T, F>(&self, action: RPCTypes, ttl: Duration, call: F) -> Result<T, RPCError<TypeConfig>>
+    where
+        T: serde::de::DeserializeOwned,
+        F: Future<Output = Result<tonic::Response<pb::RaftReply>, Status>>,
+    {
+        match tokio::time::timeout(ttl, call).await {
+            Err(_) => Err(RPCError::Timeout(self.timeout(action, ttl))),
+            Ok(Err(status)) => Err(self.status_error(action, ttl, &status)),
+            Ok(Ok(reply)) => {
+                wire::from_json("reply", &reply.into_inner().body).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+            }
+        }
+    }
+
+    fn status_error(&self, action: RPCTypes, ttl: Duration, status: &Status) -> RPCError<TypeConfig> {
+        let msg = format!("{action} to node {} of {}: {status}", self.target, self.group);
+        match status.code() {
+            // Connection refused or reset, or the peer's Raft has stopped: openraft
+            // backs off harder for Unreachable than for a transient network error.
+            Code::Unavailable => RPCError::Unreachable(Unreachable::from_string(msg)),
+            Code::DeadlineExceeded => RPCError::Timeout(self.timeout(action, ttl)),
+            // tonic's channel enforces the grpc-timeout we set and reports it as
+            // CANCELLED "Timeout expired"; that is our deadline, not a peer's choice.
+            Code::Cancelled if status.message() == "Timeout expired" => RPCError::Timeout(self.timeout(action, ttl)),
+            _ => RPCError::Network(NetworkError::from_string(msg)),
+        }
+    }
+
+    fn request<T>(msg: T, ttl: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        // Tells the server the deadline, so it abandons work nobody waits for.
+        req.set_timeout(ttl);
+        req
+    }
+
+    fn encode_error(e: WireError) -> RPCError<TypeConfig> {
+        RPCError::Network(NetworkError::new(&e))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
+    type SnapshotData = std::fs::File;
+
+    /// Replication and heartbeats: one bidi gRPC stream per replication session,
+    /// requests sent as openraft produces them, replies consumed in order. An
+    /// idle session owes nothing and may wait indefinitely; a `soft_ttl` window
+    /// that starts with replies owed and ends without one is a timeout (so a
+    /// stuck follower is noticed within one to two windows).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let ttl = option.soft_ttl();
+            let mut input = input;
+            // Wait for the first request before dialing: openraft sleeps out its
+            // backoff inside the request stream, so dialing first would retry an
+            // unreachable peer in a tight loop.
+            let Some(first) = input.next().await else {
+                let empty: BoxStream<'s, _> = Box::pin(futures::stream::empty());
+                return Ok(empty);
+            };
+            // The session ends when openraft drops the reply stream; the guard then
+            // ends the request stream too, closing the HTTP/2 stream instead of
+            // leaving it half open on the peer.
+            let session = CancellationToken::new();
+            let session_guard = session.clone().drop_guard();
+            let input = futures::stream::once(futures::future::ready(first))
+                .chain(input)
+                .take_until(session.cancelled_owned());
+            let mut client = self.client()?;
+            let sent = Arc::new(AtomicU64::new(0));
+            let encode_failure: Arc<std::sync::Mutex<Option<WireError>>> = Arc::default();
+            let requests = {
+                let (group, sent, failure) = (self.group.clone(), sent.clone(), encode_failure.clone());
+                // An entry that cannot be encoded ends the request stream; the
+                // failure is reported after the replies to what was sent.
+                input.scan((), move |_, rpc| {
+                    let next = match wire::encode_append(&group, &rpc) {
+                        Ok(msg) => {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            Some(msg)
+                        }
+                        Err(e) => {
+                            if let Ok(mut slot) = failure.lock() {
+                                *slot = Some(e);
+                            }
+                            None
+                        }
+                    };
+                    futures::future::ready(next)
+                })
+            };
+            let replies = match tokio::time::timeout(ttl, client.stream_append(requests)).await {
+                Err(_) => return Err(RPCError::Timeout(self.timeout(RPCTypes::AppendEntries, ttl))),
+                Ok(Err(status)) => return Err(self.status_error(RPCTypes::AppendEntries, ttl, &status)),
+                Ok(Ok(response)) => response.into_inner(),
+            };
+            let this = &*self;
+            let out = futures::stream::unfold(Some((replies, 0u64, session_guard)), move |state| {
+                let (sent, encode_failure) = (sent.clone(), encode_failure.clone());
+                async move {
+                    let (mut replies, received, session_guard) = state?;
+                    let item = loop {
+                        let owed = sent.load(Ordering::Relaxed) > received;
+                        match tokio::time::timeout(ttl, replies.next()).await {
+                            // Replies were owed for a whole window and none came.
+                            Err(_) if owed => {
+                                break Err(RPCError::Timeout(this.timeout(RPCTypes::AppendEntries, ttl)));
+                            }
+                            // Idle, or the first request went out mid-window: wait on.
+                            Err(_) => {}
+                            Ok(None) => {
+                                let failure = encode_failure.lock().ok().and_then(|mut g| g.take());
+                                return failure.map(|e| (Err(Self::encode_error(e)), None));
+                            }
+                            Ok(Some(Err(status))) => {
+                                break Err(this.status_error(RPCTypes::AppendEntries, ttl, &status));
+                            }
+                            Ok(Some(Ok(reply))) => {
+                                break wire::from_json::<StreamAppendResult<TypeConfig>>(
+                                    "stream append reply",
+                                    &reply.body,
+                                )
+                                .map_err(|e| RPCError::Network(NetworkError::new(&e)));
+                            }
+                        }
+                    };
+                    // After an error the session is over: openraft starts a new one.
+                    let next = item.is_ok().then_some((replies, received + 1, session_guard));
+                    Some((item, next))
+                }
+            });
+            let out: BoxStream<'s, _> = Box::pin(out);
+            Ok(out)
+        })
+    }
+
+    // Required by the trait; openraft replicates through `stream_append` above.
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let msg = wire::encode_append(&self.group, &rpc).map_err(Self::encode_error)?;
+        let mut client = self.client()?;
+        self.unary(
+            RPCTypes::AppendEntries,
+            ttl,
+            client.append_entries(Self::request(msg, ttl)),
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let msg = pb::VoteRequest {
+            broker_group: self.group.to_string(),
+            body: wire::to_json("vote request", &rpc).map_err(Self::encode_error)?,
+        };
+        let mut client = self.client()?;
+        self.unary(RPCTypes::Vote, ttl, client.vote(Self::request(msg, ttl)))
+            .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let msg = pb::VoteRequest {
+            broker_group: self.group.to_string(),
+            body: wire::to_json("pre-vote request", &rpc).map_err(Self::encode_error)?,
+        };
+        let mut client = self.client()?;
+        self.unary(RPCTypes::Vote, ttl, client.pre_vote(Self::request(msg, ttl)))
+            .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let msg = pb::TransferLeaderRequest {
+            broker_group: self.group.to_string(),
+            body: wire::to_json("transfer-leader request", &req).map_err(Self::encode_error)?,
+        };
+        let mut client = self.client()?;
+        self.unary(
+            RPCTypes::TransferLeader,
+            ttl,
+            client.transfer_leader(Self::request(msg, ttl)),
+        )
+        .await
+    }
+
+    /// Streams the snapshot file in chunks. `soft_ttl` bounds each idle period (no
+    /// chunk taken by the transport, or no reply after the last one), not the whole
+    /// transfer, whose length grows with the retained messages.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, std::fs::File>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let idle = option.soft_ttl();
+        let chunk_size = option.snapshot_chunk_size().unwrap_or(DEFAULT_CHUNK).max(1);
+        let header = wire::to_json(
+            "snapshot header",
+            &SnapshotHeader {
+                vote,
+                meta: snapshot.meta.clone(),
+            },
+        )
+        .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client()?;
+        let signature = snapshot.meta.signature();
+
+        let progress = Arc::new(AtomicU64::new(0));
+        let read_error: Arc<std::sync::Mutex<Option<std::io::Error>>> = Arc::default();
+        let chunks = snapshot_chunks(
+            self.group.to_string(),
+            header,
+            tokio::fs::File::from_std(snapshot.snapshot),
+            chunk_size,
+            progress.clone(),
+            read_error.clone(),
+        );
+        let call = client.install_snapshot(chunks);
+        tokio::pin!(call);
+        tokio::pin!(cancel);
+        let mut seen = 0;
+        let result = loop {
+            tokio::select! {
+                res = &mut call => break res,
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                _ = tokio::time::sleep(idle) => {
+                    let now = progress.load(Ordering::Relaxed);
+                    if now == seen {
+                        return Err(StreamingError::Timeout(self.timeout(RPCTypes::InstallSnapshot, idle)));
+                    }
+                    seen = now;
+                }
+            }
+        };
+        if let Some(e) = read_error.lock().ok().and_then(|mut g| g.take()) {
+            // The stream ended early without `done`; the receiver discarded it.
+            return Err(StreamingError::StorageError(openraft::StorageError::from_io_error(
+                openraft::ErrorSubject::Snapshot(Some(signature)),
+                openraft::ErrorVerb::Read,
+                e,
+            )));
+        }
+        match result {
+            Ok(reply) => wire::from_json("snapshot reply", &reply.into_inner().body)
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e))),
+            Err(status) => Err(self.status_error(RPCTypes::InstallSnapshot, idle, &status).into()),
+        }
+    }
+}
+
+enum ChunkState {
+    Header(String, Vec<u8>, tokio::fs::File),
+    Data(tokio::fs::File),
+    Done,
+}
+
+/// The request stream of `InstallSnapshot`: the header chunk, the file's bytes,
+/// then an empty chunk with `done`. A read error ends the stream without `done`
+/// (so the receiver discards the transfer) and is left in `error`.
+fn snapshot_chunks(
+    group: String,
+    header: Vec<u8>,
+    file: tokio::fs::File,
+    chunk_size: usize,
+    progress: Arc<AtomicU64>,
+    error: Arc<std::sync::Mutex<Option<std::io::Error>>>,
+) -> impl futures::Stream<Item = pb::SnapshotChunk> + Send + 'static {
+    futures::stream::unfold(ChunkState::Header(group, header, file), move |state| {
+        let (progress, error) = (progress.clone(), error.clone());
+        async move {
+            progress.fetch_add(1, Ordering::Relaxed);
+            match state {
+                ChunkState::Header(broker_group, header, mut file) => {
+                    // The snapshot may have been read before (an earlier attempt).
+                    if let Err(e) = file.seek(SeekFrom::Start(0)).await {
+                        if let Ok(mut g) = error.lock() {
+                            *g = Some(e);
+                        }
+                        return None;
+                    }
+                    let chunk = pb::SnapshotChunk {
+                        broker_group,
+                        header,
+                        data: Vec::new(),
+                        done: false,
+                    };
+                    Some((chunk, ChunkState::Data(file)))
+                }
+                ChunkState::Data(mut file) => {
+                    let mut data = vec![0u8; chunk_size];
+                    let mut filled = 0;
+                    while filled < chunk_size {
+                        match file.read(&mut data[filled..]).await {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) => {
+                                if let Ok(mut g) = error.lock() {
+                                    *g = Some(e);
+                                }
+                                return None;
+                            }
+                        }
+                    }
+                    data.truncate(filled);
+                    let done = filled < chunk_size;
+                    let chunk = pb::SnapshotChunk {
+                        broker_group: String::new(),
+                        header: Vec::new(),
+                        data,
+                        done,
+                    };
+                    Some((chunk, if done { ChunkState::Done } else { ChunkState::Data(file) }))
+                }
+                ChunkState::Done => None,
+            }
+        }
+    })
+}

@@ -1,0 +1,280 @@
+//! The server side of Raft RPC: the `raftmq.raft.v1.RaftService` tonic service,
+//! routing each request to this node's `Raft` after checking it names this node's
+//! broker group. Bad input becomes a `Status` with a message; openraft decides
+//! everything else (stale terms, conflicts) and its answer goes back as JSON.
+
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use openraft::Raft;
+use openraft::error::Fatal;
+use openraft::raft::{TransferLeaderRequest, VoteRequest};
+use raftmq_proto::raft::v1 as pb;
+use raftmq_proto::raft::v1::raft_service_server::{RaftService, RaftServiceServer};
+use raftmq_raft_store::{StateMachine, TypeConfig};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::wire::{self, SnapshotHeader, WireError};
+
+/// The Raft RPC endpoint of one broker group's replica on this node.
+#[derive(Clone)]
+pub struct RaftRpcService {
+    group: Arc<str>,
+    raft: Raft<TypeConfig, StateMachine>,
+    /// Where received snapshots are staged before installing; same filesystem as
+    /// the store, so staging never crosses devices.
+    incoming_dir: Arc<PathBuf>,
+    /// Ends the long-lived append streams at shutdown; the server's graceful
+    /// drain would otherwise wait on them until its grace period runs out.
+    shutdown: CancellationToken,
+}
+
+impl RaftRpcService {
+    pub fn new(
+        group: &str,
+        raft: Raft<TypeConfig, StateMachine>,
+        incoming_dir: PathBuf,
+        shutdown: CancellationToken,
+    ) -> Self {
+        RaftRpcService {
+            group: group.into(),
+            raft,
+            incoming_dir: Arc::new(incoming_dir),
+            shutdown,
+        }
+    }
+
+    /// The tonic service, accepting messages up to `max_message_bytes`.
+    pub fn into_server(self, max_message_bytes: usize) -> RaftServiceServer<Self> {
+        RaftServiceServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+
+    fn check_group(&self, group: &str) -> Result<(), Status> {
+        if group == &*self.group {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "this node serves broker group {:?}, not {group:?}",
+                &*self.group
+            )))
+        }
+    }
+
+    fn span(&self, rpc: &'static str) -> tracing::Span {
+        tracing::debug_span!("raft_rpc", rpc, group = %self.group)
+    }
+}
+
+fn bad_input(e: WireError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// openraft only fails a request when this Raft node has stopped (storage error,
+/// panic, shutdown); the sender should treat it like an unreachable peer.
+fn fatal(e: impl Into<Fatal<TypeConfig>>) -> Status {
+    let e = e.into();
+    tracing::warn!(error = %e, "Raft node cannot serve RPCs");
+    Status::unavailable(format!("Raft node has stopped: {e}"))
+}
+
+fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<pb::RaftReply>, Status> {
+    let body = wire::to_json(what, value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::RaftReply { body }))
+}
+
+fn raft_fatal(e: openraft::error::RaftError<TypeConfig>) -> Status {
+    match e {
+        openraft::error::RaftError::Fatal(f) => fatal(f),
+        // The default error parameter is Infallible: no API error can occur.
+        openraft::error::RaftError::APIError(never) => match never {},
+    }
+}
+
+impl RaftRpcService {
+    /// Feeds the request stream to `Raft::stream_append`, which appends in order
+    /// with up to 64 requests in flight and answers each once it is flushed. The
+    /// first undecodable request or wrong group ends the input; the replies to the
+    /// requests before it are sent, then the error.
+    fn stream(&self, requests: Streaming<pb::AppendEntriesRequest>) -> ReplyStream {
+        let failure: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let input = {
+            let (svc, failure) = (self.clone(), failure.clone());
+            // Ending the input at shutdown lets openraft's reader finish and drop
+            // the request body, which closes the HTTP/2 stream so the drain completes.
+            let shutdown = self.shutdown.clone().cancelled_owned();
+            requests.take_until(shutdown).scan((), move |_, item| {
+                let decoded = match item {
+                    Ok(req) => svc
+                        .check_group(&req.broker_group)
+                        .and_then(|()| wire::decode_append(req).map_err(bad_input))
+                        .inspect_err(|status| {
+                            tracing::warn!(group = %svc.group, error = %status, "refused an append stream request");
+                        }),
+                    Err(status) => {
+                        // The leader went away or reset the stream: routine.
+                        tracing::debug!(group = %svc.group, error = %status, "append stream broke");
+                        Err(status)
+                    }
+                };
+                let next = match decoded {
+                    Ok(rpc) => Some(rpc),
+                    Err(status) => {
+                        if let Ok(mut slot) = failure.lock() {
+                            *slot = Some(status);
+                        }
+                        None
+                    }
+                };
+                futures::future::ready(next)
+            })
+        };
+        let replies = self.raft.stream_append(input).map(|res| match res {
+            Ok(result) => {
+                let body =
+                    wire::to_json("stream append reply", &result).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(pb::RaftReply { body })
+            }
+            Err(e) => Err(fatal(e)),
+        });
+        let failure = futures::stream::once(async move { failure.lock().ok().and_then(|mut g| g.take()) })
+            .filter_map(|f| futures::future::ready(f.map(Err)));
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        Box::pin(replies.chain(failure).take_until(shutdown))
+    }
+
+    async fn append(&self, req: pb::AppendEntriesRequest) -> Result<Response<pb::RaftReply>, Status> {
+        self.check_group(&req.broker_group)?;
+        let rpc = wire::decode_append(req).map_err(bad_input)?;
+        tracing::trace!(prev = ?rpc.prev_log_id, entries = rpc.entries.len(), "append entries");
+        let resp = self.raft.append_entries(rpc).await.map_err(raft_fatal)?;
+        reply("append reply", &resp)
+    }
+
+    async fn vote(&self, req: pb::VoteRequest, pre: bool) -> Result<Response<pb::RaftReply>, Status> {
+        self.check_group(&req.broker_group)?;
+        let rpc: VoteRequest<TypeConfig> = wire::from_json("vote request", &req.body).map_err(bad_input)?;
+        let resp = if pre {
+            self.raft.pre_vote(rpc).await
+        } else {
+            self.raft.vote(rpc).await
+        }
+        .map_err(raft_fatal)?;
+        tracing::debug!(granted = resp.vote_granted, pre, "answered vote");
+        reply("vote reply", &resp)
+    }
+
+    async fn transfer(&self, req: pb::TransferLeaderRequest) -> Result<Response<pb::RaftReply>, Status> {
+        self.check_group(&req.broker_group)?;
+        let rpc: TransferLeaderRequest<TypeConfig> =
+            wire::from_json("transfer-leader request", &req.body).map_err(bad_input)?;
+        let resp = self.raft.handle_transfer_leader(rpc).await.map_err(fatal)?;
+        reply("transfer-leader reply", &resp)
+    }
+
+    async fn snapshot(&self, mut stream: Streaming<pb::SnapshotChunk>) -> Result<Response<pb::RaftReply>, Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check_group(&first.broker_group)?;
+        let header: SnapshotHeader = wire::from_json("snapshot header", &first.header).map_err(bad_input)?;
+        tracing::info!(last_log_id = ?header.meta.last_log_id, "receiving snapshot");
+        let io_err = |action: &'static str| {
+            let dir = self.incoming_dir.clone();
+            move |e: std::io::Error| Status::internal(format!("{action} snapshot in {}: {e}", dir.display()))
+        };
+        // Unnamed temp file: the OS deletes it when the last handle closes, so an
+        // aborted transfer leaves nothing behind to clean up.
+        let staged = tempfile::tempfile_in(&*self.incoming_dir).map_err(io_err("staging"))?;
+        let mut file = tokio::fs::File::from_std(staged);
+        let mut bytes = 0u64;
+        let mut chunk = first;
+        loop {
+            file.write_all(&chunk.data).await.map_err(io_err("writing"))?;
+            bytes += chunk.data.len() as u64;
+            if chunk.done {
+                break;
+            }
+            chunk = stream
+                .message()
+                .await?
+                .ok_or_else(|| Status::invalid_argument("snapshot stream ended before its last chunk"))?;
+        }
+        file.flush().await.map_err(io_err("writing"))?;
+        file.seek(SeekFrom::Start(0)).await.map_err(io_err("rewinding"))?;
+        let file = file.into_std().await;
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, std::fs::File> {
+            meta: header.meta,
+            snapshot: file,
+        };
+        let resp = self
+            .raft
+            .install_full_snapshot(header.vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        tracing::info!(bytes, "installed snapshot");
+        reply("snapshot reply", &resp)
+    }
+}
+
+type ReplyStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftReply, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl RaftService for RaftRpcService {
+    type StreamAppendStream = ReplyStream;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<pb::AppendEntriesRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let _span = self.span("stream_append").entered();
+        tracing::trace!("append stream opened");
+        Ok(Response::new(self.stream(request.into_inner())))
+    }
+
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.append(request.into_inner())
+            .instrument(self.span("append_entries"))
+            .await
+    }
+
+    async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        RaftRpcService::vote(self, request.into_inner(), false)
+            .instrument(self.span("vote"))
+            .await
+    }
+
+    async fn pre_vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        RaftRpcService::vote(self, request.into_inner(), true)
+            .instrument(self.span("pre_vote"))
+            .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.transfer(request.into_inner())
+            .instrument(self.span("transfer_leader"))
+            .await
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.snapshot(request.into_inner())
+            .instrument(self.span("install_snapshot"))
+            .await
+    }
+}
