@@ -1,1 +1,279 @@
-//! The NameServer (broker registry, liveness, route queries) arrives with issue #3; nothing lives here yet.
+//! raftmq-namesrv: the NameServer. Broker nodes register with every NameServer at
+//! start, every few seconds and when their Raft role changes; clients ask any
+//! NameServer for a topic's route (per broker group: leader endpoint, follower
+//! endpoints, queue count, permission). NameServers are stateless and never talk
+//! to each other; a node silent past `broker_timeout` leaves the routes.
+
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::name_server_service_server::{NameServerService, NameServerServiceServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+pub use registry::Registry;
+
+/// NameServer settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameServerConfig {
+    /// A broker node not heard from for this long is dropped from routes.
+    /// Default 10 s: five missed heartbeats at the default interval.
+    pub broker_timeout: Duration,
+    /// How often brokers are told to heartbeat. Default 2 s.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for NameServerConfig {
+    fn default() -> Self {
+        NameServerConfig {
+            broker_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl NameServerConfig {
+    /// Checks the settings; the error names the bad key and value.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval > Duration::from_secs(60) {
+            return Err(Error::Config {
+                key: "heartbeat_interval",
+                value: format!("{:?}", self.heartbeat_interval),
+                reason: "must be between 1 ms and 60 s".into(),
+            });
+        }
+        if self.broker_timeout < self.heartbeat_interval * 2 {
+            return Err(Error::Config {
+                key: "broker_timeout",
+                value: format!("{:?}", self.broker_timeout),
+                reason: format!(
+                    "must be at least twice heartbeat_interval ({:?}), or one late heartbeat drops a live node",
+                    self.heartbeat_interval
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The NameServer crate's error type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid NameServer setting {key} = {value}: {reason}")]
+    Config {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("NameServer on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("reading the NameServer's listen address: {source}")]
+    Listen {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The `raftmq.v1.NameServerService` implementation.
+#[derive(Clone)]
+pub struct NameServer {
+    registry: Arc<Mutex<Registry>>,
+    config: NameServerConfig,
+}
+
+impl NameServer {
+    pub fn new(config: NameServerConfig) -> Self {
+        NameServer {
+            registry: Arc::default(),
+            config,
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // The registry holds no invariant a panicking holder could break halfway.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops silent nodes; called periodically so the registry does not grow
+    /// with nodes that went away (queries already ignore them).
+    pub fn expire(&self) -> usize {
+        self.registry().expire(Instant::now(), self.config.broker_timeout)
+    }
+}
+
+#[tonic::async_trait]
+impl NameServerService for NameServer {
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %request.get_ref().broker_group, node_id = request.get_ref().node_id))]
+    async fn register_broker(
+        &self,
+        request: Request<pb::RegisterBrokerRequest>,
+    ) -> Result<Response<pb::RegisterBrokerResponse>, Status> {
+        self.registry()
+            .register(request.into_inner(), Instant::now())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::RegisterBrokerResponse {
+            heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(topic = %request.get_ref().topic))]
+    async fn query_route(
+        &self,
+        request: Request<pb::QueryRouteRequest>,
+    ) -> Result<Response<pb::QueryRouteResponse>, Status> {
+        let topic = request.into_inner().topic;
+        registry::check_name(&topic)
+            .map_err(|reason| Status::invalid_argument(format!("topic name {topic:?} is invalid: {reason}")))?;
+        let groups = self
+            .registry()
+            .route(&topic, Instant::now(), self.config.broker_timeout);
+        if groups.is_empty() {
+            return Err(Status::not_found(format!(
+                "no live broker group serves topic {topic:?}"
+            )));
+        }
+        Ok(Response::new(pb::QueryRouteResponse { topic, groups }))
+    }
+
+    async fn list_cluster(
+        &self,
+        _request: Request<pb::ListClusterRequest>,
+    ) -> Result<Response<pb::ListClusterResponse>, Status> {
+        let groups = self.registry().cluster(Instant::now(), self.config.broker_timeout);
+        Ok(Response::new(pb::ListClusterResponse { groups }))
+    }
+}
+
+/// Serves a NameServer on an already-bound `listener` until `shutdown` fires.
+pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    config.validate()?;
+    let addr = listener.local_addr().map_err(|source| Error::Listen { source })?;
+    let server = NameServer::new(config.clone());
+    let expirer = {
+        let (server, stop) = (server.clone(), shutdown.clone());
+        let every = config.broker_timeout / 4;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => { server.expire(); }
+                }
+            }
+        })
+    };
+    tracing::info!(listen = %addr, "NameServer started");
+    let served = Server::builder()
+        .add_service(NameServerServiceServer::new(server))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .await
+        .map_err(|source| Error::Serve { addr, source });
+    expirer.abort();
+    tracing::info!(listen = %addr, "NameServer stopped");
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
+
+    async fn start(
+        config: NameServerConfig,
+    ) -> (String, CancellationToken, tokio::task::JoinHandle<Result<(), Error>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let token = CancellationToken::new();
+        let task = tokio::spawn(serve(config, listener, token.clone()));
+        (url, token, task)
+    }
+
+    fn registration(node_id: u64, leader: u64) -> pb::RegisterBrokerRequest {
+        pb::RegisterBrokerRequest {
+            cluster: "dev".into(),
+            broker_group: "broker-a".into(),
+            node_id,
+            endpoint: format!("127.0.0.1:{}", 20000 + node_id),
+            term: 3,
+            leader_id: Some(leader),
+            leader_endpoint: format!("127.0.0.1:{}", 20000 + leader),
+            follower_endpoints: vec![],
+            topics: vec![pb::TopicConfig {
+                name: "orders".into(),
+                queues_per_group: 8,
+                perm: pb::Permission::ReadWrite as i32,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn registered_brokers_are_routed_over_grpc_and_bad_input_is_named() {
+        let (url, token, task) = start(NameServerConfig::default()).await;
+        let mut client = NameServerServiceClient::connect(url).await.unwrap();
+        for n in 0..3 {
+            let resp = client.register_broker(registration(n, 1)).await.unwrap().into_inner();
+            assert_eq!(resp.heartbeat_interval_ms, 2000);
+        }
+        let route = client
+            .query_route(pb::QueryRouteRequest { topic: "orders".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(route.groups.len(), 1);
+        assert_eq!(route.groups[0].leader_endpoint, "127.0.0.1:20001");
+        assert_eq!(route.groups[0].follower_endpoints.len(), 2);
+        assert_eq!(route.groups[0].queues, 8);
+
+        let missing = client
+            .query_route(pb::QueryRouteRequest { topic: "nope".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+        assert!(missing.message().contains("nope"), "{}", missing.message());
+        let bad = client
+            .query_route(pb::QueryRouteRequest {
+                topic: "bad topic".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        let mut no_endpoint = registration(5, 1);
+        no_endpoint.endpoint.clear();
+        let err = client.register_broker(no_endpoint).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("endpoint"), "{}", err.message());
+
+        let cluster = client
+            .list_cluster(pb::ListClusterRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(cluster.groups[0].replicas.len(), 3);
+        assert_eq!(cluster.groups[0].leader_id, Some(1));
+
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let bad = NameServerConfig {
+            broker_timeout: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(2),
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("broker_timeout"), "{err}");
+    }
+}
