@@ -141,8 +141,10 @@ impl Drop for Replica {
 }
 
 struct Cluster {
-    _dir: tempfile::TempDir,
+    // Fields drop in order: replicas first, so a test that fails early does not
+    // delete the data directories under still-running nodes.
     replicas: Vec<Replica>,
+    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -616,6 +618,7 @@ mod api {
 
     use anyhow::{Context, ensure};
     use futures::{StreamExt, TryStreamExt};
+    use openraft::ServerState;
     use openraft::async_runtime::WatchReceiver;
     use raftmq_broker::{LEADER_METADATA_KEY, MessagingConfig};
     use raftmq_proto::v1 as pb;
@@ -717,6 +720,12 @@ mod api {
             ensure!(resp.next_offset > offset, "pull made no progress at {offset}");
             offset = resp.next_offset;
         }
+    }
+
+    /// The Raft index a message id names (see `raftmq_broker::convert`).
+    fn raft_index_of(message_id: &str) -> anyhow::Result<u64> {
+        let hex = message_id.get(10..26).context("message id too short")?;
+        Ok(u64::from_str_radix(hex, 16)?)
     }
 
     fn leader_of(status: &tonic::Status) -> Option<&str> {
@@ -853,8 +862,10 @@ mod api {
             (Code::FailedPrecondition, Some(leader.addr.to_string().as_str()))
         );
 
-        // Once applied there, the follower serves the data, with the same ids.
-        let applied = leader.metrics().last_applied.context("leader applied nothing")?.index;
+        // Once applied there, the follower serves the data, with the same ids. The
+        // id names the Raft entry (the leader's metrics may not show it applied
+        // yet when the answer arrives: the reply is sent from inside apply).
+        let applied = raft_index_of(&sent.results[0].message_id)?;
         cluster.wait_applied(applied).await?;
         let pulled = to_follower
             .pull(pull_request(TOPIC, 1, 0, 100, 0, ""))
@@ -883,6 +894,21 @@ mod api {
             .context("self in status")?;
         assert_eq!(me.role, pb::ReplicaRole::Follower as i32);
         assert!(me.applied_index >= Some(applied));
+        // The leader's replication progress is reported asynchronously; wait for
+        // it to show what every replica has applied.
+        leader
+            .node()
+            .raft()
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| {
+                    m.replication
+                        .as_ref()
+                        .is_some_and(|r| r.values().all(|l| l.is_some_and(|l| l.index >= applied)))
+                },
+                "replication progress reaches the send",
+            )
+            .await?;
         let status = admin(leader)
             .await?
             .cluster_status(pb::ClusterStatusRequest {})
@@ -1199,15 +1225,61 @@ mod api {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn send_to_a_just_elected_leader_succeeds_and_the_old_one_redirects_to_it() -> anyhow::Result<()> {
+        let cluster = Cluster::start(3).await?;
+        let old = cluster.wait_for_leader(DEADLINE).await?;
+        create_topic(cluster.replica(old), TOPIC, QUEUES).await?;
+        let new = if old == 3 { 2 } else { 3 };
+        cluster
+            .replica(old)
+            .node()
+            .raft()
+            .trigger()
+            .transfer_leader(new)
+            .await?;
+        // Send the moment the new node calls itself leader, before a quorum has
+        // necessarily confirmed it: the broker retries internally rather than
+        // bouncing the producer with "not leader" pointing at itself.
+        let target = cluster.replica(new);
+        let mut metrics = target.node().raft().metrics();
+        while metrics.borrow_watched().state != ServerState::Leader {
+            tokio::time::timeout(DEADLINE, metrics.changed()).await??;
+        }
+        let started = Instant::now();
+        let sent = messaging(target)
+            .await?
+            .send(send_request(TOPIC, Some(0), vec![message(0)]))
+            .await?
+            .into_inner();
+        eprintln!("send to the new leader answered in {:?}", started.elapsed());
+        assert_eq!(sent.results[0].queue_offset, 0);
+
+        // The old leader, once it knows the new one, redirects there.
+        let mut old_metrics = cluster.replica(old).node().raft().metrics();
+        while old_metrics.borrow_watched().current_leader != Some(new) {
+            tokio::time::timeout(DEADLINE, old_metrics.changed()).await??;
+        }
+        let err = messaging(cluster.replica(old))
+            .await?
+            .send(send_request(TOPIC, None, vec![message(1)]))
+            .await
+            .expect_err("old leader refuses");
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert_eq!(leader_of(&err), Some(target.addr.to_string().as_str()));
+        cluster.shutdown().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn long_poll_wakes_when_a_message_arrives_and_times_out_empty() -> anyhow::Result<()> {
         let cluster = Cluster::start(3).await?;
         let leader_id = cluster.wait_for_leader(DEADLINE).await?;
         let leader = cluster.replica(leader_id);
         let follower = cluster.running().find(|r| r.id != leader_id).context("a follower")?;
         create_topic(leader, TOPIC, QUEUES).await?;
-        // The follower must know the topic before it can long-poll it.
-        let applied = leader.metrics().last_applied.context("nothing applied")?.index;
-        cluster.wait_applied(applied).await?;
+        // The follower must know the topic before it can long-poll it; the topic
+        // is the leader's last log entry by now.
+        let created = leader.metrics().last_log_index.context("empty log")?;
+        cluster.wait_applied(created).await?;
 
         // Nothing arrives: empty after max_wait, not before, not much after.
         let mut on_follower = messaging(follower).await?;
@@ -1255,7 +1327,13 @@ mod api {
             .await?;
         let (resp, took) = poll.await?;
         let resp = resp?.into_inner();
-        assert_eq!(resp.messages.len(), 1);
+        ensure!(
+            resp.messages.len() == 1,
+            "long poll answered {:?} after {took:?}; the follower now holds {} message(s) in queue 0 and its metrics say {}",
+            resp,
+            follower.store().queue_next_offset(TOPIC, 0)?,
+            follower.metrics()
+        );
         assert_eq!(seq_of(resp.messages[0].message.as_ref().context("no message")?)?, 42);
         assert!(
             took < Duration::from_secs(5),

@@ -84,10 +84,12 @@ impl Admin {
         let store = self.group.store();
         let queues = (0..topic.queues)
             .map(|q| {
+                // Max first and min capped by it, as Pull does (see there).
+                let max_offset = store.queue_next_offset(&topic.name, q)?;
                 Ok(pb::QueueStatus {
                     queue_id: q,
-                    min_offset: store.queue_min_offset(&topic.name, q)?,
-                    max_offset: store.queue_next_offset(&topic.name, q)?,
+                    min_offset: store.queue_min_offset(&topic.name, q)?.min(max_offset),
+                    max_offset,
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()

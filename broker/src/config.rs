@@ -76,6 +76,11 @@ pub struct MessagingConfig {
     pub max_batch_bytes: usize,
     /// Most messages one Pull returns; larger requests are capped. Default 1024.
     pub max_pull_messages: u32,
+    /// Bodies one Pull returns at most, unless a single message is larger (it is
+    /// then returned alone). Default 2 MiB, so a response stays under the 4 MiB
+    /// a gRPC client decodes by default; a client reading messages near
+    /// `max_body_bytes` must raise its own limit.
+    pub max_pull_bytes: usize,
     /// Longest long-poll wait; larger requests are capped. Default 30 s.
     pub max_pull_wait: Duration,
     /// How long a write retries while this node has just been elected and its
@@ -95,6 +100,7 @@ impl Default for MessagingConfig {
             max_batch_messages: 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             max_pull_messages: 1024,
+            max_pull_bytes: 2 * 1024 * 1024,
             max_pull_wait: Duration::from_secs(30),
             unconfirmed_leader_retry: Duration::from_secs(1),
         }
@@ -133,6 +139,9 @@ impl MessagingConfig {
         }
         if self.max_batch_messages == 0 {
             return Err(bad("messaging.max_batch_messages", "0".into(), "must be positive"));
+        }
+        if self.max_pull_bytes == 0 {
+            return Err(bad("messaging.max_pull_bytes", "0".into(), "must be positive"));
         }
         if self.max_pull_messages == 0 {
             return Err(bad("messaging.max_pull_messages", "0".into(), "must be positive"));

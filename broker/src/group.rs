@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::Raft;
+use openraft::ReadPolicy;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, ForwardReason, ForwardToLeader, RaftError};
+use openraft::error::{ClientWriteError, ForwardReason, ForwardToLeader, LinearizableReadError, RaftError};
 use raftmq_raft_store::{Command, NodeId, Response, StateMachine, StoreReader, TopicConfig, TypeConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -142,6 +143,46 @@ impl GroupHandle {
             })
     }
 
+    /// The topic's config for a write decision on the leader. The applied state
+    /// can trail the log on a just-elected leader (a topic created under the old
+    /// leader may be committed but not yet applied here), so before answering
+    /// NOT_FOUND, or auto-creating over a config that exists, catch up to
+    /// everything committed and look again. Only the miss pays for it.
+    pub async fn topic_for_write(&self, name: &str) -> Result<TopicConfig, ApiError> {
+        match self.topic(name) {
+            Err(ApiError::NotFound(_)) => {
+                self.catch_up().await?;
+                self.topic(name)
+            }
+            found => found,
+        }
+    }
+
+    /// Waits until this leader has applied everything committed before now
+    /// (openraft's ReadIndex: one heartbeat round confirms leadership).
+    pub async fn catch_up(&self) -> Result<(), ApiError> {
+        match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                if f.reason == ForwardReason::LeaseExpired && f.leader_id.is_none_or(|l| l == self.inner.node_id) {
+                    Err(ApiError::Unavailable(format!(
+                        "this node leads broker group {} but a quorum has not confirmed it; retry shortly",
+                        self.inner.group
+                    )))
+                } else {
+                    Err(ApiError::NotLeader {
+                        leader_endpoint: self.leader_endpoint(&f),
+                    })
+                }
+            }
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => Err(ApiError::Unavailable(format!(
+                "broker group {} cannot reach a quorum: {q}",
+                self.inner.group
+            ))),
+            Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(format!("Raft on this node has stopped: {f}"))),
+        }
+    }
+
     /// Proposes `cmd` and waits until it is applied here. While this node has won
     /// an election but a quorum has not yet confirmed it (openraft answers
     /// `ForwardToLeader` with reason `LeaseExpired` and no other leader), the write
@@ -193,10 +234,21 @@ impl GroupHandle {
                     self.inner.group, self.inner.config.unconfirmed_leader_retry
                 )));
             }
-            // A heartbeat round acknowledged by a quorum updates the metrics; the
-            // cap only guards against a change we could not observe.
-            let wait = (deadline - now).min(Duration::from_millis(50));
-            let _ = tokio::time::timeout(wait, metrics.changed()).await;
+            tracing::debug!(group = %self.inner.group, "leadership not yet confirmed by a quorum; retrying the write");
+            // Retry when a quorum acknowledges this leader (`last_quorum_acked`
+            // moves) or it stops leading, not on every metrics change: a leader's
+            // metrics change with each replication ack. The cap only guards
+            // against a change we could not observe.
+            let acked_before = metrics.borrow_watched().last_quorum_acked;
+            let confirmed = async {
+                while metrics.changed().await.is_ok() {
+                    let m = metrics.borrow_watched();
+                    if m.last_quorum_acked != acked_before || m.state != ServerState::Leader {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(100)), confirmed).await;
         }
     }
 

@@ -47,7 +47,7 @@ impl Messaging {
         let g = &self.group;
         validate::send_request(&req, g.config())?;
         g.ensure_leader()?;
-        let topic = match g.topic(&req.topic) {
+        let mut topic = match g.topic_for_write(&req.topic).await {
             Ok(t) => t,
             Err(ApiError::NotFound(_)) if g.config().auto_create_topics => self.auto_create(&req.topic).await?,
             Err(e) => return Err(e),
@@ -57,6 +57,12 @@ impl Messaging {
                 "topic {:?} is not writable",
                 topic.name
             )));
+        }
+        if req.queue_id.is_some_and(|q| q >= topic.queues) {
+            // As for a missing topic: a queue-count increase may be committed but
+            // not yet applied on a just-elected leader.
+            g.catch_up().await?;
+            topic = g.topic(&req.topic)?;
         }
         let queue_id = match req.queue_id {
             Some(q) if q >= topic.queues => {
@@ -151,6 +157,7 @@ impl Messaging {
             // Nothing matched yet: wait from where this read stopped, so messages
             // skipped by the filter are not scanned again.
             offset = read.next_offset;
+            tracing::trace!(offset, max_offset = read.max_offset, "long poll waiting");
             tokio::select! {
                 changed = applied.changed() => {
                     if changed.is_err() {
@@ -179,14 +186,18 @@ impl Messaging {
         let store = self.group.store().clone();
         let (topic, filter) = (topic.to_owned(), filter.clone());
         let group = self.group.group().to_owned();
-        // A response, like a Send, stays within the batch byte limit (but always
-        // carries at least one message, or a large one could never be read).
-        let max_bytes = self.group.config().max_batch_bytes;
+        // Bounded in bytes too (but always carrying at least one message, or a
+        // large one could never be read), so default gRPC clients can decode it.
+        let max_bytes = self.group.config().max_pull_bytes;
         // Bounds the rows scanned for a sparse tag, so one pull cannot read a whole queue.
         let scan_limit = (max * 16).max(1024) as u64;
         let task = tokio::task::spawn_blocking(move || -> std::io::Result<pb::PullResponse> {
-            let min_offset = store.queue_min_offset(&topic, queue_id)?;
+            // Max first, and min never above it: the two reads are not one
+            // snapshot, and an empty queue's min is its next offset, so a message
+            // applied between them would otherwise give min = max = 1 with offset 0
+            // never read, and the consumer would skip that message.
             let max_offset = store.queue_next_offset(&topic, queue_id)?;
+            let min_offset = store.queue_min_offset(&topic, queue_id)?.min(max_offset);
             let start = offset.clamp(min_offset, max_offset);
             let mut next = start;
             let mut messages = Vec::new();
@@ -197,6 +208,11 @@ impl Messaging {
                     break;
                 }
                 for m in chunk {
+                    // Rows applied since max_offset was read wait for the next pull,
+                    // so next_offset never passes the max_offset we report.
+                    if m.queue_offset >= max_offset {
+                        break 'scan;
+                    }
                     if !messages.is_empty() && bytes + m.message.body.len() > max_bytes {
                         break 'scan;
                     }
