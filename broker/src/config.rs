@@ -51,6 +51,103 @@ pub struct RaftNodeConfig {
     pub max_rpc_message_bytes: usize,
     /// How long shutdown lets in-flight RPCs finish before dropping them. Default 5 s.
     pub shutdown_grace: Duration,
+    /// Limits and behaviour of the client-facing messaging and admin services.
+    pub messaging: MessagingConfig,
+}
+
+/// Limits and behaviour of `MessagingService` / `AdminService`. Every limit is
+/// checked at the edge, before anything is proposed to Raft.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagingConfig {
+    /// Create an unknown topic on first send instead of answering NOT_FOUND.
+    /// Default off, as in RocketMQ production configs; `raftmq dev` turns it on.
+    pub auto_create_topics: bool,
+    /// Queue count of an auto-created topic. Default 4.
+    pub default_queues: u32,
+    /// Largest message body. Default 4 MiB (RocketMQ's `maxMessageSize`).
+    pub max_body_bytes: usize,
+    /// Largest sum of one message's property names and values, tag and keys.
+    /// Default 32 KiB: properties are metadata, not a second body.
+    pub max_properties_bytes: usize,
+    /// Most messages in one Send. Default 1024.
+    pub max_batch_messages: usize,
+    /// Largest sum of bodies in one Send, i.e. in one Raft entry. Default 4 MiB,
+    /// so one batch never dominates a replication round.
+    pub max_batch_bytes: usize,
+    /// Most messages one Pull returns; larger requests are capped. Default 1024.
+    pub max_pull_messages: u32,
+    /// Bodies one Pull returns at most, unless a single message is larger (it is
+    /// then returned alone). Default 2 MiB, so a response stays under the 4 MiB
+    /// a gRPC client decodes by default; a client reading messages near
+    /// `max_body_bytes` must raise its own limit.
+    pub max_pull_bytes: usize,
+    /// Longest long-poll wait; larger requests are capped. Default 30 s.
+    pub max_pull_wait: Duration,
+    /// How long a write retries while this node has just been elected and its
+    /// leadership is not yet confirmed by a quorum (openraft's `LeaseExpired`)
+    /// before answering UNAVAILABLE. Default 1 s: a new leader confirms its lease
+    /// within one heartbeat round.
+    pub unconfirmed_leader_retry: Duration,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        MessagingConfig {
+            auto_create_topics: false,
+            default_queues: 4,
+            max_body_bytes: 4 * 1024 * 1024,
+            max_properties_bytes: 32 * 1024,
+            max_batch_messages: 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_pull_messages: 1024,
+            max_pull_bytes: 2 * 1024 * 1024,
+            max_pull_wait: Duration::from_secs(30),
+            unconfirmed_leader_retry: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MessagingConfig {
+    /// Checks the settings; the error names the bad key and value.
+    pub fn validate(&self, max_rpc_message_bytes: usize) -> Result<(), Error> {
+        let bad = |key: &'static str, value: String, reason: &str| Error::Config {
+            key,
+            value,
+            reason: reason.to_owned(),
+        };
+        if !(1..=crate::validate::MAX_QUEUES).contains(&self.default_queues) {
+            return Err(bad(
+                "messaging.default_queues",
+                self.default_queues.to_string(),
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > self.max_batch_bytes {
+            return Err(bad(
+                "messaging.max_body_bytes",
+                self.max_body_bytes.to_string(),
+                "must be positive and at most messaging.max_batch_bytes",
+            ));
+        }
+        // A batch travels in one Send and one AppendEntries; leave room for framing.
+        if self.max_batch_bytes > max_rpc_message_bytes / 2 {
+            return Err(bad(
+                "messaging.max_batch_bytes",
+                self.max_batch_bytes.to_string(),
+                "must be at most half of max_rpc_message_bytes",
+            ));
+        }
+        if self.max_batch_messages == 0 {
+            return Err(bad("messaging.max_batch_messages", "0".into(), "must be positive"));
+        }
+        if self.max_pull_bytes == 0 {
+            return Err(bad("messaging.max_pull_bytes", "0".into(), "must be positive"));
+        }
+        if self.max_pull_messages == 0 {
+            return Err(bad("messaging.max_pull_messages", "0".into(), "must be positive"));
+        }
+        Ok(())
+    }
 }
 
 impl RaftNodeConfig {
@@ -75,6 +172,7 @@ impl RaftNodeConfig {
             connect_timeout: Duration::from_secs(1),
             max_rpc_message_bytes: 256 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            messaging: MessagingConfig::default(),
         }
     }
 
@@ -122,6 +220,7 @@ impl RaftNodeConfig {
                 "must be at least 4 MiB",
             ));
         }
+        self.messaging.validate(self.max_rpc_message_bytes)?;
         self.store.validate().map_err(|e| Error::Config {
             key: "store",
             value: format!("{:?}", self.store),

@@ -1,7 +1,6 @@
-//! raftmq-broker: a broker node, i.e. one replica of one broker group. This first
-//! slice holds the group's Raft transport over gRPC and the node that runs it;
-//! the messaging services (Send, Pull, topic admin) and NameServer registration
-//! come next and will share the same gRPC server.
+//! raftmq-broker: a broker node, i.e. one replica of one broker group: the
+//! group's Raft transport over gRPC, and the client-facing messaging and admin
+//! services on the same gRPC server. NameServer registration comes next.
 //!
 //! * [`network`]: openraft's client side. One lazily connected tonic channel per
 //!   peer, reused by every RPC; openraft's per-RPC deadlines enforced here; tonic
@@ -11,18 +10,30 @@
 //!   follower checks each crc32c before appending), control data as JSON.
 //! * [`node`]: [`RaftNode`] opens the store, starts Raft, serves on a bound
 //!   listener until a `CancellationToken` fires, and shuts down in order.
+//! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
+//!   `raftmq.v1` client API. Input is checked in [`validate`] before anything is
+//!   proposed; the write path and leadership handling are in [`group`]; every
+//!   failure is an [`ApiError`], turned into a gRPC status in one place
+//!   ([`api_error`]); wire/domain conversions and message ids are in [`convert`].
 //!
 //! Replication is pipelined: each replication session is one bidi gRPC stream
 //! feeding `Raft::stream_append` on the follower, so the leader does not wait
 //! for one batch's fsync on the follower before sending the next.
 
+pub mod admin;
+pub mod api_error;
 pub mod config;
+pub mod convert;
 pub mod error;
+pub mod group;
+pub mod messaging;
 pub mod network;
 pub mod node;
 pub mod service;
+pub mod validate;
 pub mod wire;
 
-pub use config::RaftNodeConfig;
+pub use api_error::{ApiError, LEADER_METADATA_KEY};
+pub use config::{MessagingConfig, RaftNodeConfig};
 pub use error::Error;
 pub use node::RaftNode;

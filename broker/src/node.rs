@@ -1,8 +1,8 @@
 //! One running replica: opens the store, starts openraft with the gRPC network,
 //! serves Raft RPC on an already-bound listener until cancelled, and stops in
 //! order (stop accepting, let in-flight RPCs finish, then `raft.shutdown()`, which
-//! drops the CommitLog and so flushes and closes it). The messaging services will
-//! join the same server.
+//! drops the CommitLog and so flushes and closes it). The messaging and admin
+//! services share the server with Raft RPC, so a node has one port.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,8 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::admin::Admin;
 use crate::config::RaftNodeConfig;
 use crate::error::Error;
+use crate::group::GroupHandle;
+use crate::messaging::Messaging;
 use crate::network::{ChannelSettings, GrpcNetworkFactory};
 use crate::service::RaftRpcService;
 
@@ -87,11 +90,23 @@ impl RaftNode {
 
         let service = RaftRpcService::new(&config.broker_group, raft.clone(), incoming_dir, shutdown.clone())
             .into_server(config.max_rpc_message_bytes);
+        let group = GroupHandle::new(
+            &config.broker_group,
+            node_id,
+            raft.clone(),
+            store.clone(),
+            config.messaging.clone(),
+            shutdown.clone(),
+        );
+        let messaging = Messaging::new(group.clone()).into_server(config.max_rpc_message_bytes);
+        let admin = Admin::new(group).into_server();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
             Server::builder()
                 .add_service(service)
+                .add_service(messaging)
+                .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
         });

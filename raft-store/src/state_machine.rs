@@ -531,6 +531,32 @@ impl StoreReader {
         }
     }
 
+    /// The lowest offset the queue still holds (its next offset when empty).
+    /// Not read in one snapshot with [`Self::queue_next_offset`]: a caller that
+    /// wants both reads the next offset first and caps this by it.
+    pub fn queue_min_offset(&self, topic: &str, queue_id: u32) -> io::Result<u64> {
+        let first = {
+            let state = self.shared.current();
+            let prefix = queue_key(topic, queue_id);
+            let mut iter = state.db.iterator_cf(
+                state.cf(CF_CQ),
+                rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            );
+            match iter.next() {
+                Some(item) => {
+                    let (k, _) = item.map_err(rocks_io("scan ConsumeQueue"))?;
+                    (k.starts_with(&prefix) && k.len() == prefix.len() + 8)
+                        .then(|| u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes")))
+                }
+                None => None,
+            }
+        };
+        match first {
+            Some(offset) => Ok(offset),
+            None => self.queue_next_offset(topic, queue_id),
+        }
+    }
+
     /// Number of ConsumeQueue rows across all queues (for checks and admin).
     pub fn consume_queue_rows(&self) -> io::Result<u64> {
         let state = self.shared.current();

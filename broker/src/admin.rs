@@ -1,0 +1,220 @@
+//! `raftmq.v1.AdminService`: topic create/update/delete through Raft on the
+//! leader (a follower answers "not leader" like Send does), topic listing and
+//! description from this replica's applied state, and the group's status as this
+//! node's Raft metrics see it. Consumer-group and offset admin come later.
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use raftmq_raft_store::{Command, Response, TopicConfig};
+use tonic::{Request, Status};
+use tracing::Instrument;
+
+use crate::api_error::ApiError;
+use crate::convert;
+use crate::group::GroupHandle;
+use crate::validate;
+
+/// The admin endpoint of this node's broker group replica.
+#[derive(Clone)]
+pub struct Admin {
+    group: GroupHandle,
+}
+
+impl Admin {
+    pub fn new(group: GroupHandle) -> Self {
+        Admin { group }
+    }
+
+    pub fn into_server(self) -> AdminServiceServer<Self> {
+        AdminServiceServer::new(self)
+    }
+
+    async fn create_topic(&self, req: pb::CreateTopicRequest) -> Result<pb::CreateTopicResponse, ApiError> {
+        let t = req
+            .topic
+            .ok_or_else(|| ApiError::InvalidArgument("CreateTopic needs a topic config".into()))?;
+        validate::topic_name(&t.name)?;
+        validate::queue_count(t.queues_per_group)?;
+        let perm = convert::perm_from_pb(t.perm)?;
+        self.group.ensure_leader()?;
+        let written = self
+            .group
+            .write(Command::UpsertTopic(TopicConfig {
+                name: t.name,
+                queues: t.queues_per_group,
+                perm,
+            }))
+            .await?;
+        match written.response {
+            Response::TopicUpserted => Ok(pb::CreateTopicResponse {}),
+            other => Err(ApiError::Internal(format!("topic upsert was answered with {other}"))),
+        }
+    }
+
+    async fn delete_topic(&self, req: pb::DeleteTopicRequest) -> Result<pb::DeleteTopicResponse, ApiError> {
+        validate::topic_name(&req.name)?;
+        self.group.ensure_leader()?;
+        match self
+            .group
+            .write(Command::DeleteTopic { name: req.name })
+            .await?
+            .response
+        {
+            Response::TopicDeleted { existed } => Ok(pb::DeleteTopicResponse { existed }),
+            other => Err(ApiError::Internal(format!("topic delete was answered with {other}"))),
+        }
+    }
+
+    fn list_topics(&self) -> Result<pb::ListTopicsResponse, ApiError> {
+        let topics = self
+            .group
+            .store()
+            .topics()
+            .map_err(|e| ApiError::storage("listing topics", e))?;
+        Ok(pb::ListTopicsResponse {
+            topics: topics.into_iter().map(convert::topic_to_pb).collect(),
+        })
+    }
+
+    fn describe_topic(&self, req: pb::DescribeTopicRequest) -> Result<pb::DescribeTopicResponse, ApiError> {
+        validate::topic_name(&req.name)?;
+        let topic = self.group.topic(&req.name)?;
+        let store = self.group.store();
+        let queues = (0..topic.queues)
+            .map(|q| {
+                // Max first and min capped by it, as Pull does (see there).
+                let max_offset = store.queue_next_offset(&topic.name, q)?;
+                Ok(pb::QueueStatus {
+                    queue_id: q,
+                    min_offset: store.queue_min_offset(&topic.name, q)?.min(max_offset),
+                    max_offset,
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| ApiError::storage("reading queue offsets", e))?;
+        Ok(pb::DescribeTopicResponse {
+            topic: Some(convert::topic_to_pb(topic)),
+            queues,
+        })
+    }
+
+    fn cluster_status(&self) -> pb::ClusterStatusResponse {
+        let g = &self.group;
+        let m = g.raft().metrics().borrow_watched().clone();
+        let me = g.node_id();
+        let membership = m.membership_config.membership();
+        let voters: Vec<_> = membership.voter_ids().collect();
+        let replicas = membership
+            .nodes()
+            .map(|(&id, node)| {
+                let role = if id == me {
+                    match m.state {
+                        ServerState::Leader => pb::ReplicaRole::Leader,
+                        ServerState::Follower => pb::ReplicaRole::Follower,
+                        ServerState::Candidate => pb::ReplicaRole::Candidate,
+                        ServerState::Learner => pb::ReplicaRole::Learner,
+                        ServerState::Shutdown => pb::ReplicaRole::Unspecified,
+                    }
+                } else if m.current_leader == Some(id) {
+                    pb::ReplicaRole::Leader
+                } else if voters.contains(&id) {
+                    pb::ReplicaRole::Follower
+                } else {
+                    pb::ReplicaRole::Learner
+                };
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id))
+                    .map(|l| l.as_ref().map_or(0, |l| l.index));
+                pb::ReplicaStatus {
+                    node_id: id,
+                    endpoint: node.addr.clone(),
+                    role: role as i32,
+                    last_log_index: if id == me { m.last_log_index } else { None },
+                    applied_index: if id == me {
+                        m.last_applied.map(|l| l.index)
+                    } else {
+                        None
+                    },
+                    matched_index: matched,
+                }
+            })
+            .collect();
+        pb::ClusterStatusResponse {
+            groups: vec![pb::GroupStatus {
+                broker_group: g.group().to_owned(),
+                term: m.current_term,
+                leader_id: m.current_leader,
+                leader_endpoint: m.current_leader.map(|l| g.endpoint_of(l)).unwrap_or_default(),
+                replicas,
+                reported_by: me,
+                committed_index: m.local_committed.map(|l| l.index),
+            }],
+        }
+    }
+
+    fn span(&self, rpc: &'static str, topic: &str) -> tracing::Span {
+        tracing::info_span!("admin", rpc, group = %self.group.group(), topic)
+    }
+}
+
+fn answer<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
+    if let Err(e) = &result {
+        tracing::debug!(rpc, error = %e, "admin request refused");
+    }
+    result.map(tonic::Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<tonic::Response<pb::CreateTopicResponse>, Status> {
+        let req = request.into_inner();
+        let name = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let span = self.span("CreateTopic", &name);
+        async { answer("CreateTopic", Admin::create_topic(self, req).await) }
+            .instrument(span)
+            .await
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<tonic::Response<pb::DeleteTopicResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("DeleteTopic", &req.name);
+        async { answer("DeleteTopic", Admin::delete_topic(self, req).await) }
+            .instrument(span)
+            .await
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<tonic::Response<pb::ListTopicsResponse>, Status> {
+        let _span = self.span("ListTopics", "").entered();
+        answer("ListTopics", self.list_topics())
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<tonic::Response<pb::DescribeTopicResponse>, Status> {
+        let req = request.into_inner();
+        let _span = self.span("DescribeTopic", &req.name).entered();
+        answer("DescribeTopic", self.describe_topic(req))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<tonic::Response<pb::ClusterStatusResponse>, Status> {
+        let _span = self.span("ClusterStatus", "").entered();
+        Ok(tonic::Response::new(self.cluster_status()))
+    }
+}

@@ -1,0 +1,111 @@
+//! Conversions between the `raftmq.v1` wire types and raft-store's domain types,
+//! and the message id format. Kept in one module so the services only speak
+//! domain types.
+//!
+//! # Message ids
+//!
+//! 34 upper-case hex characters, the length RocketMQ 5 clients expect:
+//! `01` (format version) | crc32c of the broker group name (8) | Raft index of
+//! the entry (16) | position of the message in its batch (8). A Raft index is
+//! never reused for a committed entry, so within a group the id is unique
+//! forever; the group hash separates groups (two group names whose crc32c
+//! collide would need renaming; the admin tooling can check that). The id is
+//! computed, not stored, so a follower derives the same id from its
+//! ConsumeQueue row.
+
+use raftmq_proto::v1 as pb;
+use raftmq_raft_store::command::{PERM_READ, PERM_WRITE};
+use raftmq_raft_store::{Message, StoredMessage, TopicConfig};
+
+use crate::api_error::ApiError;
+
+/// Builds a message id (see the module docs).
+pub fn message_id(group: &str, raft_index: u64, batch_pos: u32) -> String {
+    format!(
+        "01{:08X}{raft_index:016X}{batch_pos:08X}",
+        crc32c::crc32c(group.as_bytes())
+    )
+}
+
+/// A validated wire message as stored. Properties are sorted so every replica
+/// and every read returns them in the same order.
+pub fn message_from_pb(m: pb::Message) -> Message {
+    let mut properties: Vec<(String, String)> = m.properties.into_iter().collect();
+    properties.sort();
+    Message {
+        tag: m.tag,
+        keys: m.keys,
+        properties,
+        body: m.body.into(),
+        born_timestamp_ms: m.born_timestamp_ms,
+    }
+}
+
+pub fn pulled_message(group: &str, m: StoredMessage) -> pb::PulledMessage {
+    pb::PulledMessage {
+        message_id: message_id(group, m.raft_index, m.batch_pos),
+        queue_id: m.queue_id,
+        queue_offset: m.queue_offset,
+        store_timestamp_ms: m.store_timestamp_ms,
+        message: Some(pb::Message {
+            topic: m.topic,
+            tag: m.message.tag,
+            keys: m.message.keys,
+            properties: m.message.properties.into_iter().collect(),
+            body: m.message.body.to_vec(),
+            born_timestamp_ms: m.message.born_timestamp_ms,
+        }),
+    }
+}
+
+/// Permission bits from the wire; UNSPECIFIED means read-write, RocketMQ's default.
+pub fn perm_from_pb(perm: i32) -> Result<u8, ApiError> {
+    match pb::Permission::try_from(perm) {
+        Ok(pb::Permission::Unspecified | pb::Permission::ReadWrite) => Ok(PERM_READ | PERM_WRITE),
+        Ok(pb::Permission::Read) => Ok(PERM_READ),
+        Ok(pb::Permission::Write) => Ok(PERM_WRITE),
+        Err(_) => Err(ApiError::InvalidArgument(format!(
+            "permission {perm} is not one of READ (4), WRITE (2), READ_WRITE (6)"
+        ))),
+    }
+}
+
+pub fn perm_to_pb(perm: u8) -> pb::Permission {
+    match (perm & PERM_READ != 0, perm & PERM_WRITE != 0) {
+        (true, true) => pb::Permission::ReadWrite,
+        (true, false) => pb::Permission::Read,
+        (false, true) => pb::Permission::Write,
+        (false, false) => pb::Permission::Unspecified,
+    }
+}
+
+pub fn topic_to_pb(t: TopicConfig) -> pb::TopicConfig {
+    pb::TopicConfig {
+        name: t.name,
+        queues_per_group: t.queues,
+        perm: perm_to_pb(t.perm) as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_34_hex_and_distinct() {
+        let a = message_id("broker-a", 7, 0);
+        assert_eq!(a.len(), 34);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, message_id("broker-a", 7, 1));
+        assert_ne!(a, message_id("broker-b", 7, 0));
+        assert_ne!(a, message_id("broker-a", 8, 0));
+    }
+
+    #[test]
+    fn perm_round_trips() {
+        for p in [PERM_READ, PERM_WRITE, PERM_READ | PERM_WRITE] {
+            assert_eq!(perm_from_pb(perm_to_pb(p) as i32).unwrap(), p);
+        }
+        assert!(perm_from_pb(99).is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! What the client-facing services share about this node's broker group: the
+//! Raft handle, the applied-state reader, the limits, and the write path to Raft
+//! (leadership check, `client_write`, mapping openraft's refusals to
+//! [`ApiError`]). Reads never go through Raft: they are served from this
+//! replica's applied state, which never runs ahead of commit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::Raft;
+use openraft::ReadPolicy;
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, ForwardReason, ForwardToLeader, LinearizableReadError, RaftError};
+use raftmq_raft_store::{Command, NodeId, Response, StateMachine, StoreReader, TopicConfig, TypeConfig};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::api_error::ApiError;
+use crate::config::MessagingConfig;
+
+/// One broker group's replica as the messaging and admin services see it.
+#[derive(Clone)]
+pub struct GroupHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    group: String,
+    node_id: NodeId,
+    raft: Raft<TypeConfig, StateMachine>,
+    store: StoreReader,
+    config: MessagingConfig,
+    /// Cancelled at shutdown; long polls end early on it so they do not hold
+    /// the server's graceful drain for their whole wait.
+    shutdown: CancellationToken,
+    /// Next broker-chosen queue per topic. Per node and not replicated: it only
+    /// spreads load, so losing it on failover is harmless.
+    round_robin: Mutex<HashMap<String, u32>>,
+}
+
+/// A committed write: its Raft index and the state machine's answer.
+pub struct Written {
+    pub index: u64,
+    pub response: Response,
+}
+
+impl GroupHandle {
+    pub fn new(
+        group: &str,
+        node_id: NodeId,
+        raft: Raft<TypeConfig, StateMachine>,
+        store: StoreReader,
+        config: MessagingConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        GroupHandle {
+            inner: Arc::new(Inner {
+                group: group.to_owned(),
+                node_id,
+                raft,
+                store,
+                config,
+                shutdown,
+                round_robin: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    pub fn raft(&self) -> &Raft<TypeConfig, StateMachine> {
+        &self.inner.raft
+    }
+
+    pub fn store(&self) -> &StoreReader {
+        &self.inner.store
+    }
+
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    pub fn config(&self) -> &MessagingConfig {
+        &self.inner.config
+    }
+
+    /// The advertised endpoint of `node` according to the current membership.
+    pub fn endpoint_of(&self, node: NodeId) -> String {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default()
+    }
+
+    /// Refuses early when this node is not the leader, so a follower neither
+    /// auto-creates topics nor does work openraft would refuse anyway. A leader
+    /// that lost its lease is caught later by `client_write` itself.
+    pub fn ensure_leader(&self) -> Result<(), ApiError> {
+        let (state, leader) = {
+            let metrics = self.inner.raft.metrics();
+            let m = metrics.borrow_watched();
+            (m.state, m.current_leader)
+        };
+        if state == ServerState::Leader {
+            return Ok(());
+        }
+        Err(ApiError::NotLeader {
+            leader_endpoint: leader.map(|l| self.endpoint_of(l)).unwrap_or_default(),
+        })
+    }
+
+    /// The next broker-chosen queue of `topic`, round-robin over `queues`.
+    pub fn next_queue(&self, topic: &str, queues: u32) -> u32 {
+        let mut rr = self.inner.round_robin.lock().unwrap_or_else(|p| p.into_inner());
+        let next = rr.entry(topic.to_owned()).or_insert(0);
+        let q = *next % queues.max(1);
+        *next = next.wrapping_add(1);
+        q
+    }
+
+    /// Applied topic config, or NOT_FOUND.
+    pub fn topic(&self, name: &str) -> Result<TopicConfig, ApiError> {
+        self.inner
+            .store
+            .topic(name)
+            .map_err(|e| ApiError::storage("reading topic config", e))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "topic {name:?} does not exist on broker group {}",
+                    self.inner.group
+                ))
+            })
+    }
+
+    /// The topic's config for a write decision on the leader. The applied state
+    /// can trail the log on a just-elected leader (a topic created under the old
+    /// leader may be committed but not yet applied here), so before answering
+    /// NOT_FOUND, or auto-creating over a config that exists, catch up to
+    /// everything committed and look again. Only the miss pays for it.
+    pub async fn topic_for_write(&self, name: &str) -> Result<TopicConfig, ApiError> {
+        match self.topic(name) {
+            Err(ApiError::NotFound(_)) => {
+                self.catch_up().await?;
+                self.topic(name)
+            }
+            found => found,
+        }
+    }
+
+    /// Waits until this leader has applied everything committed before now
+    /// (openraft's ReadIndex: one heartbeat round confirms leadership).
+    pub async fn catch_up(&self) -> Result<(), ApiError> {
+        match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                if f.reason == ForwardReason::LeaseExpired && f.leader_id.is_none_or(|l| l == self.inner.node_id) {
+                    Err(ApiError::Unavailable(format!(
+                        "this node leads broker group {} but a quorum has not confirmed it; retry shortly",
+                        self.inner.group
+                    )))
+                } else {
+                    Err(ApiError::NotLeader {
+                        leader_endpoint: self.leader_endpoint(&f),
+                    })
+                }
+            }
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => Err(ApiError::Unavailable(format!(
+                "broker group {} cannot reach a quorum: {q}",
+                self.inner.group
+            ))),
+            Err(RaftError::Fatal(f)) => Err(ApiError::Unavailable(format!("Raft on this node has stopped: {f}"))),
+        }
+    }
+
+    /// Proposes `cmd` and waits until it is applied here. While this node has won
+    /// an election but a quorum has not yet confirmed it (openraft answers
+    /// `ForwardToLeader` with reason `LeaseExpired` and no other leader), the write
+    /// is retried for up to `unconfirmed_leader_retry`, waking on metrics changes
+    /// rather than polling; then UNAVAILABLE.
+    pub async fn write(&self, cmd: Command) -> Result<Written, ApiError> {
+        let raft = &self.inner.raft;
+        let deadline = Instant::now() + self.inner.config.unconfirmed_leader_retry;
+        let mut metrics = raft.metrics();
+        loop {
+            let forward = match raft.client_write(cmd.clone()).await {
+                Ok(resp) => {
+                    return match resp.data {
+                        Response::Rejected { reason } => Err(ApiError::FailedPrecondition(reason)),
+                        response => Ok(Written {
+                            index: resp.log_id.index,
+                            response,
+                        }),
+                    };
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f,
+                Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
+                    // The entry may still commit through the new leader: a blind
+                    // retry here could store the batch twice, so the client decides.
+                    tracing::warn!(leader = ?f.leader_id, "write discarded by a leader change");
+                    return Err(ApiError::Unavailable(format!(
+                        "leadership changed while writing; the write may or may not have been stored (new leader: {})",
+                        self.leader_endpoint(&f)
+                    )));
+                }
+                Err(RaftError::APIError(other)) => {
+                    return Err(ApiError::Internal(format!("Raft refused the write: {other}")));
+                }
+                Err(RaftError::Fatal(f)) => {
+                    return Err(ApiError::Unavailable(format!("Raft on this node has stopped: {f}")));
+                }
+            };
+            let unconfirmed_self = forward.reason == ForwardReason::LeaseExpired
+                && forward.leader_id.is_none_or(|l| l == self.inner.node_id);
+            if !unconfirmed_self {
+                return Err(ApiError::NotLeader {
+                    leader_endpoint: self.leader_endpoint(&forward),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ApiError::Unavailable(format!(
+                    "this node leads broker group {} but a quorum has not confirmed it within {:?}; retry shortly",
+                    self.inner.group, self.inner.config.unconfirmed_leader_retry
+                )));
+            }
+            tracing::debug!(group = %self.inner.group, "leadership not yet confirmed by a quorum; retrying the write");
+            // Retry when a quorum acknowledges this leader (`last_quorum_acked`
+            // moves) or it stops leading, not on every metrics change: a leader's
+            // metrics change with each replication ack. The cap only guards
+            // against a change we could not observe.
+            let acked_before = metrics.borrow_watched().last_quorum_acked;
+            let confirmed = async {
+                while metrics.changed().await.is_ok() {
+                    let m = metrics.borrow_watched();
+                    if m.last_quorum_acked != acked_before || m.state != ServerState::Leader {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(100)), confirmed).await;
+        }
+    }
+
+    fn leader_endpoint(&self, f: &ForwardToLeader<TypeConfig>) -> String {
+        match (&f.leader_node, f.leader_id) {
+            (Some(node), _) => node.addr.clone(),
+            (None, Some(id)) => self.endpoint_of(id),
+            (None, None) => String::new(),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `raftmq.v1.MessagingService`: Send (validated at the edge, one Raft entry per
+//! request, leader only) and Pull (from this replica's applied state, with long
+//! polling and tag filtering). Consumer groups and offset commits come later.
+//!
+//! Long polling waits on openraft's data-metrics watch, which changes whenever
+//! this replica applies entries (among other things); each wake re-reads the
+//! queue's next offset, one RocksDB point read, so a wait costs nothing while the
+//! group is idle and never spins.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::async_runtime::WatchReceiver;
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::messaging_service_server::{MessagingService, MessagingServiceServer};
+use raftmq_raft_store::command::{PERM_READ, PERM_WRITE};
+use raftmq_raft_store::{AppendBatch, Command, Response, TopicConfig};
+use tokio::time::Instant;
+use tonic::{Request, Status};
+use tracing::Instrument;
+
+use crate::api_error::ApiError;
+use crate::convert;
+use crate::group::GroupHandle;
+use crate::validate::{self, TagFilter};
+
+/// Messages a Pull returns when the request leaves `max_messages` at 0.
+pub const DEFAULT_PULL_MESSAGES: u32 = 32;
+
+/// The messaging endpoint of this node's broker group replica.
+#[derive(Clone)]
+pub struct Messaging {
+    group: GroupHandle,
+}
+
+impl Messaging {
+    pub fn new(group: GroupHandle) -> Self {
+        Messaging { group }
+    }
+
+    pub fn into_server(self, max_message_bytes: usize) -> MessagingServiceServer<Self> {
+        MessagingServiceServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+
+    async fn send(&self, req: pb::SendRequest) -> Result<pb::SendResponse, ApiError> {
+        let g = &self.group;
+        validate::send_request(&req, g.config())?;
+        g.ensure_leader()?;
+        let mut topic = match g.topic_for_write(&req.topic).await {
+            Ok(t) => t,
+            Err(ApiError::NotFound(_)) if g.config().auto_create_topics => self.auto_create(&req.topic).await?,
+            Err(e) => return Err(e),
+        };
+        if topic.perm & PERM_WRITE == 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "topic {:?} is not writable",
+                topic.name
+            )));
+        }
+        if req.queue_id.is_some_and(|q| q >= topic.queues) {
+            // As for a missing topic: a queue-count increase may be committed but
+            // not yet applied on a just-elected leader.
+            g.catch_up().await?;
+            topic = g.topic(&req.topic)?;
+        }
+        let queue_id = match req.queue_id {
+            Some(q) if q >= topic.queues => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "queue_id {q} is out of range: topic {:?} has {} queues on broker group {}",
+                    topic.name,
+                    topic.queues,
+                    g.group()
+                )));
+            }
+            Some(q) => q,
+            None => g.next_queue(&topic.name, topic.queues),
+        };
+        tracing::Span::current().record("queue", queue_id);
+        let count = req.messages.len();
+        let batch = AppendBatch {
+            topic: req.topic,
+            queue_id,
+            // Stamped once here so every replica stores the same time.
+            store_timestamp_ms: now_ms(),
+            messages: req.messages.into_iter().map(convert::message_from_pb).collect(),
+        };
+        let written = g.write(Command::Append(batch)).await?;
+        match written.response {
+            Response::Appended {
+                queue_id,
+                first_offset,
+                count: n,
+            } if n as usize == count => Ok(pb::SendResponse {
+                results: (0..n)
+                    .map(|pos| pb::SendResult {
+                        message_id: convert::message_id(g.group(), written.index, pos),
+                        queue_id,
+                        queue_offset: first_offset + u64::from(pos),
+                    })
+                    .collect(),
+            }),
+            other => Err(ApiError::Internal(format!(
+                "append of {count} message(s) was answered with {other}"
+            ))),
+        }
+    }
+
+    async fn auto_create(&self, name: &str) -> Result<TopicConfig, ApiError> {
+        let config = TopicConfig {
+            name: name.to_owned(),
+            queues: self.group.config().default_queues,
+            perm: PERM_READ | PERM_WRITE,
+        };
+        tracing::info!(topic = name, queues = config.queues, "auto-creating topic");
+        self.group.write(Command::UpsertTopic(config)).await?;
+        // Re-read: a concurrent create or update may have won, and its config stands.
+        self.group.topic(name)
+    }
+
+    async fn pull(&self, req: pb::PullRequest) -> Result<pb::PullResponse, ApiError> {
+        let g = &self.group;
+        validate::topic_name(&req.topic)?;
+        let filter = TagFilter::parse(&req.tag_expression)?;
+        let topic = g.topic(&req.topic)?;
+        if req.queue_id >= topic.queues {
+            return Err(ApiError::InvalidArgument(format!(
+                "queue_id {} is out of range: topic {:?} has {} queues on broker group {}",
+                req.queue_id,
+                topic.name,
+                topic.queues,
+                g.group()
+            )));
+        }
+        if topic.perm & PERM_READ == 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "topic {:?} is not readable",
+                topic.name
+            )));
+        }
+        let max = match req.max_messages {
+            0 => DEFAULT_PULL_MESSAGES,
+            n => n,
+        }
+        .min(g.config().max_pull_messages) as usize;
+        let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(g.config().max_pull_wait);
+        let deadline = Instant::now() + wait;
+        // Subscribe before the first read, so an apply between the read and the
+        // wait still wakes us.
+        let mut applied = g.raft().data_metrics();
+        let mut offset = req.offset;
+        loop {
+            let read = self.read(&req.topic, req.queue_id, offset, max, &filter).await?;
+            if !read.messages.is_empty() || Instant::now() >= deadline {
+                return Ok(read);
+            }
+            // Nothing matched yet: wait from where this read stopped, so messages
+            // skipped by the filter are not scanned again.
+            offset = read.next_offset;
+            tracing::trace!(offset, max_offset = read.max_offset, "long poll waiting");
+            tokio::select! {
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        // Raft stopped; answer with what we have.
+                        return Ok(read);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = g.shutdown().cancelled() => return Ok(read),
+            }
+        }
+    }
+
+    /// One read of up to `max` matching messages from `offset`. Offsets below the
+    /// queue's minimum start at the minimum; at or past its maximum the answer is
+    /// empty with `next_offset` = the maximum, so a consumer with a stale offset
+    /// resumes at the head. Filtered-out messages still advance `next_offset`.
+    async fn read(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        max: usize,
+        filter: &TagFilter,
+    ) -> Result<pb::PullResponse, ApiError> {
+        let store = self.group.store().clone();
+        let (topic, filter) = (topic.to_owned(), filter.clone());
+        let group = self.group.group().to_owned();
+        // Bounded in bytes too (but always carrying at least one message, or a
+        // large one could never be read), so default gRPC clients can decode it.
+        let max_bytes = self.group.config().max_pull_bytes;
+        // Bounds the rows scanned for a sparse tag, so one pull cannot read a whole queue.
+        let scan_limit = (max * 16).max(1024) as u64;
+        let task = tokio::task::spawn_blocking(move || -> std::io::Result<pb::PullResponse> {
+            // Max first, and min never above it: the two reads are not one
+            // snapshot, and an empty queue's min is its next offset, so a message
+            // applied between them would otherwise give min = max = 1 with offset 0
+            // never read, and the consumer would skip that message.
+            let max_offset = store.queue_next_offset(&topic, queue_id)?;
+            let min_offset = store.queue_min_offset(&topic, queue_id)?.min(max_offset);
+            let start = offset.clamp(min_offset, max_offset);
+            let mut next = start;
+            let mut messages = Vec::new();
+            let mut bytes = 0usize;
+            'scan: while next < max_offset && messages.len() < max && next - start < scan_limit {
+                let chunk = store.read_messages(&topic, queue_id, next, max)?;
+                if chunk.is_empty() {
+                    break;
+                }
+                for m in chunk {
+                    // Rows applied since max_offset was read wait for the next pull,
+                    // so next_offset never passes the max_offset we report.
+                    if m.queue_offset >= max_offset {
+                        break 'scan;
+                    }
+                    if !messages.is_empty() && bytes + m.message.body.len() > max_bytes {
+                        break 'scan;
+                    }
+                    next = m.queue_offset + 1;
+                    if filter.matches(&m.message.tag) {
+                        bytes += m.message.body.len();
+                        messages.push(convert::pulled_message(&group, m));
+                        if messages.len() == max {
+                            break 'scan;
+                        }
+                    }
+                }
+            }
+            Ok(pb::PullResponse {
+                messages,
+                next_offset: next,
+                min_offset,
+                max_offset,
+            })
+        });
+        task.await
+            .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))?
+            .map_err(|e| ApiError::storage("reading messages", e))
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl MessagingService for Messaging {
+    async fn send(&self, request: Request<pb::SendRequest>) -> Result<tonic::Response<pb::SendResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "send",
+            group = %self.group.group(),
+            topic = %req.topic,
+            queue = tracing::field::Empty,
+            messages = req.messages.len()
+        );
+        if let Some(q) = req.queue_id {
+            span.record("queue", q);
+        }
+        async {
+            let result = Messaging::send(self, req).await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "send refused");
+            }
+            result.map(tonic::Response::new).map_err(Status::from)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn pull(&self, request: Request<pb::PullRequest>) -> Result<tonic::Response<pb::PullResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!(
+            "pull",
+            group = %self.group.group(),
+            topic = %req.topic,
+            queue = req.queue_id,
+            offset = req.offset
+        );
+        async {
+            let result = Messaging::pull(self, req).await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "pull refused");
+            }
+            result.map(tonic::Response::new).map_err(Status::from)
+        }
+        .instrument(span)
+        .await
+    }
+}
