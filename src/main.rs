@@ -2,8 +2,10 @@
 //! crates. Subcommands whose component has not landed yet say so and exit non-zero
 //! instead of pretending to work.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -22,11 +24,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a NameServer (route registry).
-    Namesrv,
+    Namesrv(NamesrvArgs),
     /// Run one broker node (one replica of one broker group).
     Broker,
     /// Run a whole local cluster: a NameServer and a 3-replica broker group.
-    Dev,
+    Dev {
+        /// Where the replicas keep their data; a second run reuses it.
+        #[arg(long, env = "RAFTMQ_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
     /// Administer a cluster: topics, groups, cluster status, offsets, messages.
     Admin,
     /// Send messages.
@@ -38,6 +44,19 @@ enum Command {
     /// Inspect a replica's on-disk store.
     #[command(subcommand)]
     Store(StoreCommand),
+}
+
+#[derive(clap::Args)]
+struct NamesrvArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RAFTMQ_NAMESRV_LISTEN", default_value = "127.0.0.1:9876")]
+    listen: SocketAddr,
+    /// A broker node silent for this long is dropped from routes.
+    #[arg(long, env = "RAFTMQ_BROKER_TIMEOUT_MS", default_value_t = 10_000)]
+    broker_timeout_ms: u64,
+    /// Heartbeat interval the NameServer asks broker nodes to keep.
+    #[arg(long, env = "RAFTMQ_HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
+    heartbeat_interval_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -74,9 +93,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Namesrv => not_yet("namesrv", 3),
+        Command::Namesrv(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run_namesrv(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Broker => not_yet("broker", 3),
-        Command::Dev => not_yet("dev", 3),
+        Command::Dev { data_dir: _ } => not_yet("dev", 3),
         Command::Admin => not_yet("admin", 3),
         Command::Produce => not_yet("produce", 3),
         Command::Consume => not_yet("consume", 4),
@@ -87,6 +110,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM so servers stop cleanly; a
+/// second SIGINT exits at once.
+fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C still stops");
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down (press Ctrl-C again to exit at once)");
+        token.cancel();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+}
+
+async fn run_namesrv(args: NamesrvArgs) -> anyhow::Result<()> {
+    let config = raftmq_namesrv::NameServerConfig {
+        broker_timeout: Duration::from_millis(args.broker_timeout_ms),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+    };
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the NameServer to {}", args.listen))?;
+    let token = tokio_util::sync::CancellationToken::new();
+    cancel_on_signal(token.clone());
+    println!("NameServer listening on {}", listener.local_addr()?);
+    raftmq_namesrv::serve(config, listener, token).await?;
+    Ok(())
 }
 
 async fn verify_store(dir: PathBuf) -> anyhow::Result<()> {

@@ -161,10 +161,15 @@ impl Registry {
                             } else {
                                 pb::ReplicaRole::Follower
                             } as i32,
-                            last_log_index: 0,
-                            applied_index: 0,
+                            // Registrations carry roles, not log positions; the
+                            // broker's own ClusterStatus reports those.
+                            last_log_index: None,
+                            applied_index: None,
+                            matched_index: None,
                         })
                         .collect(),
+                    reported_by: view.best.node_id,
+                    committed_index: None,
                 }
             })
             .collect()
