@@ -235,6 +235,18 @@ fn create_topic() -> Command {
     })
 }
 
+/// Creates the test topic through `node`'s Raft (which must lead).
+async fn create_topic_via(cluster: &Cluster, node: NodeId) -> anyhow::Result<()> {
+    cluster
+        .replica(node)
+        .node()
+        .raft()
+        .client_write(create_topic())
+        .await
+        .map_err(|e| anyhow::anyhow!("create topic through node {node}: {e:?}"))?;
+    Ok(())
+}
+
 fn body(i: u64) -> Bytes {
     Bytes::from(format!("message-{i:05}"))
 }
@@ -330,13 +342,7 @@ fn assert_converged(cluster: &Cluster, count: u64) -> anyhow::Result<()> {
 async fn killed_leader_is_replaced_and_catches_up_after_restart() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(DEADLINE).await?;
-    cluster
-        .replica(leader)
-        .node()
-        .raft()
-        .client_write(create_topic())
-        .await
-        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    create_topic_via(&cluster, leader).await?;
     let last = write_messages(&cluster, leader, 0..500).await?;
     cluster.wait_applied(last).await?;
     assert_converged(&cluster, 500)?;
@@ -348,13 +354,7 @@ async fn killed_leader_is_replaced_and_catches_up_after_restart() -> anyhow::Res
     let elected = killed_at.elapsed();
     assert_ne!(new_leader, leader);
     // Upserting the same topic again is idempotent: a probe that writes are accepted.
-    cluster
-        .replica(new_leader)
-        .node()
-        .raft()
-        .client_write(create_topic())
-        .await
-        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    create_topic_via(&cluster, new_leader).await?;
     eprintln!(
         "failover: node {leader} killed; node {new_leader} elected after {elected:?}, accepting writes after {:?}",
         killed_at.elapsed()
@@ -382,13 +382,7 @@ async fn killed_leader_is_replaced_and_catches_up_after_restart() -> anyhow::Res
 async fn restarted_follower_catches_up_and_never_applies_past_commit() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(DEADLINE).await?;
-    cluster
-        .replica(leader)
-        .node()
-        .raft()
-        .client_write(create_topic())
-        .await
-        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    create_topic_via(&cluster, leader).await?;
     let first = write_messages(&cluster, leader, 0..50).await?;
     cluster.wait_applied(first).await?;
 
@@ -437,13 +431,7 @@ async fn restarted_follower_catches_up_and_never_applies_past_commit() -> anyhow
 async fn follower_behind_the_purge_point_is_restored_by_a_streamed_snapshot() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3).await?;
     let leader = cluster.wait_for_leader(DEADLINE).await?;
-    cluster
-        .replica(leader)
-        .node()
-        .raft()
-        .client_write(create_topic())
-        .await
-        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    create_topic_via(&cluster, leader).await?;
     let first = write_messages(&cluster, leader, 0..50).await?;
     cluster.wait_applied(first).await?;
 
@@ -565,13 +553,7 @@ async fn raft_service_refuses_wrong_group_and_bad_input_and_keeps_serving() -> a
 
     // None of that disturbed the node.
     ensure!(cluster.replica(leader).metrics().state == ServerState::Leader);
-    cluster
-        .replica(leader)
-        .node()
-        .raft()
-        .client_write(create_topic())
-        .await
-        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    create_topic_via(&cluster, leader).await?;
     cluster.shutdown().await
 }
 
@@ -595,13 +577,7 @@ async fn planned_leader_transfer_moves_leadership_without_waiting_for_the_lease(
     // Without the TransferLeader RPC the target would campaign only after the
     // lease (400 ms) plus its own election timeout.
     assert!(took < Duration::from_millis(400), "transfer took {took:?}");
-    cluster
-        .replica(new_leader)
-        .node()
-        .raft()
-        .client_write(create_topic())
-        .await
-        .map_err(|e| anyhow::anyhow!("create topic: {e:?}"))?;
+    create_topic_via(&cluster, new_leader).await?;
     let last = write_messages(&cluster, new_leader, 0..10).await?;
     cluster.wait_applied(last).await?;
     assert_converged(&cluster, 10)?;
