@@ -41,10 +41,17 @@ fn init_tracing() {
 }
 
 /// One replica and the runtime that runs it.
+/// Per-node settings a test varies.
+#[derive(Clone, Default)]
+struct Settings {
+    messaging: MessagingConfig,
+    nameservers: Vec<String>,
+}
+
 struct Replica {
     id: NodeId,
     dir: PathBuf,
-    messaging: MessagingConfig,
+    settings: Settings,
     addr: SocketAddr,
     rt: Option<tokio::runtime::Runtime>,
     node: Option<RaftNode>,
@@ -53,14 +60,14 @@ struct Replica {
 impl Replica {
     /// Starts a replica on `bind` (port 0 for a fresh one, its old address when
     /// restarting, so the membership's address stays right).
-    async fn start(id: NodeId, dir: &Path, bind: SocketAddr, messaging: MessagingConfig) -> anyhow::Result<Replica> {
+    async fn start(id: NodeId, dir: &Path, bind: SocketAddr, settings: Settings) -> anyhow::Result<Replica> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("node-{id}"))
             .enable_all()
             .build()?;
         let data_dir = dir.to_path_buf();
-        let node_messaging = messaging.clone();
+        let node_settings = settings.clone();
         let started = rt
             .spawn(async move {
                 let listener = TcpListener::bind(bind)
@@ -68,7 +75,10 @@ impl Replica {
                     .with_context(|| format!("binding {bind}"))?;
                 let addr = listener.local_addr()?;
                 let mut config = RaftNodeConfig::new(id, GROUP, data_dir, addr.to_string());
-                config.messaging = node_messaging;
+                config.messaging = node_settings.messaging;
+                config.nameservers = node_settings.nameservers;
+                // Fast rounds so route tests need not wait seconds.
+                config.registration_interval = Duration::from_millis(200);
                 anyhow::Ok(RaftNode::start(config, listener, CancellationToken::new()).await?)
             })
             .await
@@ -84,7 +94,7 @@ impl Replica {
         Ok(Replica {
             id,
             dir: dir.to_path_buf(),
-            messaging,
+            settings,
             addr: node.local_addr(),
             rt: Some(rt),
             node: Some(node),
@@ -115,7 +125,7 @@ impl Replica {
 
     async fn restart(&mut self) -> anyhow::Result<()> {
         ensure!(self.node.is_none(), "node {} is still running", self.id);
-        *self = Replica::start(self.id, &self.dir, self.addr, self.messaging.clone()).await?;
+        *self = Replica::start(self.id, &self.dir, self.addr, self.settings.clone()).await?;
         Ok(())
     }
 
@@ -153,13 +163,24 @@ impl Cluster {
     }
 
     async fn start_with(n: u64, messaging: MessagingConfig) -> anyhow::Result<Cluster> {
+        Cluster::start_with_settings(
+            n,
+            Settings {
+                messaging,
+                ..Settings::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_with_settings(n: u64, settings: Settings) -> anyhow::Result<Cluster> {
         init_tracing();
         let dir = tempfile::tempdir()?;
         let mut replicas = Vec::new();
         for id in 1..=n {
             let any_port: SocketAddr = "127.0.0.1:0".parse()?;
             replicas
-                .push(Replica::start(id, &dir.path().join(format!("node-{id}")), any_port, messaging.clone()).await?);
+                .push(Replica::start(id, &dir.path().join(format!("node-{id}")), any_port, settings.clone()).await?);
         }
         let members: BTreeMap<NodeId, BrokerNode> = replicas.iter().map(|r| (r.id, r.node().broker_node())).collect();
         replicas[0].node().initialize(members).await?;
@@ -376,6 +397,79 @@ async fn killed_leader_is_replaced_and_catches_up_after_restart() -> anyhow::Res
         "a rejoining node does not depose the leader"
     );
     cluster.shutdown().await
+}
+
+/// Polls the NameServer until the topic's route satisfies `ok`, or fails at the deadline.
+async fn wait_for_route(
+    client: &mut raftmq_proto::v1::name_server_service_client::NameServerServiceClient<tonic::transport::Channel>,
+    what: &str,
+    ok: impl Fn(&raftmq_proto::v1::GroupRoute) -> bool,
+) -> anyhow::Result<raftmq_proto::v1::GroupRoute> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = None;
+    while Instant::now() < deadline {
+        let resp = client
+            .query_route(raftmq_proto::v1::QueryRouteRequest { topic: TOPIC.into() })
+            .await;
+        if let Some(g) = resp.ok().and_then(|r| r.into_inner().groups.into_iter().next()) {
+            if ok(&g) {
+                return Ok(g);
+            }
+            last = Some(g);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("route never showed {what}; last seen {last:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nameserver_routes_follow_the_leader_through_a_failover() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let namesrv_addr = listener.local_addr()?.to_string();
+    let stop_namesrv = CancellationToken::new();
+    let namesrv = tokio::spawn(raftmq_namesrv::serve(
+        raftmq_namesrv::NameServerConfig {
+            broker_timeout: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_millis(200),
+        },
+        listener,
+        stop_namesrv.clone(),
+    ));
+    let mut cluster = Cluster::start_with_settings(
+        3,
+        Settings {
+            nameservers: vec![namesrv_addr.clone()],
+            ..Settings::default()
+        },
+    )
+    .await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    create_topic_via(&cluster, leader).await?;
+    let leader_addr = cluster.replica(leader).node().broker_node().addr;
+    let mut client = raftmq_proto::v1::name_server_service_client::NameServerServiceClient::connect(format!(
+        "http://{namesrv_addr}"
+    ))
+    .await?;
+    let route = wait_for_route(&mut client, "the first leader and two followers", |g| {
+        g.leader_endpoint == leader_addr && g.follower_endpoints.len() == 2
+    })
+    .await?;
+    assert_eq!(route.broker_group, GROUP);
+    assert_eq!(route.queues, QUEUES);
+
+    cluster.replica_mut(leader).kill().await;
+    let killed_at = Instant::now();
+    let new_leader = cluster.wait_for_leader_other_than(Some(leader), DEADLINE).await?;
+    let new_addr = cluster.replica(new_leader).node().broker_node().addr;
+    wait_for_route(&mut client, "the new leader", |g| g.leader_endpoint == new_addr).await?;
+    eprintln!(
+        "route moved from node {leader} to node {new_leader} {:?} after the kill",
+        killed_at.elapsed()
+    );
+    cluster.shutdown().await?;
+    stop_namesrv.cancel();
+    namesrv.await??;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,13 @@ pub struct RaftNodeConfig {
     pub shutdown_grace: Duration,
     /// Limits and behaviour of the client-facing messaging and admin services.
     pub messaging: MessagingConfig,
+    /// Cluster name reported to NameServers. Default `DefaultCluster` (RocketMQ's).
+    pub cluster: String,
+    /// NameServer `host:port`s to register with; empty = register with none.
+    pub nameservers: Vec<String>,
+    /// Period of NameServer registrations (changes of term, leader or membership
+    /// are sent at once as well). Default 2 s, the NameServer's default heartbeat.
+    pub registration_interval: Duration,
 }
 
 /// Limits and behaviour of `MessagingService` / `AdminService`. Every limit is
@@ -173,6 +180,9 @@ impl RaftNodeConfig {
             max_rpc_message_bytes: 256 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
             messaging: MessagingConfig::default(),
+            cluster: "DefaultCluster".to_owned(),
+            nameservers: Vec::new(),
+            registration_interval: Duration::from_secs(2),
         }
     }
 
@@ -219,6 +229,12 @@ impl RaftNodeConfig {
                 self.max_rpc_message_bytes.to_string(),
                 "must be at least 4 MiB",
             ));
+        }
+        if let Some(bad_addr) = self.nameservers.iter().find(|a| !a.contains(':')) {
+            return Err(bad("nameservers", bad_addr.clone(), "each must be host:port"));
+        }
+        if self.registration_interval.is_zero() {
+            return Err(bad("registration_interval", "0".into(), "must be positive"));
         }
         self.messaging.validate(self.max_rpc_message_bytes)?;
         self.store.validate().map_err(|e| Error::Config {

@@ -29,6 +29,7 @@ pub mod group;
 pub mod messaging;
 pub mod network;
 pub mod node;
+pub mod registration;
 pub mod service;
 pub mod validate;
 pub mod wire;

@@ -99,6 +99,16 @@ impl RaftNode {
             shutdown.clone(),
         );
         let messaging = Messaging::new(group.clone()).into_server(config.max_rpc_message_bytes);
+        if !config.nameservers.is_empty() {
+            crate::registration::spawn(
+                group.clone(),
+                config.cluster.clone(),
+                config.advertise_addr.clone(),
+                &config.nameservers,
+                config.registration_interval,
+                shutdown.clone(),
+            );
+        }
         let admin = Admin::new(group).into_server();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = shutdown.clone();

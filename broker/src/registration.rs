@@ -1,0 +1,130 @@
+//! Keeps every NameServer told about this replica: its endpoint, the group's term
+//! and leader, the other replicas, and the topics it serves. Sent at start, every
+//! `registration_interval`, and at once when the term, the leader or the
+//! membership changes, so routes follow a failover within one round trip rather
+//! than one heartbeat. NameServers are independent: one being down delays nobody.
+
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert;
+use crate::group::GroupHandle;
+
+/// How long one registration RPC may take before it is abandoned until the next round.
+const RPC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What makes a registration urgent: a change of any of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RoleKey {
+    term: u64,
+    leader: Option<u64>,
+    members: Vec<u64>,
+}
+
+fn role_key(group: &GroupHandle) -> RoleKey {
+    let metrics = group.raft().metrics();
+    let m = metrics.borrow_watched();
+    RoleKey {
+        term: m.current_term,
+        leader: m.current_leader,
+        members: m.membership_config.membership().nodes().map(|(id, _)| *id).collect(),
+    }
+}
+
+fn request(group: &GroupHandle, cluster: &str, endpoint: &str) -> pb::RegisterBrokerRequest {
+    let key = role_key(group);
+    let leader_endpoint = key.leader.map(|l| group.endpoint_of(l)).unwrap_or_default();
+    let follower_endpoints = key
+        .members
+        .iter()
+        .filter(|id| Some(**id) != key.leader)
+        .map(|id| group.endpoint_of(*id))
+        .collect();
+    let topics = match group.store().topics() {
+        Ok(t) => t.into_iter().map(convert::topic_to_pb).collect(),
+        Err(e) => {
+            // Still register: liveness and leadership matter even without topics.
+            tracing::warn!(error = %e, "reading topics for NameServer registration failed");
+            Vec::new()
+        }
+    };
+    pb::RegisterBrokerRequest {
+        cluster: cluster.to_owned(),
+        broker_group: group.group().to_owned(),
+        node_id: group.node_id(),
+        endpoint: endpoint.to_owned(),
+        term: key.term,
+        leader_id: key.leader,
+        leader_endpoint,
+        follower_endpoints,
+        topics,
+    }
+}
+
+/// Starts the registration loop; it ends when `shutdown` is cancelled.
+pub fn spawn(
+    group: GroupHandle,
+    cluster: String,
+    endpoint: String,
+    nameservers: &[String],
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let clients: Vec<(String, NameServerServiceClient<Channel>)> = nameservers
+        .iter()
+        .filter_map(|addr| {
+            let uri = if addr.contains("://") {
+                addr.clone()
+            } else {
+                format!("http://{addr}")
+            };
+            match Endpoint::from_shared(uri) {
+                Ok(ep) => Some((
+                    addr.clone(),
+                    NameServerServiceClient::new(ep.timeout(RPC_TIMEOUT).connect_lazy()),
+                )),
+                Err(e) => {
+                    tracing::error!(namesrv = %addr, error = %e, "invalid NameServer address; not registering with it");
+                    None
+                }
+            }
+        })
+        .collect();
+    tokio::spawn(async move {
+        let mut metrics = group.raft().metrics();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<RoleKey> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        break; // Raft stopped.
+                    }
+                    if last.as_ref() == Some(&role_key(&group)) {
+                        continue;
+                    }
+                }
+            }
+            let req = request(&group, &cluster, &endpoint);
+            last = Some(role_key(&group));
+            let sends = clients.iter().map(|(addr, client)| {
+                let (mut client, req) = (client.clone(), req.clone());
+                async move {
+                    if let Err(status) = client.register_broker(req).await {
+                        tracing::debug!(namesrv = %addr, error = %status, "registration failed; retrying next round");
+                    }
+                }
+            });
+            futures::future::join_all(sends).await;
+        }
+    })
+}
