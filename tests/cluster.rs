@@ -1793,6 +1793,12 @@ mod client {
         assert_eq!(pulled.messages.len(), 1);
         assert_eq!(pulled.messages[0].message_id, receipt.message_id);
 
+        let chosen = client
+            .producer()
+            .send_to_queue(TOPIC, GROUP, 1, message(2, None))
+            .await?;
+        assert_eq!((chosen.broker_group.as_str(), chosen.queue_id), (GROUP, 1));
+
         // Errors that retrying cannot fix come back at once, with their code.
         let started = Instant::now();
         let err = client

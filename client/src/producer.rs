@@ -27,12 +27,13 @@ pub struct SendReceipt {
 }
 
 /// How a send chooses its queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Pick {
     /// The n-th writable (group, queue) pair, fixed for all retries of one send.
     Index(usize),
-    /// A caller-chosen queue.
-    Queue { group_hash: u64, queue_id: u32 },
+    /// A caller-chosen queue, by group name: a refreshed route may list groups
+    /// differently, and the caller meant this group.
+    Queue { group: String, queue_id: u32 },
 }
 
 /// Sends messages; cheap to clone (shares connections and routes).
@@ -91,14 +92,14 @@ impl Producer {
         message: pb::Message,
     ) -> Result<SendReceipt, Error> {
         let route = self.core.route(topic).await?;
-        let Some(index) = route.groups.iter().position(|g| g.broker_group == broker_group) else {
+        if route.group(broker_group).is_none() {
             return Err(Error::UnknownGroup {
                 topic: topic.into(),
                 group: broker_group.into(),
             });
-        };
+        }
         let pick = Pick::Queue {
-            group_hash: index as u64,
+            group: broker_group.to_owned(),
             queue_id,
         };
         one(self.send_inner(topic, pick, vec![message]).await?)
@@ -108,6 +109,10 @@ impl Producer {
     /// route's writable queues, ordered by group name) is the same in every process
     /// while the route's groups and queue counts stay the same, so messages of one
     /// key keep their order. Changing a topic's queues remaps keys, as in RocketMQ.
+    /// A topic that no NameServer knows yet (one a broker auto-creates on first
+    /// send) has no queue count to hash over: until its route is known, within one
+    /// broker registration round, the broker places keyed messages and their order
+    /// is not promised. Create ordered topics up front, or send once and wait.
     pub async fn send_with_key(&self, topic: &str, key: &str, message: pb::Message) -> Result<SendReceipt, Error> {
         let pick = Pick::Index(fnv1a(key.as_bytes()) as usize);
         one(self.send_inner(topic, pick, vec![message]).await?)
@@ -125,7 +130,7 @@ impl Producer {
         loop {
             attempts += 1;
             let e: Error = match self.core.route(topic).await {
-                Ok(route) => match choose(&route, pick) {
+                Ok(route) => match choose(&route, &pick) {
                     Some((group, queue_id)) => {
                         let endpoint = pick_endpoint(group, dead.as_deref(), attempts);
                         let group_name = group.broker_group.clone();
@@ -236,17 +241,17 @@ fn writable(g: &pb::GroupRoute) -> bool {
 }
 
 /// The group and queue a pick names in `route`. A provisional route (topic not yet
-/// known to any NameServer) has no queue counts: the broker chooses, and a keyed
-/// send goes to queue 0, which every topic has.
-fn choose(route: &TopicRoute, pick: Pick) -> Option<(&pb::GroupRoute, Option<u32>)> {
+/// known to any NameServer) has no queue counts, so the broker chooses the queue.
+fn choose<'r>(route: &'r TopicRoute, pick: &Pick) -> Option<(&'r pb::GroupRoute, Option<u32>)> {
     let groups: Vec<&pb::GroupRoute> = route.groups.iter().filter(|g| writable(g)).collect();
     if groups.is_empty() {
         return None;
     }
     match pick {
-        Pick::Queue { group_hash, queue_id } => Some((route.groups.get(group_hash as usize)?, Some(queue_id))),
+        Pick::Queue { group, queue_id } => Some((route.group(group)?, Some(*queue_id))),
         Pick::Index(n) if route.provisional => Some((groups[n % groups.len()], None)),
         Pick::Index(n) => {
+            let n = *n;
             let total: usize = groups.iter().map(|g| g.queues as usize).sum();
             if total == 0 {
                 return None;
@@ -314,7 +319,7 @@ mod tests {
         let r = route(&[("b", 2), ("a", 3)]);
         let picked: Vec<(String, Option<u32>)> = (0..6)
             .map(|n| {
-                let (g, q) = choose(&r, Pick::Index(n)).unwrap();
+                let (g, q) = choose(&r, &Pick::Index(n)).unwrap();
                 (g.broker_group.clone(), q)
             })
             .collect();
