@@ -1,1 +1,85 @@
-//! The Rust client (Producer, consumers, admin, route discovery) arrives with issue #3; nothing lives here yet.
+//! raftmq-client: a Rust client for a raftmq cluster. It asks NameServers where a
+//! topic lives, keeps one long-lived gRPC channel per endpoint, and follows a broker
+//! group's leader through failovers (`NOT_LEADER` redirects, route refreshes and
+//! bounded retries). Push consumers and consumer groups are not here yet.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), raftmq_client::Error> {
+//! use raftmq_client::{Client, ClientConfig, Message};
+//! let client = Client::new(ClientConfig::new(vec!["127.0.0.1:9876".into()]))?;
+//! let receipt = client.producer().send("orders", Message::new(b"hello".to_vec())).await?;
+//! println!("stored as {} at offset {}", receipt.message_id, receipt.queue_offset);
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod producer;
+pub mod route;
+
+use std::sync::Arc;
+
+pub use admin::Admin;
+pub use config::ClientConfig;
+pub use consumer::{PullConsumer, PullResult};
+pub use error::Error;
+pub use producer::{Producer, SendReceipt};
+pub use raftmq_proto::v1::{GroupRoute, Message, PulledMessage, QueryRouteResponse};
+pub use route::{LEADER_METADATA_KEY, TopicRoute};
+
+/// Shared state of everything built from one [`ClientConfig`]: the channel map and
+/// the route cache. Cloning is cheap and shares both, so a producer, a consumer and
+/// an admin made from one `Client` reuse the same connections.
+#[derive(Clone)]
+pub struct Client {
+    core: Arc<route::Core>,
+}
+
+impl Client {
+    /// Checks the config; connects nothing yet (channels connect on first use).
+    pub fn new(config: ClientConfig) -> Result<Client, Error> {
+        config.validate()?;
+        Ok(Client {
+            core: Arc::new(route::Core::new(config)),
+        })
+    }
+
+    pub fn producer(&self) -> Producer {
+        Producer::from_core(self.core.clone())
+    }
+
+    pub fn pull_consumer(&self) -> PullConsumer {
+        PullConsumer::from_core(self.core.clone())
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::from_core(self.core.clone())
+    }
+
+    /// The cached route of `topic`, fetching it if absent or stale.
+    pub async fn route(&self, topic: &str) -> Result<Arc<TopicRoute>, Error> {
+        self.core.route(topic).await
+    }
+
+    /// Replaces the cached route of a topic, as if a NameServer had answered it.
+    /// For clients that must work while every NameServer is down, and for tests.
+    pub fn seed_route(&self, route: QueryRouteResponse) {
+        self.core.routes.put(route);
+    }
+}
+
+/// A message with just a body; set `tag`, `keys` and `properties` on the result.
+pub trait MessageExt {
+    fn new(body: impl Into<Vec<u8>>) -> Self;
+}
+
+impl MessageExt for Message {
+    fn new(body: impl Into<Vec<u8>>) -> Message {
+        Message {
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Admin: topics and cluster status. Topic changes go to the leader of every broker
+//! group the NameServers list (a topic has queues on each group that serves it);
+//! status comes from NameServers (`list_cluster`) or from brokers (`cluster_status`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::admin_service_client::AdminServiceClient;
+use tonic::transport::Channel;
+
+use crate::error::Error;
+use crate::route::{Core, backoff};
+
+/// Topic and cluster administration; cheap to clone.
+#[derive(Clone)]
+pub struct Admin {
+    core: Arc<Core>,
+}
+
+impl Admin {
+    pub(crate) fn from_core(core: Arc<Core>) -> Admin {
+        Admin { core }
+    }
+
+    /// Every live broker group as a NameServer sees it (leader, term, replicas).
+    pub async fn list_cluster(&self) -> Result<Vec<pb::GroupStatus>, Error> {
+        self.core.list_cluster().await
+    }
+
+    /// Each group's status as its leader reports it (log and applied indexes
+    /// per replica, which NameServers do not know).
+    pub async fn cluster_status(&self) -> Result<Vec<pb::GroupStatus>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let resp = self
+                .on_leader(&g, |mut c| async move {
+                    c.cluster_status(pb::ClusterStatusRequest {}).await
+                })
+                .await?;
+            out.extend(resp.groups);
+        }
+        Ok(out)
+    }
+
+    /// Creates (or updates) `name` with `queues` queues on every live broker group.
+    #[tracing::instrument(skip(self))]
+    pub async fn create_topic(&self, name: &str, queues: u32, perm: pb::Permission) -> Result<(), Error> {
+        for g in self.core.list_cluster().await? {
+            let topic = pb::TopicConfig {
+                name: name.to_owned(),
+                queues_per_group: queues,
+                perm: perm as i32,
+            };
+            self.on_leader(&g, |mut c| {
+                let topic = topic.clone();
+                async move { c.create_topic(pb::CreateTopicRequest { topic: Some(topic) }).await }
+            })
+            .await?;
+        }
+        // The NameServers learn the change with the brokers' next registration.
+        self.core.routes.invalidate(name);
+        Ok(())
+    }
+
+    /// Deletes `name` on every live broker group; true if any group had it.
+    #[tracing::instrument(skip(self))]
+    pub async fn delete_topic(&self, name: &str) -> Result<bool, Error> {
+        let mut existed = false;
+        for g in self.core.list_cluster().await? {
+            let req = pb::DeleteTopicRequest { name: name.to_owned() };
+            let resp = self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.delete_topic(req).await }
+                })
+                .await?;
+            existed |= resp.existed;
+        }
+        self.core.routes.invalidate(name);
+        Ok(existed)
+    }
+
+    /// Every topic of every live group, with the group that holds it.
+    pub async fn list_topics(&self) -> Result<Vec<(String, pb::TopicConfig)>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let resp = self
+                .on_leader(&g, |mut c| async move { c.list_topics(pb::ListTopicsRequest {}).await })
+                .await?;
+            out.extend(resp.topics.into_iter().map(|t| (g.broker_group.clone(), t)));
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` against the group's leader, following not-leader redirects and
+    /// trying other replicas on connection errors, within `send_deadline`. Admin
+    /// writes are idempotent (create = upsert, delete of a missing topic is
+    /// harmless), so retrying after an unknown outcome is safe.
+    async fn on_leader<T, F, Fut>(&self, group: &pb::GroupStatus, f: F) -> Result<T, Error>
+    where
+        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.core.config.send_deadline;
+        let mut candidates: Vec<String> = Vec::new();
+        if !group.leader_endpoint.is_empty() {
+            candidates.push(group.leader_endpoint.clone());
+        }
+        candidates.extend(
+            group
+                .replicas
+                .iter()
+                .map(|r| r.endpoint.clone())
+                .filter(|e| *e != group.leader_endpoint),
+        );
+        let mut next = candidates.first().cloned().unwrap_or_default();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let timeout = self
+                .core
+                .config
+                .request_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let e = match self
+                .core
+                .call(&next, timeout, |ch| f(AdminServiceClient::new(ch)))
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if let Some(leader) = e.redirect() {
+                next = leader.to_owned();
+                if attempts < 4 {
+                    continue;
+                }
+            } else if e.is_retriable() || e.leaderless() {
+                next = candidates
+                    .get(attempts as usize % candidates.len().max(1))
+                    .cloned()
+                    .unwrap_or_default();
+            } else {
+                return Err(e);
+            }
+            let pause = backoff(attempts);
+            if Instant::now() + pause >= deadline {
+                return Err(Error::DeadlineExceeded {
+                    topic: String::new(),
+                    attempts,
+                    elapsed: started.elapsed(),
+                    last: Box::new(e),
+                });
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Client settings. Every field has a default except the NameServer list;
+//! [`ClientConfig::validate`] names the bad key and value.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// How a client finds the cluster and how long it tries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// NameServer `host:port`s, tried in order for each route query. NameServers
+    /// never talk to each other, so any live one has the full picture.
+    pub nameservers: Vec<String>,
+    /// Longest wait for one RPC (and for connecting). Default 2 s: longer than a
+    /// just-elected leader's internal retry (1 s) so that answer is not cut off.
+    pub request_timeout: Duration,
+    /// Total time one `send` may take, retries included. Default 3 s: covers a
+    /// failover (about 1 s) plus the route refresh that follows it.
+    pub send_deadline: Duration,
+    /// A cached route older than this is fetched again before its next use.
+    /// Default 30 s, RocketMQ's `pollNameServerInterval`; a `NOT_LEADER` or a
+    /// connection error refreshes earlier.
+    pub route_refresh_interval: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(nameservers: Vec<String>) -> ClientConfig {
+        ClientConfig {
+            nameservers,
+            request_timeout: Duration::from_secs(2),
+            send_deadline: Duration::from_secs(3),
+            route_refresh_interval: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks the settings; the error names the bad key and value.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: String, value: String, reason: &str| Error::Config {
+            key,
+            value,
+            reason: reason.into(),
+        };
+        if self.nameservers.is_empty() {
+            return Err(bad(
+                "nameservers".into(),
+                "[]".into(),
+                "name at least one NameServer host:port",
+            ));
+        }
+        for (i, ns) in self.nameservers.iter().enumerate() {
+            if crate::route::endpoint_uri(ns).is_err() {
+                return Err(bad(format!("nameservers[{i}]"), format!("{ns:?}"), "not a host:port"));
+            }
+        }
+        for (key, value) in [
+            ("request_timeout", self.request_timeout),
+            ("send_deadline", self.send_deadline),
+            ("route_refresh_interval", self.route_refresh_interval),
+        ] {
+            if value.is_zero() {
+                return Err(bad(key.into(), format!("{value:?}"), "must be above zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_bad_key() {
+        let ok = ClientConfig::new(vec!["127.0.0.1:9876".into()]);
+        assert!(ok.validate().is_ok());
+        let err = ClientConfig::new(vec![]).validate().unwrap_err().to_string();
+        assert!(err.contains("nameservers"), "{err}");
+        let err = ClientConfig::new(vec!["127.0.0.1:9876".into(), "not an endpoint".into()])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nameservers[1]"), "{err}");
+        let mut zero = ok.clone();
+        zero.send_deadline = Duration::ZERO;
+        assert!(zero.validate().unwrap_err().to_string().contains("send_deadline"));
+    }
+}

@@ -1,0 +1,115 @@
+//! The client's one error type. Server answers keep their gRPC code, message and
+//! the endpoint that gave them, so a caller can tell "fix your input" apart from
+//! "the cluster is busy" without parsing strings.
+
+use std::time::Duration;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid client setting {key} = {value}: {reason}")]
+    Config { key: String, value: String, reason: String },
+    /// A server answered with a gRPC status (or the transport failed, which tonic
+    /// also reports as a status, usually UNAVAILABLE).
+    #[error("{endpoint} answered {code:?}: {message}")]
+    Rpc {
+        endpoint: String,
+        code: tonic::Code,
+        message: String,
+        /// The `raftmq-leader` metadata of a not-leader answer (empty if the
+        /// node did not know the leader); `None` for every other answer.
+        leader: Option<String>,
+    },
+    /// No answer within `request_timeout`. The request may still have been
+    /// executed: for a send the outcome is unknown.
+    #[error("{endpoint} did not answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    /// No NameServer knows a live group serving the topic, or none answered.
+    #[error("no route to topic {topic:?}: {reason}")]
+    NoRoute { topic: String, reason: String },
+    #[error("broker group {group:?} is not in the route of topic {topic:?}")]
+    UnknownGroup { topic: String, group: String },
+    /// A send kept failing with retriable errors until `send_deadline`.
+    #[error("gave up on topic {topic:?} after {attempts} attempt(s) in {elapsed:?}; last error: {last}")]
+    DeadlineExceeded {
+        topic: String,
+        attempts: u32,
+        elapsed: Duration,
+        #[source]
+        last: Box<Error>,
+    },
+    /// A well-formed answer that breaks the API's promises.
+    #[error("{endpoint} answered something unusable: {reason}")]
+    Protocol { endpoint: String, reason: String },
+}
+
+impl Error {
+    pub(crate) fn from_status(endpoint: &str, status: &tonic::Status) -> Error {
+        Error::Rpc {
+            endpoint: endpoint.to_owned(),
+            code: status.code(),
+            message: status.message().to_owned(),
+            leader: status
+                .metadata()
+                .get(crate::route::LEADER_METADATA_KEY)
+                .map(|v| v.to_str().unwrap_or_default().to_owned()),
+        }
+    }
+
+    /// The gRPC code of a server answer, if this is one (looking through a
+    /// deadline to the last error).
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Rpc { code, .. } => Some(*code),
+            Error::DeadlineExceeded { last, .. } => last.code(),
+            _ => None,
+        }
+    }
+
+    /// The leader a not-leader answer pointed at, if it named one.
+    pub(crate) fn redirect(&self) -> Option<&str> {
+        match self {
+            Error::Rpc {
+                code: tonic::Code::FailedPrecondition,
+                leader: Some(l),
+                ..
+            } if !l.is_empty() => Some(l),
+            _ => None,
+        }
+    }
+
+    /// A not-leader answer from a node that does not know the leader (mid-election).
+    pub(crate) fn leaderless(&self) -> bool {
+        matches!(self, Error::Rpc { code: tonic::Code::FailedPrecondition, leader: Some(l), .. } if l.is_empty())
+    }
+
+    /// Worth retrying after a route refresh: the node is unreachable, overloaded,
+    /// electing, or the connection broke. For a send these are also the cases where
+    /// the message may or may not have been stored.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Rpc { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted
+            ),
+            Error::NoRoute { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// A send failed this way may nevertheless have been stored (the request may
+    /// have reached the leader before the answer was lost).
+    pub fn is_outcome_unknown(&self) -> bool {
+        match self {
+            Error::DeadlineExceeded { last, .. } => last.is_outcome_unknown(),
+            Error::Timeout { .. } => true,
+            Error::Rpc { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Producer: sends one message or a batch to a topic's queue on a broker group's
+//! leader, picking the queue round-robin or by sharding key, and follows the
+//! leader through failovers within `send_deadline`.
+//!
+//! Delivery is at-least-once on ambiguous failures: a send that timed out or lost
+//! its connection (UNAVAILABLE, "outcome unknown") may have been stored, and the
+//! retry stores it again. Exactly-once waits for the idempotent producer
+//! (producer id + sequence deduplicated in the state machine).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
+
+use crate::error::Error;
+use crate::route::{Core, TopicRoute, backoff};
+
+/// Where a stored message lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReceipt {
+    pub message_id: String,
+    pub broker_group: String,
+    pub queue_id: u32,
+    pub queue_offset: u64,
+}
+
+/// How a send chooses its queue.
+#[derive(Debug, Clone)]
+enum Pick {
+    /// The n-th writable (group, queue) pair, fixed for all retries of one send.
+    Index(usize),
+    /// A caller-chosen queue, by group name: a refreshed route may list groups
+    /// differently, and the caller meant this group.
+    Queue { group: String, queue_id: u32 },
+}
+
+/// Sends messages; cheap to clone (shares connections and routes).
+#[derive(Clone)]
+pub struct Producer {
+    core: Arc<Core>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Producer {
+    pub(crate) fn from_core(core: Arc<Core>) -> Producer {
+        Producer {
+            core,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Sends one message to the next queue round-robin. This is also the
+    /// asynchronous send: the future does the work; `.await` it where and when
+    /// the answer is wanted, or hand it to `tokio::spawn`.
+    pub async fn send(&self, topic: &str, message: pb::Message) -> Result<SendReceipt, Error> {
+        let pick = Pick::Index(self.next.fetch_add(1, Ordering::Relaxed));
+        one(self.send_inner(topic, pick, vec![message]).await?)
+    }
+
+    /// Same as [`Producer::send`]; named for readers coming from RocketMQ's API.
+    pub async fn send_async(&self, topic: &str, message: pb::Message) -> Result<SendReceipt, Error> {
+        self.send(topic, message).await
+    }
+
+    /// Fire-and-forget: spawns the send on the current Tokio runtime and drops its
+    /// result, including failures (they are only logged at debug level). Use for
+    /// data whose loss is acceptable, such as logs or metrics.
+    pub fn send_oneway(&self, topic: &str, message: pb::Message) {
+        let (producer, topic) = (self.clone(), topic.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = producer.send(&topic, message).await {
+                tracing::debug!(topic = %topic, error = %e, "one-way send failed");
+            }
+        });
+    }
+
+    /// Sends a batch as one entry: all of it lands contiguously in one queue, or
+    /// none of it does. Receipts are in message order.
+    pub async fn send_batch(&self, topic: &str, messages: Vec<pb::Message>) -> Result<Vec<SendReceipt>, Error> {
+        let pick = Pick::Index(self.next.fetch_add(1, Ordering::Relaxed));
+        self.send_inner(topic, pick, messages).await
+    }
+
+    /// Sends to an explicit queue of an explicit broker group.
+    pub async fn send_to_queue(
+        &self,
+        topic: &str,
+        broker_group: &str,
+        queue_id: u32,
+        message: pb::Message,
+    ) -> Result<SendReceipt, Error> {
+        let route = self.core.route(topic).await?;
+        if route.group(broker_group).is_none() {
+            return Err(Error::UnknownGroup {
+                topic: topic.into(),
+                group: broker_group.into(),
+            });
+        }
+        let pick = Pick::Queue {
+            group: broker_group.to_owned(),
+            queue_id,
+        };
+        one(self.send_inner(topic, pick, vec![message]).await?)
+    }
+
+    /// Sends to the queue `key` maps to. The mapping (a stable hash over the
+    /// route's writable queues, ordered by group name) is the same in every process
+    /// while the route's groups and queue counts stay the same, so messages of one
+    /// key keep their order. Changing a topic's queues remaps keys, as in RocketMQ.
+    /// A topic that no NameServer knows yet (one a broker auto-creates on first
+    /// send) has no queue count to hash over: until its route is known, within one
+    /// broker registration round, the broker places keyed messages and their order
+    /// is not promised. Create ordered topics up front, or send once and wait.
+    pub async fn send_with_key(&self, topic: &str, key: &str, message: pb::Message) -> Result<SendReceipt, Error> {
+        let pick = Pick::Index(fnv1a(key.as_bytes()) as usize);
+        one(self.send_inner(topic, pick, vec![message]).await?)
+    }
+
+    #[tracing::instrument(skip(self, pick, messages), fields(count = messages.len()))]
+    async fn send_inner(&self, topic: &str, pick: Pick, messages: Vec<pb::Message>) -> Result<Vec<SendReceipt>, Error> {
+        let started = Instant::now();
+        let deadline = started + self.core.config.send_deadline;
+        let mut attempts = 0u32;
+        let mut failures = 0u32;
+        // An endpoint that just failed to connect: the next attempt tries a follower
+        // of the group instead, which either leads now or redirects to who does.
+        let mut dead: Option<String> = None;
+        loop {
+            attempts += 1;
+            let e: Error = match self.core.route(topic).await {
+                Ok(route) => match choose(&route, &pick) {
+                    Some((group, queue_id)) => {
+                        let endpoint = pick_endpoint(group, dead.as_deref(), attempts);
+                        let group_name = group.broker_group.clone();
+                        let req = pb::SendRequest {
+                            topic: topic.to_owned(),
+                            queue_id,
+                            messages: messages.clone(),
+                        };
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        let timeout = self.core.config.request_timeout.min(remaining);
+                        let max = self.core.max_message_bytes();
+                        let sent = self
+                            .core
+                            .call(&endpoint, timeout, |ch| async move {
+                                MessagingServiceClient::new(ch)
+                                    .max_decoding_message_size(max)
+                                    .max_encoding_message_size(max)
+                                    .send(req)
+                                    .await
+                            })
+                            .await;
+                        match sent {
+                            Ok(resp) => {
+                                if route.provisional {
+                                    // The broker has the topic now (it auto-created it);
+                                    // let the next send learn its real queues.
+                                    self.core.routes.invalidate(topic);
+                                }
+                                return receipts(&endpoint, &group_name, resp, messages.len());
+                            }
+                            Err(e) => {
+                                if let Some(leader) = e.redirect() {
+                                    tracing::debug!(from = %endpoint, to = %leader, "not leader; redirecting");
+                                    self.core.routes.set_leader(topic, &group_name, leader);
+                                    dead = None;
+                                    // A redirect is a fresh answer: retry at once, but
+                                    // bound a ping-pong between two stale nodes.
+                                    if attempts < 4 {
+                                        continue;
+                                    }
+                                } else if e.is_retriable() {
+                                    dead = Some(endpoint);
+                                    self.core.routes.invalidate(topic);
+                                } else if e.leaderless() {
+                                    self.core.routes.invalidate(topic);
+                                }
+                                e
+                            }
+                        }
+                    }
+                    None => Error::NoRoute {
+                        topic: topic.to_owned(),
+                        reason: "no writable queue in the route".into(),
+                    },
+                },
+                Err(e) => e,
+            };
+            let retriable = e.is_retriable() || e.redirect().is_some() || e.leaderless();
+            let pause = backoff(failures);
+            failures += 1;
+            if !retriable || Instant::now() + pause >= deadline {
+                if !retriable {
+                    return Err(e);
+                }
+                return Err(Error::DeadlineExceeded {
+                    topic: topic.to_owned(),
+                    attempts,
+                    elapsed: started.elapsed(),
+                    last: Box::new(e),
+                });
+            }
+            tracing::debug!(error = %e, attempt = attempts, pause = ?pause, "send failed; retrying");
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+fn one(mut receipts: Vec<SendReceipt>) -> Result<SendReceipt, Error> {
+    // `receipts` checked the count already; this only guards the type.
+    receipts.pop().ok_or_else(|| Error::Protocol {
+        endpoint: String::new(),
+        reason: "no receipt for a single message".into(),
+    })
+}
+
+fn receipts(endpoint: &str, group: &str, resp: pb::SendResponse, sent: usize) -> Result<Vec<SendReceipt>, Error> {
+    if resp.results.len() != sent {
+        return Err(Error::Protocol {
+            endpoint: endpoint.to_owned(),
+            reason: format!("{} result(s) for {sent} message(s)", resp.results.len()),
+        });
+    }
+    Ok(resp
+        .results
+        .into_iter()
+        .map(|r| SendReceipt {
+            message_id: r.message_id,
+            broker_group: group.to_owned(),
+            queue_id: r.queue_id,
+            queue_offset: r.queue_offset,
+        })
+        .collect())
+}
+
+fn writable(g: &pb::GroupRoute) -> bool {
+    let perm = g.perm;
+    perm == pb::Permission::Unspecified as i32 || perm & pb::Permission::Write as i32 != 0
+}
+
+/// The group and queue a pick names in `route`. A provisional route (topic not yet
+/// known to any NameServer) has no queue counts, so the broker chooses the queue.
+fn choose<'r>(route: &'r TopicRoute, pick: &Pick) -> Option<(&'r pb::GroupRoute, Option<u32>)> {
+    let groups: Vec<&pb::GroupRoute> = route.groups.iter().filter(|g| writable(g)).collect();
+    if groups.is_empty() {
+        return None;
+    }
+    match pick {
+        Pick::Queue { group, queue_id } => Some((route.group(group)?, Some(*queue_id))),
+        Pick::Index(n) if route.provisional => Some((groups[n % groups.len()], None)),
+        Pick::Index(n) => {
+            let n = *n;
+            let total: usize = groups.iter().map(|g| g.queues as usize).sum();
+            if total == 0 {
+                return None;
+            }
+            let mut i = n % total;
+            for g in groups {
+                if i < g.queues as usize {
+                    return Some((g, Some(i as u32)));
+                }
+                i -= g.queues as usize;
+            }
+            None
+        }
+    }
+}
+
+fn pick_endpoint(group: &pb::GroupRoute, dead: Option<&str>, attempt: u32) -> String {
+    let leader = group.leader_endpoint.as_str();
+    if !leader.is_empty() && dead != Some(leader) {
+        return leader.to_owned();
+    }
+    let others: Vec<&String> = group
+        .follower_endpoints
+        .iter()
+        .filter(|f| Some(f.as_str()) != dead)
+        .collect();
+    match others.len() {
+        0 => leader.to_owned(),
+        n => others[attempt as usize % n].clone(),
+    }
+}
+
+/// FNV-1a: tiny, and unlike `DefaultHasher` fixed across Rust versions and
+/// processes, which per-key order across producers needs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(queues: &[(&str, u32)]) -> TopicRoute {
+        let resp = pb::QueryRouteResponse {
+            topic: "t".into(),
+            groups: queues
+                .iter()
+                .map(|(g, q)| pb::GroupRoute {
+                    broker_group: (*g).into(),
+                    leader_endpoint: format!("{g}:1"),
+                    follower_endpoints: vec![],
+                    queues: *q,
+                    perm: pb::Permission::ReadWrite as i32,
+                })
+                .collect(),
+        };
+        let cache = crate::route::RouteCache::default();
+        TopicRoute::clone(&cache.put(resp))
+    }
+
+    #[test]
+    fn picks_cover_every_queue_of_every_group_in_a_stable_order() {
+        let r = route(&[("b", 2), ("a", 3)]);
+        let picked: Vec<(String, Option<u32>)> = (0..6)
+            .map(|n| {
+                let (g, q) = choose(&r, &Pick::Index(n)).unwrap();
+                (g.broker_group.clone(), q)
+            })
+            .collect();
+        let names: Vec<(&str, Option<u32>)> = picked.iter().map(|(g, q)| (g.as_str(), *q)).collect();
+        assert_eq!(
+            names,
+            [
+                ("a", Some(0)),
+                ("a", Some(1)),
+                ("a", Some(2)),
+                ("b", Some(0)),
+                ("b", Some(1)),
+                ("a", Some(0))
+            ]
+        );
+    }
+
+    #[test]
+    fn key_hash_is_fixed() {
+        // Pinned: changing the hash would reorder keys across a client upgrade.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn a_dead_leader_is_skipped_for_a_follower() {
+        let g = pb::GroupRoute {
+            broker_group: "a".into(),
+            leader_endpoint: "l:1".into(),
+            follower_endpoints: vec!["f1:1".into(), "f2:1".into()],
+            queues: 1,
+            perm: 6,
+        };
+        assert_eq!(pick_endpoint(&g, None, 1), "l:1");
+        assert_ne!(pick_endpoint(&g, Some("l:1"), 1), "l:1");
+    }
+}
