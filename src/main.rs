@@ -99,7 +99,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Broker => not_yet("broker", 3),
-        Command::Dev { data_dir: _ } => not_yet("dev", 3),
+        Command::Dev { data_dir } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run_dev(data_dir))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Admin => not_yet("admin", 3),
         Command::Produce => not_yet("produce", 3),
         Command::Consume => not_yet("consume", 4),
@@ -150,6 +154,71 @@ async fn run_namesrv(args: NamesrvArgs) -> anyhow::Result<()> {
     cancel_on_signal(token.clone());
     println!("NameServer listening on {}", listener.local_addr()?);
     raftmq_namesrv::serve(config, listener, token).await?;
+    Ok(())
+}
+
+/// Fixed local endpoints of `raftmq dev`: RocketMQ's NameServer and broker ports.
+const DEV_NAMESRV: &str = "127.0.0.1:9876";
+const DEV_GROUP: &str = "broker-a";
+const DEV_BROKER_PORTS: [u16; 3] = [10911, 10912, 10913];
+
+async fn run_dev(data_dir: PathBuf) -> anyhow::Result<()> {
+    use raftmq_broker::{RaftNode, RaftNodeConfig};
+
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let token = tokio_util::sync::CancellationToken::new();
+    cancel_on_signal(token.clone());
+    let ns_listener = tokio::net::TcpListener::bind(DEV_NAMESRV)
+        .await
+        .with_context(|| format!("binding the NameServer to {DEV_NAMESRV} (is another raftmq running?)"))?;
+    let namesrv = tokio::spawn(raftmq_namesrv::serve(
+        raftmq_namesrv::NameServerConfig::default(),
+        ns_listener,
+        token.clone(),
+    ));
+    let mut nodes = Vec::new();
+    for (id, port) in (1u64..).zip(DEV_BROKER_PORTS) {
+        let addr = format!("127.0.0.1:{port}");
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding broker replica {id} to {addr}"))?;
+        let mut config = RaftNodeConfig::new(id, DEV_GROUP, data_dir.join(format!("{DEV_GROUP}-{id}")), addr);
+        config.nameservers = vec![DEV_NAMESRV.to_owned()];
+        // First contact should not need an admin step before the first send.
+        config.messaging.auto_create_topics = true;
+        nodes.push(RaftNode::start(config, listener, token.clone()).await?);
+    }
+    // The first run forms the group; later runs find the membership in the log.
+    if !nodes[0].raft().is_initialized().await? {
+        let members = nodes.iter().map(|n| (n.node_id(), n.broker_node())).collect();
+        nodes[0].initialize(members).await?;
+    }
+    let leader = nodes[0]
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.current_leader.is_some(), "a leader is elected")
+        .await
+        .context("waiting for broker-a to elect a leader")?
+        .current_leader;
+    println!("raftmq dev cluster is up (data under {}):", data_dir.display());
+    println!("  NameServer        {DEV_NAMESRV}");
+    for n in &nodes {
+        let role = if Some(n.node_id()) == leader {
+            "leader"
+        } else {
+            "follower"
+        };
+        println!("  {DEV_GROUP} node {}  {}  ({role})", n.node_id(), n.broker_node().addr);
+    }
+    println!("Topics are created on first send. Ctrl-C stops the cluster.");
+    token.cancelled().await;
+    for n in nodes {
+        let id = n.node_id();
+        if let Err(e) = n.shutdown().await {
+            tracing::warn!(node_id = id, error = %e, "replica did not stop cleanly");
+        }
+    }
+    namesrv.await??;
     Ok(())
 }
 
