@@ -163,6 +163,18 @@ impl GrpcNetwork {
     fn encode_error(e: WireError) -> RPCError<TypeConfig> {
         RPCError::Network(NetworkError::new(&e))
     }
+
+    /// Vote and pre-vote travel in the same message; only the RPC differs.
+    fn vote_message(
+        &self,
+        what: &'static str,
+        rpc: &VoteRequest<TypeConfig>,
+    ) -> Result<pb::VoteRequest, RPCError<TypeConfig>> {
+        Ok(pb::VoteRequest {
+            broker_group: self.group.to_string(),
+            body: wire::to_json(what, rpc).map_err(Self::encode_error)?,
+        })
+    }
 }
 
 impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
@@ -293,10 +305,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let ttl = option.soft_ttl();
-        let msg = pb::VoteRequest {
-            broker_group: self.group.to_string(),
-            body: wire::to_json("vote request", &rpc).map_err(Self::encode_error)?,
-        };
+        let msg = self.vote_message("vote request", &rpc)?;
         let mut client = self.client()?;
         self.unary(RPCTypes::Vote, ttl, client.vote(Self::request(msg, ttl)))
             .await
@@ -308,10 +317,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let ttl = option.soft_ttl();
-        let msg = pb::VoteRequest {
-            broker_group: self.group.to_string(),
-            body: wire::to_json("pre-vote request", &rpc).map_err(Self::encode_error)?,
-        };
+        let msg = self.vote_message("pre-vote request", &rpc)?;
         let mut client = self.client()?;
         self.unary(RPCTypes::Vote, ttl, client.pre_vote(Self::request(msg, ttl)))
             .await
