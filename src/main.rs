@@ -33,10 +33,12 @@ enum Command {
         #[arg(long, env = "RAFTMQ_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
     },
-    /// Administer a cluster: topics, groups, cluster status, offsets, messages.
-    Admin,
-    /// Send messages.
-    Produce,
+    /// Administer a cluster: topics and cluster status (groups, offsets and
+    /// message queries come with issue #4).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Send a bounded number of messages and report what happened.
+    Produce(ProduceArgs),
     /// Consume messages.
     Consume,
     /// Benchmark a cluster.
@@ -57,6 +59,60 @@ struct NamesrvArgs {
     /// Heartbeat interval the NameServer asks broker nodes to keep.
     #[arg(long, env = "RAFTMQ_HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
     heartbeat_interval_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct NamesrvAddr {
+    /// NameServer address(es), comma-separated.
+    #[arg(
+        long,
+        env = "RAFTMQ_NAMESRV",
+        default_value = "127.0.0.1:9876",
+        value_delimiter = ','
+    )]
+    namesrv: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ProduceArgs {
+    #[command(flatten)]
+    namesrv: NamesrvAddr,
+    #[arg(long)]
+    topic: String,
+    /// How many messages to send (always bounded).
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    #[arg(long, default_value = "")]
+    tag: String,
+    /// Sharding key: messages with one key keep their order.
+    #[arg(long)]
+    key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Broker groups, their leaders and replicas, as each group's leader reports them.
+    Cluster(NamesrvAddr),
+    #[command(subcommand)]
+    Topic(TopicCommand),
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic (or update its queue count) on every broker group.
+    Create {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 4)]
+        queues: u32,
+    },
+    /// List topics on every broker group.
+    List(NamesrvAddr),
 }
 
 #[derive(Subcommand)]
@@ -104,8 +160,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(run_dev(data_dir))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admin => not_yet("admin", 3),
-        Command::Produce => not_yet("produce", 3),
+        Command::Admin(cmd) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run_admin(cmd))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run_produce(args))
+        }
         Command::Consume => not_yet("consume", 4),
         Command::Bench => not_yet("bench", 6),
         Command::Store(StoreCommand::Verify { data_dir }) => {
@@ -219,6 +282,95 @@ async fn run_dev(data_dir: PathBuf) -> anyhow::Result<()> {
         }
     }
     namesrv.await??;
+    Ok(())
+}
+
+fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
+    Ok(raftmq_client::Client::new(raftmq_client::ClientConfig::new(
+        namesrv.namesrv,
+    ))?)
+}
+
+async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
+    use raftmq_client::MessageExt;
+    let producer = client(args.namesrv)?.producer();
+    let started = std::time::Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for i in 0..args.count {
+        let mut msg = raftmq_proto::v1::Message::new(vec![b'x'; args.size]);
+        msg.tag = args.tag.clone();
+        msg.properties.insert("seq".into(), i.to_string());
+        let sent = match &args.key {
+            Some(k) => {
+                msg.keys = vec![k.clone()];
+                producer.send_with_key(&args.topic, k, msg).await
+            }
+            None => producer.send(&args.topic, msg).await,
+        };
+        match sent {
+            Ok(r) => {
+                ok += 1;
+                if ok == 1 || i + 1 == args.count {
+                    println!(
+                        "sent {} to {}/{}@{} id {}",
+                        i, r.broker_group, r.queue_id, r.queue_offset, r.message_id
+                    );
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("message {i}: {e}");
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{ok} sent, {failed} failed in {secs:.2}s ({:.0} msgs/s)",
+        ok as f64 / secs.max(1e-9)
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::Cluster(ns) => {
+            for g in client(ns)?.admin().cluster_status().await? {
+                println!(
+                    "{}  term {}  leader {} ({})",
+                    g.broker_group,
+                    g.term,
+                    g.leader_id.map_or("-".to_owned(), |l| l.to_string()),
+                    g.leader_endpoint
+                );
+                for r in g.replicas {
+                    println!(
+                        "  node {}  {}  {:?}  last log {}  applied {}",
+                        r.node_id,
+                        r.endpoint,
+                        raftmq_proto::v1::ReplicaRole::try_from(r.role).unwrap_or_default(),
+                        r.last_log_index.map_or("-".to_owned(), |v| v.to_string()),
+                        r.applied_index.map_or("-".to_owned(), |v| v.to_string()),
+                    );
+                }
+            }
+        }
+        AdminCommand::Topic(TopicCommand::Create { namesrv, topic, queues }) => {
+            client(namesrv)?
+                .admin()
+                .create_topic(&topic, queues, raftmq_proto::v1::Permission::ReadWrite)
+                .await?;
+            println!("topic {topic} created with {queues} queue(s) per broker group");
+        }
+        AdminCommand::Topic(TopicCommand::List(ns)) => {
+            for (group, t) in client(ns)?.admin().list_topics().await? {
+                println!("{group}  {}  queues {}  perm {}", t.name, t.queues_per_group, t.perm);
+            }
+        }
+    }
     Ok(())
 }
 
