@@ -26,7 +26,7 @@ enum Command {
     /// Run a NameServer (route registry).
     Namesrv(NamesrvArgs),
     /// Run one broker node (one replica of one broker group).
-    Broker,
+    Broker(Box<BrokerArgs>),
     /// Run a whole local cluster: a NameServer and a 3-replica broker group.
     Dev {
         /// Where the replicas keep their data; a second run reuses it.
@@ -59,6 +59,55 @@ struct NamesrvArgs {
     /// Heartbeat interval the NameServer asks broker nodes to keep.
     #[arg(long, env = "RAFTMQ_HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
     heartbeat_interval_ms: u64,
+}
+
+/// Settings of `raftmq broker`. Precedence: defaults < `--config` file < env < flags.
+#[derive(clap::Args, Default)]
+struct BrokerArgs {
+    /// A TOML file with any of the settings below (same names, snake_case).
+    #[arg(long, env = "RAFTMQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// Broker group (Raft group) this replica belongs to, e.g. broker-a.
+    #[arg(long, env = "RAFTMQ_GROUP")]
+    group: Option<String>,
+    #[arg(long, env = "RAFTMQ_NODE_ID")]
+    node_id: Option<u64>,
+    /// Address to listen on (Raft RPCs and the client API share it).
+    #[arg(long, env = "RAFTMQ_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// host:port peers and clients dial (defaults to --listen).
+    #[arg(long, env = "RAFTMQ_ADVERTISE")]
+    advertise: Option<String>,
+    #[arg(long, env = "RAFTMQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// NameServers to register with, comma-separated.
+    #[arg(long, env = "RAFTMQ_NAMESRV", value_delimiter = ',')]
+    namesrv: Option<Vec<String>>,
+    /// The group's initial members as id=host:port, comma-separated; the lowest id
+    /// forms the group on its first start.
+    #[arg(long, env = "RAFTMQ_PEERS", value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// Create unknown topics on first send (off in production).
+    #[arg(long, env = "RAFTMQ_AUTO_CREATE_TOPICS")]
+    auto_create_topics: Option<bool>,
+    /// sync: acknowledge after fdatasync (default); async: before it.
+    #[arg(long, env = "RAFTMQ_FLUSH")]
+    flush: Option<String>,
+}
+
+/// The `--config` file of `raftmq broker`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BrokerFile {
+    group: Option<String>,
+    node_id: Option<u64>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    namesrv: Option<Vec<String>>,
+    peers: Option<Vec<String>>,
+    auto_create_topics: Option<bool>,
+    flush: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -154,7 +203,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(run_namesrv(args))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Broker => not_yet("broker", 3),
+        Command::Broker(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run_broker(*args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dev { data_dir } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run_dev(data_dir))?;
@@ -282,6 +335,74 @@ async fn run_dev(data_dir: PathBuf) -> anyhow::Result<()> {
         }
     }
     namesrv.await??;
+    Ok(())
+}
+
+/// Parses `id=host:port`.
+fn parse_peer(p: &str) -> anyhow::Result<(u64, String)> {
+    let (id, addr) = p
+        .split_once('=')
+        .with_context(|| format!("peer {p:?} is not id=host:port"))?;
+    let id = id
+        .trim()
+        .parse()
+        .with_context(|| format!("peer {p:?}: node id is not a number"))?;
+    anyhow::ensure!(addr.contains(':'), "peer {p:?}: address is not host:port");
+    Ok((id, addr.trim().to_owned()))
+}
+
+async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+    use raftmq_broker::{RaftNode, RaftNodeConfig};
+    use raftmq_raft_store::{BrokerNode, FlushMode};
+
+    let file: BrokerFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => BrokerFile::default(),
+    };
+    let group = args
+        .group
+        .or(file.group)
+        .context("--group (or group in the config file) is required")?;
+    let node_id = args.node_id.or(file.node_id).context("--node-id is required")?;
+    let listen = args.listen.or(file.listen).context("--listen is required")?;
+    let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.to_string());
+    let data_dir = args.data_dir.or(file.data_dir).context("--data-dir is required")?;
+    let peers = args
+        .peers
+        .or(file.peers)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| parse_peer(p))
+        .collect::<anyhow::Result<std::collections::BTreeMap<u64, String>>>()?;
+    anyhow::ensure!(
+        peers.is_empty() || peers.contains_key(&node_id),
+        "--peers does not list this node ({node_id})"
+    );
+    let mut config = RaftNodeConfig::new(node_id, group.clone(), data_dir, advertise);
+    config.nameservers = args.namesrv.or(file.namesrv).unwrap_or_default();
+    config.messaging.auto_create_topics = args.auto_create_topics.or(file.auto_create_topics).unwrap_or(false);
+    config.store.flush = match args.flush.or(file.flush).as_deref() {
+        None | Some("sync") => FlushMode::Sync,
+        Some("async") => FlushMode::Async,
+        Some(other) => anyhow::bail!("invalid flush = {other:?}: must be sync or async"),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding broker node {node_id} to {listen}"))?;
+    let token = tokio_util::sync::CancellationToken::new();
+    cancel_on_signal(token.clone());
+    let node = RaftNode::start(config, listener, token.clone()).await?;
+    // The lowest id forms the group, once; the others learn the membership from it.
+    if peers.keys().next() == Some(&node_id) && !node.raft().is_initialized().await? {
+        let members = peers.into_iter().map(|(id, addr)| (id, BrokerNode { addr })).collect();
+        node.initialize(members).await?;
+        println!("formed broker group {group}");
+    }
+    println!("broker {group} node {node_id} listening on {listen}");
+    node.run_until_cancelled().await?;
     Ok(())
 }
 
