@@ -197,39 +197,25 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Namesrv(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run_namesrv(args))?;
-            Ok(ExitCode::SUCCESS)
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
+    let command = match cli.command {
+        Command::Consume => return not_yet("consume", 4),
+        Command::Bench => return not_yet("bench", 6),
+        other => other,
+    };
+    // One runtime for whichever subcommand runs; the placeholders above need none.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match command {
+            Command::Namesrv(args) => done(run_namesrv(args).await),
+            Command::Broker(args) => done(run_broker(*args).await),
+            Command::Dev { data_dir } => done(run_dev(data_dir).await),
+            Command::Admin(cmd) => done(run_admin(cmd).await),
+            Command::Produce(args) => run_produce(args).await,
+            Command::Store(StoreCommand::Verify { data_dir }) => done(verify_store(data_dir).await),
+            Command::Consume | Command::Bench => unreachable!("handled before the runtime starts"),
         }
-        Command::Broker(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run_broker(*args))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dev { data_dir } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run_dev(data_dir))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Admin(cmd) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run_admin(cmd))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Produce(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run_produce(args))
-        }
-        Command::Consume => not_yet("consume", 4),
-        Command::Bench => not_yet("bench", 6),
-        Command::Store(StoreCommand::Verify { data_dir }) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(verify_store(data_dir))?;
-            Ok(ExitCode::SUCCESS)
-        }
-    }
+    })
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM so servers stop cleanly; a
