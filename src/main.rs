@@ -2,6 +2,11 @@
 //! crates. Subcommands whose component has not landed yet say so and exit non-zero
 //! instead of pretending to work.
 
+mod bench;
+mod chaos;
+mod local;
+mod tools;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,21 +33,22 @@ enum Command {
     /// Run one broker node (one replica of one broker group).
     Broker(Box<BrokerArgs>),
     /// Run a whole local cluster: a NameServer and a 3-replica broker group.
-    Dev {
-        /// Where the replicas keep their data; a second run reuses it.
-        #[arg(long, env = "RAFTMQ_DATA_DIR", default_value = "./data")]
-        data_dir: PathBuf,
-    },
+    Dev(DevArgs),
     /// Administer a cluster: topics and cluster status (groups, offsets and
     /// message queries come with issue #4).
     #[command(subcommand)]
     Admin(AdminCommand),
     /// Send a bounded number of messages and report what happened.
     Produce(ProduceArgs),
+    /// Print messages of one queue from an offset.
+    Pull(PullArgs),
     /// Consume messages.
     Consume,
-    /// Benchmark a cluster.
-    Bench,
+    /// Benchmark a cluster (or a local one it starts): produce, consume, e2e.
+    Bench(Box<bench::BenchArgs>),
+    /// Run producers and consumers against a docker-compose cluster while killing,
+    /// pausing and isolating its brokers; check nothing acknowledged was lost.
+    Chaos(Box<chaos::ChaosArgs>),
     /// Inspect a replica's on-disk store.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -123,6 +129,47 @@ struct NamesrvAddr {
 }
 
 #[derive(clap::Args)]
+struct DevArgs {
+    /// Where the replicas keep their data and logs; a second run reuses it.
+    #[arg(long, env = "RAFTMQ_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// sync: acknowledge after fdatasync on a majority (default); async: before it.
+    #[arg(long, default_value = "sync", value_parser = ["sync", "async"])]
+    flush: String,
+    /// The NameServer's address (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:9876")]
+    namesrv_listen: String,
+    /// The three replicas' ports on 127.0.0.1 (0: any free port). The group's
+    /// membership is fixed on the first run: keep the ports for later runs.
+    #[arg(long, value_delimiter = ',', default_value = "10911,10912,10913")]
+    broker_ports: Vec<u16>,
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    #[command(flatten)]
+    namesrv: NamesrvAddr,
+    #[arg(long)]
+    topic: String,
+    /// Broker group (default: the first in the topic's route).
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    queue: u32,
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+    /// At most this many messages are printed.
+    #[arg(long, default_value_t = 10)]
+    count: u64,
+    /// Tag expression: `*` or `TagA || TagB`.
+    #[arg(long, default_value = "*")]
+    tag: String,
+    /// Long-poll this long for the first message when the queue has none.
+    #[arg(long, default_value_t = 0)]
+    wait_ms: u64,
+}
+
+#[derive(clap::Args)]
 struct ProduceArgs {
     #[command(flatten)]
     namesrv: NamesrvAddr,
@@ -147,6 +194,18 @@ enum AdminCommand {
     Cluster(NamesrvAddr),
     #[command(subcommand)]
     Topic(TopicCommand),
+    /// Exit 0 if the server at an endpoint answers (a container health check that
+    /// needs no shell): a broker node's AdminService or a NameServer's route service.
+    Health {
+        /// A broker node's host:port.
+        #[arg(long, conflicts_with = "namesrv", required_unless_present = "namesrv")]
+        broker: Option<String>,
+        /// A NameServer's host:port.
+        #[arg(long)]
+        namesrv: Option<String>,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,7 +259,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let command = match cli.command {
         Command::Consume => return not_yet("consume", 4),
-        Command::Bench => return not_yet("bench", 6),
         other => other,
     };
     // One runtime for whichever subcommand runs; the placeholders above need none.
@@ -209,11 +267,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match command {
             Command::Namesrv(args) => done(run_namesrv(args).await),
             Command::Broker(args) => done(run_broker(*args).await),
-            Command::Dev { data_dir } => done(run_dev(data_dir).await),
-            Command::Admin(cmd) => done(run_admin(cmd).await),
-            Command::Produce(args) => run_produce(args).await,
-            Command::Store(StoreCommand::Verify { data_dir }) => done(verify_store(data_dir).await),
-            Command::Consume | Command::Bench => unreachable!("handled before the runtime starts"),
+            Command::Dev(args) => done(run_dev(args).await),
+            Command::Admin(cmd) => done(tools::run_admin(cmd).await),
+            Command::Produce(args) => tools::run_produce(args).await,
+            Command::Pull(args) => done(tools::run_pull(args).await),
+            Command::Store(StoreCommand::Verify { data_dir }) => done(tools::verify_store(data_dir).await),
+            Command::Bench(args) => done(bench::run(*args).await),
+            Command::Chaos(args) => Ok(if chaos::run(*args).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }),
+            Command::Consume => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -259,69 +324,60 @@ async fn run_namesrv(args: NamesrvArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fixed local endpoints of `raftmq dev`: RocketMQ's NameServer and broker ports.
-const DEV_NAMESRV: &str = "127.0.0.1:9876";
 const DEV_GROUP: &str = "broker-a";
-const DEV_BROKER_PORTS: [u16; 3] = [10911, 10912, 10913];
 
-async fn run_dev(data_dir: PathBuf) -> anyhow::Result<()> {
-    use raftmq_broker::{RaftNode, RaftNodeConfig};
-
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let token = tokio_util::sync::CancellationToken::new();
-    cancel_on_signal(token.clone());
-    let ns_listener = tokio::net::TcpListener::bind(DEV_NAMESRV)
-        .await
-        .with_context(|| format!("binding the NameServer to {DEV_NAMESRV} (is another raftmq running?)"))?;
-    let namesrv = tokio::spawn(raftmq_namesrv::serve(
-        raftmq_namesrv::NameServerConfig::default(),
-        ns_listener,
-        token.clone(),
-    ));
-    let mut nodes = Vec::new();
-    for (id, port) in (1u64..).zip(DEV_BROKER_PORTS) {
-        let addr = format!("127.0.0.1:{port}");
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding broker replica {id} to {addr}"))?;
-        let mut config = RaftNodeConfig::new(id, DEV_GROUP, data_dir.join(format!("{DEV_GROUP}-{id}")), addr);
-        config.nameservers = vec![DEV_NAMESRV.to_owned()];
+async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.broker_ports.len() == 3,
+        "--broker-ports needs three ports (one per replica), got {}",
+        args.broker_ports.len()
+    );
+    let cluster = local::LocalCluster::start(local::LocalClusterOptions {
+        data_dir: args.data_dir.clone(),
+        namesrv: args.namesrv_listen.clone(),
+        group: DEV_GROUP.to_owned(),
+        broker_ports: args.broker_ports.clone(),
+        flush: args.flush,
         // First contact should not need an admin step before the first send.
-        config.messaging.auto_create_topics = true;
-        nodes.push(RaftNode::start(config, listener, token.clone()).await?);
-    }
-    // The first run forms the group; later runs find the membership in the log.
-    if !nodes[0].raft().is_initialized().await? {
-        let members = nodes.iter().map(|n| (n.node_id(), n.broker_node())).collect();
-        nodes[0].initialize(members).await?;
-    }
-    let leader = nodes[0]
-        .raft()
-        .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.current_leader.is_some(), "a leader is elected")
-        .await
-        .context("waiting for broker-a to elect a leader")?
-        .current_leader;
-    println!("raftmq dev cluster is up (data under {}):", data_dir.display());
-    println!("  NameServer        {DEV_NAMESRV}");
-    for n in &nodes {
-        let role = if Some(n.node_id()) == leader {
-            "leader"
-        } else {
-            "follower"
-        };
-        println!("  {DEV_GROUP} node {}  {}  ({role})", n.node_id(), n.broker_node().addr);
-    }
-    println!("Topics are created on first send. Ctrl-C stops the cluster.");
-    token.cancelled().await;
-    for n in nodes {
-        let id = n.node_id();
-        if let Err(e) = n.shutdown().await {
-            tracing::warn!(node_id = id, error = %e, "replica did not stop cleanly");
+        auto_create_topics: true,
+        restart_delay: Duration::from_secs(3),
+    })
+    .await?;
+    let token = cluster.token();
+    cancel_on_signal(token.clone());
+    let leader = tokio::select! {
+        l = cluster.wait_for_leader(Duration::from_secs(30)) => Some(l),
+        _ = token.cancelled() => None,
+    };
+    match leader {
+        Some(Ok(leader)) => {
+            println!("raftmq dev cluster is up (data under {}):", args.data_dir.display());
+            println!("  NameServer        {}", cluster.namesrv);
+            for r in &cluster.replicas {
+                let role = if r.node_id == leader { "leader" } else { "follower" };
+                let pid = std::fs::read_to_string(&r.pid_file).unwrap_or_default();
+                println!(
+                    "  {DEV_GROUP} node {}  {}  pid {:<8} log {}  ({role})",
+                    r.node_id,
+                    r.endpoint,
+                    pid.trim(),
+                    r.log_file.display()
+                );
+            }
+            println!("Topics are created on first send. A killed replica is restarted after 3 s; its pid file");
+            println!(
+                "is {}/{DEV_GROUP}-N.pid. Ctrl-C stops the cluster.",
+                args.data_dir.display()
+            );
+            token.cancelled().await;
         }
+        Some(Err(e)) => {
+            cluster.stop().await?;
+            return Err(e);
+        }
+        None => {}
     }
-    namesrv.await??;
-    Ok(())
+    cluster.stop().await
 }
 
 /// Parses `id=host:port`.
@@ -389,125 +445,5 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
     }
     println!("broker {group} node {node_id} listening on {listen}");
     node.run_until_cancelled().await?;
-    Ok(())
-}
-
-fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
-    Ok(raftmq_client::Client::new(raftmq_client::ClientConfig::new(
-        namesrv.namesrv,
-    ))?)
-}
-
-async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
-    use raftmq_client::MessageExt;
-    let producer = client(args.namesrv)?.producer();
-    let started = std::time::Instant::now();
-    let (mut ok, mut failed) = (0u64, 0u64);
-    for i in 0..args.count {
-        let mut msg = raftmq_proto::v1::Message::new(vec![b'x'; args.size]);
-        msg.tag = args.tag.clone();
-        msg.properties.insert("seq".into(), i.to_string());
-        let sent = match &args.key {
-            Some(k) => {
-                msg.keys = vec![k.clone()];
-                producer.send_with_key(&args.topic, k, msg).await
-            }
-            None => producer.send(&args.topic, msg).await,
-        };
-        match sent {
-            Ok(r) => {
-                ok += 1;
-                if ok == 1 || i + 1 == args.count {
-                    println!(
-                        "sent {} to {}/{}@{} id {}",
-                        i, r.broker_group, r.queue_id, r.queue_offset, r.message_id
-                    );
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("message {i}: {e}");
-            }
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{ok} sent, {failed} failed in {secs:.2}s ({:.0} msgs/s)",
-        ok as f64 / secs.max(1e-9)
-    );
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
-    match cmd {
-        AdminCommand::Cluster(ns) => {
-            for g in client(ns)?.admin().cluster_status().await? {
-                println!(
-                    "{}  term {}  leader {} ({})",
-                    g.broker_group,
-                    g.term,
-                    g.leader_id.map_or("-".to_owned(), |l| l.to_string()),
-                    g.leader_endpoint
-                );
-                for r in g.replicas {
-                    println!(
-                        "  node {}  {}  {:?}  last log {}  applied {}",
-                        r.node_id,
-                        r.endpoint,
-                        raftmq_proto::v1::ReplicaRole::try_from(r.role).unwrap_or_default(),
-                        r.last_log_index.map_or("-".to_owned(), |v| v.to_string()),
-                        r.applied_index.map_or("-".to_owned(), |v| v.to_string()),
-                    );
-                }
-            }
-        }
-        AdminCommand::Topic(TopicCommand::Create { namesrv, topic, queues }) => {
-            client(namesrv)?
-                .admin()
-                .create_topic(&topic, queues, raftmq_proto::v1::Permission::ReadWrite)
-                .await?;
-            println!("topic {topic} created with {queues} queue(s) per broker group");
-        }
-        AdminCommand::Topic(TopicCommand::List(ns)) => {
-            for (group, t) in client(ns)?.admin().list_topics().await? {
-                println!("{group}  {}  queues {}  perm {}", t.name, t.queues_per_group, t.perm);
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn verify_store(dir: PathBuf) -> anyhow::Result<()> {
-    use raftmq_raft_store as store;
-    let (log, sm) = store::open(&dir, store::StoreConfig::default())
-        .await
-        .with_context(|| format!("opening store at {}", dir.display()))?;
-    let reader = log.reader();
-    let mut records = 0u64;
-    let mut bytes = 0u64;
-    if let Some((first, last)) = reader.physical_range() {
-        let mut next = first;
-        while next <= last {
-            let end = (next + 4096).min(last + 1);
-            for (_, payload) in reader.read_records(next, end)? {
-                records += 1;
-                bytes += payload.len() as u64;
-            }
-            next = end;
-        }
-    }
-    let sm_reader = sm.reader();
-    println!("data dir:        {}", dir.display());
-    println!("log range:       {:?}", reader.physical_range());
-    println!("purged through:  {:?}", reader.purged());
-    println!("records read:    {records} ({bytes} payload bytes), all checksums valid");
-    println!("applied:         {:?}", sm_reader.applied()?);
-    println!("topics:          {}", sm_reader.topics()?.len());
-    println!("queue rows:      {}", sm_reader.consume_queue_rows()?);
-    log.shutdown().await?;
     Ok(())
 }

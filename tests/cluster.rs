@@ -24,6 +24,9 @@ use raftmq_raft_store::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+#[path = "cluster/processes.rs"]
+mod processes;
+
 const GROUP: &str = "broker-a";
 const TOPIC: &str = "orders";
 const QUEUES: u32 = 4;

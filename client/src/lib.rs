@@ -63,6 +63,13 @@ impl Client {
         self.core.route(topic).await
     }
 
+    /// Fetches the route of `topic` from a NameServer now, replacing the cached one
+    /// (for a caller that just changed the topic, e.g. created it).
+    pub async fn refresh_route(&self, topic: &str) -> Result<Arc<TopicRoute>, Error> {
+        self.core.routes.invalidate(topic);
+        self.core.route(topic).await
+    }
+
     /// Replaces the cached route of a topic, as if a NameServer had answered it.
     /// For clients that must work while every NameServer is down, and for tests.
     pub fn seed_route(&self, route: QueryRouteResponse) {

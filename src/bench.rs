@@ -1,0 +1,664 @@
+//! `raftmq bench`: produce, consume and end-to-end benchmarks against a cluster
+//! found through NameServers, or against a local cluster (NameServer + three
+//! replica processes on free ports) that the bench starts and stops itself.
+//! Every run is bounded by a message count and a duration; latencies go into HDR
+//! histograms and are reported as a table or one JSON object.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use raftmq_client::{Client, ClientConfig, MessageExt, Producer, PullConsumer};
+use raftmq_proto::v1 as pb;
+
+use crate::local::{LocalCluster, LocalClusterOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Send messages; latency is send -> acknowledgement (stored on a majority).
+    Produce,
+    /// Read messages back queue by queue (producing them first if the topic holds
+    /// fewer than --count); latency is one pull's round trip.
+    Consume,
+    /// Send while consumers long-poll; latency is send -> delivery to a consumer.
+    E2e,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendMode {
+    /// Each producer waits for one acknowledgement before the next send.
+    Sync,
+    /// Each producer keeps up to --inflight sends outstanding.
+    Async,
+    /// The sending loop never waits; completions are counted as they arrive. The
+    /// broker still commits before it answers (raftmq has no unacknowledged send),
+    /// so this measures how fast a client can hand messages over.
+    Oneway,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    pub workload: Workload,
+    /// NameServer address(es), comma-separated. Without it the bench starts a local
+    /// cluster (NameServer + 3 replica processes) on free loopback ports.
+    #[arg(long, value_delimiter = ',')]
+    pub namesrv: Option<Vec<String>>,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Messages to send (produce, e2e) or to read (consume).
+    #[arg(long, default_value_t = 100_000)]
+    pub count: u64,
+    /// Upper bound in seconds on the measured phase, whatever --count says.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Producers, each with its own client and connections.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Sends outstanding per producer in async mode.
+    #[arg(long, default_value_t = 256)]
+    pub inflight: usize,
+    #[arg(long, value_enum, default_value_t = SendMode::Async)]
+    pub mode: SendMode,
+    #[arg(long, default_value = "BenchTopic")]
+    pub topic: String,
+    /// Queues of the topic per broker group (it is created or updated to this).
+    #[arg(long, default_value_t = 8)]
+    pub queues: u32,
+    /// Consumers (consume, e2e), each with its own client; queues are split among them.
+    #[arg(long, default_value_t = 2)]
+    pub consumers: usize,
+    /// Messages per pull.
+    #[arg(long, default_value_t = 256)]
+    pub pull_batch: u32,
+    /// Flush mode of the local cluster (ignored with --namesrv).
+    #[arg(long, default_value = "sync", value_parser = ["sync", "async"])]
+    pub flush: String,
+    /// Data directory of the local cluster (default: a temporary directory, removed
+    /// afterwards).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the result as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a run measured; `--json` prints exactly this.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub workload: Workload,
+    pub mode: SendMode,
+    pub cluster: String,
+    pub size: usize,
+    pub producers: usize,
+    pub inflight: usize,
+    pub consumers: usize,
+    pub messages: u64,
+    pub errors: u64,
+    pub elapsed_secs: f64,
+    pub msgs_per_sec: f64,
+    pub mb_per_sec: f64,
+    /// What the latency figures time.
+    pub latency_of: &'static str,
+    pub latency_samples: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+const SENT_AT_PROPERTY: &str = "bench-sent-us";
+const MAX_BENCH_BODY: usize = 4 * 1024 * 1024;
+
+impl BenchArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.count > 0, "--count must be positive");
+        anyhow::ensure!(
+            self.duration.is_finite() && self.duration > 0.0,
+            "--duration must be a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.size > 0 && self.size <= MAX_BENCH_BODY,
+            "--size must be 1..={MAX_BENCH_BODY} bytes (the broker's default body limit)"
+        );
+        anyhow::ensure!(self.producers > 0, "--producers must be positive");
+        anyhow::ensure!(self.inflight > 0, "--inflight must be positive");
+        anyhow::ensure!(self.consumers > 0, "--consumers must be positive");
+        anyhow::ensure!(self.queues > 0, "--queues must be positive");
+        anyhow::ensure!(self.pull_batch > 0, "--pull-batch must be positive");
+        Ok(())
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let mut temp = None;
+    let mut local = None;
+    let (namesrv, cluster_desc) = match &args.namesrv {
+        Some(ns) => (ns.clone(), format!("namesrv {}", ns.join(","))),
+        None => {
+            let data_dir = match &args.data_dir {
+                Some(d) => d.clone(),
+                None => {
+                    let t = tempfile::Builder::new()
+                        .prefix("raftmq-bench-")
+                        .tempdir()
+                        .context("creating a temporary data directory")?;
+                    let p = t.path().to_path_buf();
+                    temp = Some(t);
+                    p
+                }
+            };
+            let cluster = LocalCluster::start(LocalClusterOptions {
+                data_dir: data_dir.clone(),
+                namesrv: "127.0.0.1:0".into(),
+                group: "broker-a".into(),
+                broker_ports: vec![0, 0, 0],
+                flush: args.flush.clone(),
+                auto_create_topics: false,
+                restart_delay: Duration::from_secs(1),
+            })
+            .await?;
+            let ns = cluster.namesrv.clone();
+            eprintln!(
+                "bench: local cluster (NameServer {ns}, 3 replicas, flush {}) under {}",
+                args.flush,
+                data_dir.display()
+            );
+            local = Some(cluster);
+            (vec![ns], format!("local 3 replicas, flush {}", args.flush))
+        }
+    };
+    let result = async {
+        if let Some(c) = &local {
+            c.wait_for_leader(Duration::from_secs(30)).await?;
+        }
+        measure(&args, namesrv, cluster_desc).await
+    }
+    .await;
+    if let Some(c) = local {
+        c.stop().await.context("stopping the local cluster")?;
+    }
+    drop(temp);
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> anyhow::Result<Report> {
+    let client = || Client::new(ClientConfig::new(namesrv.clone())).context("building a client");
+    let admin_client = client()?;
+    admin_client
+        .admin()
+        .create_topic(&args.topic, args.queues, pb::Permission::ReadWrite)
+        .await
+        .with_context(|| format!("creating topic {}", args.topic))?;
+    let queues = wait_for_route(&admin_client, &args.topic, args.queues).await?;
+    let producers = (0..args.producers)
+        .map(|_| client().map(|c| c.producer()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let consumers = (0..args.consumers)
+        .map(|_| client().map(|c| c.pull_consumer()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bound = Duration::from_secs_f64(args.duration);
+
+    let (outcome, latency_of) = match args.workload {
+        Workload::Produce => {
+            let p = produce(args, &producers, args.count, bound, false, "produce").await;
+            (p, "send -> ack")
+        }
+        Workload::Consume => {
+            let available = available(&consumers[0], &args.topic, &queues).await?;
+            if available < args.count {
+                let mut fill_args = args.clone();
+                fill_args.mode = SendMode::Async;
+                let fill = produce(
+                    &fill_args,
+                    &producers,
+                    args.count - available,
+                    bound * 10,
+                    false,
+                    "fill",
+                )
+                .await;
+                anyhow::ensure!(
+                    fill.ok >= args.count - available,
+                    "could only store {} of the {} messages to consume ({} errors)",
+                    fill.ok,
+                    args.count - available,
+                    fill.errors
+                );
+            }
+            (consume(args, &consumers, &queues, bound).await?, "pull round trip")
+        }
+        Workload::E2e => (
+            e2e(args, &producers, &consumers, &queues, bound).await?,
+            "send -> delivery",
+        ),
+    };
+    let secs = outcome.elapsed.as_secs_f64().max(1e-9);
+    let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        workload: args.workload,
+        mode: args.mode,
+        cluster,
+        size: args.size,
+        producers: args.producers,
+        inflight: if args.mode == SendMode::Sync { 1 } else { args.inflight },
+        consumers: args.consumers,
+        messages: outcome.ok,
+        errors: outcome.errors,
+        elapsed_secs: secs,
+        msgs_per_sec: outcome.ok as f64 / secs,
+        mb_per_sec: outcome.bytes as f64 / secs / (1024.0 * 1024.0),
+        latency_of,
+        latency_samples: outcome.latency.len(),
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: outcome.latency.max() as f64 / 1000.0,
+    })
+}
+
+/// Waits until a NameServer routes `topic` with `queues` queues per group (the
+/// brokers register a new topic within one registration round) and returns every
+/// (group, queue) pair.
+async fn wait_for_route(client: &Client, topic: &str, queues: u32) -> anyhow::Result<Vec<(String, u32)>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match client.refresh_route(topic).await {
+            Ok(r) if !r.provisional && !r.groups.is_empty() && r.groups.iter().all(|g| g.queues == queues) => {
+                return Ok(r
+                    .groups
+                    .iter()
+                    .flat_map(|g| (0..g.queues).map(|q| (g.broker_group.clone(), q)))
+                    .collect());
+            }
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(r) => anyhow::bail!(
+                "topic {topic} is routed with queue counts {:?}, not {queues}, after 15 s",
+                r.groups.iter().map(|g| g.queues).collect::<Vec<_>>()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("no route for topic {topic} after 15 s")),
+        }
+    }
+}
+
+/// Counts, latencies and time of one measured phase.
+struct Outcome {
+    ok: u64,
+    errors: u64,
+    bytes: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds from 1 µs to one hour at 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Live counters shared by workers and the progress line.
+#[derive(Default)]
+struct Counters {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    bytes: AtomicU64,
+    done: AtomicBool,
+}
+
+/// Prints one progress line per second on stderr until `done`.
+fn progress(label: &'static str, c: Arc<Counters>, started: Instant) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        while !c.done.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let ok = c.ok.load(Ordering::Relaxed);
+            eprintln!(
+                "[{label} {:5.1}s] {ok:>10} ok  {:>9} msgs/s  {} errors",
+                started.elapsed().as_secs_f64(),
+                ok - last,
+                c.errors.load(Ordering::Relaxed)
+            );
+            last = ok;
+        }
+    })
+}
+
+fn message(size: usize, stamp: bool) -> pb::Message {
+    let mut m = pb::Message::new(vec![b'x'; size]);
+    if stamp {
+        m.properties.insert(SENT_AT_PROPERTY.into(), now_us().to_string());
+    }
+    m
+}
+
+/// Sends `count` messages (or until `bound` elapses) with every producer; tickets
+/// from one shared counter keep the total exact however producers interleave.
+async fn produce(
+    args: &BenchArgs,
+    producers: &[Producer],
+    count: u64,
+    bound: Duration,
+    stamp: bool,
+    label: &'static str,
+) -> Outcome {
+    let started = Instant::now();
+    let stop_at = started + bound;
+    let tickets = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
+    let progress = progress(label, counters.clone(), started);
+    let claim = {
+        let tickets = tickets.clone();
+        move || Instant::now() < stop_at && tickets.fetch_add(1, Ordering::Relaxed) < count
+    };
+    let mut workers = Vec::new();
+    for producer in producers {
+        let (producer, topic, claim, c) = (producer.clone(), args.topic.clone(), claim.clone(), counters.clone());
+        let (size, mode, inflight) = (args.size, args.mode, args.inflight);
+        workers.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            let window = match mode {
+                SendMode::Sync => 1,
+                SendMode::Async => inflight,
+                SendMode::Oneway => usize::MAX,
+            };
+            let mut pending = FuturesUnordered::new();
+            loop {
+                while pending.len() < window && claim() {
+                    let (producer, topic) = (producer.clone(), topic.clone());
+                    let sent = Instant::now();
+                    let send = async move { (producer.send(&topic, message(size, stamp)).await, sent) };
+                    if mode == SendMode::Oneway {
+                        // Hand the send to the runtime and go on at once.
+                        pending.push(futures::future::Either::Left(async move {
+                            tokio::spawn(send)
+                                .await
+                                .unwrap_or_else(|e| (Err(join_error(e)), Instant::now()))
+                        }));
+                    } else {
+                        pending.push(futures::future::Either::Right(send));
+                    }
+                }
+                let Some((result, sent)) = pending.next().await else {
+                    break;
+                };
+                match result {
+                    Ok(_) => {
+                        if mode != SendMode::Oneway {
+                            record(&mut hist, sent.elapsed());
+                        }
+                        c.ok.fetch_add(1, Ordering::Relaxed);
+                        c.bytes.fetch_add(size as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if c.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("bench: send failed: {e}");
+                        }
+                    }
+                }
+            }
+            hist
+        }));
+    }
+    let mut latency = histogram();
+    for w in workers {
+        match w.await {
+            Ok(h) => latency.add(&h).expect("histograms share their bounds"),
+            Err(e) => eprintln!("bench: a producer task failed: {e}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    counters.done.store(true, Ordering::Relaxed);
+    let _ = progress.await;
+    Outcome {
+        ok: counters.ok.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> raftmq_client::Error {
+    raftmq_client::Error::Protocol {
+        endpoint: String::new(),
+        reason: format!("send task failed: {e}"),
+    }
+}
+
+/// (min, next) offsets of one queue.
+async fn offsets(consumer: &PullConsumer, topic: &str, group: &str, queue: u32) -> anyhow::Result<(u64, u64)> {
+    let r = consumer
+        .pull(topic, group, queue, 0, 1, Duration::ZERO, "*")
+        .await
+        .with_context(|| format!("reading offsets of {group}/{queue}"))?;
+    Ok((r.min_offset, r.max_offset))
+}
+
+async fn available(consumer: &PullConsumer, topic: &str, queues: &[(String, u32)]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for (g, q) in queues {
+        let (min, max) = offsets(consumer, topic, g, *q).await?;
+        total += max - min;
+    }
+    Ok(total)
+}
+
+/// Reads `args.count` messages from the queues' first offsets, queues split among
+/// the consumers, each reading its queues in turn in batches of `pull_batch`.
+async fn consume(
+    args: &BenchArgs,
+    consumers: &[PullConsumer],
+    queues: &[(String, u32)],
+    bound: Duration,
+) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let stop_at = started + bound;
+    let counters = Arc::new(Counters::default());
+    let progress = progress("consume", counters.clone(), started);
+    let mut workers = Vec::new();
+    for (i, consumer) in consumers.iter().enumerate() {
+        let mine: Vec<(String, u32)> = queues.iter().skip(i).step_by(consumers.len()).cloned().collect();
+        let (consumer, topic, c) = (consumer.clone(), args.topic.clone(), counters.clone());
+        let (count, batch) = (args.count, args.pull_batch);
+        workers.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            for (group, queue) in mine {
+                let (mut offset, end) = offsets(&consumer, &topic, &group, queue).await?;
+                while offset < end && Instant::now() < stop_at && c.ok.load(Ordering::Relaxed) < count {
+                    let t = Instant::now();
+                    let r = match consumer
+                        .pull(&topic, &group, queue, offset, batch, Duration::ZERO, "*")
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            c.errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("bench: pull of {group}/{queue}@{offset} failed: {e}");
+                            continue;
+                        }
+                    };
+                    record(&mut hist, t.elapsed());
+                    let bytes: usize = r
+                        .messages
+                        .iter()
+                        .map(|m| m.message.as_ref().map_or(0, |m| m.body.len()))
+                        .sum();
+                    c.ok.fetch_add(r.messages.len() as u64, Ordering::Relaxed);
+                    c.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    anyhow::ensure!(
+                        r.next_offset > offset,
+                        "pull of {group}/{queue}@{offset} made no progress"
+                    );
+                    offset = r.next_offset;
+                }
+            }
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
+    let mut latency = histogram();
+    let mut failure = None;
+    for w in workers {
+        match w.await {
+            Ok(Ok(h)) => latency.add(&h).expect("histograms share their bounds"),
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(e.into()),
+        }
+    }
+    let elapsed = started.elapsed();
+    counters.done.store(true, Ordering::Relaxed);
+    let _ = progress.await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(Outcome {
+        ok: counters.ok.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+    })
+}
+
+/// Consumers long-poll every queue from its current end while the producers send
+/// stamped messages; latency is the stamp's age on delivery. Ends when every
+/// acknowledged message was delivered, or 10 s after the producers stop.
+async fn e2e(
+    args: &BenchArgs,
+    producers: &[Producer],
+    consumers: &[PullConsumer],
+    queues: &[(String, u32)],
+    bound: Duration,
+) -> anyhow::Result<Outcome> {
+    let delivered = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for (i, consumer) in consumers.iter().enumerate() {
+        let mine: Vec<(String, u32)> = queues.iter().skip(i).step_by(consumers.len()).cloned().collect();
+        let mut positions = Vec::new();
+        for (g, q) in &mine {
+            positions.push(offsets(consumer, &args.topic, g, *q).await?.1);
+        }
+        let (consumer, topic, c, stop) = (consumer.clone(), args.topic.clone(), delivered.clone(), stop.clone());
+        let batch = args.pull_batch;
+        workers.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            // One long poll per queue at a time, all of this consumer's queues at once.
+            let mut polls = FuturesUnordered::new();
+            let poll = |idx: usize, offset: u64| {
+                let (consumer, topic, (group, queue)) = (consumer.clone(), topic.clone(), mine[idx].clone());
+                async move {
+                    let r = consumer
+                        .pull(&topic, &group, queue, offset, batch, Duration::from_millis(500), "*")
+                        .await;
+                    (idx, offset, r)
+                }
+            };
+            for (idx, offset) in positions.iter().enumerate() {
+                polls.push(poll(idx, *offset));
+            }
+            while let Some((idx, offset, r)) = polls.next().await {
+                let next = match r {
+                    Ok(r) => {
+                        let now = now_us();
+                        for m in r.messages.iter().filter_map(|m| m.message.as_ref()) {
+                            if let Some(sent) = m.properties.get(SENT_AT_PROPERTY).and_then(|v| v.parse::<u64>().ok()) {
+                                hist.saturating_record(now.saturating_sub(sent).max(1));
+                            }
+                            c.bytes.fetch_add(m.body.len() as u64, Ordering::Relaxed);
+                        }
+                        c.ok.fetch_add(r.messages.len() as u64, Ordering::Relaxed);
+                        r.next_offset
+                    }
+                    Err(e) => {
+                        c.errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("bench: pull failed: {e}");
+                        offset
+                    }
+                };
+                if !stop.load(Ordering::Relaxed) {
+                    polls.push(poll(idx, next));
+                }
+            }
+            hist
+        }));
+    }
+    let started = Instant::now();
+    let sent = produce(args, producers, args.count, bound, true, "e2e send").await;
+    // Drain: every acknowledged message should arrive; give stragglers 10 s.
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while delivered.ok.load(Ordering::Relaxed) < sent.ok && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut latency = histogram();
+    for w in workers {
+        latency.add(&w.await?).expect("histograms share their bounds");
+    }
+    let got = delivered.ok.load(Ordering::Relaxed);
+    if got < sent.ok {
+        eprintln!(
+            "bench: only {got} of {} acknowledged messages were delivered within 10 s",
+            sent.ok
+        );
+    }
+    Ok(Outcome {
+        ok: got,
+        errors: sent.errors + delivered.errors.load(Ordering::Relaxed),
+        bytes: delivered.bytes.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+    })
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "raftmq bench {:?}: {} B messages, {} producer(s), mode {:?}, {} in flight, {} consumer(s); cluster: {}",
+        r.workload, r.size, r.producers, r.mode, r.inflight, r.consumers, r.cluster
+    );
+    println!("| messages | errors | seconds | msgs/s | MB/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        r.messages,
+        r.errors,
+        r.elapsed_secs,
+        r.msgs_per_sec,
+        r.mb_per_sec,
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.p999_ms,
+        r.max_ms
+    );
+    println!("latency: {} ({} samples)", r.latency_of, r.latency_samples);
+}

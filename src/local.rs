@@ -1,0 +1,343 @@
+//! A local cluster on one machine: an in-process NameServer and one broker group
+//! whose replicas are separate `raftmq broker` processes, supervised and restarted
+//! when they die. `raftmq dev` runs one on fixed ports; `raftmq bench` starts one on
+//! free ports when it is given no NameServer.
+//!
+//! Replicas are processes, not tasks, so that the tour can `kill -9` a leader and
+//! watch the group elect another, exactly as in a real deployment.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LocalClusterOptions {
+    pub data_dir: PathBuf,
+    /// The NameServer's address; port 0 picks a free one.
+    pub namesrv: String,
+    pub group: String,
+    /// One port per replica; 0 picks a free one.
+    pub broker_ports: Vec<u16>,
+    /// `sync` or `async` (passed to `raftmq broker --flush`).
+    pub flush: String,
+    pub auto_create_topics: bool,
+    /// How long a dead replica stays dead before it is started again.
+    pub restart_delay: Duration,
+}
+
+/// One supervised replica.
+pub struct Replica {
+    pub node_id: u64,
+    pub endpoint: String,
+    pub log_file: PathBuf,
+    pub pid_file: PathBuf,
+    supervisor: std::thread::JoinHandle<()>,
+}
+
+/// A running local cluster; [`LocalCluster::stop`] stops it in order.
+pub struct LocalCluster {
+    pub namesrv: String,
+    pub group: String,
+    pub replicas: Vec<Replica>,
+    token: CancellationToken,
+    namesrv_task: tokio::task::JoinHandle<Result<(), raftmq_namesrv::Error>>,
+}
+
+/// Binds `host:port`, or a free port when `port` is 0, and returns the bound address.
+/// For replicas the socket is closed again and the child binds the same port: a free
+/// port could in principle be taken in between, which start-up then reports.
+fn free_addr(host: &str, port: u16) -> anyhow::Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind((host, port)).with_context(|| format!("binding {host}:{port}"))?;
+    Ok(l.local_addr()?)
+}
+
+impl LocalCluster {
+    pub async fn start(opts: LocalClusterOptions) -> anyhow::Result<LocalCluster> {
+        std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating {}", opts.data_dir.display()))?;
+        let exe = std::env::current_exe().context("finding the raftmq binary to start replicas with")?;
+        let token = CancellationToken::new();
+        // Until start-up completes, an early return stops whatever already started.
+        let stop_on_error = token.clone().drop_guard();
+        let ns_listener = tokio::net::TcpListener::bind(&opts.namesrv).await.with_context(|| {
+            format!(
+                "binding the NameServer to {} (is another raftmq running?)",
+                opts.namesrv
+            )
+        })?;
+        let namesrv = ns_listener.local_addr()?.to_string();
+        let namesrv_task = tokio::spawn(raftmq_namesrv::serve(
+            raftmq_namesrv::NameServerConfig::default(),
+            ns_listener,
+            token.clone(),
+        ));
+
+        let mut endpoints = BTreeMap::new();
+        for (id, port) in (1u64..).zip(&opts.broker_ports) {
+            let addr = free_addr("127.0.0.1", *port)
+                .with_context(|| format!("broker replica {id}'s port (is another raftmq running?)"))?;
+            endpoints.insert(id, addr.to_string());
+        }
+        let peers = endpoints
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut replicas = Vec::new();
+        for (&id, endpoint) in &endpoints {
+            let name = format!("{}-{id}", opts.group);
+            let args: Vec<String> = vec![
+                "broker".into(),
+                "--group".into(),
+                opts.group.clone(),
+                "--node-id".into(),
+                id.to_string(),
+                "--listen".into(),
+                endpoint.clone(),
+                "--data-dir".into(),
+                opts.data_dir.join(&name).display().to_string(),
+                "--namesrv".into(),
+                namesrv.clone(),
+                "--peers".into(),
+                peers.clone(),
+                "--auto-create-topics".into(),
+                opts.auto_create_topics.to_string(),
+                "--flush".into(),
+                opts.flush.clone(),
+            ];
+            let log_file = opts.data_dir.join(format!("{name}.log"));
+            let pid_file = opts.data_dir.join(format!("{name}.pid"));
+            let spec = Arc::new(ChildSpec {
+                exe: exe.clone(),
+                args,
+                log_file: log_file.clone(),
+                pid_file: pid_file.clone(),
+            });
+            // The supervisor thread spawns the process itself: PR_SET_PDEATHSIG fires
+            // when the spawning *thread* ends, and this thread lives as long as the
+            // replica is supervised.
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let supervisor = {
+                let (token, delay, name) = (token.clone(), opts.restart_delay, name.clone());
+                std::thread::Builder::new()
+                    .name(format!("supervise-{name}"))
+                    .spawn(move || supervise(name, spec, token, delay, ready_tx))?
+            };
+            ready_rx
+                .await
+                .context("replica supervisor ended before starting it")?
+                .with_context(|| format!("starting replica {name}"))?;
+            replicas.push(Replica {
+                node_id: id,
+                endpoint: endpoint.clone(),
+                log_file,
+                pid_file,
+                supervisor,
+            });
+        }
+        stop_on_error.disarm();
+        Ok(LocalCluster {
+            namesrv,
+            group: opts.group,
+            replicas,
+            token,
+            namesrv_task,
+        })
+    }
+
+    /// Cancelled when the cluster is told to stop.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Waits until the NameServer names a leader for the group and that leader
+    /// reports itself as such; returns the leader's node id.
+    pub async fn wait_for_leader(&self, within: Duration) -> anyhow::Result<u64> {
+        let client = raftmq_client::Client::new(raftmq_client::ClientConfig::new(vec![self.namesrv.clone()]))?;
+        let admin = client.admin();
+        let deadline = Instant::now() + within;
+        loop {
+            let last = match admin.cluster_status().await {
+                Ok(groups) => {
+                    match groups
+                        .iter()
+                        .find(|g| g.broker_group == self.group)
+                        .and_then(|g| g.leader_id)
+                    {
+                        Some(leader) => return Ok(leader),
+                        None => "no leader yet".to_owned(),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "broker group {} has no leader after {within:?} ({last}); replica logs: {}",
+                    self.group,
+                    self.replicas
+                        .iter()
+                        .map(|r| r.log_file.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops every replica (SIGTERM, then SIGKILL after a grace period) and the
+    /// NameServer.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        let supervisors = self.replicas.into_iter().map(|r| r.supervisor).collect::<Vec<_>>();
+        tokio::task::spawn_blocking(move || {
+            for s in supervisors {
+                let _ = s.join();
+            }
+        })
+        .await?;
+        self.namesrv_task.await??;
+        Ok(())
+    }
+}
+
+/// How to (re)start one replica process.
+struct ChildSpec {
+    exe: PathBuf,
+    args: Vec<String>,
+    log_file: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl ChildSpec {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .with_context(|| format!("opening {}", self.log_file.display()))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", self.exe.display()))?;
+        write_pid(&self.pid_file, child.id())?;
+        Ok(child)
+    }
+}
+
+fn write_pid(path: &Path, pid: u32) -> anyhow::Result<()> {
+    std::fs::write(path, format!("{pid}\n")).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Replicas must not outlive the process that started them (they would hold the
+/// ports and the data directory): the kernel sends them SIGTERM when it dies.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls the
+    // async-signal-safe prctl(2).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs on its own thread: starts the child, waits for it, restarts it after
+/// `delay` unless the cluster is stopping, and on stop sends SIGTERM and waits
+/// (SIGKILL after 10 s).
+fn supervise(
+    name: String,
+    spec: Arc<ChildSpec>,
+    token: CancellationToken,
+    delay: Duration,
+    ready: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+) {
+    let mut child = match spec.spawn() {
+        Ok(c) => {
+            let _ = ready.send(Ok(()));
+            c
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    loop {
+        // Poll rather than block in wait(): the thread must also notice a stop.
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if token.is_cancelled() => break None,
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    tracing::warn!(replica = %name, error = %e, "cannot watch replica process");
+                    break None;
+                }
+            }
+        };
+        let Some(status) = status else {
+            stop_child(&name, &mut child);
+            return;
+        };
+        eprintln!(
+            "replica {name} (pid {}) exited: {status}; restarting in {:.1}s",
+            child.id(),
+            delay.as_secs_f64()
+        );
+        let resume_at = Instant::now() + delay;
+        while Instant::now() < resume_at {
+            if token.is_cancelled() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        match spec.spawn() {
+            Ok(c) => {
+                eprintln!("replica {name} restarted (pid {})", c.id());
+                child = c;
+            }
+            Err(e) => {
+                eprintln!("replica {name} could not be restarted: {e:#}");
+                return;
+            }
+        }
+    }
+}
+
+fn stop_child(name: &str, child: &mut Child) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        let _ = child.kill();
+        return;
+    };
+    // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                tracing::warn!(replica = %name, "replica did not stop within 10 s; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The small client-side subcommands: `produce`, `pull`, `admin`, and `store
+//! verify`. Each is a thin shell over the client library or raft-store.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::{AdminCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand};
+
+pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
+    Ok(raftmq_client::Client::new(raftmq_client::ClientConfig::new(
+        namesrv.namesrv,
+    ))?)
+}
+
+pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
+    use raftmq_client::MessageExt;
+    let producer = client(args.namesrv)?.producer();
+    let started = std::time::Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for i in 0..args.count {
+        let mut msg = raftmq_proto::v1::Message::new(vec![b'x'; args.size]);
+        msg.tag = args.tag.clone();
+        msg.properties.insert("seq".into(), i.to_string());
+        let sent = match &args.key {
+            Some(k) => {
+                msg.keys = vec![k.clone()];
+                producer.send_with_key(&args.topic, k, msg).await
+            }
+            None => producer.send(&args.topic, msg).await,
+        };
+        match sent {
+            Ok(r) => {
+                ok += 1;
+                if ok == 1 || i + 1 == args.count {
+                    println!(
+                        "sent {} to {}/{}@{} id {}",
+                        i, r.broker_group, r.queue_id, r.queue_offset, r.message_id
+                    );
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("message {i}: {e}");
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{ok} sent, {failed} failed in {secs:.2}s ({:.0} msgs/s)",
+        ok as f64 / secs.max(1e-9)
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::Cluster(ns) => {
+            for g in client(ns)?.admin().cluster_status().await? {
+                println!(
+                    "{}  term {}  leader {} ({})",
+                    g.broker_group,
+                    g.term,
+                    g.leader_id.map_or("-".to_owned(), |l| l.to_string()),
+                    g.leader_endpoint
+                );
+                for r in g.replicas {
+                    let role = raftmq_proto::v1::ReplicaRole::try_from(r.role).unwrap_or_default();
+                    // The reporting node knows its own log and applied index, and as
+                    // leader how far each follower's log is known to match its own.
+                    let progress = match (r.last_log_index, r.applied_index, r.matched_index) {
+                        (Some(log), applied, _) => format!(
+                            "last log {log}  applied {}",
+                            applied.map_or("-".to_owned(), |a| a.to_string())
+                        ),
+                        (None, _, Some(matched)) => format!("replicated through {matched}"),
+                        _ => "progress unknown".to_owned(),
+                    };
+                    println!("  node {}  {}  {:?}  {progress}", r.node_id, r.endpoint, role);
+                }
+                if let Some(c) = g.committed_index {
+                    println!("  committed through {c} (reported by node {})", g.reported_by);
+                }
+            }
+        }
+        AdminCommand::Health {
+            broker,
+            namesrv,
+            timeout_ms,
+        } => health(broker, namesrv, Duration::from_millis(timeout_ms)).await?,
+        AdminCommand::Topic(TopicCommand::Create { namesrv, topic, queues }) => {
+            client(namesrv)?
+                .admin()
+                .create_topic(&topic, queues, raftmq_proto::v1::Permission::ReadWrite)
+                .await?;
+            println!("topic {topic} created with {queues} queue(s) per broker group");
+        }
+        AdminCommand::Topic(TopicCommand::List(ns)) => {
+            for (group, t) in client(ns)?.admin().list_topics().await? {
+                println!("{group}  {}  queues {}  perm {}", t.name, t.queues_per_group, t.perm);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn verify_store(dir: PathBuf) -> anyhow::Result<()> {
+    use raftmq_raft_store as store;
+    let (log, sm) = store::open(&dir, store::StoreConfig::default())
+        .await
+        .with_context(|| format!("opening store at {}", dir.display()))?;
+    let reader = log.reader();
+    let mut records = 0u64;
+    let mut bytes = 0u64;
+    if let Some((first, last)) = reader.physical_range() {
+        let mut next = first;
+        while next <= last {
+            let end = (next + 4096).min(last + 1);
+            for (_, payload) in reader.read_records(next, end)? {
+                records += 1;
+                bytes += payload.len() as u64;
+            }
+            next = end;
+        }
+    }
+    let sm_reader = sm.reader();
+    println!("data dir:        {}", dir.display());
+    println!("log range:       {:?}", reader.physical_range());
+    println!("purged through:  {:?}", reader.purged());
+    println!("records read:    {records} ({bytes} payload bytes), all checksums valid");
+    println!("applied:         {:?}", sm_reader.applied()?);
+    println!("topics:          {}", sm_reader.topics()?.len());
+    println!("queue rows:      {}", sm_reader.consume_queue_rows()?);
+    log.shutdown().await?;
+    Ok(())
+}
+
+/// Prints up to `--count` messages of one queue from `--offset`, following
+/// `next_offset` across pulls.
+pub async fn run_pull(args: PullArgs) -> anyhow::Result<()> {
+    let client = client(args.namesrv)?;
+    let group = match args.group {
+        Some(g) => g,
+        None => client
+            .route(&args.topic)
+            .await?
+            .groups
+            .first()
+            .map(|g| g.broker_group.clone())
+            .with_context(|| format!("topic {} has no broker group", args.topic))?,
+    };
+    let consumer = client.pull_consumer();
+    let mut offset = args.offset;
+    let mut printed = 0u64;
+    while printed < args.count {
+        let want = u32::try_from(args.count - printed).unwrap_or(u32::MAX).min(256);
+        let r = consumer
+            .pull(
+                &args.topic,
+                &group,
+                args.queue,
+                offset,
+                want,
+                Duration::from_millis(args.wait_ms),
+                &args.tag,
+            )
+            .await?;
+        for pulled in &r.messages {
+            let m = pulled.message.clone().unwrap_or_default();
+            let body = String::from_utf8_lossy(&m.body[..m.body.len().min(32)]).into_owned();
+            println!(
+                "{group}/{}@{}  id {}  tag {:?}  keys {:?}  props {:?}  body {} bytes {:?}{}",
+                args.queue,
+                pulled.queue_offset,
+                pulled.message_id,
+                m.tag,
+                m.keys,
+                m.properties,
+                m.body.len(),
+                body,
+                if m.body.len() > 32 { "…" } else { "" }
+            );
+            printed += 1;
+        }
+        if r.messages.is_empty() && r.next_offset == offset {
+            println!(
+                "end of {group}/{} at offset {} (queue holds {}..{})",
+                args.queue, offset, r.min_offset, r.max_offset
+            );
+            break;
+        }
+        offset = r.next_offset;
+    }
+    Ok(())
+}
+
+/// One RPC to one endpoint, no retries: the answer a health check wants.
+async fn health(broker: Option<String>, namesrv: Option<String>, timeout: Duration) -> anyhow::Result<()> {
+    use raftmq_proto::v1::admin_service_client::AdminServiceClient;
+    use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
+    let (addr, what) = match (&broker, &namesrv) {
+        (Some(b), _) => (b.as_str(), "broker node"),
+        (None, Some(n)) => (n.as_str(), "NameServer"),
+        (None, None) => anyhow::bail!("give --broker or --namesrv"),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("{addr:?} is not host:port"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let check = async {
+        let channel = endpoint.connect().await?;
+        if broker.is_some() {
+            let s = AdminServiceClient::new(channel)
+                .cluster_status(raftmq_proto::v1::ClusterStatusRequest::default())
+                .await?
+                .into_inner();
+            let g = s.groups.first();
+            println!(
+                "{what} {addr} is serving: group {} term {} leader {}",
+                g.map_or("-", |g| g.broker_group.as_str()),
+                g.map_or(0, |g| g.term),
+                g.and_then(|g| g.leader_id).map_or("none".to_owned(), |l| l.to_string())
+            );
+        } else {
+            let c = NameServerServiceClient::new(channel)
+                .list_cluster(raftmq_proto::v1::ListClusterRequest::default())
+                .await?
+                .into_inner();
+            println!(
+                "{what} {addr} is serving: {} broker group(s) registered",
+                c.groups.len()
+            );
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what} {addr} did not answer within {timeout:?}"))?
+        .with_context(|| format!("{what} {addr} is not healthy"))
+}

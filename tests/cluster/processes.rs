@@ -1,0 +1,303 @@
+//! The `raftmq` binary as users run it: `raftmq dev` with its replicas as separate
+//! processes, the README tour automated (produce, pull, SIGKILL the leader's
+//! process, produce again, the killed replica restarted and caught up), and
+//! `raftmq bench` against the local cluster it starts itself.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use raftmq_client::{Client, ClientConfig, MessageExt};
+use raftmq_proto::v1 as pb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_raftmq");
+/// Processes start slower than in-process replicas, and CI may be busy.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A `raftmq dev` process; SIGKILLed on drop if the test did not stop it.
+struct Dev {
+    child: Child,
+    namesrv: String,
+    data_dir: PathBuf,
+}
+
+impl Dev {
+    /// Starts `raftmq dev` on free ports and waits for its "cluster is up" banner.
+    fn start(data_dir: &Path) -> anyhow::Result<Dev> {
+        let mut child = Command::new(BIN)
+            .args([
+                "dev",
+                "--namesrv-listen",
+                "127.0.0.1:0",
+                "--broker-ports",
+                "0,0,0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning raftmq dev")?;
+        let stdout = child.stdout.take().context("dev stdout")?;
+        // Reading the banner blocks; a thread keeps the deadline enforceable.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut dev = Dev {
+            child,
+            namesrv: String::new(),
+            data_dir: data_dir.to_owned(),
+        };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .context("raftmq dev printed no 'cluster is up' banner in time")?;
+            if let Some(addr) = line.trim().strip_prefix("NameServer") {
+                dev.namesrv = addr.trim().to_owned();
+            }
+            if line.contains("Ctrl-C stops the cluster") {
+                break;
+            }
+        }
+        ensure!(!dev.namesrv.is_empty(), "the banner named no NameServer");
+        Ok(dev)
+    }
+
+    fn pid_of(&self, node: u64) -> anyhow::Result<i32> {
+        let file = self.data_dir.join(format!("broker-a-{node}.pid"));
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} holds no pid", file.display()))
+    }
+
+    /// SIGTERM, as Ctrl-C would; returns dev's exit status.
+    fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        signal(i32::try_from(self.child.id())?, libc::SIGTERM);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "raftmq dev did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a pid this test started (directly or through dev).
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+async fn leader(client: &Client) -> Option<pb::GroupStatus> {
+    let groups = client.admin().cluster_status().await.ok()?;
+    groups.into_iter().find(|g| g.leader_id.is_some())
+}
+
+fn message(seq: u64) -> pb::Message {
+    let mut m = pb::Message::new(format!("tour-{seq}").into_bytes());
+    m.properties.insert("seq".into(), seq.to_string());
+    m
+}
+
+/// Sends `range`, retrying nothing by hand: the client's own redirects and retries
+/// are what is under test. Returns the acknowledged message ids.
+async fn send_all(client: &Client, topic: &str, range: std::ops::Range<u64>) -> anyhow::Result<BTreeSet<String>> {
+    let producer = client.producer();
+    let mut ids = BTreeSet::new();
+    for seq in range {
+        let r = producer
+            .send(topic, message(seq))
+            .await
+            .with_context(|| format!("send {seq}"))?;
+        ids.insert(r.message_id);
+    }
+    Ok(ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> anyhow::Result<()> {
+    const TOPIC: &str = "TourTopic";
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(dir.path())?;
+    let client = Client::new(ClientConfig::new(vec![dev.namesrv.clone()]))?;
+
+    // Produce (the topic is auto-created by dev), and read everything back.
+    let mut acked = send_all(&client, TOPIC, 0..100).await?;
+    let old = leader(&client).await.context("no leader after the first sends")?;
+    let old_id = old.leader_id.context("leader id")?;
+    let old_pid = dev.pid_of(old_id)?;
+    ensure!(alive(old_pid), "pid file of the leader names a dead process");
+
+    // SIGKILL the leader's process, as the README's tour does with kill -9.
+    let killed_at = Instant::now();
+    signal(old_pid, libc::SIGKILL);
+    let new_leader = loop {
+        if let Some(g) = leader(&client).await
+            && g.leader_id != Some(old_id)
+            && g.term > old.term
+        {
+            break g;
+        }
+        ensure!(
+            killed_at.elapsed() < DEADLINE,
+            "no new leader after SIGKILL of node {old_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "new leader {:?} (term {}) reported {:?} after the kill",
+        new_leader.leader_id,
+        new_leader.term,
+        killed_at.elapsed()
+    );
+    // The producer follows the new leader on its own.
+    acked.extend(send_all(&client, TOPIC, 100..200).await?);
+
+    // dev restarts the killed replica (new pid) and it catches up with the leader.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let restarted = dev.pid_of(old_id).is_ok_and(|p| p != old_pid && alive(p));
+        let caught_up = leader(&client).await.is_some_and(|g| {
+            let committed = g.committed_index.unwrap_or(u64::MAX);
+            g.replicas
+                .iter()
+                .any(|r| r.node_id == old_id && r.matched_index.is_some_and(|m| m >= committed))
+        });
+        if restarted && caught_up {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "killed node {old_id} not restarted and caught up (restarted: {restarted}, caught up: {caught_up})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every acknowledged message is readable, exactly once.
+    let route = client.refresh_route(TOPIC).await?;
+    let consumer = client.pull_consumer();
+    let mut seen = Vec::new();
+    for g in &route.groups {
+        for q in 0..g.queues {
+            let mut offset = 0;
+            loop {
+                let r = consumer
+                    .pull(TOPIC, &g.broker_group, q, offset, 256, Duration::ZERO, "*")
+                    .await?;
+                seen.extend(r.messages.iter().map(|m| m.message_id.clone()));
+                if r.next_offset >= r.max_offset {
+                    break;
+                }
+                offset = r.next_offset;
+            }
+        }
+    }
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    let missing: Vec<_> = acked.difference(&unique).collect();
+    ensure!(missing.is_empty(), "acknowledged but not readable: {missing:?}");
+    // A send whose ack was lost in the kill may be stored twice (at-least-once);
+    // more than a couple would be a bug.
+    ensure!(
+        seen.len() <= acked.len() + 2,
+        "{} stored for {} acknowledged",
+        seen.len(),
+        acked.len()
+    );
+
+    // Ctrl-C (SIGTERM) stops dev and every replica.
+    let pids = (1..=3).map(|n| dev.pid_of(n)).collect::<anyhow::Result<Vec<_>>>()?;
+    let status = dev.stop()?;
+    ensure!(status.success(), "raftmq dev exited with {status}");
+    for pid in pids {
+        if alive(pid) {
+            bail!("replica process {pid} outlived raftmq dev");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let child = Command::new(BIN)
+        .args([
+            "bench",
+            "produce",
+            "--count",
+            "300",
+            "--size",
+            "512",
+            "--inflight",
+            "32",
+            "--duration",
+            "60",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("cluster"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning raftmq bench")?;
+    let pid = i32::try_from(child.id())?;
+    let out = match tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    {
+        Ok(out) => out??,
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            bail!("raftmq bench did not finish in 120 s");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "raftmq bench failed: {}\n{stderr}", out.status);
+    let stdout = String::from_utf8(out.stdout)?;
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("bench --json printed no JSON object: {stdout:?}"))?;
+    for key in ["msgs_per_sec", "mb_per_sec", "p50_ms", "p99_ms", "errors"] {
+        ensure!(
+            report.get(key).is_some_and(|v| v.is_number()),
+            "{key} missing in {report}"
+        );
+    }
+    ensure!(
+        report["messages"] == 300,
+        "not every message was acknowledged: {report}"
+    );
+    ensure!(report["errors"] == 0, "errors: {report}");
+    ensure!(
+        report["p50_ms"].as_f64().is_some_and(|p| p > 0.0),
+        "no latency: {report}"
+    );
+    Ok(())
+}
