@@ -1298,6 +1298,57 @@ mod api {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_lost_its_quorum_refuses_writes_at_once_instead_of_holding_them() -> anyhow::Result<()> {
+        let mut cluster = Cluster::start(3).await?;
+        let leader = cluster.wait_for_leader(DEADLINE).await?;
+        create_topic(cluster.replica(leader), TOPIC, QUEUES).await?;
+        let mut client = messaging(cluster.replica(leader)).await?;
+        client.send(send_request(TOPIC, Some(0), vec![message(0)])).await?;
+
+        // Both followers crash: the leader is alone, and openraft keeps it Leader.
+        let followers: Vec<_> = cluster.running().map(|r| r.id).filter(|&id| id != leader).collect();
+        let lost_at = Instant::now();
+        for id in followers {
+            cluster.replica_mut(id).kill().await;
+        }
+        // Once a quorum has been silent for an election timeout (400 ms here), a send
+        // is refused with UNAVAILABLE at once, rather than waiting out the client's
+        // deadline. Until then a send may wait; bound each by a timeout.
+        let refused = loop {
+            let started = Instant::now();
+            let sent = tokio::time::timeout(
+                Duration::from_secs(3),
+                client.send(send_request(TOPIC, Some(0), vec![message(1)])),
+            )
+            .await;
+            match sent {
+                Ok(Err(status)) if status.code() == Code::Unavailable => break (status, started.elapsed()),
+                Ok(Ok(_)) => anyhow::bail!("a leader without a quorum acknowledged a write"),
+                Ok(Err(other)) => anyhow::bail!("unexpected refusal: {other}"),
+                Err(_) => {}
+            }
+            ensure!(
+                lost_at.elapsed() < DEADLINE,
+                "the isolated leader never refused a write"
+            );
+        };
+        eprintln!(
+            "isolated leader refused after {:?} (that send answered in {:?}): {}",
+            lost_at.elapsed(),
+            refused.1,
+            refused.0.message()
+        );
+        ensure!(
+            refused.1 < Duration::from_millis(500),
+            "the refusal itself took {:?}",
+            refused.1
+        );
+        ensure!(refused.0.message().contains("no quorum"), "{}", refused.0.message());
+        assert_eq!(cluster.replica(leader).metrics().state, ServerState::Leader);
+        cluster.shutdown().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn send_to_a_just_elected_leader_succeeds_and_the_old_one_redirects_to_it() -> anyhow::Result<()> {
         let cluster = Cluster::start(3).await?;
         let old = cluster.wait_for_leader(DEADLINE).await?;

@@ -107,12 +107,29 @@ impl GroupHandle {
     /// auto-creates topics nor does work openraft would refuse anyway. A leader
     /// that lost its lease is caught later by `client_write` itself.
     pub fn ensure_leader(&self) -> Result<(), ApiError> {
-        let (state, leader) = {
+        let (state, leader, quorum_acked) = {
             let metrics = self.inner.raft.metrics();
             let m = metrics.borrow_watched();
-            (m.state, m.current_leader)
+            (m.state, m.current_leader, m.last_quorum_acked)
         };
         if state == ServerState::Leader {
+            // openraft keeps a leader that lost its quorum (paused, cut off) in the
+            // Leader state until it hears a higher term. Such a node can never
+            // acknowledge a write, but it would hold each one until the client's
+            // timeout; refusing at once after one election timeout without a quorum
+            // ack sends clients to the NameServer for the new leader instead.
+            let limit = Duration::from_millis(self.inner.raft.config().election_timeout_max);
+            if let Some(acked) = quorum_acked {
+                let silent = openraft::Instant::elapsed(&*acked);
+                if silent > limit {
+                    return Err(ApiError::Unavailable(format!(
+                        "this node leads broker group {} but no quorum has acknowledged it for {} ms \
+                         (partitioned or paused?); ask a NameServer for the current leader",
+                        self.inner.group,
+                        silent.as_millis()
+                    )));
+                }
+            }
             return Ok(());
         }
         Err(ApiError::NotLeader {
@@ -120,7 +137,6 @@ impl GroupHandle {
         })
     }
 
-    /// The next broker-chosen queue of `topic`, round-robin over `queues`.
     pub fn next_queue(&self, topic: &str, queues: u32) -> u32 {
         let mut rr = self.inner.round_robin.lock().unwrap_or_else(|p| p.into_inner());
         let next = rr.entry(topic.to_owned()).or_insert(0);
