@@ -75,6 +75,9 @@ pub struct BenchArgs {
     /// Consumers (consume, e2e), each with its own client; queues are split among them.
     #[arg(long, default_value_t = 2)]
     pub consumers: usize,
+    /// Concurrent sends to one queue the client may combine into one RPC (1: none).
+    #[arg(long, default_value_t = 128)]
+    pub auto_batch: usize,
     /// Messages per pull.
     #[arg(long, default_value_t = 256)]
     pub pull_batch: u32,
@@ -99,6 +102,7 @@ pub struct Report {
     pub size: usize,
     pub producers: usize,
     pub inflight: usize,
+    pub auto_batch: usize,
     pub consumers: usize,
     pub messages: u64,
     pub errors: u64,
@@ -198,7 +202,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> anyhow::Result<Report> {
-    let client = || Client::new(ClientConfig::new(namesrv.clone())).context("building a client");
+    let client = || {
+        let mut config = ClientConfig::new(namesrv.clone());
+        config.max_auto_batch = args.auto_batch;
+        Client::new(config).context("building a client")
+    };
     let admin_client = client()?;
     admin_client
         .admin()
@@ -257,6 +265,7 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         size: args.size,
         producers: args.producers,
         inflight: if args.mode == SendMode::Sync { 1 } else { args.inflight },
+        auto_batch: args.auto_batch,
         consumers: args.consumers,
         messages: outcome.ok,
         errors: outcome.errors,
@@ -642,8 +651,8 @@ async fn e2e(
 
 fn print_table(r: &Report) {
     println!(
-        "raftmq bench {:?}: {} B messages, {} producer(s), mode {:?}, {} in flight, {} consumer(s); cluster: {}",
-        r.workload, r.size, r.producers, r.mode, r.inflight, r.consumers, r.cluster
+        "raftmq bench {:?}: {} B messages, {} producer(s), mode {:?}, {} in flight, auto-batch {}, {} consumer(s); cluster: {}",
+        r.workload, r.size, r.producers, r.mode, r.inflight, r.auto_batch, r.consumers, r.cluster
     );
     println!("| messages | errors | seconds | msgs/s | MB/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");

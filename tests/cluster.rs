@@ -796,7 +796,7 @@ mod api {
     }
 
     /// The Raft index a message id names (see `raftmq_broker::convert`).
-    fn raft_index_of(message_id: &str) -> anyhow::Result<u64> {
+    pub(super) fn raft_index_of(message_id: &str) -> anyhow::Result<u64> {
         let hex = message_id.get(10..26).context("message id too short")?;
         Ok(u64::from_str_radix(hex, 16)?)
     }
@@ -1783,6 +1783,86 @@ mod client {
         }
         let duplicated = read.values().filter(|n| **n > 1).count();
         eprintln!("duplicates stored by retries after unknown outcomes: {duplicated}");
+        cluster.shutdown().await?;
+        ns.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_are_combined_into_fewer_entries_and_a_bad_one_fails_alone() -> anyhow::Result<()> {
+        const TOPIC: &str = "combined";
+        const COUNT: u64 = 3_000;
+        let (ns, cluster, client) = start().await?;
+        client.admin().create_topic(TOPIC, 2, pb::Permission::ReadWrite).await?;
+        let route = wait_for_known_route(&client, TOPIC).await?;
+        let producer = client.producer();
+        // 256 sends in flight at a time, with one empty body (refused as invalid)
+        // in the middle of the stream.
+        let bad = COUNT / 2;
+        let mut pending = futures::StreamExt::buffer_unordered(
+            futures::StreamExt::map(futures::stream::iter(0..COUNT), |seq| {
+                let producer = producer.clone();
+                async move {
+                    let mut m = message(seq, None);
+                    if seq == bad {
+                        m.body.clear();
+                    }
+                    (seq, producer.send(TOPIC, m).await)
+                }
+            }),
+            256,
+        );
+        let mut receipts = BTreeMap::new();
+        let mut refused = Vec::new();
+        while let Some((seq, r)) = futures::StreamExt::next(&mut pending).await {
+            match r {
+                Ok(r) => {
+                    receipts.insert(seq, r);
+                }
+                Err(e) => refused.push((seq, e)),
+            }
+        }
+        ensure!(
+            refused.len() == 1 && refused[0].0 == bad,
+            "only the empty body should fail: {:?}",
+            refused.iter().map(|(s, e)| format!("{s}: {e}")).collect::<Vec<_>>()
+        );
+        ensure!(
+            refused[0].1.code() == Some(tonic::Code::InvalidArgument),
+            "{}",
+            refused[0].1
+        );
+        // Fewer Raft entries than messages: sends were combined.
+        let entries: std::collections::BTreeSet<u64> = receipts
+            .values()
+            .map(|r| super::api::raft_index_of(&r.message_id))
+            .collect::<anyhow::Result<_>>()?;
+        eprintln!("{} messages acknowledged in {} entries", receipts.len(), entries.len());
+        ensure!(
+            entries.len() * 2 < receipts.len(),
+            "{} entries for {} messages: little was combined",
+            entries.len(),
+            receipts.len()
+        );
+        // Each acknowledged message is stored once, where its receipt says.
+        let (pulled, _) = pull_everything(&client.pull_consumer(), &route, TOPIC).await?;
+        ensure!(
+            pulled.len() == receipts.len(),
+            "{} stored, {} acknowledged",
+            pulled.len(),
+            receipts.len()
+        );
+        for (group, queue, m) in &pulled {
+            let seq = seq_of(m)?;
+            let r = receipts
+                .get(&seq)
+                .with_context(|| format!("seq {seq} stored but not acknowledged"))?;
+            ensure!(
+                (&r.broker_group, r.queue_id, r.queue_offset, &r.message_id)
+                    == (group, *queue, m.queue_offset, &m.message_id),
+                "seq {seq}: receipt {r:?} but stored at {group}/{queue}@{}",
+                m.queue_offset
+            );
+        }
         cluster.shutdown().await?;
         ns.stop().await
     }

@@ -21,6 +21,11 @@ pub struct ClientConfig {
     /// Default 30 s, RocketMQ's `pollNameServerInterval`; a `NOT_LEADER` or a
     /// connection error refreshes earlier.
     pub route_refresh_interval: Duration,
+    /// Concurrent single-message sends bound for one queue are combined into one
+    /// Send RPC (one Raft entry) of up to this many messages while an earlier RPC
+    /// to that queue is in flight. An idle queue sends at once: nothing waits to
+    /// fill a batch. Default 128; 1 turns combining off.
+    pub max_auto_batch: usize,
 }
 
 impl ClientConfig {
@@ -30,6 +35,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(2),
             send_deadline: Duration::from_secs(3),
             route_refresh_interval: Duration::from_secs(30),
+            max_auto_batch: 128,
         }
     }
 
@@ -60,6 +66,13 @@ impl ClientConfig {
             if value.is_zero() {
                 return Err(bad(key.into(), format!("{value:?}"), "must be above zero"));
             }
+        }
+        if self.max_auto_batch == 0 {
+            return Err(bad(
+                "max_auto_batch".into(),
+                "0".into(),
+                "must be at least 1 (1 sends every message alone)",
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 /// Why a client call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     #[error("invalid client setting {key} = {value}: {reason}")]

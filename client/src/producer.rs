@@ -7,9 +7,12 @@
 //! retry stores it again. Exactly-once waits for the idempotent producer
 //! (producer id + sequence deduplicated in the state machine).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use tokio::sync::oneshot;
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
@@ -36,11 +39,31 @@ enum Pick {
     Queue { group: String, queue_id: u32 },
 }
 
-/// Sends messages; cheap to clone (shares connections and routes).
+/// Sends messages; cheap to clone (shares connections, routes and batching).
 #[derive(Clone)]
 pub struct Producer {
     core: Arc<Core>,
     next: Arc<AtomicUsize>,
+    lanes: Arc<Mutex<HashMap<LaneKey, Lane>>>,
+}
+
+/// RPCs one queue may have in flight before further sends to it are combined.
+/// Two keeps the pipe full (one batch travels while the next gathers) without
+/// letting many small RPCs race each other.
+const LANE_PARALLELISM: usize = 2;
+/// Bytes of bodies one combined send may carry (the broker's default batch limit
+/// is 4 MiB; staying well below it keeps one RPC from dominating).
+const MAX_AUTO_BATCH_BYTES: usize = 1024 * 1024;
+
+/// (topic, broker group, queue): sends to one lane may be combined.
+type LaneKey = (String, String, u32);
+type Waiter = oneshot::Sender<Result<SendReceipt, Error>>;
+
+/// Sends bound for one queue: how many RPCs are in flight and who waits to go next.
+#[derive(Default)]
+struct Lane {
+    in_flight: usize,
+    queued: Vec<(pb::Message, Waiter)>,
 }
 
 impl Producer {
@@ -48,6 +71,7 @@ impl Producer {
         Producer {
             core,
             next: Arc::new(AtomicUsize::new(0)),
+            lanes: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -56,7 +80,7 @@ impl Producer {
     /// the answer is wanted, or hand it to `tokio::spawn`.
     pub async fn send(&self, topic: &str, message: pb::Message) -> Result<SendReceipt, Error> {
         let pick = Pick::Index(self.next.fetch_add(1, Ordering::Relaxed));
-        one(self.send_inner(topic, pick, vec![message]).await?)
+        self.send_single(topic, pick, message).await
     }
 
     /// Same as [`Producer::send`]; named for readers coming from RocketMQ's API.
@@ -102,7 +126,7 @@ impl Producer {
             group: broker_group.to_owned(),
             queue_id,
         };
-        one(self.send_inner(topic, pick, vec![message]).await?)
+        self.send_single(topic, pick, message).await
     }
 
     /// Sends to the queue `key` maps to. The mapping (a stable hash over the
@@ -115,7 +139,150 @@ impl Producer {
     /// is not promised. Create ordered topics up front, or send once and wait.
     pub async fn send_with_key(&self, topic: &str, key: &str, message: pb::Message) -> Result<SendReceipt, Error> {
         let pick = Pick::Index(fnv1a(key.as_bytes()) as usize);
-        one(self.send_inner(topic, pick, vec![message]).await?)
+        self.send_single(topic, pick, message).await
+    }
+
+    /// One message: alone if its queue is idle (or combining is off, or the queue
+    /// is not known yet), otherwise combined with the other sends waiting for that
+    /// queue into one RPC. A combined batch is one Raft entry: all of it is stored
+    /// or none of it, and each sender gets its own receipt or the shared error.
+    async fn send_single(&self, topic: &str, pick: Pick, message: pb::Message) -> Result<SendReceipt, Error> {
+        let lane = match self.core.config.max_auto_batch {
+            0 | 1 => None,
+            _ => match self.core.route(topic).await {
+                Ok(route) => {
+                    choose(&route, &pick).and_then(|(g, q)| Some((topic.to_owned(), g.broker_group.clone(), q?)))
+                }
+                // The unbatched path retries route failures within the deadline.
+                Err(_) => None,
+            },
+        };
+        let Some(key) = lane else {
+            return one(self.send_inner(topic, pick, vec![message]).await?);
+        };
+        let mut message = Some(message);
+        let waiting = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            let lane = lanes.entry(key.clone()).or_default();
+            if lane.in_flight < LANE_PARALLELISM {
+                lane.in_flight += 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                lane.queued.extend(message.take().map(|m| (m, tx)));
+                Some(rx)
+            }
+        };
+        match waiting {
+            Some(rx) => rx.await.unwrap_or_else(|_| {
+                Err(Error::Protocol {
+                    endpoint: String::new(),
+                    reason: "the combined send carrying this message was dropped".into(),
+                })
+            }),
+            None => {
+                // This caller holds one of the lane's slots: send its own message
+                // with whatever queued meanwhile, then leave the slot to a task that
+                // keeps draining the lane, so this caller's answer is not held up.
+                let (batch, waiters) = self.take_queued(&key, message);
+                let mut results = self.send_combined(&key, batch).await.into_iter();
+                let mine = results.next().unwrap_or_else(|| {
+                    Err(Error::Protocol {
+                        endpoint: String::new(),
+                        reason: "no result for a combined send".into(),
+                    })
+                });
+                for (w, r) in waiters.into_iter().zip(results) {
+                    let _ = w.send(r);
+                }
+                let producer = self.clone();
+                tokio::spawn(async move { producer.drain_lane(key).await });
+                mine
+            }
+        }
+    }
+
+    /// Takes up to `max_auto_batch` messages (and the byte limit) queued on the lane,
+    /// after `first` if given.
+    fn take_queued(&self, key: &LaneKey, first: Option<pb::Message>) -> (Vec<pb::Message>, Vec<Waiter>) {
+        let max = self.core.config.max_auto_batch;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        if let Some(m) = first {
+            bytes += m.body.len();
+            batch.push(m);
+        }
+        let mut waiters = Vec::new();
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lane) = lanes.get_mut(key) {
+            let mut take = 0;
+            for (m, _) in &lane.queued {
+                let full = batch.len() + take >= max;
+                // The byte limit never leaves a batch empty: one message always goes.
+                let too_big = (take > 0 || !batch.is_empty()) && bytes + m.body.len() > MAX_AUTO_BATCH_BYTES;
+                if full || too_big {
+                    break;
+                }
+                bytes += m.body.len();
+                take += 1;
+            }
+            for (m, w) in lane.queued.drain(..take) {
+                batch.push(m);
+                waiters.push(w);
+            }
+        }
+        (batch, waiters)
+    }
+
+    /// Keeps sending what queues on the lane until it is empty, then frees the slot.
+    async fn drain_lane(&self, key: LaneKey) {
+        loop {
+            let (batch, waiters) = self.take_queued(&key, None);
+            if batch.is_empty() {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(lane) = lanes.get_mut(&key) {
+                    // Something may have queued between the take and this lock.
+                    if !lane.queued.is_empty() {
+                        continue;
+                    }
+                    lane.in_flight -= 1;
+                    if lane.in_flight == 0 {
+                        lanes.remove(&key);
+                    }
+                }
+                return;
+            }
+            for (w, r) in waiters.into_iter().zip(self.send_combined(&key, batch).await) {
+                let _ = w.send(r);
+            }
+        }
+    }
+
+    /// Sends `batch` to the lane's queue as one RPC, one result per message. If the
+    /// broker refuses the batch as invalid, each message is sent alone so that only
+    /// the bad one fails.
+    async fn send_combined(&self, key: &LaneKey, batch: Vec<pb::Message>) -> Vec<Result<SendReceipt, Error>> {
+        let (topic, group, queue_id) = key;
+        let pick = || Pick::Queue {
+            group: group.clone(),
+            queue_id: *queue_id,
+        };
+        let n = batch.len();
+        if n == 1 {
+            let r = self.send_inner(topic, pick(), batch).await.and_then(one);
+            return vec![r];
+        }
+        match self.send_inner(topic, pick(), batch.clone()).await {
+            Ok(receipts) => receipts.into_iter().map(Ok).collect(),
+            Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+                let mut out = Vec::with_capacity(n);
+                for m in batch {
+                    out.push(self.send_inner(topic, pick(), vec![m]).await.and_then(one));
+                }
+                out
+            }
+            Err(e) => vec![Err(e); n],
+        }
     }
 
     #[tracing::instrument(skip(self, pick, messages), fields(count = messages.len()))]
