@@ -240,6 +240,12 @@ fn not_yet(what: &str, issue: u32) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `raftmq admin cluster | head -1` would panic on a
+    // closed stdout; a CLI should end quietly like every other Unix tool.
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
     tracing_subscriber::fmt()

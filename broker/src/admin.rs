@@ -47,6 +47,7 @@ impl Admin {
                 perm,
             }))
             .await?;
+        self.group.topics_changed();
         match written.response {
             Response::TopicUpserted => Ok(pb::CreateTopicResponse {}),
             other => Err(ApiError::Internal(format!("topic upsert was answered with {other}"))),
@@ -56,12 +57,9 @@ impl Admin {
     async fn delete_topic(&self, req: pb::DeleteTopicRequest) -> Result<pb::DeleteTopicResponse, ApiError> {
         validate::topic_name(&req.name)?;
         self.group.ensure_leader()?;
-        match self
-            .group
-            .write(Command::DeleteTopic { name: req.name })
-            .await?
-            .response
-        {
+        let written = self.group.write(Command::DeleteTopic { name: req.name }).await?;
+        self.group.topics_changed();
+        match written.response {
             Response::TopicDeleted { existed } => Ok(pb::DeleteTopicResponse { existed }),
             other => Err(ApiError::Internal(format!("topic delete was answered with {other}"))),
         }

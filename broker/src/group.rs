@@ -38,6 +38,9 @@ struct Inner {
     /// Next broker-chosen queue per topic. Per node and not replicated: it only
     /// spreads load, so losing it on failover is harmless.
     round_robin: Mutex<HashMap<String, u32>>,
+    /// Woken when this node changed a topic (create, update, delete), so the
+    /// NameServers hear of it now rather than at the next registration round.
+    topics_changed: tokio::sync::Notify,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -64,6 +67,7 @@ impl GroupHandle {
                 config,
                 shutdown,
                 round_robin: Mutex::new(HashMap::new()),
+                topics_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -86,6 +90,16 @@ impl GroupHandle {
 
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// Completes after the next [`GroupHandle::topics_changed`] call.
+    pub async fn topics_changed_notified(&self) {
+        self.inner.topics_changed.notified().await;
+    }
+
+    /// Tells the registration loop that a topic was created, updated or deleted.
+    pub fn topics_changed(&self) {
+        self.inner.topics_changed.notify_one();
     }
 
     pub fn config(&self) -> &MessagingConfig {

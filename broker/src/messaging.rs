@@ -114,6 +114,7 @@ impl Messaging {
         };
         tracing::info!(topic = name, queues = config.queues, "auto-creating topic");
         self.group.write(Command::UpsertTopic(config)).await?;
+        self.group.topics_changed();
         // Re-read: a concurrent create or update may have won, and its config stands.
         self.group.topic(name)
     }

@@ -1,8 +1,8 @@
 //! Keeps every NameServer told about this replica: its endpoint, the group's term
 //! and leader, the other replicas, and the topics it serves. Sent at start, every
 //! `registration_interval`, and at once when the term, the leader or the
-//! membership changes, so routes follow a failover within one round trip rather
-//! than one heartbeat. NameServers are independent: one being down delays nobody.
+//! membership changes, or this node changes a topic, so routes follow a failover
+//! (or a new topic) within one round trip rather than one heartbeat. NameServers are independent: one being down delays nobody.
 
 use std::time::Duration;
 
@@ -105,6 +105,7 @@ pub fn spawn(
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = group.topics_changed_notified() => {}
                 changed = metrics.changed() => {
                     if changed.is_err() {
                         break; // Raft stopped.
