@@ -4,6 +4,7 @@
 #     bash deploy/build-image.sh            # -> image raftmq:dev
 #     IMAGE=raftmq:1.2 bash deploy/build-image.sh
 #     RAFTMQ_BIN=/path/to/raftmq bash deploy/build-image.sh   # reuse a built binary
+#     KEEP_DEBUG=1 bash deploy/build-image.sh                   # do not strip (see below)
 #
 # The binary comes from scripts/build-release.sh (glibc, libstdc++ and RocksDB linked
 # statically; a cold build takes 20-35 minutes on 2 cores, later ones seconds). The
@@ -33,11 +34,20 @@ fi
 
 stage="$(mktemp -d "${TMPDIR:-/tmp}/raftmq-image.XXXXXX")"
 trap 'rm -rf "$stage"' EXIT
-cp "$bin" "$stage/raftmq"
+# The release profile keeps line tables, and RocksDB's C++ is compiled with -g, so the
+# binary is ~480 MB of which ~455 MB is DWARF. The image gets a copy with the debug
+# sections removed (~27 MB); the symbol table stays, so panics and backtraces still
+# name functions (without file:line). KEEP_DEBUG=1 copies the binary unchanged.
+if [[ "${KEEP_DEBUG:-0}" == 1 ]]; then
+    cp "$bin" "$stage/raftmq"
+else
+    command -v strip > /dev/null 2>&1 || { echo "build-image: 'strip' (binutils) not found; install it or set KEEP_DEBUG=1" >&2; exit 1; }
+    strip --strip-debug -o "$stage/raftmq" "$bin"
+fi
 mkdir "$stage/data"
 printf 'hosts: files dns\n' > "$stage/nsswitch.conf"
 
-echo "build-image: building $image from $bin ($(du -h "$bin" | cut -f1))" >&2
+echo "build-image: building $image from $bin ($(du -h "$bin" | cut -f1); in the image $(du -h "$stage/raftmq" | cut -f1))" >&2
 docker build --file "$here/Dockerfile" --tag "$image" "$stage" >&2
 
 # Smoke test: the image runs on its own (no shell, no libraries needed).

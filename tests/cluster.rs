@@ -402,6 +402,40 @@ async fn killed_leader_is_replaced_and_catches_up_after_restart() -> anyhow::Res
     cluster.shutdown().await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_that_crash_and_return_never_depose_a_healthy_leader() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    create_topic_via(&cluster, leader).await?;
+    let term = cluster.replica(leader).metrics().current_term;
+    let mut next = 0;
+    for round in 0..3u64 {
+        let follower = cluster
+            .running()
+            .map(|r| r.id)
+            .find(|&id| id != leader)
+            .context("a follower")?;
+        cluster.replica_mut(follower).kill().await;
+        // Long enough for the leader's replication to that peer to back off, so the
+        // returning node's election timer fires before it hears a heartbeat.
+        let last = write_messages(&cluster, leader, next..next + 50).await?;
+        next += 50;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cluster.replica_mut(follower).restart().await?;
+        cluster.wait_applied(last).await?;
+        // A few election timeouts with the returned node up.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let m = cluster.replica(leader).metrics();
+        ensure!(
+            m.state == ServerState::Leader && m.current_term == term,
+            "round {round}: node {follower} returned and the leader changed: node {leader} is {:?} in term {} (was term {term})",
+            m.state,
+            m.current_term
+        );
+    }
+    cluster.shutdown().await
+}
+
 /// Polls the NameServer until the topic's route satisfies `ok`, or fails at the deadline.
 async fn wait_for_route(
     client: &mut raftmq_proto::v1::name_server_service_client::NameServerServiceClient<tonic::transport::Channel>,
