@@ -36,8 +36,8 @@ else
     command -v strip > /dev/null 2>&1 || { echo "build-image: 'strip' (binutils) not found; install it or set KEEP_DEBUG=1" >&2; exit 1; }
     strip --strip-debug -o "$stage/raftmq" "$bin"
 fi
-mkdir "$stage/data" "$stage/rootfs"
-printf 'hosts: files dns\n' > "$stage/nsswitch.conf"
+mkdir -p "$stage/data" "$stage/rootfs/etc"
+printf 'hosts: files dns\n' > "$stage/rootfs/etc/nsswitch.conf"
 
 # The release binary is static and needs nothing else. A dynamically linked one (CI
 # reuses the debug build of its test run rather than compiling RocksDB a second

@@ -391,14 +391,13 @@ async fn inject(
             .container_for(&leader_ep)
             .context("no container holds the leader's endpoint")
     };
-    let injected_ms = run.ms();
     let targets = match fault {
         Fault::KillLeader => vec![leader()?],
         Fault::PauseLeader => vec![leader()?],
         Fault::IsolateLeader => vec![leader()?],
         Fault::KillFollower => {
             let pick = followers
-                .get(usize::try_from(injected_ms % 2).unwrap_or(0))
+                .get(usize::try_from(run.ms() % 2).unwrap_or(0))
                 .or(followers.first())
                 .context("no follower")?;
             vec![
@@ -409,7 +408,6 @@ async fn inject(
         }
         Fault::KillAll => docker.brokers.keys().cloned().collect(),
     };
-    let injected_ms = run.ms();
     for t in &targets {
         match fault {
             Fault::KillLeader | Fault::KillFollower | Fault::KillAll => docker.run(&["kill", t]).await?,
@@ -421,6 +419,9 @@ async fn inject(
             }
         };
     }
+    // The fault is in force once the docker command has returned (a kill takes
+    // ~0.2 s to issue; sends acknowledged meanwhile came from the old leader).
+    let injected_ms = run.ms();
     tokio::time::sleep(hold).await;
     for t in &targets {
         match fault {

@@ -14,6 +14,15 @@ pub struct ClientConfig {
     /// Longest wait for one RPC (and for connecting). Default 2 s: longer than a
     /// just-elected leader's internal retry (1 s) so that answer is not cut off.
     pub request_timeout: Duration,
+    /// Longest wait for a TCP connection. Default 500 ms: a live broker on a LAN
+    /// answers in a millisecond, and a killed container's address answers nothing
+    /// at all, so a long connect timeout is time lost to a dead leader.
+    pub connect_timeout: Duration,
+    /// An in-flight RPC whose connection stops answering HTTP/2 pings for this
+    /// long fails at once (UNAVAILABLE) instead of waiting out `request_timeout`.
+    /// Default 300 ms (pings every 200 ms while requests are in flight): how a
+    /// producer notices a SIGKILLed leader whose host sends no TCP reset.
+    pub dead_connection_timeout: Duration,
     /// Total time one `send` may take, retries included. Default 3 s: covers a
     /// failover (about 1 s) plus the route refresh that follows it.
     pub send_deadline: Duration,
@@ -33,6 +42,8 @@ impl ClientConfig {
         ClientConfig {
             nameservers,
             request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_millis(500),
+            dead_connection_timeout: Duration::from_millis(300),
             send_deadline: Duration::from_secs(3),
             route_refresh_interval: Duration::from_secs(30),
             max_auto_batch: 128,
@@ -61,6 +72,8 @@ impl ClientConfig {
         for (key, value) in [
             ("request_timeout", self.request_timeout),
             ("send_deadline", self.send_deadline),
+            ("connect_timeout", self.connect_timeout),
+            ("dead_connection_timeout", self.dead_connection_timeout),
             ("route_refresh_interval", self.route_refresh_interval),
         ] {
             if value.is_zero() {

@@ -22,6 +22,9 @@ pub const LEADER_METADATA_KEY: &str = "raftmq-leader";
 
 /// Pull answers may exceed gRPC's default 4 MiB (one message may be 4 MiB).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How often a channel with requests in flight pings its server (see
+/// `ClientConfig::dead_connection_timeout`).
+const PING_INTERVAL: Duration = Duration::from_millis(200);
 
 pub(crate) fn endpoint_uri(endpoint: &str) -> Result<Endpoint, tonic::transport::Error> {
     // Brokers and NameServers advertise bare host:port; tonic wants a URI.
@@ -140,8 +143,12 @@ impl Core {
                 endpoint: endpoint.to_owned(),
                 reason: format!("not a usable endpoint: {e}"),
             })?
-            .connect_timeout(self.config.request_timeout)
+            .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
+            // Pings only while requests are in flight: an idle channel costs nothing.
+            .http2_keep_alive_interval(PING_INTERVAL)
+            .keep_alive_timeout(self.config.dead_connection_timeout)
+            .keep_alive_while_idle(false)
             .connect_lazy();
         channels.insert(endpoint.to_owned(), channel.clone());
         Ok(channel)
