@@ -240,12 +240,10 @@ fn not_yet(what: &str, issue: u32) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    // Rust ignores SIGPIPE, so `raftmq admin cluster | head -1` would panic on a
-    // closed stdout; a CLI should end quietly like every other Unix tool.
-    // SAFETY: called first thing in main, before any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): every subcommand talks gRPC, and a
+    // write to a connection a killed peer left behind must be an error to retry,
+    // not a signal that kills the broker or the client. (Restoring the default
+    // action for `raftmq admin cluster | head` killed `raftmq chaos` mid-run.)
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
     // Colour only on a terminal: container logs and log files get plain text.
