@@ -111,7 +111,7 @@ struct FaultEvent {
     targets: Vec<String>,
     injected_ms: u64,
     healed_ms: u64,
-    /// From injection to the first acknowledgement of a send started after it.
+    /// From the fault being in force to the first acknowledgement after it.
     recovery_ms: Option<u64>,
 }
 
@@ -564,19 +564,19 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
         last_seq.insert(k, c.seq.max(last_seq.get(&k).copied().unwrap_or(0)));
     }
 
-    // Recovery: first acknowledgement of a send that started after the fault.
-    let mut acks: Vec<(u64, u64)> = sends
+    // Recovery: the first acknowledgement after the fault was in force. A killed,
+    // paused or cut-off leader can acknowledge nothing after that point, so the ack
+    // came from the new leader, whether its send started before or after the fault.
+    let mut acks: Vec<u64> = sends
         .iter()
         .filter(|s| s.outcome == Outcome::Ok)
-        .map(|s| (s.start_ms, s.end_ms))
+        .map(|s| s.end_ms)
         .collect();
     acks.sort_unstable();
     for e in &mut events {
         e.recovery_ms = acks
             .iter()
-            .filter(|(start, _)| *start >= e.injected_ms)
-            .map(|(_, end)| *end)
-            .min()
+            .find(|end| **end > e.injected_ms)
             .map(|end| end - e.injected_ms);
     }
     let mut kills: Vec<u64> = events
