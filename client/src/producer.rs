@@ -329,7 +329,13 @@ impl Producer {
                                 return receipts(&endpoint, &group_name, resp, messages.len());
                             }
                             Err(e) => {
-                                if let Some(leader) = e.redirect() {
+                                if e.redirect().is_some() && e.redirect() == dead.as_deref() {
+                                    // A follower that has not yet noticed the leader's death
+                                    // points back at the node this send could not reach:
+                                    // wait (backoff) for the election instead of redialling it.
+                                    tracing::debug!(from = %endpoint, "redirected to the unreachable leader; waiting");
+                                    self.core.routes.invalidate(topic);
+                                } else if let Some(leader) = e.redirect() {
                                     tracing::debug!(from = %endpoint, to = %leader, "not leader; redirecting");
                                     self.core.routes.set_leader(topic, &group_name, leader);
                                     dead = None;
