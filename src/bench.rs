@@ -208,12 +208,8 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         Client::new(config).context("building a client")
     };
     let admin_client = client()?;
-    admin_client
-        .admin()
-        .create_topic(&args.topic, args.queues, pb::Permission::ReadWrite)
-        .await
-        .with_context(|| format!("creating topic {}", args.topic))?;
-    let queues = wait_for_route(&admin_client, &args.topic, args.queues).await?;
+    let queues =
+        crate::tools::create_topic_and_wait(&admin_client, &args.topic, args.queues, Duration::from_secs(15)).await?;
     let producers = (0..args.producers)
         .map(|_| client().map(|c| c.producer()))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -280,32 +276,6 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         p999_ms: ms(0.999),
         max_ms: outcome.latency.max() as f64 / 1000.0,
     })
-}
-
-/// Waits until a NameServer routes `topic` with `queues` queues per group (the
-/// brokers register a new topic within one registration round) and returns every
-/// (group, queue) pair.
-async fn wait_for_route(client: &Client, topic: &str, queues: u32) -> anyhow::Result<Vec<(String, u32)>> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match client.refresh_route(topic).await {
-            Ok(r) if !r.provisional && !r.groups.is_empty() && r.groups.iter().all(|g| g.queues == queues) => {
-                return Ok(r
-                    .groups
-                    .iter()
-                    .flat_map(|g| (0..g.queues).map(|q| (g.broker_group.clone(), q)))
-                    .collect());
-            }
-            Ok(_) | Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(r) => anyhow::bail!(
-                "topic {topic} is routed with queue counts {:?}, not {queues}, after 15 s",
-                r.groups.iter().map(|g| g.queues).collect::<Vec<_>>()
-            ),
-            Err(e) => return Err(e).with_context(|| format!("no route for topic {topic} after 15 s")),
-        }
-    }
 }
 
 /// Counts, latencies and time of one measured phase.

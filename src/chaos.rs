@@ -155,12 +155,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     anyhow::ensure!(args.interval as f64 > args.hold, "--interval must exceed --hold");
     let docker = Docker::new(&args.project).await?;
     let client = Client::new(ClientConfig::new(args.namesrv.clone()))?;
-    client
-        .admin()
-        .create_topic(&args.topic, args.queues, pb::Permission::ReadWrite)
-        .await
-        .with_context(|| format!("creating topic {}", args.topic))?;
-    let queues = wait_for_queues(&client, &args.topic, args.queues).await?;
+    let queues =
+        crate::tools::create_topic_and_wait(&client, &args.topic, args.queues, Duration::from_secs(30)).await?;
     let run = Arc::new(Run {
         started: Instant::now(),
         stop_sending: AtomicBool::new(false),
@@ -246,27 +242,6 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         .with_context(|| format!("writing {}", args.out.display()))?;
     print_summary(&summary, &args);
     Ok(summary.lost == 0 && summary.unexpected == 0 && summary.order_violations == 0)
-}
-
-async fn wait_for_queues(client: &Client, topic: &str, queues: u32) -> anyhow::Result<Vec<(String, u32)>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.refresh_route(topic).await
-            && !r.provisional
-            && !r.groups.is_empty()
-            && r.groups.iter().all(|g| g.queues == queues)
-        {
-            return Ok(r
-                .groups
-                .iter()
-                .flat_map(|g| (0..g.queues).map(|q| (g.broker_group.clone(), q)))
-                .collect());
-        }
-        if Instant::now() >= deadline {
-            bail!("topic {topic} not routed with {queues} queues after 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// One producer: sends one message at a time until told to stop. A keyed producer

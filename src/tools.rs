@@ -244,3 +244,41 @@ async fn health(broker: Option<String>, namesrv: Option<String>, timeout: Durati
         .map_err(|_| anyhow::anyhow!("{what} {addr} did not answer within {timeout:?}"))?
         .with_context(|| format!("{what} {addr} is not healthy"))
 }
+
+/// Creates (or updates) `topic` with `queues` queues on every broker group, then
+/// waits until a NameServer routes it that way (brokers register a topic change at
+/// once, but the route is only as fresh as the last registration) and returns every
+/// (group, queue) pair. For tools that need a known topic before they start.
+pub async fn create_topic_and_wait(
+    client: &raftmq_client::Client,
+    topic: &str,
+    queues: u32,
+    within: Duration,
+) -> anyhow::Result<Vec<(String, u32)>> {
+    client
+        .admin()
+        .create_topic(topic, queues, raftmq_proto::v1::Permission::ReadWrite)
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let last = match client.refresh_route(topic).await {
+            Ok(r) if !r.provisional && !r.groups.is_empty() && r.groups.iter().all(|g| g.queues == queues) => {
+                return Ok(r
+                    .groups
+                    .iter()
+                    .flat_map(|g| (0..g.queues).map(|q| (g.broker_group.clone(), q)))
+                    .collect());
+            }
+            Ok(r) => format!(
+                "routed with queue counts {:?}",
+                r.groups.iter().map(|g| g.queues).collect::<Vec<_>>()
+            ),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("topic {topic} is not routed with {queues} queues after {within:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

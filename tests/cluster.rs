@@ -1612,7 +1612,7 @@ mod client {
     }
 
     /// Reads every queue of every group of the topic's route from offset 0.
-    async fn pull_everything(
+    pub(super) async fn pull_everything(
         consumer: &PullConsumer,
         route: &raftmq_client::TopicRoute,
         topic: &str,

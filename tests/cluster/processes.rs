@@ -201,23 +201,8 @@ async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> an
 
     // Every acknowledged message is readable, exactly once.
     let route = client.refresh_route(TOPIC).await?;
-    let consumer = client.pull_consumer();
-    let mut seen = Vec::new();
-    for g in &route.groups {
-        for q in 0..g.queues {
-            let mut offset = 0;
-            loop {
-                let r = consumer
-                    .pull(TOPIC, &g.broker_group, q, offset, 256, Duration::ZERO, "*")
-                    .await?;
-                seen.extend(r.messages.iter().map(|m| m.message_id.clone()));
-                if r.next_offset >= r.max_offset {
-                    break;
-                }
-                offset = r.next_offset;
-            }
-        }
-    }
+    let (pulled, _) = crate::client::pull_everything(&client.pull_consumer(), &route, TOPIC).await?;
+    let seen: Vec<String> = pulled.into_iter().map(|(_, _, m)| m.message_id).collect();
     let unique: BTreeSet<String> = seen.iter().cloned().collect();
     let missing: Vec<_> = acked.difference(&unique).collect();
     ensure!(missing.is_empty(), "acknowledged but not readable: {missing:?}");
