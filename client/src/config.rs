@@ -18,11 +18,14 @@ pub struct ClientConfig {
     /// answers in a millisecond, and a killed container's address answers nothing
     /// at all, so a long connect timeout is time lost to a dead leader.
     pub connect_timeout: Duration,
-    /// An in-flight RPC whose connection stops answering HTTP/2 pings for this
-    /// long fails at once (UNAVAILABLE) instead of waiting out `request_timeout`.
-    /// Default 300 ms (pings every 200 ms while requests are in flight): how a
-    /// producer notices a SIGKILLed leader whose host sends no TCP reset.
-    pub dead_connection_timeout: Duration,
+    /// With `Some(t)`, a channel with requests in flight pings its server every
+    /// 200 ms and an RPC whose connection stops answering for `t` fails at once
+    /// (UNAVAILABLE) instead of waiting out `request_timeout`: how a producer
+    /// notices a paused or cut-off leader within ~0.5 s instead of 2 s. A killed
+    /// process needs none of this (its sockets are closed, the client sees a reset).
+    /// Default `None`: hyper's HTTP/2 keep-alive cost 30 % of pipelined throughput
+    /// here (256 in flight: 24.1-25.3k msgs/s without, 17.2-18.6k with).
+    pub dead_connection_timeout: Option<Duration>,
     /// Total time one `send` may take, retries included. Default 3 s: covers a
     /// failover (about 1 s) plus the route refresh that follows it.
     pub send_deadline: Duration,
@@ -43,7 +46,7 @@ impl ClientConfig {
             nameservers,
             request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
-            dead_connection_timeout: Duration::from_millis(300),
+            dead_connection_timeout: None,
             send_deadline: Duration::from_secs(3),
             route_refresh_interval: Duration::from_secs(30),
             max_auto_batch: 128,
@@ -73,7 +76,10 @@ impl ClientConfig {
             ("request_timeout", self.request_timeout),
             ("send_deadline", self.send_deadline),
             ("connect_timeout", self.connect_timeout),
-            ("dead_connection_timeout", self.dead_connection_timeout),
+            (
+                "dead_connection_timeout",
+                self.dead_connection_timeout.unwrap_or(Duration::MAX),
+            ),
             ("route_refresh_interval", self.route_refresh_interval),
         ] {
             if value.is_zero() {

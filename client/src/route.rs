@@ -138,18 +138,21 @@ impl Core {
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = endpoint_uri(endpoint)
+        let mut ep = endpoint_uri(endpoint)
             .map_err(|e| Error::Protocol {
                 endpoint: endpoint.to_owned(),
                 reason: format!("not a usable endpoint: {e}"),
             })?
             .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(timeout) = self.config.dead_connection_timeout {
             // Pings only while requests are in flight: an idle channel costs nothing.
-            .http2_keep_alive_interval(PING_INTERVAL)
-            .keep_alive_timeout(self.config.dead_connection_timeout)
-            .keep_alive_while_idle(false)
-            .connect_lazy();
+            ep = ep
+                .http2_keep_alive_interval(PING_INTERVAL)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(false);
+        }
+        let channel = ep.connect_lazy();
         channels.insert(endpoint.to_owned(), channel.clone());
         Ok(channel)
     }
