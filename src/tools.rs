@@ -79,7 +79,14 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                             "last log {log}  applied {}",
                             applied.map_or("-".to_owned(), |a| a.to_string())
                         ),
-                        (None, _, Some(matched)) => format!("replicated through {matched}"),
+                        (None, _, Some(matched)) => match r.last_ack_ms {
+                            // Well past any election timeout: the leader cannot reach it.
+                            Some(ms) if ms > 1000 => {
+                                format!("replicated through {matched}, UNREACHABLE (last ack {ms} ms ago)")
+                            }
+                            Some(ms) => format!("replicated through {matched}, last ack {ms} ms ago"),
+                            None => format!("replicated through {matched}, never acknowledged this leader"),
+                        },
                         _ => "progress unknown".to_owned(),
                     };
                     println!("  node {}  {}  {:?}  {progress}", r.node_id, r.endpoint, role);

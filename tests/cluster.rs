@@ -1338,6 +1338,18 @@ mod api {
         create_topic(cluster.replica(leader), TOPIC, QUEUES).await?;
         let mut client = messaging(cluster.replica(leader)).await?;
         client.send(send_request(TOPIC, Some(0), vec![message(0)])).await?;
+        let healthy = admin(cluster.replica(leader))
+            .await?
+            .cluster_status(pb::ClusterStatusRequest::default())
+            .await?
+            .into_inner();
+        for r in healthy.groups[0].replicas.iter().filter(|r| r.node_id != leader) {
+            ensure!(
+                r.last_ack_ms.is_some_and(|ms| ms < 1000),
+                "follower {} of a healthy group looks silent: {r:?}",
+                r.node_id
+            );
+        }
 
         // Both followers crash: the leader is alone, and openraft keeps it Leader.
         let followers: Vec<_> = cluster.running().map(|r| r.id).filter(|&id| id != leader).collect();
@@ -1379,6 +1391,20 @@ mod api {
         );
         ensure!(refused.0.message().contains("no quorum"), "{}", refused.0.message());
         assert_eq!(cluster.replica(leader).metrics().state, ServerState::Leader);
+        // Its cluster status says the followers are silent (what `admin cluster`
+        // prints as UNREACHABLE).
+        let status = admin(cluster.replica(leader))
+            .await?
+            .cluster_status(pb::ClusterStatusRequest::default())
+            .await?
+            .into_inner();
+        for r in status.groups[0].replicas.iter().filter(|r| r.node_id != leader) {
+            ensure!(
+                r.last_ack_ms.is_some_and(|ms| ms >= 400),
+                "follower {} should look silent: {r:?}",
+                r.node_id
+            );
+        }
         cluster.shutdown().await
     }
 

@@ -138,6 +138,12 @@ impl Admin {
                         None
                     },
                     matched_index: matched,
+                    last_ack_ms: m
+                        .heartbeat
+                        .as_ref()
+                        .and_then(|h| h.get(&id))
+                        .and_then(|t| t.as_ref())
+                        .map(|t| u64::try_from(openraft::Instant::elapsed(&**t).as_millis()).unwrap_or(u64::MAX)),
                 }
             })
             .collect();

@@ -166,6 +166,7 @@ impl Registry {
                             last_log_index: None,
                             applied_index: None,
                             matched_index: None,
+                            last_ack_ms: None,
                         })
                         .collect(),
                     reported_by: view.best.node_id,
