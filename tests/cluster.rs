@@ -1331,6 +1331,23 @@ mod api {
         cluster.shutdown().await
     }
 
+    /// (follower id, ms since it last acknowledged the leader) from the leader's
+    /// ClusterStatus: what `raftmq admin cluster` prints.
+    async fn follower_ack_ages(cluster: &Cluster, leader: u64) -> anyhow::Result<Vec<(u64, Option<u64>)>> {
+        let status = admin(cluster.replica(leader))
+            .await?
+            .cluster_status(pb::ClusterStatusRequest::default())
+            .await?
+            .into_inner();
+        let group = status.groups.first().context("no group in the status")?;
+        Ok(group
+            .replicas
+            .iter()
+            .filter(|r| r.node_id != leader)
+            .map(|r| (r.node_id, r.last_ack_ms))
+            .collect())
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_that_lost_its_quorum_refuses_writes_at_once_instead_of_holding_them() -> anyhow::Result<()> {
         let mut cluster = Cluster::start(3).await?;
@@ -1338,16 +1355,10 @@ mod api {
         create_topic(cluster.replica(leader), TOPIC, QUEUES).await?;
         let mut client = messaging(cluster.replica(leader)).await?;
         client.send(send_request(TOPIC, Some(0), vec![message(0)])).await?;
-        let healthy = admin(cluster.replica(leader))
-            .await?
-            .cluster_status(pb::ClusterStatusRequest::default())
-            .await?
-            .into_inner();
-        for r in healthy.groups[0].replicas.iter().filter(|r| r.node_id != leader) {
+        for (id, ack) in follower_ack_ages(&cluster, leader).await? {
             ensure!(
-                r.last_ack_ms.is_some_and(|ms| ms < 1000),
-                "follower {} of a healthy group looks silent: {r:?}",
-                r.node_id
+                ack.is_some_and(|ms| ms < 1000),
+                "follower {id} of a healthy group looks silent: {ack:?}"
             );
         }
 
@@ -1393,16 +1404,10 @@ mod api {
         assert_eq!(cluster.replica(leader).metrics().state, ServerState::Leader);
         // Its cluster status says the followers are silent (what `admin cluster`
         // prints as UNREACHABLE).
-        let status = admin(cluster.replica(leader))
-            .await?
-            .cluster_status(pb::ClusterStatusRequest::default())
-            .await?
-            .into_inner();
-        for r in status.groups[0].replicas.iter().filter(|r| r.node_id != leader) {
+        for (id, ack) in follower_ack_ages(&cluster, leader).await? {
             ensure!(
-                r.last_ack_ms.is_some_and(|ms| ms >= 400),
-                "follower {} should look silent: {r:?}",
-                r.node_id
+                ack.is_some_and(|ms| ms >= 400),
+                "follower {id} should look silent: {ack:?}"
             );
         }
         cluster.shutdown().await
