@@ -104,7 +104,7 @@ impl Producer {
     /// none of it does. Receipts are in message order.
     pub async fn send_batch(&self, topic: &str, messages: Vec<pb::Message>) -> Result<Vec<SendReceipt>, Error> {
         let pick = Pick::Index(self.next.fetch_add(1, Ordering::Relaxed));
-        self.send_inner(topic, pick, messages).await
+        self.send_inner(topic, pick, &messages).await
     }
 
     /// Sends to an explicit queue of an explicit broker group.
@@ -158,7 +158,7 @@ impl Producer {
             },
         };
         let Some(key) = lane else {
-            return one(self.send_inner(topic, pick, vec![message]).await?);
+            return one(self.send_inner(topic, pick, std::slice::from_ref(&message)).await?);
         };
         let mut message = Some(message);
         let waiting = {
@@ -182,8 +182,9 @@ impl Producer {
             }),
             None => {
                 // This caller holds one of the lane's slots: send its own message
-                // with whatever queued meanwhile, then leave the slot to a task that
-                // keeps draining the lane, so this caller's answer is not held up.
+                // with whatever queued meanwhile, then free the slot or, if more
+                // queued, leave it to a task that keeps draining the lane, so this
+                // caller's answer is not held up.
                 let (batch, waiters) = self.take_queued(&key, message);
                 let mut results = self.send_combined(&key, batch).await.into_iter();
                 let mine = results.next().unwrap_or_else(|| {
@@ -195,8 +196,10 @@ impl Producer {
                 for (w, r) in waiters.into_iter().zip(results) {
                     let _ = w.send(r);
                 }
-                let producer = self.clone();
-                tokio::spawn(async move { producer.drain_lane(key).await });
+                if !self.release_if_idle(&key) {
+                    let producer = self.clone();
+                    tokio::spawn(async move { producer.drain_lane(key).await });
+                }
                 mine
             }
         }
@@ -234,23 +237,32 @@ impl Producer {
         (batch, waiters)
     }
 
+    /// Frees one of the lane's slots if nothing waits on it (checked under the same
+    /// lock that queues, so no sender can be left waiting on a free lane).
+    fn release_if_idle(&self, key: &LaneKey) -> bool {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lane) = lanes.get_mut(key) else {
+            return true;
+        };
+        if !lane.queued.is_empty() {
+            return false;
+        }
+        lane.in_flight -= 1;
+        if lane.in_flight == 0 {
+            lanes.remove(key);
+        }
+        true
+    }
+
     /// Keeps sending what queues on the lane until it is empty, then frees the slot.
     async fn drain_lane(&self, key: LaneKey) {
         loop {
             let (batch, waiters) = self.take_queued(&key, None);
             if batch.is_empty() {
-                let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(lane) = lanes.get_mut(&key) {
-                    // Something may have queued between the take and this lock.
-                    if !lane.queued.is_empty() {
-                        continue;
-                    }
-                    lane.in_flight -= 1;
-                    if lane.in_flight == 0 {
-                        lanes.remove(&key);
-                    }
+                if self.release_if_idle(&key) {
+                    return;
                 }
-                return;
+                continue;
             }
             for (w, r) in waiters.into_iter().zip(self.send_combined(&key, batch).await) {
                 let _ = w.send(r);
@@ -268,16 +280,16 @@ impl Producer {
             queue_id: *queue_id,
         };
         let n = batch.len();
-        if n == 1 {
-            let r = self.send_inner(topic, pick(), batch).await.and_then(one);
-            return vec![r];
-        }
-        match self.send_inner(topic, pick(), batch.clone()).await {
+        match self.send_inner(topic, pick(), &batch).await {
             Ok(receipts) => receipts.into_iter().map(Ok).collect(),
-            Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+            Err(e) if n > 1 && e.code() == Some(tonic::Code::InvalidArgument) => {
                 let mut out = Vec::with_capacity(n);
-                for m in batch {
-                    out.push(self.send_inner(topic, pick(), vec![m]).await.and_then(one));
+                for m in &batch {
+                    out.push(
+                        self.send_inner(topic, pick(), std::slice::from_ref(m))
+                            .await
+                            .and_then(one),
+                    );
                 }
                 out
             }
@@ -286,7 +298,7 @@ impl Producer {
     }
 
     #[tracing::instrument(skip(self, pick, messages), fields(count = messages.len()))]
-    async fn send_inner(&self, topic: &str, pick: Pick, messages: Vec<pb::Message>) -> Result<Vec<SendReceipt>, Error> {
+    async fn send_inner(&self, topic: &str, pick: Pick, messages: &[pb::Message]) -> Result<Vec<SendReceipt>, Error> {
         let started = Instant::now();
         let deadline = started + self.core.config.send_deadline;
         let mut attempts = 0u32;
@@ -304,7 +316,8 @@ impl Producer {
                         let req = pb::SendRequest {
                             topic: topic.to_owned(),
                             queue_id,
-                            messages: messages.clone(),
+                            // One copy per attempt: the request owns its messages.
+                            messages: messages.to_vec(),
                         };
                         let remaining = deadline.saturating_duration_since(Instant::now());
                         let timeout = self.core.config.request_timeout.min(remaining);
