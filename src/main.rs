@@ -1,6 +1,5 @@
 //! The `raftmq` binary: parses the command line and dispatches to the component
-//! crates. Subcommands whose component has not landed yet say so and exit non-zero
-//! instead of pretending to work.
+//! crates.
 
 mod bench;
 mod chaos;
@@ -34,16 +33,15 @@ enum Command {
     Broker(Box<BrokerArgs>),
     /// Run a whole local cluster: a NameServer and a 3-replica broker group.
     Dev(DevArgs),
-    /// Administer a cluster: topics and cluster status (groups, offsets and
-    /// message queries come with issue #4).
+    /// Administer a cluster: topics, cluster status, consumer groups, messages.
     #[command(subcommand)]
     Admin(AdminCommand),
     /// Send a bounded number of messages and report what happened.
     Produce(ProduceArgs),
     /// Print messages of one queue from an offset.
     Pull(PullArgs),
-    /// Consume messages.
-    Consume,
+    /// Consume a topic as a member of a consumer group; prints (or counts) messages.
+    Consume(ConsumeArgs),
     /// Benchmark a cluster (or a local one it starts): produce, consume, e2e.
     Bench(Box<bench::BenchArgs>),
     /// Run producers and consumers against a docker-compose cluster while killing,
@@ -170,6 +168,42 @@ struct PullArgs {
 }
 
 #[derive(clap::Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    namesrv: NamesrvAddr,
+    #[arg(long)]
+    topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    group: String,
+    /// Exit after this many messages (default: run until Ctrl-C).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Tag expression: `*` or `TagA || TagB` (filtered on the broker).
+    #[arg(long, default_value = "*")]
+    tag: String,
+    /// Every member gets every message; offsets kept in --offset-dir.
+    #[arg(long)]
+    broadcast: bool,
+    /// Where a group with no committed offset starts: first, last, or a time in
+    /// ms since the epoch.
+    #[arg(long, default_value = "first")]
+    from: String,
+    /// One message at a time per queue, in queue order.
+    #[arg(long)]
+    orderly: bool,
+    /// Count messages instead of printing each.
+    #[arg(long)]
+    quiet: bool,
+    /// Exit when no message arrived for this long (0: never).
+    #[arg(long, default_value_t = 0)]
+    idle_exit_ms: u64,
+    /// Broadcasting offsets directory.
+    #[arg(long, default_value = ".")]
+    offset_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct ProduceArgs {
     #[command(flatten)]
     namesrv: NamesrvAddr,
@@ -194,6 +228,20 @@ enum AdminCommand {
     Cluster(NamesrvAddr),
     #[command(subcommand)]
     Topic(TopicCommand),
+    /// Consumer groups: list, describe (members, offsets, lag), reset offsets.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Look a message up by id (`--id`), or by key (`--topic T --key K`).
+    Message {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long, conflicts_with_all = ["topic", "key"], required_unless_present = "key")]
+        id: Option<String>,
+        #[arg(long, requires = "key")]
+        topic: Option<String>,
+        #[arg(long, requires = "topic")]
+        key: Option<String>,
+    },
     /// Exit 0 if the server at an endpoint answers (a container health check that
     /// needs no shell): a broker node's AdminService or a NameServer's route service.
     Health {
@@ -224,6 +272,32 @@ enum TopicCommand {
 }
 
 #[derive(Subcommand)]
+enum GroupCommand {
+    /// Every consumer group with committed offsets or live members.
+    List(NamesrvAddr),
+    /// A group's members, and per queue its committed offset, end and lag.
+    Describe {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long)]
+        group: String,
+    },
+    /// Move a group's offsets in every queue of a topic; running members jump
+    /// on their next heartbeat.
+    ResetOffset {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// first, last, or a time in ms since the epoch.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum StoreCommand {
     /// Open a replica's data directory (recovering a torn tail), read back every
     /// retained record verifying its checksum, and print what it holds.
@@ -232,11 +306,6 @@ enum StoreCommand {
         #[arg(long, env = "RAFTMQ_DATA_DIR")]
         data_dir: PathBuf,
     },
-}
-
-fn not_yet(what: &str, issue: u32) -> anyhow::Result<ExitCode> {
-    eprintln!("raftmq {what}: not implemented yet; it arrives with issue #{issue}.");
-    Ok(ExitCode::from(2))
 }
 
 fn main() -> ExitCode {
@@ -264,11 +333,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
-    let command = match cli.command {
-        Command::Consume => return not_yet("consume", 4),
-        other => other,
-    };
-    // One runtime for whichever subcommand runs; the placeholders above need none.
+    let command = cli.command;
+    // One runtime for whichever subcommand runs.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match command {
@@ -285,7 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             }),
-            Command::Consume => unreachable!("handled before the runtime starts"),
+            Command::Consume(args) => done(tools::run_consume(args).await),
         }
     })
 }

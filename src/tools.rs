@@ -1,5 +1,5 @@
-//! The small client-side subcommands: `produce`, `pull`, `admin`, and `store
-//! verify`. Each is a thin shell over the client library or raft-store.
+//! The small client-side subcommands: `produce`, `pull`, `consume`, `admin`, and
+//! `store verify`. Each is a thin shell over the client library or raft-store.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::{AdminCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand};
+use crate::{AdminCommand, ConsumeArgs, GroupCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand};
 
 pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
     Ok(raftmq_client::Client::new(raftmq_client::ClientConfig::new(
@@ -108,12 +108,209 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 .await?;
             println!("topic {topic} created with {queues} queue(s) per broker group");
         }
+        AdminCommand::Group(cmd) => run_group(cmd).await?,
+        AdminCommand::Message {
+            namesrv,
+            id,
+            topic,
+            key,
+        } => {
+            let admin = client(namesrv)?.admin();
+            let found = match (id, topic, key) {
+                (Some(id), _, _) => admin.query_message_by_id(&id).await?.into_iter().collect(),
+                (None, Some(topic), Some(key)) => admin.query_messages_by_key(&topic, &key, 32).await?,
+                _ => anyhow::bail!("give --id, or --topic and --key"),
+            };
+            anyhow::ensure!(!found.is_empty(), "no such message");
+            for m in &found {
+                print_message(m);
+            }
+        }
         AdminCommand::Topic(TopicCommand::List(ns)) => {
             for (group, t) in client(ns)?.admin().list_topics().await? {
                 println!("{group}  {}  queues {}  perm {}", t.name, t.queues_per_group, t.perm);
             }
         }
     }
+    Ok(())
+}
+
+/// `first`, `last` or a time in ms since the epoch, as `--from` / `--to` take it.
+fn start_from(s: &str) -> anyhow::Result<raftmq_client::StartFrom> {
+    use raftmq_client::StartFrom;
+    Ok(match s {
+        "first" => StartFrom::First,
+        "last" => StartFrom::Last,
+        ms => StartFrom::Timestamp(
+            ms.parse()
+                .with_context(|| format!("{ms:?} is not first, last or a time in ms since the epoch"))?,
+        ),
+    })
+}
+
+async fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
+    match cmd {
+        GroupCommand::List(ns) => {
+            for broker in client(ns)?.admin().list_consumer_groups().await? {
+                for g in broker.groups {
+                    println!(
+                        "{}  {}  topics {}  live members {}  lag {}",
+                        broker.broker_group,
+                        g.consumer_group,
+                        g.topics.join(","),
+                        g.live_members,
+                        g.total_lag
+                    );
+                }
+            }
+        }
+        GroupCommand::Describe { namesrv, group } => {
+            let found = client(namesrv)?.admin().describe_consumer_group(&group).await?;
+            anyhow::ensure!(
+                !found.is_empty(),
+                "consumer group {group} is unknown to every broker group"
+            );
+            for d in found {
+                println!("{}  consumer group {}", d.broker_group, d.consumer_group);
+                for m in &d.members {
+                    println!(
+                        "  member {}  topic {}  tags {:?}  queues {:?}  last heartbeat {} ms ago",
+                        m.client_id, m.topic, m.tag_expression, m.queue_ids, m.last_heartbeat_ms_ago
+                    );
+                }
+                let mut total = 0;
+                for q in &d.queues {
+                    total += q.lag;
+                    println!(
+                        "  {}/{}  committed {}  max {}  lag {}  {}",
+                        q.topic,
+                        q.queue_id,
+                        q.committed_offset.map_or("-".to_owned(), |o| o.to_string()),
+                        q.max_offset,
+                        q.lag,
+                        if q.client_id.is_empty() { "-" } else { &q.client_id }
+                    );
+                }
+                println!("  total lag {total}");
+            }
+        }
+        GroupCommand::ResetOffset {
+            namesrv,
+            group,
+            topic,
+            to,
+        } => {
+            use raftmq_proto::v1::StartFrom as Pb;
+            let (to, ts) = match start_from(&to)? {
+                raftmq_client::StartFrom::First => (Pb::First, 0),
+                raftmq_client::StartFrom::Last => (Pb::Last, 0),
+                raftmq_client::StartFrom::Timestamp(t) => (Pb::Timestamp, t),
+            };
+            for q in client(namesrv)?
+                .admin()
+                .reset_consumer_offset(&group, &topic, to, ts)
+                .await?
+            {
+                println!(
+                    "{}/{}  now {}  max {}  lag {}",
+                    q.topic,
+                    q.queue_id,
+                    q.committed_offset.unwrap_or_default(),
+                    q.max_offset,
+                    q.lag
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line per message. A closed stdout (`| head`) is not an error worth a
+/// panic: the line is dropped and the command goes on to its clean exit.
+fn print_message(pulled: &raftmq_proto::v1::PulledMessage) {
+    use std::io::Write;
+    let m = pulled.message.clone().unwrap_or_default();
+    let body = String::from_utf8_lossy(&m.body[..m.body.len().min(32)]).into_owned();
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "{}/{}@{}  id {}  tag {:?}  keys {:?}  props {:?}  body {} bytes {:?}{}",
+        m.topic,
+        pulled.queue_id,
+        pulled.queue_offset,
+        pulled.message_id,
+        m.tag,
+        m.keys,
+        m.properties,
+        m.body.len(),
+        body,
+        if m.body.len() > 32 { "…" } else { "" }
+    );
+}
+
+/// Runs one consumer-group member until `--count` messages, `--idle-exit-ms` of
+/// silence, or Ctrl-C; then shuts it down cleanly (final offsets committed).
+pub async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use raftmq_client::{ConsumeMode, ConsumeResult, MessageModel};
+    let client = client(args.namesrv)?;
+    let received = Arc::new(AtomicU64::new(0));
+    let limit = args.count.unwrap_or(u64::MAX);
+    let done = tokio_util::sync::CancellationToken::new();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let consumer = client
+        .push_consumer(&args.group, &args.topic)
+        .tag_expression(&args.tag)
+        .start_from(start_from(&args.from)?)
+        .model(if args.broadcast {
+            MessageModel::Broadcasting
+        } else {
+            MessageModel::Clustering
+        })
+        .mode(if args.orderly {
+            ConsumeMode::Orderly
+        } else {
+            ConsumeMode::Concurrent { workers: 4 }
+        })
+        .offset_dir(&args.offset_dir)
+        .start({
+            let (received, done, arrived, quiet) = (received.clone(), done.clone(), arrived.clone(), args.quiet);
+            move |m| {
+                let (received, done, arrived) = (received.clone(), done.clone(), arrived.clone());
+                async move {
+                    let n = received.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n > limit {
+                        // Past the limit: a retry leaves it uncommitted, and the
+                        // shutdown under way ends the retry wait, so the next
+                        // member of the group gets it.
+                        received.fetch_sub(1, Ordering::SeqCst);
+                        done.cancel();
+                        return ConsumeResult::RetryLater;
+                    }
+                    if !quiet {
+                        print_message(&m);
+                    }
+                    arrived.notify_one();
+                    if n == limit {
+                        done.cancel();
+                    }
+                    ConsumeResult::Success
+                }
+            }
+        })?;
+    let token = done.clone();
+    crate::cancel_on_signal(token.clone());
+    let idle = Duration::from_millis(args.idle_exit_ms);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = arrived.notified() => {}
+            _ = tokio::time::sleep(idle), if !idle.is_zero() => break,
+        }
+    }
+    consumer.shutdown().await?;
+    eprintln!("consumed {} message(s)", received.load(Ordering::SeqCst).min(limit));
     Ok(())
 }
 

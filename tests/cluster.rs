@@ -24,6 +24,8 @@ use raftmq_raft_store::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+#[path = "cluster/consumers.rs"]
+mod consumers;
 #[path = "cluster/processes.rs"]
 mod processes;
 
@@ -1551,8 +1553,8 @@ mod client {
 
     use super::{Cluster, DEADLINE, GROUP, Settings};
 
-    struct NameServer {
-        addr: String,
+    pub(super) struct NameServer {
+        pub(super) addr: String,
         stop: CancellationToken,
         task: tokio::task::JoinHandle<Result<(), raftmq_namesrv::Error>>,
     }
@@ -1573,7 +1575,7 @@ mod client {
             Ok(NameServer { addr, stop, task })
         }
 
-        async fn stop(self) -> anyhow::Result<()> {
+        pub(super) async fn stop(self) -> anyhow::Result<()> {
             self.stop.cancel();
             Ok(self.task.await??)
         }
@@ -1581,7 +1583,7 @@ mod client {
 
     /// A NameServer, a three-node group that auto-creates topics and registers
     /// with it, and a client; returns once the NameServer names the group's leader.
-    async fn start() -> anyhow::Result<(NameServer, Cluster, Client)> {
+    pub(super) async fn start() -> anyhow::Result<(NameServer, Cluster, Client)> {
         let ns = NameServer::start().await?;
         let cluster = Cluster::start_with_settings(
             3,
@@ -1609,7 +1611,7 @@ mod client {
         Ok((ns, cluster, client))
     }
 
-    fn message(seq: u64, key: Option<&str>) -> pb::Message {
+    pub(super) fn message(seq: u64, key: Option<&str>) -> pb::Message {
         let mut m = pb::Message::new(format!("body-{seq}").into_bytes());
         m.properties.insert("seq".into(), seq.to_string());
         if let Some(k) = key {
@@ -1619,7 +1621,7 @@ mod client {
         m
     }
 
-    fn seq_of(m: &pb::PulledMessage) -> anyhow::Result<u64> {
+    pub(super) fn seq_of(m: &pb::PulledMessage) -> anyhow::Result<u64> {
         m.message
             .as_ref()
             .and_then(|m| m.properties.get("seq"))
@@ -1629,7 +1631,10 @@ mod client {
     }
 
     /// Waits until the topic's route comes from a NameServer (not provisional).
-    async fn wait_for_known_route(client: &Client, topic: &str) -> anyhow::Result<Arc<raftmq_client::TopicRoute>> {
+    pub(super) async fn wait_for_known_route(
+        client: &Client,
+        topic: &str,
+    ) -> anyhow::Result<Arc<raftmq_client::TopicRoute>> {
         let deadline = Instant::now() + DEADLINE;
         loop {
             if let Ok(r) = client.route(topic).await

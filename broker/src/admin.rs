@@ -1,7 +1,8 @@
 //! `raftmq.v1.AdminService`: topic create/update/delete through Raft on the
 //! leader (a follower answers "not leader" like Send does), topic listing and
 //! description from this replica's applied state, and the group's status as this
-//! node's Raft metrics see it. Consumer-group and offset admin come later.
+//! node's Raft metrics see it; consumer groups (list, describe with lag, offset
+//! reset, via the [`Coordinator`]) and message lookup by id or key.
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
@@ -12,6 +13,7 @@ use tonic::{Request, Status};
 use tracing::Instrument;
 
 use crate::api_error::ApiError;
+use crate::consumer_group::Coordinator;
 use crate::convert;
 use crate::group::GroupHandle;
 use crate::validate;
@@ -20,11 +22,93 @@ use crate::validate;
 #[derive(Clone)]
 pub struct Admin {
     group: GroupHandle,
+    coordinator: Coordinator,
 }
 
+/// Messages a key query returns when the request leaves `max_messages` at 0.
+const DEFAULT_KEY_QUERY_MESSAGES: u32 = 32;
+/// Most messages one key query returns.
+const MAX_KEY_QUERY_MESSAGES: u32 = 1024;
+
 impl Admin {
-    pub fn new(group: GroupHandle) -> Self {
-        Admin { group }
+    pub fn new(group: GroupHandle, coordinator: Coordinator) -> Self {
+        Admin { group, coordinator }
+    }
+
+    /// By id: the id names the broker group (crc32c of its name), the Raft entry
+    /// and the position in its batch. By key: the key index of the topic.
+    async fn query_message(&self, req: pb::QueryMessageRequest) -> Result<pb::QueryMessageResponse, ApiError> {
+        let g = self.group.clone();
+        let lookup: Box<dyn FnOnce() -> Result<Vec<raftmq_raft_store::StoredMessage>, ApiError> + Send> = match (
+            req.message_id.is_empty(),
+            req.key.is_empty(),
+        ) {
+            (false, true) => {
+                let id = convert::parse_message_id(&req.message_id)?;
+                let ours = crc32c::crc32c(g.group().as_bytes());
+                if id.group_crc != ours {
+                    return Err(ApiError::NotFound(format!(
+                        "message id {} was stored by another broker group (group hash {:08X}, this is {} with {ours:08X})",
+                        req.message_id,
+                        id.group_crc,
+                        g.group()
+                    )));
+                }
+                let store = g.store().clone();
+                Box::new(move || {
+                    store
+                        .message_at(id.raft_index, id.batch_pos)
+                        .map(|m| m.into_iter().collect())
+                        .map_err(|e| ApiError::storage("reading a message by id", e))
+                })
+            }
+            (true, false) => {
+                validate::topic_name(&req.topic)?;
+                let key = req.key.clone();
+                if key.len() > validate::MAX_KEY_LEN {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "key is {} bytes; at most {} are allowed",
+                        key.len(),
+                        validate::MAX_KEY_LEN
+                    )));
+                }
+                let max = match req.max_messages {
+                    0 => DEFAULT_KEY_QUERY_MESSAGES,
+                    n => n.min(MAX_KEY_QUERY_MESSAGES),
+                } as usize;
+                let (store, topic) = (g.store().clone(), req.topic.clone());
+                Box::new(move || {
+                    store
+                        .messages_by_key(&topic, &key, max)
+                        .map_err(|e| ApiError::storage("reading messages by key", e))
+                })
+            }
+            _ => {
+                return Err(ApiError::InvalidArgument(
+                    "QueryMessage needs either message_id, or topic and key (not both)".into(),
+                ));
+            }
+        };
+        let found = tokio::task::spawn_blocking(lookup)
+            .await
+            .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))??;
+        if found.is_empty() {
+            return Err(ApiError::NotFound(if req.message_id.is_empty() {
+                format!("no message of topic {:?} has key {:?}", req.topic, req.key)
+            } else {
+                format!(
+                    "message {} is not stored on broker group {} (never written, or trimmed)",
+                    req.message_id,
+                    g.group()
+                )
+            }));
+        }
+        Ok(pb::QueryMessageResponse {
+            messages: found
+                .into_iter()
+                .map(|m| convert::pulled_message(g.group(), m))
+                .collect(),
+        })
     }
 
     pub fn into_server(self) -> AdminServiceServer<Self> {
@@ -220,5 +304,53 @@ impl AdminService for Admin {
     ) -> Result<tonic::Response<pb::ClusterStatusResponse>, Status> {
         let _span = self.span("ClusterStatus", "").entered();
         Ok(tonic::Response::new(self.cluster_status()))
+    }
+
+    async fn list_consumer_groups(
+        &self,
+        _request: Request<pb::ListConsumerGroupsRequest>,
+    ) -> Result<tonic::Response<pb::ListConsumerGroupsResponse>, Status> {
+        let span = self.span("ListConsumerGroups", "");
+        async { answer("ListConsumerGroups", self.coordinator.list_groups().await) }
+            .instrument(span)
+            .await
+    }
+
+    async fn describe_consumer_group(
+        &self,
+        request: Request<pb::DescribeConsumerGroupRequest>,
+    ) -> Result<tonic::Response<pb::DescribeConsumerGroupResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("DescribeConsumerGroup", "");
+        async {
+            answer(
+                "DescribeConsumerGroup",
+                self.coordinator.describe(&req.consumer_group).await,
+            )
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reset_consumer_offset(
+        &self,
+        request: Request<pb::ResetConsumerOffsetRequest>,
+    ) -> Result<tonic::Response<pb::ResetConsumerOffsetResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("ResetConsumerOffset", &req.topic);
+        async { answer("ResetConsumerOffset", self.coordinator.reset(req).await) }
+            .instrument(span)
+            .await
+    }
+
+    async fn query_message(
+        &self,
+        request: Request<pb::QueryMessageRequest>,
+    ) -> Result<tonic::Response<pb::QueryMessageResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("QueryMessage", &req.topic);
+        async { answer("QueryMessage", Admin::query_message(self, req).await) }
+            .instrument(span)
+            .await
     }
 }

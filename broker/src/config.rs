@@ -98,6 +98,13 @@ pub struct MessagingConfig {
     /// before answering UNAVAILABLE. Default 1 s: a new leader confirms its lease
     /// within one heartbeat round.
     pub unconfirmed_leader_retry: Duration,
+    /// How often consumer-group members heartbeat (the leader tells them).
+    /// Default 1 s: a joining member gets queues within about two of these.
+    pub consumer_heartbeat_interval: Duration,
+    /// A member silent this long is presumed dead and its queues move on; a
+    /// member that could not heartbeat this long stops consuming by itself.
+    /// Default 5 s. Must exceed two heartbeat intervals.
+    pub consumer_session_timeout: Duration,
 }
 
 impl Default for MessagingConfig {
@@ -113,6 +120,8 @@ impl Default for MessagingConfig {
             max_pull_bytes: 2 * 1024 * 1024,
             max_pull_wait: Duration::from_secs(30),
             unconfirmed_leader_retry: Duration::from_secs(1),
+            consumer_heartbeat_interval: Duration::from_secs(1),
+            consumer_session_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -155,6 +164,16 @@ impl MessagingConfig {
         }
         if self.max_pull_messages == 0 {
             return Err(bad("messaging.max_pull_messages", "0".into(), "must be positive"));
+        }
+        if self.consumer_heartbeat_interval.is_zero()
+            || self.consumer_session_timeout < self.consumer_heartbeat_interval * 2
+            || self.consumer_session_timeout.as_millis() > u128::from(u32::MAX)
+        {
+            return Err(bad(
+                "messaging.consumer_session_timeout",
+                format!("{:?}", self.consumer_session_timeout),
+                "must be at least two (non-zero) consumer heartbeat intervals and under 49 days",
+            ));
         }
         Ok(())
     }

@@ -27,6 +27,31 @@ pub fn message_id(group: &str, raft_index: u64, batch_pos: u32) -> String {
     )
 }
 
+/// What a message id names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageId {
+    pub group_crc: u32,
+    pub raft_index: u64,
+    pub batch_pos: u32,
+}
+
+/// Parses an id made by [`message_id`]; the error says what is wrong with it.
+pub fn parse_message_id(id: &str) -> Result<MessageId, ApiError> {
+    let bad = |why: &str| ApiError::InvalidArgument(format!("message id {id:?} {why}"));
+    if id.len() != 34 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("is not 34 hexadecimal characters"));
+    }
+    if &id[..2] != "01" {
+        return Err(bad("has an unknown format version (this build reads 01)"));
+    }
+    let hex = |r: std::ops::Range<usize>| u64::from_str_radix(&id[r], 16).map_err(|_| bad("is not hexadecimal"));
+    Ok(MessageId {
+        group_crc: hex(2..10)? as u32,
+        raft_index: hex(10..26)?,
+        batch_pos: hex(26..34)? as u32,
+    })
+}
+
 /// A validated wire message as stored. Properties are sorted so every replica
 /// and every read returns them in the same order.
 pub fn message_from_pb(m: pb::Message) -> Message {
@@ -99,6 +124,18 @@ mod tests {
         assert_ne!(a, message_id("broker-a", 7, 1));
         assert_ne!(a, message_id("broker-b", 7, 0));
         assert_ne!(a, message_id("broker-a", 8, 0));
+    }
+
+    #[test]
+    fn message_ids_parse_back_and_bad_ones_say_why() {
+        let id = parse_message_id(&message_id("broker-a", 0x1234_5678_9abc, 7)).unwrap();
+        assert_eq!(id.raft_index, 0x1234_5678_9abc);
+        assert_eq!(id.batch_pos, 7);
+        assert_eq!(id.group_crc, crc32c::crc32c(b"broker-a"));
+        let err = |s: &str| parse_message_id(s).unwrap_err().to_string();
+        assert!(err("abc").contains("34 hexadecimal"), "{}", err("abc"));
+        assert!(err(&"Z".repeat(34)).contains("34 hexadecimal"));
+        assert!(err(&format!("02{}", "0".repeat(32))).contains("format version"));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   follower checks each crc32c before appending), control data as JSON.
 //! * [`node`]: [`RaftNode`] opens the store, starts Raft, serves on a bound
 //!   listener until a `CancellationToken` fires, and shuts down in order.
+//! * [`consumer_group`]: consumer-group membership, queue assignment and offset
+//!   commits on the leader (`raftmq.v1.ConsumerService`).
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
 //!   `raftmq.v1` client API. Input is checked in [`validate`] before anything is
 //!   proposed; the write path and leadership handling are in [`group`]; every
@@ -23,6 +25,7 @@
 pub mod admin;
 pub mod api_error;
 pub mod config;
+pub mod consumer_group;
 pub mod convert;
 pub mod error;
 pub mod group;

@@ -235,7 +235,14 @@ impl Messaging {
             })
         });
         task.await
-            .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))?
+            .map_err(|e| {
+                if e.is_cancelled() {
+                    // The node is stopping: the client should go elsewhere, not give up.
+                    ApiError::Unavailable("this node is shutting down".into())
+                } else {
+                    ApiError::Internal(format!("read task failed: {e}"))
+                }
+            })?
             .map_err(|e| ApiError::storage("reading messages", e))
     }
 }

@@ -109,7 +109,9 @@ impl RaftNode {
                 shutdown.clone(),
             );
         }
-        let admin = Admin::new(group).into_server();
+        let coordinator = crate::consumer_group::Coordinator::new(group.clone());
+        let admin = Admin::new(group, coordinator.clone()).into_server();
+        let consumer = coordinator.into_server();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
@@ -117,6 +119,7 @@ impl RaftNode {
                 .add_service(service)
                 .add_service(messaging)
                 .add_service(admin)
+                .add_service(consumer)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
         });

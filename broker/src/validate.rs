@@ -20,12 +20,43 @@ pub const MAX_KEYS: usize = 32;
 
 /// RocketMQ's topic rule: 1..=127 characters of `[%|a-zA-Z0-9_-]`.
 pub fn topic_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() {
-        return Err(ApiError::InvalidArgument("topic name is empty".into()));
-    }
-    if name.len() > MAX_TOPIC_LEN {
+    rocketmq_name("topic", name, MAX_TOPIC_LEN)
+}
+
+/// Longest consumer group name (RocketMQ's limit).
+pub const MAX_CONSUMER_GROUP_LEN: usize = 255;
+/// Longest consumer client id.
+pub const MAX_CLIENT_ID_LEN: usize = 255;
+
+/// Consumer groups follow the topic character rule, up to 255 characters. The
+/// rule also keeps NUL out, which the offset index uses as a separator.
+pub fn consumer_group_name(name: &str) -> Result<(), ApiError> {
+    rocketmq_name("consumer group", name, MAX_CONSUMER_GROUP_LEN)
+}
+
+/// A member's id: 1..=255 printable ASCII characters (host, pid, anything).
+pub fn client_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
         return Err(ApiError::InvalidArgument(format!(
-            "topic name is {} characters; at most {MAX_TOPIC_LEN} are allowed",
+            "client_id is {} characters; 1 to {MAX_CLIENT_ID_LEN} are allowed",
+            id.len()
+        )));
+    }
+    if let Some(c) = id.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(ApiError::InvalidArgument(format!(
+            "client_id {id:?} contains {c:?}; only printable ASCII without spaces is allowed"
+        )));
+    }
+    Ok(())
+}
+
+fn rocketmq_name(kind: &str, name: &str, max_len: usize) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::InvalidArgument(format!("{kind} name is empty")));
+    }
+    if name.len() > max_len {
+        return Err(ApiError::InvalidArgument(format!(
+            "{kind} name is {} characters; at most {max_len} are allowed",
             name.len()
         )));
     }
@@ -34,7 +65,7 @@ pub fn topic_name(name: &str) -> Result<(), ApiError> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '%' | '|' | '_' | '-')))
     {
         return Err(ApiError::InvalidArgument(format!(
-            "topic name {name:?} contains {c:?}; only [%|a-zA-Z0-9_-] are allowed"
+            "{kind} name {name:?} contains {c:?}; only [%|a-zA-Z0-9_-] are allowed"
         )));
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! Admin: topics and cluster status. Topic changes go to the leader of every broker
+//! Admin: topics, cluster status, consumer groups and message lookup. Topic changes go to the leader of every broker
 //! group the NameServers list (a topic has queues on each group that serves it);
 //! status comes from NameServers (`list_cluster`) or from brokers (`cluster_status`).
 
@@ -89,6 +89,126 @@ impl Admin {
                 .on_leader(&g, |mut c| async move { c.list_topics(pb::ListTopicsRequest {}).await })
                 .await?;
             out.extend(resp.topics.into_iter().map(|t| (g.broker_group.clone(), t)));
+        }
+        Ok(out)
+    }
+
+    /// Every consumer group known to each live broker group (committed offsets,
+    /// live members), per broker group.
+    pub async fn list_consumer_groups(&self) -> Result<Vec<pb::ListConsumerGroupsResponse>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            out.push(
+                self.on_leader(&g, |mut c| async move {
+                    c.list_consumer_groups(pb::ListConsumerGroupsRequest {}).await
+                })
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// A consumer group's members, offsets and lag on each live broker group that
+    /// knows it (groups that do not are left out).
+    pub async fn describe_consumer_group(&self, group: &str) -> Result<Vec<pb::DescribeConsumerGroupResponse>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let req = pb::DescribeConsumerGroupRequest {
+                consumer_group: group.to_owned(),
+            };
+            match self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.describe_consumer_group(req).await }
+                })
+                .await
+            {
+                Ok(d) => out.push(d),
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves `group`'s offsets in every queue of `topic` on every live broker
+    /// group to `to` (FIRST, LAST or TIMESTAMP with `timestamp_ms`).
+    pub async fn reset_consumer_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        to: pb::StartFrom,
+        timestamp_ms: u64,
+    ) -> Result<Vec<pb::ConsumerQueueStatus>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let req = pb::ResetConsumerOffsetRequest {
+                consumer_group: group.to_owned(),
+                topic: topic.to_owned(),
+                to: to as i32,
+                timestamp_ms,
+            };
+            let resp = self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.reset_consumer_offset(req).await }
+                })
+                .await?;
+            out.extend(resp.queues);
+        }
+        Ok(out)
+    }
+
+    /// The message with this id, from the broker group whose name hash the id
+    /// carries; `None` if that group does not hold it (never written, or trimmed).
+    pub async fn query_message_by_id(&self, id: &str) -> Result<Option<pb::PulledMessage>, Error> {
+        for g in self.core.list_cluster().await? {
+            let req = pb::QueryMessageRequest {
+                message_id: id.to_owned(),
+                ..Default::default()
+            };
+            match self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.query_message(req).await }
+                })
+                .await
+            {
+                Ok(r) => return Ok(r.messages.into_iter().next()),
+                // Another group's id, or not stored: ask the next group.
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Messages of `topic` carrying `key`, from every live broker group.
+    pub async fn query_messages_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        max: u32,
+    ) -> Result<Vec<pb::PulledMessage>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let req = pb::QueryMessageRequest {
+                topic: topic.to_owned(),
+                key: key.to_owned(),
+                max_messages: max,
+                ..Default::default()
+            };
+            match self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.query_message(req).await }
+                })
+                .await
+            {
+                Ok(r) => out.extend(r.messages),
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }

@@ -1,6 +1,6 @@
 //! PullConsumer: reads one queue from an explicit offset. The caller keeps its
-//! offsets; consumer groups, rebalancing and committed offsets come with the push
-//! consumer.
+//! offsets; consumer groups, rebalancing and committed offsets are the push
+//! consumer's (`push`), which pulls through this.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,10 @@ pub struct PullConsumer {
 impl PullConsumer {
     pub(crate) fn from_core(core: Arc<Core>) -> PullConsumer {
         PullConsumer { core }
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
     }
 
     /// Pulls up to `max` messages (0 = broker default) of `queue_id` on

@@ -28,6 +28,9 @@ pub enum Error {
     /// No NameServer knows a live group serving the topic, or none answered.
     #[error("no route to topic {topic:?}: {reason}")]
     NoRoute { topic: String, reason: String },
+    /// A broadcasting consumer could not read or write its local offset file.
+    #[error("offset file {path}: {reason}")]
+    OffsetStore { path: String, reason: String },
     #[error("broker group {group:?} is not in the route of topic {topic:?}")]
     UnknownGroup { topic: String, group: String },
     /// A send kept failing with retriable errors until `send_deadline`.

@@ -1,7 +1,8 @@
 //! raftmq-client: a Rust client for a raftmq cluster. It asks NameServers where a
 //! topic lives, keeps one long-lived gRPC channel per endpoint, and follows a broker
 //! group's leader through failovers (`NOT_LEADER` redirects, route refreshes and
-//! bounded retries). Push consumers and consumer groups are not here yet.
+//! bounded retries). [`PushConsumer`] runs consumer groups (clustering, with
+//! offsets committed through the brokers' Raft, or broadcasting).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), raftmq_client::Error> {
@@ -17,6 +18,7 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod producer;
+pub mod push;
 pub mod route;
 
 use std::sync::Arc;
@@ -26,6 +28,7 @@ pub use config::ClientConfig;
 pub use consumer::{PullConsumer, PullResult};
 pub use error::Error;
 pub use producer::{Producer, SendReceipt};
+pub use push::{ConsumeMode, ConsumeResult, ConsumerStats, MessageModel, PushConsumer, PushConsumerBuilder, StartFrom};
 pub use raftmq_proto::v1::{GroupRoute, Message, PulledMessage, QueryRouteResponse};
 pub use route::{LEADER_METADATA_KEY, TopicRoute};
 
@@ -52,6 +55,12 @@ impl Client {
 
     pub fn pull_consumer(&self) -> PullConsumer {
         PullConsumer::from_core(self.core.clone())
+    }
+
+    /// A consumer of `topic` in consumer group `group`; configure it, then
+    /// [`PushConsumerBuilder::start`] it with a callback.
+    pub fn push_consumer(&self, group: &str, topic: &str) -> PushConsumerBuilder {
+        PushConsumerBuilder::new(self.core.clone(), group, topic)
     }
 
     pub fn admin(&self) -> Admin {

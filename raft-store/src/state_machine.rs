@@ -125,6 +125,23 @@ fn offset_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
     k
 }
 
+/// Splits a consumer-offset row `group 0 topic 0 queue_be32 -> offset_le64`.
+fn parse_offset_row(k: &[u8], v: &[u8]) -> io::Result<(String, String, u32, u64)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("consumer offset key {k:?}"));
+    let g_end = k.iter().position(|&b| b == 0).ok_or_else(bad)?;
+    let rest = &k[g_end + 1..];
+    if rest.len() < 5 {
+        return Err(bad());
+    }
+    let (topic, q) = rest.split_at(rest.len() - 5);
+    if q[0] != 0 {
+        return Err(bad());
+    }
+    let queue_id = u32::from_be_bytes(q[1..].try_into().expect("4 bytes"));
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| bad());
+    Ok((text(&k[..g_end])?, text(topic)?, queue_id, u64_value(v)?))
+}
+
 /// `[topic 0x00, topic 0x01)`: every row of a topic in a topic-first column family.
 fn topic_range(topic: &str) -> (Vec<u8>, Vec<u8>) {
     let mut from = topic.as_bytes().to_vec();
@@ -597,22 +614,131 @@ impl StoreReader {
         self.resolve(&state, topic, queue_id, rows)
     }
 
-    /// Messages of `topic` carrying `key`, oldest first.
-    pub fn messages_by_key(&self, topic: &str, key: &str, max: usize) -> io::Result<Vec<Message>> {
+    /// Messages of `topic` carrying `key`, oldest first, with where they live.
+    pub fn messages_by_key(&self, topic: &str, key: &str, max: usize) -> io::Result<Vec<StoredMessage>> {
         let state = self.shared.current();
         let prefix = key_prefix(topic, key);
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         let iter = state.db.prefix_iterator_cf(state.cf(CF_KEY), &prefix);
         for item in iter {
             let (k, _) = item.map_err(rocks_io("scan key index"))?;
-            if !k.starts_with(&prefix) || k.len() != prefix.len() + 12 || out.len() >= max {
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 12 || found.len() >= max {
                 break;
             }
             let index = u64::from_be_bytes(k[prefix.len()..prefix.len() + 8].try_into().expect("8 bytes"));
             let pos = u32::from_be_bytes(k[prefix.len() + 8..].try_into().expect("4 bytes"));
-            if let Some(Command::Append(b)) = self.read_command(&state, index)? {
-                out.extend(b.messages.into_iter().nth(pos as usize));
+            found.push((index, pos));
+        }
+        let mut out = Vec::with_capacity(found.len());
+        for (index, pos) in found {
+            out.extend(self.message_at_in(&state, index, pos)?);
+        }
+        Ok(out)
+    }
+
+    /// The message stored by entry `index` at batch position `pos` (what a message
+    /// id names), with its queue offset; `None` when the entry is not retained or
+    /// is not an append, or the batch is shorter.
+    pub fn message_at(&self, index: u64, pos: u32) -> io::Result<Option<StoredMessage>> {
+        let state = self.shared.current();
+        self.message_at_in(&state, index, pos)
+    }
+
+    fn message_at_in(&self, state: &SmState, index: u64, pos: u32) -> io::Result<Option<StoredMessage>> {
+        let command = match self.read_command(state, index) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(Command::Append(batch)) = command else {
+            return Ok(None);
+        };
+        let Some(message) = batch.messages.into_iter().nth(pos as usize) else {
+            return Ok(None);
+        };
+        // The entry does not record its queue offset; the ConsumeQueue does, in
+        // raft-index order, so a binary search over it finds the batch's rows.
+        let Some(first) = self.batch_first_offset(state, &batch.topic, batch.queue_id, index)? else {
+            return Ok(None);
+        };
+        Ok(Some(StoredMessage {
+            topic: batch.topic,
+            queue_id: batch.queue_id,
+            queue_offset: first + u64::from(pos),
+            raft_index: index,
+            batch_pos: pos,
+            store_timestamp_ms: batch.store_timestamp_ms,
+            message,
+        }))
+    }
+
+    fn cq_row(&self, state: &SmState, topic: &str, queue_id: u32, offset: u64) -> io::Result<Option<CqRow>> {
+        state
+            .get(CF_CQ, &cq_key(topic, queue_id, offset))?
+            .map(|v| CqRow::decode(&v))
+            .transpose()
+    }
+
+    /// The lowest offset in `[min, next)` whose row satisfies `after`, which must
+    /// be false then true along the queue (rows are in raft-index and, per
+    /// leader clock, store-time order). `next` when none does.
+    fn search_queue(
+        &self,
+        state: &SmState,
+        topic: &str,
+        queue_id: u32,
+        after: impl Fn(&CqRow) -> bool,
+    ) -> io::Result<u64> {
+        let next = self.queue_next_offset(topic, queue_id)?;
+        let (mut lo, mut hi) = (self.queue_min_offset(topic, queue_id)?.min(next), next);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.cq_row(state, topic, queue_id, mid)? {
+                Some(row) if after(&row) => hi = mid,
+                Some(_) => lo = mid + 1,
+                // Trimmed between the reads: everything below is gone too.
+                None => lo = mid + 1,
             }
+        }
+        Ok(lo)
+    }
+
+    fn batch_first_offset(&self, state: &SmState, topic: &str, queue_id: u32, index: u64) -> io::Result<Option<u64>> {
+        let at = self.search_queue(state, topic, queue_id, |row| row.raft_index >= index)?;
+        Ok(self
+            .cq_row(state, topic, queue_id, at)?
+            .filter(|row| row.raft_index == index)
+            .map(|_| at))
+    }
+
+    /// The first offset of the queue stored at or after `timestamp_ms` (the queue's
+    /// next offset when every message is older): where a consumer group starting
+    /// or reset "from a timestamp" begins.
+    pub fn offset_for_timestamp(&self, topic: &str, queue_id: u32, timestamp_ms: u64) -> io::Result<u64> {
+        let state = self.shared.current();
+        self.search_queue(&state, topic, queue_id, |row| row.store_timestamp_ms >= timestamp_ms)
+    }
+
+    /// Every committed consumer-group offset as `(group, topic, queue, offset)`,
+    /// sorted; only `group`'s when given.
+    pub fn consumer_offsets(&self, group: Option<&str>) -> io::Result<Vec<(String, String, u32, u64)>> {
+        let state = self.shared.current();
+        let prefix = group.map(|g| {
+            let mut p = g.as_bytes().to_vec();
+            p.push(0);
+            p
+        });
+        let mode = match &prefix {
+            Some(p) => rocksdb::IteratorMode::From(p, rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in state.db.iterator_cf(state.cf(CF_OFFSET), mode) {
+            let (k, v) = item.map_err(rocks_io("scan consumer offsets"))?;
+            if prefix.as_ref().is_some_and(|p| !k.starts_with(p)) {
+                break;
+            }
+            out.push(parse_offset_row(&k, &v)?);
         }
         Ok(out)
     }

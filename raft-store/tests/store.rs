@@ -15,8 +15,8 @@ use openraft::type_config::TypeConfigExt;
 use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, StorageError};
 use raftmq_raft_store::record::{self, Decoded};
 use raftmq_raft_store::{
-    AppendBatch, BrokerNode, Command, CommitLog, Entry, Message, StateMachine, StoreConfig, TopicConfig, TypeConfig,
-    log_id,
+    AppendBatch, BrokerNode, Command, CommitLog, Entry, Message, QueueOffset, StateMachine, StoreConfig, TopicConfig,
+    TypeConfig, log_id,
 };
 use tempfile::TempDir;
 
@@ -432,12 +432,68 @@ async fn messages_read_back_by_offset_and_key() {
     let reader = sm.reader();
     // Entry 7 went to queue 3 with messages 7000..7003.
     let by_key = reader.messages_by_key(TOPIC, "key-7001", 10).unwrap();
-    assert_eq!(by_key, vec![message(7001, 64)]);
+    assert_eq!(by_key.len(), 1);
+    assert_eq!(by_key[0].message, message(7001, 64));
     let q3 = reader.read_messages(TOPIC, 3, 0, 100).unwrap();
     assert_eq!(q3[0].message, message(3000, 64));
     assert_eq!(q3[0].raft_index, 3);
     assert_eq!(q3[3].message, message(7000, 64));
     assert_eq!(q3[3].store_timestamp_ms, 1_800_000_000_007);
+    // The key index and a message id's (index, position) both lead to the row a
+    // Pull returns, queue offset included.
+    assert_eq!(by_key[0], q3[4]);
+    assert_eq!(reader.message_at(7, 1).unwrap().as_ref(), Some(&q3[4]));
+    assert_eq!(reader.message_at(7, 99).unwrap(), None, "past the batch's end");
+    assert_eq!(reader.message_at(10_000, 0).unwrap(), None, "never written");
+    // A start "from a timestamp" lands on the first message stored at or after it.
+    assert_eq!(reader.offset_for_timestamp(TOPIC, 3, 1_800_000_000_005).unwrap(), 3);
+    assert_eq!(reader.offset_for_timestamp(TOPIC, 3, 0).unwrap(), 0);
+    let end = reader.queue_next_offset(TOPIC, 3).unwrap();
+    assert_eq!(reader.offset_for_timestamp(TOPIC, 3, u64::MAX).unwrap(), end);
+}
+
+#[tokio::test]
+async fn committed_consumer_offsets_list_by_group_and_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let mut entries = workload(4, 1, 8);
+    let commit = |index: u64, group: &str, offsets: &[(u32, u64)]| {
+        normal(
+            1,
+            index,
+            Command::CommitOffsets {
+                group: group.into(),
+                offsets: offsets
+                    .iter()
+                    .map(|&(queue_id, offset)| QueueOffset {
+                        topic: TOPIC.into(),
+                        queue_id,
+                        offset,
+                    })
+                    .collect(),
+            },
+        )
+    };
+    entries.push(commit(5, "group-b", &[(0, 3), (2, 9)]));
+    entries.push(commit(6, "group-a", &[(1, 1)]));
+    // A later commit replaces the earlier one (a reset may move it back).
+    entries.push(commit(7, "group-b", &[(0, 2)]));
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let reader = sm.reader();
+    let row = |g: &str, q: u32, o: u64| (g.to_owned(), TOPIC.to_owned(), q, o);
+    assert_eq!(
+        reader.consumer_offsets(None).unwrap(),
+        vec![row("group-a", 1, 1), row("group-b", 0, 2), row("group-b", 2, 9)]
+    );
+    assert_eq!(
+        reader.consumer_offsets(Some("group-b")).unwrap(),
+        vec![row("group-b", 0, 2), row("group-b", 2, 9)]
+    );
+    // A group whose name is a prefix of another's sees only its own rows.
+    assert_eq!(reader.consumer_offsets(Some("group")).unwrap(), vec![]);
+    assert_eq!(reader.consumer_offset("group-b", TOPIC, 2).unwrap(), Some(9));
+    assert_eq!(reader.consumer_offset("group-b", TOPIC, 3).unwrap(), None);
 }
 
 // ---------------------------------------------------------------- snapshots

@@ -1,0 +1,643 @@
+//! Consumer groups on a broker group's leader: which members of a consumer group
+//! are alive (heartbeats), which of this broker group's queues each holds, how
+//! queues move when members join and leave, offset commits through Raft, offset
+//! resets, and the `raftmq.v1.ConsumerService` server.
+//!
+//! Membership is soft state on the leader only, rebuilt from heartbeats after a
+//! failover: members report the queues they hold, and a just-elected leader only
+//! confirms those reports for a grace period (three heartbeat intervals) before
+//! it hands out free queues. Offsets are the durable part and go through Raft.
+//!
+//! A queue moves between members in two steps: the leader drops it from the old
+//! holder's answer, the holder stops, finishes in-flight messages and reports its
+//! final offset (`held = false`); only after that offset is committed is the queue
+//! free for the new owner, who starts from it. So no queue is consumed by two
+//! members at once, except when a member is presumed dead while still running
+//! (it stops by itself after the same session timeout).
+//!
+//! Every heartbeat, reset and describe runs under one async lock, Raft write
+//! included: the steps above then never interleave. That caps this leader at
+//! about one membership change per Raft round trip, plenty for heartbeats once a
+//! second from hundreds of members; batching commits would lift it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::consumer_service_server::{ConsumerService, ConsumerServiceServer};
+use raftmq_raft_store::command::PERM_READ;
+use raftmq_raft_store::{Command, QueueOffset, StoreReader};
+use tokio::time::Instant;
+use tonic::{Request, Status};
+use tracing::Instrument;
+
+use crate::api_error::ApiError;
+use crate::group::GroupHandle;
+use crate::validate::{self, TagFilter};
+
+/// Longest a heartbeat (or reset) may take, Raft write included, before it is
+/// answered UNAVAILABLE: a leader that lost its quorum must not hold members.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The consumer-group coordinator of this node's broker group replica.
+#[derive(Clone)]
+pub struct Coordinator {
+    group: GroupHandle,
+    state: std::sync::Arc<tokio::sync::Mutex<State>>,
+    /// The term this node last became leader in, and when: the grace period runs
+    /// from election, not from the first heartbeat, so a leader that has led for a
+    /// while grants a new group's queues at once.
+    elected: std::sync::Arc<std::sync::Mutex<(u64, Instant)>>,
+}
+
+/// Soft state of one leadership term.
+struct State {
+    term: u64,
+    /// When this node started answering in `term` (start of the grace period).
+    since: Instant,
+    topics: HashMap<(String, String), GroupTopic>,
+}
+
+/// One consumer group's members on one topic.
+#[derive(Default)]
+struct GroupTopic {
+    members: BTreeMap<String, Member>,
+    /// Offsets an administrator reset while a member held the queue; the holder
+    /// hears of it on its next heartbeat, and until then its commits for the
+    /// queue are ignored so they cannot overwrite the reset.
+    pending_resets: HashMap<u32, u64>,
+}
+
+struct Member {
+    last_seen: Instant,
+    tag_expression: String,
+    /// Queues this member holds as far as the leader knows: granted to it, or
+    /// revoked but not yet reported released.
+    holds: BTreeSet<u32>,
+}
+
+/// Where a consumer group begins in a queue it never committed an offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    First,
+    Last,
+    Timestamp(u64),
+}
+
+impl StartPosition {
+    fn from_pb(from: i32, timestamp_ms: u64, unspecified: Option<StartPosition>) -> Result<StartPosition, ApiError> {
+        match pb::StartFrom::try_from(from) {
+            Ok(pb::StartFrom::Unspecified) => unspecified.ok_or_else(|| {
+                ApiError::InvalidArgument("start position is unspecified; give FIRST, LAST or TIMESTAMP".into())
+            }),
+            Ok(pb::StartFrom::First) => Ok(StartPosition::First),
+            Ok(pb::StartFrom::Last) => Ok(StartPosition::Last),
+            Ok(pb::StartFrom::Timestamp) => Ok(StartPosition::Timestamp(timestamp_ms)),
+            Err(_) => Err(ApiError::InvalidArgument(format!(
+                "start position {from} is not a StartFrom value"
+            ))),
+        }
+    }
+
+    fn offset(self, store: &StoreReader, topic: &str, queue_id: u32) -> std::io::Result<u64> {
+        let next = store.queue_next_offset(topic, queue_id)?;
+        Ok(match self {
+            StartPosition::First => store.queue_min_offset(topic, queue_id)?.min(next),
+            StartPosition::Last => next,
+            StartPosition::Timestamp(ts) => store.offset_for_timestamp(topic, queue_id, ts)?.min(next),
+        })
+    }
+}
+
+/// Member `index` of `members` (sorted ids) gets a contiguous share of the
+/// queues, sizes differing by at most one; with more members than queues some
+/// get none (RocketMQ's "averagely" strategy).
+fn share(queues: u32, members: usize, index: usize) -> std::ops::Range<u32> {
+    let (n, m, i) = (u64::from(queues), members.max(1) as u64, index as u64);
+    // Both bounds are at most `queues`, so they fit in u32.
+    (i * n / m) as u32..((i + 1) * n / m) as u32
+}
+
+impl Coordinator {
+    /// Must be called inside the Tokio runtime: it starts a task that watches
+    /// this node's Raft metrics for elections (ends with the node's shutdown).
+    pub fn new(group: GroupHandle) -> Coordinator {
+        let elected = std::sync::Arc::new(std::sync::Mutex::new((0, Instant::now())));
+        let watch = {
+            let (elected, mut metrics, stop) = (elected.clone(), group.raft().metrics(), group.shutdown().clone());
+            async move {
+                loop {
+                    let (term, leading) = {
+                        let m = metrics.borrow_watched();
+                        (m.current_term, m.state == openraft::ServerState::Leader)
+                    };
+                    if leading {
+                        let mut e = elected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if e.0 != term {
+                            *e = (term, Instant::now());
+                        }
+                    }
+                    tokio::select! {
+                        changed = metrics.changed() => if changed.is_err() { return },
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        tokio::spawn(watch);
+        Coordinator {
+            group,
+            state: std::sync::Arc::new(tokio::sync::Mutex::new(State {
+                term: 0,
+                since: Instant::now(),
+                topics: HashMap::new(),
+            })),
+            elected,
+        }
+    }
+
+    pub fn into_server(self) -> ConsumerServiceServer<Self> {
+        ConsumerServiceServer::new(self)
+    }
+
+    fn grace(&self) -> Duration {
+        self.group.config().consumer_heartbeat_interval * 3
+    }
+
+    fn session_timeout(&self) -> Duration {
+        self.group.config().consumer_session_timeout
+    }
+
+    /// The state, emptied if this node has started a new term since it was built.
+    async fn state(&self) -> tokio::sync::MutexGuard<'_, State> {
+        let term = self.group.raft().metrics().borrow_watched().current_term;
+        let mut st = self.state.lock().await;
+        if st.term != term {
+            let (elected_term, at) = *self.elected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.term = term;
+            // Not seen leading this term yet (the watcher lags): grace from now.
+            st.since = if elected_term == term { at } else { Instant::now() };
+            st.topics.clear();
+        }
+        st
+    }
+
+    async fn heartbeat(&self, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, ApiError> {
+        validate::consumer_group_name(&req.consumer_group)?;
+        validate::client_id(&req.client_id)?;
+        validate::topic_name(&req.topic)?;
+        TagFilter::parse(&req.tag_expression)?;
+        let start = StartPosition::from_pb(req.start_from, req.start_timestamp_ms, Some(StartPosition::Last))?;
+        let mut seen = BTreeSet::new();
+        if let Some(q) = req.queues.iter().find(|q| !seen.insert(q.queue_id)) {
+            return Err(ApiError::InvalidArgument(format!(
+                "queue {} is reported twice in one heartbeat",
+                q.queue_id
+            )));
+        }
+        self.group.ensure_leader()?;
+        let topic = self.group.topic_for_write(&req.topic).await?;
+        if topic.perm & PERM_READ == 0 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "topic {:?} is not readable",
+                topic.name
+            )));
+        }
+        match tokio::time::timeout(OPERATION_TIMEOUT, self.heartbeat_locked(req, topic.queues, start)).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "heartbeat not settled within {OPERATION_TIMEOUT:?} (is broker group {} losing its quorum?)",
+                self.group.group()
+            ))),
+        }
+    }
+
+    async fn heartbeat_locked(
+        &self,
+        req: pb::HeartbeatRequest,
+        queues: u32,
+        start: StartPosition,
+    ) -> Result<pb::HeartbeatResponse, ApiError> {
+        let mut st = self.state().await;
+        let now = Instant::now();
+        let in_grace = now < st.since + self.grace();
+        let timeout = self.session_timeout();
+        let key = (req.consumer_group.clone(), req.topic.clone());
+        let gt = st.topics.entry(key.clone()).or_default();
+        gt.members.retain(|id, m| {
+            let alive = now.duration_since(m.last_seen) < timeout;
+            if !alive {
+                tracing::info!(member = %id, queues = ?m.holds, "consumer presumed dead; its queues are free");
+            }
+            alive
+        });
+        let held_by_others: BTreeSet<u32> = gt
+            .members
+            .iter()
+            .filter(|(id, _)| **id != req.client_id)
+            .flat_map(|(_, m)| m.holds.iter().copied())
+            .collect();
+        let member = gt.members.entry(req.client_id.clone()).or_insert_with(|| {
+            tracing::info!(member = %req.client_id, group = %req.consumer_group, topic = %req.topic, "consumer joined");
+            Member {
+                last_seen: now,
+                tag_expression: String::new(),
+                holds: BTreeSet::new(),
+            }
+        });
+        member.last_seen = now;
+        member.tag_expression.clone_from(&req.tag_expression);
+        // Commits: for queues this member holds, or reports and nobody else holds
+        // (a new leader learning holds, or a member back after being presumed dead).
+        let mut commits = Vec::new();
+        for q in &req.queues {
+            if q.queue_id >= queues || gt.pending_resets.contains_key(&q.queue_id) {
+                continue;
+            }
+            if member.holds.contains(&q.queue_id) || !held_by_others.contains(&q.queue_id) {
+                commits.push((q.queue_id, q.offset));
+                if q.held {
+                    member.holds.insert(q.queue_id);
+                }
+            }
+        }
+        let still_held: BTreeSet<u32> = req.queues.iter().filter(|q| q.held).map(|q| q.queue_id).collect();
+        // Released (or never received) queues stay held until the commit below is
+        // applied, so nobody else is granted them from a stale offset.
+        let released: Vec<u32> = member.holds.difference(&still_held).copied().collect();
+        let mut granted_now = Vec::new();
+        let target: BTreeSet<u32> = if req.leaving {
+            BTreeSet::new()
+        } else {
+            let index = gt.members.keys().position(|id| *id == req.client_id).unwrap_or(0);
+            share(queues, gt.members.len(), index).collect()
+        };
+        if !req.leaving && !in_grace {
+            let all_held: BTreeSet<u32> = gt.members.values().flat_map(|m| m.holds.iter().copied()).collect();
+            let member = gt.members.get_mut(&req.client_id).expect("inserted above");
+            for &q in &target {
+                if !all_held.contains(&q) {
+                    member.holds.insert(q);
+                    granted_now.push(q);
+                }
+            }
+        }
+        let member = gt.members.get(&req.client_id).expect("inserted above");
+        let assigned: Vec<u32> = member
+            .holds
+            .iter()
+            .copied()
+            .filter(|q| still_held.contains(q) || granted_now.contains(q))
+            .filter(|q| in_grace || target.contains(q))
+            .collect();
+        let resets: HashMap<u32, u64> = assigned
+            .iter()
+            .filter_map(|q| gt.pending_resets.remove(q).map(|o| (*q, o)))
+            .collect();
+        let rebalancing = in_grace || assigned.iter().copied().collect::<BTreeSet<_>>() != target;
+
+        // Durable part: commit offsets that moved, then start offsets of queues the
+        // group never consumed.
+        let store = self.group.store();
+        let committed = |q: u32| {
+            store
+                .consumer_offset(&req.consumer_group, &req.topic, q)
+                .map_err(|e| ApiError::storage("reading consumer offsets", e))
+        };
+        let mut changed = Vec::new();
+        for (q, offset) in commits {
+            if committed(q)? != Some(offset) {
+                changed.push((q, offset));
+            }
+        }
+        let wrote = self.commit(&req.consumer_group, &req.topic, &changed).await?;
+        if !granted_now.is_empty() && !wrote {
+            // Offsets committed under an earlier leader may not be applied here yet.
+            self.group.catch_up().await?;
+        }
+        let mut starts = Vec::new();
+        for &q in &granted_now {
+            if committed(q)?.is_none() {
+                let offset = start
+                    .offset(store, &req.topic, q)
+                    .map_err(|e| ApiError::storage("finding a start offset", e))?;
+                starts.push((q, offset));
+            }
+        }
+        self.commit(&req.consumer_group, &req.topic, &starts).await?;
+
+        let gt = st.topics.get_mut(&key).expect("present");
+        if req.leaving {
+            gt.members.remove(&req.client_id);
+            tracing::info!(member = %req.client_id, group = %req.consumer_group, "consumer left");
+        } else if let Some(m) = gt.members.get_mut(&req.client_id) {
+            for q in &released {
+                m.holds.remove(q);
+            }
+        }
+        if gt.members.is_empty() && gt.pending_resets.is_empty() {
+            st.topics.remove(&key);
+        }
+        let mut out = Vec::with_capacity(assigned.len());
+        for q in assigned {
+            let reset = resets.get(&q).copied();
+            let offset = match reset {
+                Some(o) => o,
+                None => committed(q)?.unwrap_or(0),
+            };
+            out.push(pb::AssignedQueue {
+                queue_id: q,
+                offset,
+                reset: reset.is_some(),
+            });
+        }
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        Ok(pb::HeartbeatResponse {
+            broker_group: self.group.group().to_owned(),
+            assigned: out,
+            heartbeat_interval_ms: ms(self.group.config().consumer_heartbeat_interval),
+            session_timeout_ms: ms(timeout),
+            rebalancing,
+        })
+    }
+
+    /// Commits `offsets` of one topic through Raft; false when there was nothing to write.
+    async fn commit(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<bool, ApiError> {
+        if offsets.is_empty() {
+            return Ok(false);
+        }
+        let offsets = offsets
+            .iter()
+            .map(|&(queue_id, offset)| QueueOffset {
+                topic: topic.to_owned(),
+                queue_id,
+                offset,
+            })
+            .collect();
+        self.group
+            .write(Command::CommitOffsets {
+                group: group.to_owned(),
+                offsets,
+            })
+            .await?;
+        Ok(true)
+    }
+
+    async fn query_offset(&self, req: pb::QueryOffsetRequest) -> Result<pb::QueryOffsetResponse, ApiError> {
+        validate::consumer_group_name(&req.consumer_group)?;
+        let topic = self.group.topic(&req.topic)?;
+        check_queue(&self.group, &topic.name, topic.queues, req.queue_id)?;
+        let store = self.group.store();
+        let io = |e| ApiError::storage("reading offsets", e);
+        let max_offset = store.queue_next_offset(&req.topic, req.queue_id).map_err(io)?;
+        Ok(pb::QueryOffsetResponse {
+            offset: store
+                .consumer_offset(&req.consumer_group, &req.topic, req.queue_id)
+                .map_err(io)?,
+            min_offset: store
+                .queue_min_offset(&req.topic, req.queue_id)
+                .map_err(io)?
+                .min(max_offset),
+            max_offset,
+        })
+    }
+
+    /// Every consumer group with committed offsets here, or live members (leader).
+    pub async fn list_groups(&self) -> Result<pb::ListConsumerGroupsResponse, ApiError> {
+        let store = self.group.store();
+        let io = |e| ApiError::storage("reading consumer offsets", e);
+        let mut groups: BTreeMap<String, pb::ConsumerGroupSummary> = BTreeMap::new();
+        for (group, topic, q, offset) in store.consumer_offsets(None).map_err(io)? {
+            let s = groups.entry(group.clone()).or_insert_with(|| summary(&group));
+            if !s.topics.contains(&topic) {
+                s.topics.push(topic.clone());
+            }
+            let max = store.queue_next_offset(&topic, q).map_err(io)?;
+            s.total_lag += max.saturating_sub(offset);
+        }
+        if self.group.ensure_leader().is_ok() {
+            let st = self.state().await;
+            for ((group, topic), gt) in &st.topics {
+                let s = groups.entry(group.clone()).or_insert_with(|| summary(group));
+                if !s.topics.contains(topic) {
+                    s.topics.push(topic.clone());
+                }
+                s.live_members += gt.members.len() as u32;
+            }
+        }
+        Ok(pb::ListConsumerGroupsResponse {
+            broker_group: self.group.group().to_owned(),
+            groups: groups.into_values().collect(),
+        })
+    }
+
+    pub async fn describe(&self, consumer_group: &str) -> Result<pb::DescribeConsumerGroupResponse, ApiError> {
+        validate::consumer_group_name(consumer_group)?;
+        let store = self.group.store();
+        let io = |e| ApiError::storage("reading consumer offsets", e);
+        let mut committed: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        for (_, topic, q, offset) in store.consumer_offsets(Some(consumer_group)).map_err(io)? {
+            committed.insert((topic, q), offset);
+        }
+        let mut members = Vec::new();
+        let mut holders: HashMap<(String, u32), String> = HashMap::new();
+        if self.group.ensure_leader().is_ok() {
+            let st = self.state().await;
+            let now = Instant::now();
+            for ((group, topic), gt) in &st.topics {
+                if group != consumer_group {
+                    continue;
+                }
+                for (id, m) in &gt.members {
+                    for q in &m.holds {
+                        holders.insert((topic.clone(), *q), id.clone());
+                    }
+                    members.push(pb::ConsumerMember {
+                        client_id: id.clone(),
+                        topic: topic.clone(),
+                        tag_expression: m.tag_expression.clone(),
+                        queue_ids: m.holds.iter().copied().collect(),
+                        last_heartbeat_ms_ago: now.duration_since(m.last_seen).as_millis() as u64,
+                    });
+                }
+            }
+        }
+        let mut topics: BTreeSet<String> = committed.keys().map(|(t, _)| t.clone()).collect();
+        topics.extend(members.iter().map(|m| m.topic.clone()));
+        if topics.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "consumer group {consumer_group:?} has no committed offsets and no live members on broker group {}",
+                self.group.group()
+            )));
+        }
+        let mut queues = Vec::new();
+        for topic in topics {
+            // A deleted topic's offsets stay; show the queues they name.
+            let count = match self.group.topic(&topic) {
+                Ok(t) => t.queues,
+                Err(_) => committed.range((topic.clone(), 0)..=(topic.clone(), u32::MAX)).count() as u32,
+            };
+            for q in 0..count {
+                queues.push(queue_status(
+                    store,
+                    &topic,
+                    q,
+                    committed.get(&(topic.clone(), q)).copied(),
+                    holders.get(&(topic.clone(), q)).cloned().unwrap_or_default(),
+                )?);
+            }
+        }
+        Ok(pb::DescribeConsumerGroupResponse {
+            broker_group: self.group.group().to_owned(),
+            consumer_group: consumer_group.to_owned(),
+            members,
+            queues,
+        })
+    }
+
+    pub async fn reset(
+        &self,
+        req: pb::ResetConsumerOffsetRequest,
+    ) -> Result<pb::ResetConsumerOffsetResponse, ApiError> {
+        validate::consumer_group_name(&req.consumer_group)?;
+        validate::topic_name(&req.topic)?;
+        let to = StartPosition::from_pb(req.to, req.timestamp_ms, None)?;
+        self.group.ensure_leader()?;
+        let topic = self.group.topic_for_write(&req.topic).await?;
+        let work = async {
+            let mut st = self.state().await;
+            let store = self.group.store();
+            let mut offsets = Vec::new();
+            for q in 0..topic.queues {
+                let o = to
+                    .offset(store, &topic.name, q)
+                    .map_err(|e| ApiError::storage("finding reset offsets", e))?;
+                offsets.push((q, o));
+            }
+            self.commit(&req.consumer_group, &topic.name, &offsets).await?;
+            // Holders jump on their next heartbeat; until then their commits for
+            // these queues are ignored.
+            if let Some(gt) = st.topics.get_mut(&(req.consumer_group.clone(), topic.name.clone())) {
+                let held: BTreeSet<u32> = gt.members.values().flat_map(|m| m.holds.iter().copied()).collect();
+                for &(q, o) in &offsets {
+                    if held.contains(&q) {
+                        gt.pending_resets.insert(q, o);
+                    }
+                }
+            }
+            tracing::info!(group = %req.consumer_group, topic = %topic.name, ?to, "consumer offsets reset");
+            let mut queues = Vec::new();
+            for (q, o) in offsets {
+                queues.push(queue_status(store, &topic.name, q, Some(o), String::new())?);
+            }
+            Ok(pb::ResetConsumerOffsetResponse { queues })
+        };
+        tokio::time::timeout(OPERATION_TIMEOUT, work)
+            .await
+            .map_err(|_| ApiError::Unavailable(format!("offset reset not committed within {OPERATION_TIMEOUT:?}")))?
+    }
+}
+
+fn summary(group: &str) -> pb::ConsumerGroupSummary {
+    pb::ConsumerGroupSummary {
+        consumer_group: group.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn queue_status(
+    store: &StoreReader,
+    topic: &str,
+    queue_id: u32,
+    committed: Option<u64>,
+    client_id: String,
+) -> Result<pb::ConsumerQueueStatus, ApiError> {
+    let io = |e| ApiError::storage("reading queue offsets", e);
+    let max_offset = store.queue_next_offset(topic, queue_id).map_err(io)?;
+    let from = match committed {
+        Some(o) => o,
+        None => store.queue_min_offset(topic, queue_id).map_err(io)?,
+    };
+    Ok(pb::ConsumerQueueStatus {
+        topic: topic.to_owned(),
+        queue_id,
+        committed_offset: committed,
+        max_offset,
+        lag: max_offset.saturating_sub(from),
+        client_id,
+    })
+}
+
+fn check_queue(group: &GroupHandle, topic: &str, queues: u32, queue_id: u32) -> Result<(), ApiError> {
+    if queue_id >= queues {
+        return Err(ApiError::InvalidArgument(format!(
+            "queue_id {queue_id} is out of range: topic {topic:?} has {queues} queues on broker group {}",
+            group.group()
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl ConsumerService for Coordinator {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<tonic::Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!(
+            "heartbeat",
+            group = %self.group.group(),
+            consumer_group = %req.consumer_group,
+            member = %req.client_id,
+            topic = %req.topic
+        );
+        async {
+            let result = Coordinator::heartbeat(self, req).await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "heartbeat refused");
+            }
+            result.map(tonic::Response::new).map_err(Status::from)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn query_offset(
+        &self,
+        request: Request<pb::QueryOffsetRequest>,
+    ) -> Result<tonic::Response<pb::QueryOffsetResponse>, Status> {
+        let req = request.into_inner();
+        let span =
+            tracing::debug_span!("query_offset", group = %self.group.group(), consumer_group = %req.consumer_group);
+        Coordinator::query_offset(self, req)
+            .instrument(span)
+            .await
+            .map(tonic::Response::new)
+            .map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn shares_cover_every_queue_once_and_differ_by_at_most_one() {
+        for queues in 0..20u32 {
+            for members in 1..8usize {
+                let shares: Vec<_> = (0..members).map(|i| share(queues, members, i)).collect();
+                let all: Vec<u32> = shares.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(
+                    all,
+                    (0..queues).collect::<Vec<_>>(),
+                    "{queues} queues, {members} members"
+                );
+                let sizes: Vec<usize> = shares.iter().map(|r| r.len()).collect();
+                let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(max - min <= 1, "{queues} queues over {members} members: {sizes:?}");
+            }
+        }
+    }
+}
