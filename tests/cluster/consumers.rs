@@ -506,3 +506,130 @@ async fn tag_filter_reset_and_lookup_by_id_and_key() -> anyhow::Result<()> {
     cluster.shutdown().await?;
     ns.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_consumer_requests_get_a_status_that_names_the_problem() -> anyhow::Result<()> {
+    use pb::consumer_service_client::ConsumerServiceClient;
+    const TOPIC: &str = "cg-bad";
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (ns, cluster, client) = start().await?;
+    client.admin().create_topic(TOPIC, 2, pb::Permission::ReadWrite).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    let follower = (1..=3).find(|id| *id != leader).context("no follower")?;
+    let connect = |id: u64| ConsumerServiceClient::connect(format!("http://{}", cluster.replica(id).addr));
+    let mut on_leader = connect(leader).await?;
+    let good = pb::HeartbeatRequest {
+        consumer_group: "g".into(),
+        client_id: "c1".into(),
+        topic: TOPIC.into(),
+        tag_expression: "*".into(),
+        ..Default::default()
+    };
+    let cases: Vec<(pb::HeartbeatRequest, tonic::Code, &str)> = vec![
+        (
+            pb::HeartbeatRequest {
+                consumer_group: String::new(),
+                ..good.clone()
+            },
+            tonic::Code::InvalidArgument,
+            "consumer group name is empty",
+        ),
+        (
+            pb::HeartbeatRequest {
+                consumer_group: "bad group!".into(),
+                ..good.clone()
+            },
+            tonic::Code::InvalidArgument,
+            "contains ' '",
+        ),
+        (
+            pb::HeartbeatRequest {
+                client_id: "has space".into(),
+                ..good.clone()
+            },
+            tonic::Code::InvalidArgument,
+            "client_id",
+        ),
+        (
+            pb::HeartbeatRequest {
+                tag_expression: "A ||".into(),
+                ..good.clone()
+            },
+            tonic::Code::InvalidArgument,
+            "tag expression",
+        ),
+        (
+            pb::HeartbeatRequest {
+                start_from: 42,
+                ..good.clone()
+            },
+            tonic::Code::InvalidArgument,
+            "StartFrom",
+        ),
+        (
+            pb::HeartbeatRequest {
+                queues: vec![
+                    pb::HeldQueue {
+                        queue_id: 1,
+                        offset: 0,
+                        held: true,
+                    };
+                    2
+                ],
+                ..good.clone()
+            },
+            tonic::Code::InvalidArgument,
+            "reported twice",
+        ),
+        (
+            pb::HeartbeatRequest {
+                topic: "no-such-topic".into(),
+                ..good.clone()
+            },
+            tonic::Code::NotFound,
+            "no-such-topic",
+        ),
+    ];
+    for (req, code, says) in cases {
+        let status = on_leader.heartbeat(req.clone()).await.expect_err("refused");
+        ensure!(
+            status.code() == code && status.message().contains(says),
+            "{req:?} was answered {:?} {:?}; wanted {code:?} mentioning {says:?}",
+            status.code(),
+            status.message()
+        );
+    }
+    // A follower sends the member to the leader, as for Send.
+    let status = connect(follower)
+        .await?
+        .heartbeat(good.clone())
+        .await
+        .expect_err("not leader");
+    ensure!(status.code() == tonic::Code::FailedPrecondition, "{status:?}");
+    let named = status
+        .metadata()
+        .get(raftmq_client::LEADER_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    ensure!(
+        named == cluster.replica(leader).addr.to_string(),
+        "follower named {named:?}"
+    );
+    // A valid heartbeat is answered with the timing the member must keep.
+    let ok = on_leader.heartbeat(good).await?.into_inner();
+    ensure!(
+        ok.heartbeat_interval_ms == 1000 && ok.session_timeout_ms == 5000,
+        "{ok:?}"
+    );
+    // Resets need an explicit position.
+    let err = client
+        .admin()
+        .reset_consumer_offset("g", TOPIC, pb::StartFrom::Unspecified, 0)
+        .await
+        .expect_err("unspecified position");
+    ensure!(err.code() == Some(tonic::Code::InvalidArgument), "{err}");
+    let described = client.admin().describe_consumer_group("never-seen").await?;
+    ensure!(described.is_empty(), "an unknown group is described as {described:?}");
+    cluster.shutdown().await?;
+    ns.stop().await
+}
