@@ -203,9 +203,14 @@ impl Messaging {
             let mut next = start;
             let mut messages = Vec::new();
             let mut bytes = 0usize;
+            let hashes = filter.tag_hashes();
             'scan: while next < max_offset && messages.len() < max && next - start < scan_limit {
-                let chunk = store.read_messages(&topic, queue_id, next, max)?;
-                if chunk.is_empty() {
+                // Rows whose tag hash cannot match are skipped without reading
+                // their entry; a filtered scan may cover more rows than `max`.
+                let rows = if hashes.is_some() { max.max(256) } else { max };
+                let (chunk, scanned_to) =
+                    store.read_messages_tagged(&topic, queue_id, next, rows, hashes.as_deref())?;
+                if scanned_to <= next {
                     break;
                 }
                 for m in chunk {
@@ -226,6 +231,8 @@ impl Messaging {
                         }
                     }
                 }
+                // Past the rows the hash skipped, but never past what we report.
+                next = next.max(scanned_to.min(max_offset));
             }
             Ok(pb::PullResponse {
                 messages,

@@ -195,6 +195,13 @@ impl TagFilter {
         Ok(TagFilter(Some(tags)))
     }
 
+    /// The ConsumeQueue tag hashes that can match (`None`: every tag matches).
+    pub fn tag_hashes(&self) -> Option<Vec<u64>> {
+        self.0
+            .as_ref()
+            .map(|tags| tags.iter().map(|t| raftmq_raft_store::command::tag_hash(t)).collect())
+    }
+
     pub fn matches(&self, tag: &str) -> bool {
         self.0.as_ref().is_none_or(|tags| tags.iter().any(|t| t == tag))
     }

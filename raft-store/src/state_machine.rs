@@ -595,23 +595,45 @@ impl StoreReader {
 
     /// Up to `max` messages of a queue starting at `offset`, in queue order.
     pub fn read_messages(&self, topic: &str, queue_id: u32, offset: u64, max: usize) -> io::Result<Vec<StoredMessage>> {
+        Ok(self.read_messages_tagged(topic, queue_id, offset, max, None)?.0)
+    }
+
+    /// Scans up to `max_rows` ConsumeQueue rows from `offset` and returns the
+    /// messages whose row's tag hash is in `tag_hashes` (all when `None`), plus the
+    /// offset after the last row scanned. Rows that do not match are skipped
+    /// without reading their entry, which is what makes a sparse tag filter
+    /// cheap; a hash collision can let a non-matching tag through, so callers
+    /// still compare the tag itself (see [`tag_hash`]).
+    pub fn read_messages_tagged(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        max_rows: usize,
+        tag_hashes: Option<&[u64]>,
+    ) -> io::Result<(Vec<StoredMessage>, u64)> {
         let state = self.shared.current();
         let start = cq_key(topic, queue_id, offset);
         let prefix = queue_key(topic, queue_id);
         let mut rows = Vec::new();
+        let mut scanned_to = offset;
         let iter = state.db.iterator_cf(
             state.cf(CF_CQ),
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
-        for item in iter.take(max) {
+        for item in iter.take(max_rows) {
             let (k, v) = item.map_err(rocks_io("scan ConsumeQueue"))?;
             if !k.starts_with(&prefix) || k.len() != prefix.len() + 8 {
                 break;
             }
             let off = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
-            rows.push((off, CqRow::decode(&v)?));
+            scanned_to = off + 1;
+            let row = CqRow::decode(&v)?;
+            if tag_hashes.is_none_or(|h| h.contains(&row.tag_hash)) {
+                rows.push((off, row));
+            }
         }
-        self.resolve(&state, topic, queue_id, rows)
+        Ok((self.resolve(&state, topic, queue_id, rows)?, scanned_to))
     }
 
     /// Messages of `topic` carrying `key`, oldest first, with where they live.

@@ -445,6 +445,21 @@ async fn messages_read_back_by_offset_and_key() {
     assert_eq!(reader.message_at(7, 1).unwrap().as_ref(), Some(&q3[4]));
     assert_eq!(reader.message_at(7, 99).unwrap(), None, "past the batch's end");
     assert_eq!(reader.message_at(10_000, 0).unwrap(), None, "never written");
+    // A tag filter on the ConsumeQueue's tag hash returns only that tag and still
+    // reports how far it scanned.
+    let odd = raftmq_raft_store::command::tag_hash("odd");
+    let (odd_msgs, scanned_to) = reader.read_messages_tagged(TOPIC, 3, 0, 6, Some(&[odd])).unwrap();
+    assert_eq!(scanned_to, 6);
+    assert_eq!(
+        odd_msgs.iter().map(|m| m.queue_offset).collect::<Vec<_>>(),
+        q3[..6]
+            .iter()
+            .filter(|m| m.message.tag == "odd")
+            .map(|m| m.queue_offset)
+            .collect::<Vec<_>>()
+    );
+    let (none, _) = reader.read_messages_tagged(TOPIC, 3, 0, 6, Some(&[])).unwrap();
+    assert!(none.is_empty());
     // A start "from a timestamp" lands on the first message stored at or after it.
     assert_eq!(reader.offset_for_timestamp(TOPIC, 3, 1_800_000_000_005).unwrap(), 3);
     assert_eq!(reader.offset_for_timestamp(TOPIC, 3, 0).unwrap(), 0);
