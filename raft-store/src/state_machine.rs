@@ -784,12 +784,14 @@ impl StoreReader {
         rows: Vec<(u64, CqRow)>,
     ) -> io::Result<Vec<StoredMessage>> {
         let mut out = Vec::with_capacity(rows.len());
-        // Consecutive rows usually share an entry (a batch): decode it once.
-        let mut cached: Option<(u64, Vec<Message>)> = None;
+        // Consecutive rows usually share an entry (a batch): decode it once, and
+        // move each message out (a row names each position once) instead of
+        // cloning its tag, keys and properties.
+        let mut cached: Option<(u64, Vec<Option<Message>>)> = None;
         for (queue_offset, row) in rows {
             if cached.as_ref().is_none_or(|(i, _)| *i != row.raft_index) {
                 let msgs = match self.read_command(state, row.raft_index)? {
-                    Some(Command::Append(b)) => b.messages,
+                    Some(Command::Append(b)) => b.messages.into_iter().map(Some).collect(),
                     other => {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -802,13 +804,19 @@ impl StoreReader {
                 };
                 cached = Some((row.raft_index, msgs));
             }
-            let msgs = &cached.as_ref().expect("just filled").1;
-            let message = msgs.get(row.batch_pos as usize).cloned().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("entry {} has no message at position {}", row.raft_index, row.batch_pos),
-                )
-            })?;
+            let msgs = &mut cached.as_mut().expect("just filled").1;
+            let message = msgs
+                .get_mut(row.batch_pos as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "entry {} has no message at position {} (or two ConsumeQueue rows name it)",
+                            row.raft_index, row.batch_pos
+                        ),
+                    )
+                })?;
             out.push(StoredMessage {
                 topic: topic.to_owned(),
                 queue_id,
