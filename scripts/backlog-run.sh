@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue #6's backlog run (not part of CI: it writes ~3 x 10 GiB and takes minutes).
+# Starts `raftmq dev` on fixed loopback ports with its data under $DATA_DIR, stores
+# $COUNT 1 KiB messages with `raftmq bench produce` (1024 in flight), then compares
+# the produce rate of the first and last ten seconds, restarts the whole cluster on
+# that backlog, and times how long until a send succeeds again. Deletes $DATA_DIR
+# at the end unless KEEP=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+count="${COUNT:-10000000}"
+dir="${DATA_DIR:-/var/tmp/raftmq-backlog}"
+ns=127.0.0.1:19890
+ports=19891,19892,19893
+bin="$(bash scripts/build-release.sh)"
+[ -e "$dir" ] && { echo "backlog-run: $dir exists; remove it or set DATA_DIR" >&2; exit 1; }
+mkdir -p "$dir"
+pid=""
+stop() {
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid"
+    wait "$pid" 2>/dev/null || true
+  fi
+  pid=""
+}
+cleanup() {
+  stop
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$dir"
+}
+trap cleanup EXIT
+start() {
+  "$bin" dev --data-dir "$dir/cluster" --namesrv-listen "$ns" --broker-ports "$ports" >>"$dir/dev.out" 2>>"$dir/dev.err" &
+  pid=$!
+}
+# One message through the client: true once the cluster serves writes.
+serving() { "$bin" produce --namesrv "$ns" --topic Backlog --count 1 --size 1024 >/dev/null 2>&1; }
+
+start
+for _ in $(seq 1 600); do serving && break; sleep 0.1; done
+"$bin" admin topic create --namesrv "$ns" --topic Backlog --queues 8 >/dev/null
+"$bin" bench produce --namesrv "$ns" --topic Backlog --count "$count" --size 1024 --inflight 1024 \
+  --duration 3600 2>"$dir/progress.log" | tail -4
+# Progress lines: "[produce   12.0s]   123456 ok     45678 msgs/s  0 errors".
+awk '/msgs\/s/ { for (i = 1; i <= NF; i++) if ($(i+1) == "msgs/s") r[n++] = $i }
+  END {
+    if (n < 25) { print "backlog-run: too few progress lines (" n ")"; exit 1 }
+    for (i = 1; i <= 10; i++) a += r[i]; for (i = n - 11; i < n - 1; i++) b += r[i]
+    printf "produce rate, seconds 2-11: %.0f msgs/s; last ten full seconds: %.0f msgs/s (%+.1f%%)\n", a / 10, b / 10, (b - a) * 100 / a
+  }' "$dir/progress.log"
+du -sh "$dir/cluster" | awk '{ print "data on disk (3 replicas): " $1 }'
+stop
+t0=$(date +%s.%N)
+start
+until serving; do
+  kill -0 "$pid" 2>/dev/null || { echo "backlog-run: dev exited on restart" >&2; tail "$dir/dev.err" >&2; exit 1; }
+  sleep 0.05
+done
+t1=$(date +%s.%N)
+echo "restart with the backlog: serving sends again after $(echo "$t1 - $t0" | bc) s"
+"$bin" admin cluster --namesrv "$ns" | head -5
