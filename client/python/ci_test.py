@@ -1,103 +1,349 @@
-"""End-to-end check of the Python client against a live raftmq cluster.
+"""End-to-end test of the Python client against a live raftmq cluster.
 
-Usage: python ci_test.py NAMESERVER_HOST:PORT
+    python ci_test.py NAMESERVER_HOST:PORT
 
-(a) sends 200 messages, (b) consumes them as a consumer group, each exactly once,
-and checks the committed offsets, (c) sends to a follower directly and gets
-FAILED_PRECONDITION with the `raftmq-leader` metadata, then lets the wrapper start
-at that follower and follow the redirect. Exits non-zero on any failure.
+Run by scripts/python-client-test.sh against a fresh `raftmq dev` cluster (one
+broker group of three replicas, topics auto-created with 4 queues). Steps:
+
+  send      200 messages to a fresh topic: 200 distinct ids and (queue, offset)s
+  pull      every queue read back by offset: exactly the 200, bodies intact
+  errors    an empty body is refused: RaftmqError INVALID_ARGUMENT
+  consume   a consumer group receives each of the 200 exactly once; after close()
+            the committed offsets are at the end of every queue
+  rebalance 200 more; member a starts alone, b joins mid-way: only the new 200,
+            each exactly once across both, never a queue held by both, settling
+            on disjoint shares covering every queue; then b leaves, 100 more, and
+            a takes b's queues over from b's final offsets without a duplicate;
+            offsets committed at the end again
+  redirect  a raw Send to a follower fails FAILED_PRECONDITION with `raftmq-leader`
+            metadata naming the leader; the wrapper's producer, told the follower
+            is the leader, still stores the message by following the redirect
+
+Every step runs (unless an earlier one it needs failed); exits 1 naming each
+failed step, 0 when all passed.
 """
+
+from __future__ import annotations
 
 import sys
 import time
+import traceback
 import uuid
+from typing import Callable
 
 import grpc
 
-import raftmq_client as rmq
-from raftmq_client import pb, pb_grpc
+import raftmq
+from raftmq import pb, pb_grpc
+
+COUNT = 200
+GROUP = "py_ci_group"
 
 
-def fail(why: str) -> None:
-    print(f"FAIL: {why}", file=sys.stderr)
-    sys.exit(1)
+class Failure(Exception):
+    pass
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        fail("usage: ci_test.py NAMESERVER_HOST:PORT")
-    topic = f"py-{uuid.uuid4().hex[:8]}"
-    count = 200
-    with rmq.Client([sys.argv[1]]) as client:
-        producer = client.producer()
-        # (a) send; the dev cluster creates the topic (4 queues) on first send.
-        sent = {}
-        for i in range(count):
-            r = producer.send(topic, f"body-{i}".encode(), tag="TagA", keys=[f"k{i}"], properties={"seq": str(i)})
-            sent[r.message_id] = i
-        if len(sent) != count:
-            fail(f"{count} sends gave {len(sent)} distinct message ids")
-        print(f"sent {count} messages to {topic}")
+def require(cond: bool, why: str) -> None:
+    if not cond:
+        raise Failure(why)
 
-        # (b) consume as a group: every message exactly once.
-        deadline = time.monotonic() + 60
-        while True:
-            route = client.route(topic, refresh=True)
-            if route.groups and route.groups[0].queues > 0:
-                break
-            if time.monotonic() > deadline:
-                fail("the NameServer never learned the topic")
-            time.sleep(0.1)
-        consumer = rmq.Consumer(client, "py-group", topic)
-        seen = {}
-        while len(seen) < count:
-            if time.monotonic() > deadline:
-                fail(f"consumed {len(seen)} of {count} within 60 s; held queues {consumer.offsets}")
-            for m in consumer.poll(timeout=1.0):
-                seq = int(m.message.properties["seq"])
-                if seq in seen:
-                    fail(f"message {seq} delivered twice")
-                if sent.get(m.message_id) != seq:
-                    fail(f"message id {m.message_id} does not match its send (seq {seq})")
-                seen[seq] = m
-        consumer.close()
-        group = route.groups[0]
-        committed = 0
-        admin_endpoint = client.leader_of(topic, group.broker_group)
-        stub = pb_grpc.ConsumerServiceStub(client.channel(admin_endpoint))
-        for q in range(group.queues):
-            r = stub.QueryOffset(pb.QueryOffsetRequest(consumer_group="py-group", topic=topic, queue_id=q))
-            if not r.HasField("offset") or r.offset != r.max_offset:
-                fail(f"queue {q}: committed {r.offset if r.HasField('offset') else None}, max {r.max_offset}")
-            committed += r.offset
-        if committed != count:
-            fail(f"committed offsets add up to {committed}, not {count}")
-        print(f"consumed {count} messages exactly once as group py-group; offsets committed")
 
-        # (c) NOT_LEADER: a follower refuses the write and names the leader.
-        if not group.follower_endpoints:
-            fail(f"route names no follower: {group}")
-        follower = group.follower_endpoints[0]
+class Run:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.skipped: list[str] = []
+
+    def step(self, name: str, fn: Callable[[], object], needs: tuple[str, ...] = ()) -> object:
+        missing = [n for n in needs if n in self.failed or n in self.skipped]
+        if missing:
+            print(f"SKIP {name}: needs {', '.join(missing)}", flush=True)
+            self.skipped.append(name)
+            return None
+        started = time.monotonic()
         try:
-            pb_grpc.MessagingServiceStub(client.channel(follower)).Send(
-                pb.SendRequest(topic=topic, messages=[pb.Message(topic=topic, body=b"direct")]), timeout=3
+            result = fn()
+        except Failure as e:
+            print(f"FAIL {name}: {e}", flush=True)
+            self.failed.append(name)
+            return None
+        except raftmq.RaftmqError as e:
+            hint = ""
+            if e.code == grpc.StatusCode.UNIMPLEMENTED:
+                hint = " (the broker binary does not implement this service: older than proto/?)"
+            print(f"FAIL {name}: RaftmqError {e}{hint}", flush=True)
+            self.failed.append(name)
+            return None
+        except Exception:  # a bug in the client or the test: report it, run the rest
+            print(f"FAIL {name}: unexpected exception", flush=True)
+            traceback.print_exc()
+            self.failed.append(name)
+            return None
+        print(f"ok   {name} ({time.monotonic() - started:.1f} s)", flush=True)
+        return result
+
+
+def wait_for_route(client: raftmq.Client, topic: str) -> raftmq.TopicRoute:
+    """The NameServer learns an auto-created topic from the brokers' next registration."""
+    deadline = time.monotonic() + 30
+    while True:
+        route = client.route(topic, refresh=True)
+        if not route.provisional and route.groups and all(g.queues > 0 for g in route.groups):
+            return route
+        require(time.monotonic() < deadline, f"the NameServer did not learn topic {topic} within 30 s")
+        time.sleep(0.2)
+
+
+def send_all(client: raftmq.Client, topic: str, first: int, count: int) -> dict[str, raftmq.SendResult]:
+    producer = client.producer()
+    sent: dict[str, raftmq.SendResult] = {}
+    places = set()
+    for seq in range(first, first + count):
+        r = producer.send(
+            topic, f"body-{seq}".encode(), tag="TagA", keys=[f"key-{seq}"], properties={"seq": str(seq)}
+        )
+        require(len(r.message_id) == 34, f"message id {r.message_id!r} is not 34 characters")
+        require(r.message_id not in sent, f"message id {r.message_id} returned twice")
+        require((r.broker_group, r.queue_id, r.queue_offset) not in places, f"two sends stored at {r}")
+        sent[r.message_id] = r
+        places.add((r.broker_group, r.queue_id, r.queue_offset))
+    print(f"     sent {count} messages to {topic}: queues {sorted({r.queue_id for r in sent.values()})}")
+    return sent
+
+
+def check_message(m: raftmq.ReceivedMessage, sent: dict[str, raftmq.SendResult]) -> int:
+    r = sent.get(m.message_id)
+    require(r is not None, f"received {m.message_id}, which was not sent by this step")
+    seq = int(m.properties.get("seq", "-1"))
+    require(m.body == f"body-{seq}".encode(), f"{m.message_id}: body {m.body!r} does not match seq {seq}")
+    require(m.tag == "TagA" and m.keys == (f"key-{seq}",), f"{m.message_id}: tag/keys lost: {m.tag!r} {m.keys}")
+    require(
+        (m.broker_group, m.queue_id, m.queue_offset) == (r.broker_group, r.queue_id, r.queue_offset),
+        f"{m.message_id} received at {m.broker_group}/{m.queue_id}@{m.queue_offset}, sent to {r}",
+    )
+    return seq
+
+
+def pull_all(client: raftmq.Client, route: raftmq.TopicRoute, sent: dict[str, raftmq.SendResult]) -> None:
+    seen: set[str] = set()
+    for g in route.groups:
+        for q in range(g.queues):
+            offset = 0
+            while True:
+                res = client.pull(route.topic, g.name, q, offset, max_messages=17)
+                for m in res.messages:
+                    check_message(m, sent)
+                    require(m.message_id not in seen, f"pull returned {m.message_id} twice")
+                    seen.add(m.message_id)
+                require(res.next_offset >= offset, f"next_offset went back from {offset} to {res.next_offset}")
+                if res.next_offset >= res.max_offset:
+                    break
+                require(res.messages, f"{g.name}/{q}@{offset}: empty answer below max_offset {res.max_offset}")
+                offset = res.next_offset
+    require(len(seen) == len(sent), f"pulled {len(seen)} of {len(sent)} messages")
+    # Long polling on an empty tail waits, then answers empty.
+    g = route.groups[0]
+    end = client.pull(route.topic, g.name, 0, 0).max_offset
+    started = time.monotonic()
+    res = client.pull(route.topic, g.name, 0, end, max_wait_ms=300)
+    waited = time.monotonic() - started
+    require(not res.messages and res.next_offset == end, f"pull at the end returned {res}")
+    require(waited >= 0.2, f"a 300 ms long poll answered after {waited * 1000:.0f} ms")
+
+
+def check_errors(client: raftmq.Client, topic: str) -> None:
+    try:
+        client.producer().send(topic, b"")
+    except raftmq.RaftmqError as e:
+        require(e.code == grpc.StatusCode.INVALID_ARGUMENT, f"an empty body got {e.code.name}, not INVALID_ARGUMENT")
+        require(bool(e.message), "INVALID_ARGUMENT without a message")
+        return
+    raise Failure("an empty body was accepted")
+
+
+def check_committed(client: raftmq.Client, route: raftmq.TopicRoute, expect_total: int) -> None:
+    total = 0
+    for g in route.groups:
+        for q in range(g.queues):
+            o = client.query_offset(GROUP, route.topic, g.name, q)
+            require(
+                o.committed == o.max_offset,
+                f"{g.name}/{q}: committed offset {o.committed}, queue end {o.max_offset}",
             )
-            fail(f"follower {follower} accepted a write")
+            total += o.committed or 0
+    require(total == expect_total, f"committed offsets add up to {total}, not {expect_total}")
+
+
+def consume_one(client: raftmq.Client, route: raftmq.TopicRoute, sent: dict[str, raftmq.SendResult]) -> None:
+    consumer = raftmq.Consumer(client, GROUP, route.topic, start_from="first")
+    got: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while len(got) < len(sent):
+            require(
+                time.monotonic() < deadline,
+                f"received {len(got)} of {len(sent)} within 60 s; assignment {consumer.assignment}, "
+                f"last error {consumer.last_error}",
+            )
+            for m in consumer.poll(timeout_s=1.0):
+                seq = check_message(m, sent)
+                require(seq not in got, f"seq {seq} ({m.message_id}) delivered twice")
+                got[seq] = m.message_id
+        # Nothing more may arrive: every message was delivered exactly once.
+        quiet_until = time.monotonic() + 1.5
+        while time.monotonic() < quiet_until:
+            extra = consumer.poll(timeout_s=0.5)
+            if extra:
+                raise Failure(f"{len(extra)} more deliveries after all {len(sent)}: {extra[0].message_id}")
+        held = consumer.assignment
+        require(
+            sorted(held) == [(g.name, q) for g in route.groups for q in range(g.queues)],
+            f"a lone member should hold every queue, holds {sorted(held)}",
+        )
+    finally:
+        consumer.close()
+    check_committed(client, route, len(sent))
+    print(f"     {len(got)} messages, each exactly once; offsets committed at every queue's end")
+
+
+def consume_two(client: raftmq.Client, route: raftmq.TopicRoute, before: int) -> None:
+    """Member a starts alone; b joins while a is mid-way (a consumes one message per
+    queue per poll, so the 200 take a few heartbeat intervals): a must release half
+    of its queues with their offsets and b continue from them. Then b leaves and a
+    takes b's queues over from b's final offsets. Nothing twice, nothing lost."""
+    all_queues = sorted((g.name, q) for g in route.groups for q in range(g.queues))
+    sent = send_all(client, route.topic, before, COUNT)
+    a = raftmq.Consumer(client, GROUP, route.topic, client_id="py-ci-member-a", pull_batch=1)
+    b = raftmq.Consumer(client, GROUP, route.topic, client_id="py-ci-member-b", pull_batch=1)
+    members = {"a": a, "b": b}
+    got: dict[int, str] = {}
+    per_member = {"a": 0, "b": 0}
+    closed: set[str] = set()
+
+    def poll(name: str, wanted: dict[str, raftmq.SendResult]) -> None:
+        for m in members[name].poll(timeout_s=0.2):
+            seq = check_message(m, wanted)  # nothing sent by an earlier step again
+            require(seq not in got, f"seq {seq} delivered twice (second time to member {name})")
+            got[seq] = m.message_id
+            per_member[name] += 1
+
+    try:
+        deadline = time.monotonic() + 60
+        settled = False
+        while len(got) < len(sent) or not settled:
+            require(
+                time.monotonic() < deadline,
+                f"received {len(got)} of {len(sent)} (settled: {settled}) within 60 s; "
+                f"a holds {sorted(a.assignment)}, b holds {sorted(b.assignment)}",
+            )
+            poll("a", sent)
+            if per_member["a"] >= 8:  # b joins once a is consuming
+                poll("b", sent)
+            ha, hb = set(a.assignment), set(b.assignment)
+            require(not (ha & hb), f"queues {sorted(ha & hb)} held by both members at once")
+            settled = bool(ha) and bool(hb) and sorted(ha | hb) == all_queues
+            time.sleep(0.05)  # "processing": keeps a busy past its next heartbeat
+        require(per_member["b"] > 0, "b joined mid-way but received nothing: no queue moved with messages left")
+        print(
+            f"     {len(got)} messages exactly once; b joined after a had {8}+: a got {per_member['a']}, "
+            f"b got {per_member['b']}; settled on a={sorted(q for _, q in a.assignment)} "
+            f"b={sorted(q for _, q in b.assignment)}"
+        )
+
+        b.close()
+        closed.add("b")
+        more = send_all(client, route.topic, before + COUNT, COUNT // 2)
+        got.clear()
+        while len(got) < len(more) or sorted(a.assignment) != all_queues:
+            require(
+                time.monotonic() < deadline,
+                f"after b left, a received {len(got)} of {len(more)} and holds {sorted(a.assignment)}",
+            )
+            poll("a", more)
+        print(f"     b left; a took over every queue and got the {len(more)} new messages exactly once")
+    finally:
+        errors = []
+        for name, member in members.items():
+            if name not in closed:
+                try:
+                    member.close()
+                except raftmq.RaftmqError as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+    check_committed(client, route, before + COUNT + COUNT // 2)
+
+
+def redirect(client: raftmq.Client, topic: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        group = client.route(topic, refresh=True).groups[0]
+        if group.leader and group.followers:
+            break
+        require(time.monotonic() < deadline, f"the route never named a leader and followers: {group}")
+        time.sleep(0.2)
+    follower = group.followers[0]
+
+    # The wire contract, with a raw stub and a channel of its own.
+    with grpc.insecure_channel(follower) as channel:
+        stub = pb_grpc.MessagingServiceStub(channel)
+        req = pb.SendRequest(topic=topic, messages=[pb.Message(topic=topic, body=b"to a follower")])
+        try:
+            stub.Send(req, timeout=5)
+            raise Failure(f"follower {follower} accepted a write")
         except grpc.RpcError as e:
-            err = rmq._error(e, follower)
-            if err.code != grpc.StatusCode.FAILED_PRECONDITION or err.leader != group.leader_endpoint:
-                fail(f"follower answered {err.code} leader={err.leader!r}; wanted FAILED_PRECONDITION naming {group.leader_endpoint}")
-        print(f"follower {follower} answered FAILED_PRECONDITION, raftmq-leader={err.leader}")
-        client.set_leader(topic, group.broker_group, follower)
-        r = producer.send(topic, b"redirected", properties={"seq": "redirected"}, broker_group=group.broker_group)
-        if client.leader_of(topic, group.broker_group) != group.leader_endpoint:
-            fail("the producer did not learn the leader from the redirect")
-        back = client.pull(topic, group.broker_group, r.queue_id, r.queue_offset, 1)
-        if not back.messages or back.messages[0].message.body != b"redirected":
-            fail(f"the redirected send is not stored where its result says: {r}")
-        print(f"a send started at the follower was redirected to {group.leader_endpoint} and stored as {r.message_id}")
+            code = e.code()
+            metadata = dict(e.trailing_metadata() or ()) | dict(e.initial_metadata() or ())
+    require(
+        code == grpc.StatusCode.FAILED_PRECONDITION,
+        f"follower {follower} answered {code.name}, not FAILED_PRECONDITION",
+    )
+    require("raftmq-leader" in metadata, f"follower {follower} sent no raftmq-leader metadata: {metadata}")
+    leader = metadata["raftmq-leader"]
+    require(leader == group.leader, f"raftmq-leader={leader!r}, the route's leader is {group.leader!r}")
+    print(f"     follower {follower}: FAILED_PRECONDITION, raftmq-leader={leader}")
+
+    # The wrapper, forced to start at the follower, follows the redirect.
+    client.set_leader(group.name, follower)
+    require(client.leader(topic, group.name) == follower, "set_leader did not take")
+    r = client.producer().send(topic, b"redirected", properties={"seq": "redirect"}, broker_group=group.name)
+    require(
+        client.leader(topic, group.name) == leader,
+        f"after the send the client believes {client.leader(topic, group.name)} leads, not {leader}",
+    )
+    back = client.pull(topic, group.name, r.queue_id, r.queue_offset, max_messages=1)
+    require(
+        back.messages and back.messages[0].message_id == r.message_id and back.messages[0].body == b"redirected",
+        f"the redirected send is not stored where its result says: {r}",
+    )
+    print(f"     a send started at {follower} was redirected to {leader}, stored as {r.message_id}")
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: ci_test.py NAMESERVER_HOST:PORT", file=sys.stderr)
+        return 2
+    topic = f"PyCi_{uuid.uuid4().hex[:10]}"
+    run = Run()
+    with raftmq.Client([sys.argv[1]]) as client:
+        sent = run.step("send", lambda: send_all(client, topic, 0, COUNT)) or {}
+        route = run.step("route", lambda: wait_for_route(client, topic), needs=("send",))
+        run.step("pull", lambda: pull_all(client, route, sent), needs=("send", "route"))
+        run.step("errors", lambda: check_errors(client, topic))
+        run.step("consume", lambda: consume_one(client, route, sent), needs=("send", "route"))
+        run.step("rebalance", lambda: consume_two(client, route, COUNT), needs=("consume",))
+        run.step("redirect", lambda: redirect(client, topic), needs=("send",))
+    if run.failed or run.skipped:
+        print(
+            f"python client: FAILED ({', '.join(run.failed)} failed"
+            + (f"; {', '.join(run.skipped)} skipped" if run.skipped else "")
+            + ")",
+            file=sys.stderr,
+        )
+        return 1
     print("python client: OK")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""raftmq: a small Python client for raftmq, built from proto/ alone.
+
+    import raftmq
+
+    with raftmq.Client(["127.0.0.1:9876"]) as client:
+        result = client.producer().send("Orders", b"hello", tag="TagA", keys=["order-1"])
+        consumer = raftmq.Consumer(client, "order-service", "Orders")
+        for message in consumer.poll(timeout_s=5):
+            print(message.message_id, message.body)
+        consumer.close()
+
+* Client: NameServer routes (cached per topic, refreshed on error), one gRPC
+  channel per endpoint, ``pull`` by offset, leader hints (``set_leader``).
+* Producer.send: to the broker group's leader, following ``raftmq-leader``
+  redirects at once, refreshing the route and backing off on UNAVAILABLE.
+* Consumer: a clustering consumer-group member (heartbeats, assigned queues,
+  release of revoked queues, offsets committed by the leader).
+* RaftmqError: every failure, with the gRPC code and the server's message.
+
+The gRPC stubs are generated from proto/ into raftmq/_gen/ (client/python/
+generate.sh, or on first import when grpcio-tools is installed); ``pb`` and
+``pb_grpc`` expose them for calls the wrapper does not cover.
+"""
+
+from ._pb import pb, pb_grpc
+from .client import (
+    LEADER_METADATA_KEY,
+    Client,
+    GroupRoute,
+    Producer,
+    PullResult,
+    QueueOffset,
+    RaftmqError,
+    ReceivedMessage,
+    SendResult,
+    TopicRoute,
+    error_from_rpc,
+)
+from .consumer import Consumer
+
+__all__ = [
+    "LEADER_METADATA_KEY",
+    "Client",
+    "Consumer",
+    "GroupRoute",
+    "Producer",
+    "PullResult",
+    "QueueOffset",
+    "RaftmqError",
+    "ReceivedMessage",
+    "SendResult",
+    "TopicRoute",
+    "error_from_rpc",
+    "pb",
+    "pb_grpc",
+]

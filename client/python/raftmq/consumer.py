@@ -1,0 +1,357 @@
+"""A clustering consumer-group member (ConsumerService in proto/), single-threaded.
+
+The protocol, and how this class keeps it:
+
+* Every heartbeat interval, heartbeat to the leader of every broker group that
+  serves the topic, reporting each held queue with its offset: the *next* offset
+  to consume, i.e. one past the last message handed to the caller. The leader
+  commits it through Raft, so a successful heartbeat is a commit.
+* The answer lists the queues this member may consume. A new one starts at the
+  offset the answer gives; one already held keeps this member's own position
+  unless the answer says ``reset``.
+* A held queue missing from the answer is released: no more pulls, and a
+  heartbeat goes out at once reporting it with ``held = false`` and its final
+  offset (repeated until a heartbeat to that group succeeds). poll() has nothing
+  in flight between calls (a message handed out counts as consumed), so a release
+  never waits for the caller.
+* A member that could not heartbeat a group for the session timeout stops
+  consuming that group's queues (the leader may have given them away) and reports
+  them released when it gets through again.
+* ``close()`` heartbeats with ``leaving = true`` and the final offsets, so they are
+  committed and the queues move to other members at once.
+
+Delivery is at-least-once across failures: what was handed out after the last
+successful heartbeat is handed out again by the next owner if this member dies.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from typing import Literal, Optional, Union
+
+import grpc
+
+from ._pb import pb
+from .client import Client, RaftmqError, ReceivedMessage, error_from_rpc
+
+QueueKey = tuple[str, int]  # (broker group, queue id)
+StartFrom = Union[Literal["first", "last"], int]
+
+#: Errors poll() raises instead of retrying: the request itself is wrong (bad
+#: group name or tag expression, unreadable topic, a broker without consumer
+#: groups), so retrying cannot help.
+_FATAL = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,  # only when not a not-leader answer, see _fatal
+}
+
+
+def _fatal(e: RaftmqError) -> bool:
+    return e.code in _FATAL and not e.not_leader
+
+
+def _default_client_id() -> str:
+    host = "".join(c for c in socket.gethostname() if 32 < ord(c) < 127)[:200] or "host"
+    return f"{host}@{os.getpid()}@py{random.randrange(1 << 32):08x}"
+
+
+class Consumer:
+    """One member of consumer group ``group`` on ``topic`` (clustering model).
+
+    ``start_from``: where the group starts in a queue it never committed an offset
+    for: "first", "last", or a timestamp in ms since the epoch. ``pull_batch``: most
+    messages per queue per pull. Not thread-safe: call poll/commit/close from one
+    thread (the Client it uses may be shared).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        group: str,
+        topic: str,
+        tag_expression: str = "*",
+        start_from: StartFrom = "first",
+        *,
+        client_id: Optional[str] = None,
+        pull_batch: int = 32,
+    ) -> None:
+        self.client = client
+        self.group = group
+        self.topic = topic
+        self.tag_expression = tag_expression or "*"
+        if start_from == "first":
+            self._start, self._start_ts = pb.START_FROM_FIRST, 0
+        elif start_from == "last":
+            self._start, self._start_ts = pb.START_FROM_LAST, 0
+        elif isinstance(start_from, int) and not isinstance(start_from, bool) and start_from >= 0:
+            self._start, self._start_ts = pb.START_FROM_TIMESTAMP, start_from
+        else:
+            raise ValueError(f'start_from must be "first", "last" or a timestamp in ms, not {start_from!r}')
+        self.client_id = client_id or _default_client_id()
+        self.pull_batch = pull_batch
+        #: Queues held now -> next offset to consume.
+        self._held: dict[QueueKey, int] = {}
+        #: Released queues -> final offset, until a heartbeat to their group succeeds.
+        self._released: dict[QueueKey, int] = {}
+        #: Broker group -> when the last successful heartbeat to it was sent.
+        self._last_ok: dict[str, float] = {}
+        # Until a leader says otherwise (HeartbeatResponse carries both).
+        self._interval = 1.0
+        self._session_timeout = 5.0
+        self._next_heartbeat = 0.0
+        self._closed = False
+        #: The last transient error (heartbeat or pull), for diagnostics.
+        self.last_error: Optional[RaftmqError] = None
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def assignment(self) -> dict[QueueKey, int]:
+        """The queues held now and the next offset of each (a copy)."""
+        return dict(self._held)
+
+    def poll(self, timeout_s: float = 1.0) -> list[ReceivedMessage]:
+        """Messages from the assigned queues, waiting up to ``timeout_s`` for some.
+
+        Heartbeats when due (so call poll at least every heartbeat interval, or the
+        member is presumed dead after the session timeout). Messages returned count
+        as consumed: the next heartbeat (or commit/close) reports offsets past them.
+        Raises RaftmqError for requests that retrying cannot fix."""
+        if self._closed:
+            raise RuntimeError("consumer is closed")
+        end = time.monotonic() + max(timeout_s, 0.0)
+        while True:
+            if time.monotonic() >= self._next_heartbeat:
+                self._heartbeat_round()
+            self._fence()
+            now = time.monotonic()
+            until = max(min(end, self._next_heartbeat) - now, 0.0)
+            if self._held:
+                out, failed = self._pull_held(until)
+                if out:
+                    return out
+                if failed:  # do not spin on a failing node
+                    time.sleep(min(0.05, max(end - time.monotonic(), 0.0)))
+            elif until > 0:
+                time.sleep(until)
+            if time.monotonic() >= end:
+                return []
+
+    def commit(self) -> None:
+        """Heartbeats now, so the offsets of everything polled so far are committed.
+
+        Raises the first error if some broker group could not be reached (its
+        offsets are reported again on the next heartbeat)."""
+        if self._closed:
+            raise RuntimeError("consumer is closed")
+        errors = self._heartbeat_round()
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Leaves the group: final offsets committed, queues handed on at once.
+
+        Idempotent. Raises the first error if a broker group could not be told; its
+        queues then move after the session timeout, from the last committed offsets."""
+        if self._closed:
+            return
+        self._closed = True
+        # Every group that knows this member: it holds or released queues there, or
+        # a heartbeat got through (a member with no queues still counts in shares).
+        names = {k[0] for k in self._held} | {k[0] for k in self._released} | set(self._last_ok)
+        errors: list[RaftmqError] = []
+        for name in sorted(names):
+            try:
+                self._heartbeat_group(name, leaving=True)
+            except RaftmqError as e:
+                errors.append(e)
+        self._held.clear()
+        self._released.clear()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except RaftmqError:
+            if exc_type is None:
+                raise
+            # Leaving failed while an exception propagates: let that one through.
+
+    # -- heartbeats ---------------------------------------------------------
+
+    def _heartbeat_round(self) -> list[RaftmqError]:
+        """One heartbeat to every broker group of the topic; schedules the next."""
+        errors: list[RaftmqError] = []
+        settled = True
+        try:
+            groups = [g.name for g in self.client.route(self.topic).groups if g.readable]
+        except RaftmqError as e:
+            if _fatal(e):
+                raise
+            groups, settled = [], False
+            errors.append(e)
+        for name in groups:
+            # A release is reported at once: heartbeat that group again right away.
+            for _ in range(3):
+                try:
+                    released, rebalancing = self._heartbeat_group(name, leaving=False)
+                except RaftmqError as e:
+                    if _fatal(e):
+                        raise
+                    errors.append(e)
+                    settled = False
+                    break
+                settled = settled and not rebalancing
+                if not released:
+                    break
+        if errors:
+            self.last_error = errors[-1]
+            self.client.invalidate_route(self.topic)
+        self._fence()
+        # Unsettled (a queue awaits release, the leader is in its grace period, a
+        # leader did not answer): look again soon rather than a whole interval later.
+        pause = self._interval if settled and not self._released else max(self._interval / 5, 0.02)
+        self._next_heartbeat = time.monotonic() + pause
+        return errors
+
+    def _heartbeat_group(self, name: str, *, leaving: bool) -> tuple[bool, bool]:
+        """Heartbeats broker group ``name``'s leader and applies the answer.
+
+        Returns (released something, rebalancing). Raises RaftmqError on failure."""
+        queues: dict[int, pb.HeldQueue] = {}
+        reported_released = [k for k in self._released if k[0] == name]
+        for key in reported_released:
+            queues[key[1]] = pb.HeldQueue(queue_id=key[1], offset=self._released[key], held=False)
+        for (g, q), offset in self._held.items():
+            if g == name:  # held wins if a queue were somehow in both (never reported twice)
+                queues[q] = pb.HeldQueue(queue_id=q, offset=offset, held=not leaving)
+        req = pb.HeartbeatRequest(
+            consumer_group=self.group,
+            client_id=self.client_id,
+            topic=self.topic,
+            tag_expression=self.tag_expression,
+            start_from=self._start,
+            start_timestamp_ms=self._start_ts,
+            queues=[queues[q] for q in sorted(queues)],
+            leaving=leaving,
+        )
+        sent_at = time.monotonic()
+        # The leader answers within 5 s (Raft write included) or says UNAVAILABLE.
+        timeout = self.client.rpc_timeout + 3.0
+        resp, _, _ = self.client.call_leader(
+            self.topic,
+            name,
+            lambda ep, t: self.client.consumer_service(ep).Heartbeat(req, timeout=t),
+            deadline=timeout,
+            rpc_timeout=timeout,
+        )
+        self._last_ok[name] = sent_at
+        if resp.heartbeat_interval_ms:
+            self._interval = max(resp.heartbeat_interval_ms, 20) / 1000
+        if resp.session_timeout_ms:
+            self._session_timeout = max(resp.session_timeout_ms, 100) / 1000
+        for key in reported_released:
+            self._released.pop(key, None)
+        if leaving:
+            for key in [k for k in self._held if k[0] == name]:
+                del self._held[key]
+            return False, False
+        assigned = {a.queue_id: a for a in resp.assigned}
+        released = False
+        for key in [k for k in self._held if k[0] == name]:
+            if key[1] not in assigned:
+                # Revoked: nothing is in flight between polls, so release now.
+                self._released[key] = self._held.pop(key)
+                released = True
+        for q, a in assigned.items():
+            key = (name, q)
+            if key in self._released:
+                continue  # released in this very answer; it may come back later
+            if key not in self._held or a.reset:
+                self._held[key] = a.offset
+        return released, resp.rebalancing
+
+    def _fence(self) -> None:
+        """Stops consuming groups not heard from for the session timeout."""
+        now = time.monotonic()
+        for key in list(self._held):
+            if now - self._last_ok.get(key[0], float("-inf")) >= self._session_timeout:
+                self._released[key] = self._held.pop(key)
+
+    # -- pulls --------------------------------------------------------------
+
+    def _pull_held(self, wait_s: float) -> tuple[list[ReceivedMessage], bool]:
+        """Pulls every held queue; returns the messages and whether a pull failed.
+
+        First every queue at once without waiting, all answers used (so a busy
+        queue cannot starve the others). If none had anything, every queue again as
+        a long poll of up to ``wait_s``: the first answer is used and the other
+        pulls are cancelled (a pull changes nothing on the broker, and an offset
+        only moves for an answer that was used)."""
+        out, failed = self._pull_round(0, first_only=False)
+        if out or failed or wait_s < 0.01:
+            return out, failed
+        return self._pull_round(wait_s, first_only=True)
+
+    def _pull_round(self, wait_s: float, *, first_only: bool) -> tuple[list[ReceivedMessage], bool]:
+        done = threading.Event()
+        calls: list[tuple[QueueKey, int, str, grpc.Future]] = []
+        failed = False
+        for key, offset in list(self._held.items()):
+            try:
+                endpoint = self.client.leader(self.topic, key[0])
+            except RaftmqError as e:
+                self.last_error, failed = e, True
+                continue
+            if not endpoint:
+                failed = True
+                continue
+            req = pb.PullRequest(
+                topic=self.topic,
+                queue_id=key[1],
+                offset=offset,
+                max_messages=self.pull_batch,
+                max_wait_ms=int(wait_s * 1000),
+                tag_expression=self.tag_expression,
+            )
+            fut = self.client.messaging(endpoint).Pull.future(req, timeout=self.client.rpc_timeout + wait_s)
+            fut.add_done_callback(lambda _f: done.set())
+            calls.append((key, offset, endpoint, fut))
+        if first_only and calls:
+            done.wait(self.client.rpc_timeout + wait_s + 0.5)
+        out: list[ReceivedMessage] = []
+        for key, offset, endpoint, fut in calls:
+            if first_only and not fut.done():
+                fut.cancel()
+                continue
+            try:
+                resp = fut.result()  # waits (bounded by the call's timeout) when not first_only
+            except grpc.FutureCancelledError:
+                continue
+            except grpc.RpcError as e:
+                err = error_from_rpc(e, endpoint)
+                self.last_error, failed = err, True
+                if err.not_leader and err.leader:
+                    self.client.set_leader(key[0], err.leader)
+                else:
+                    self.client.forget_leader(key[0], endpoint)
+                    self.client.invalidate_route(self.topic)
+                continue
+            if self._held.get(key) != offset:
+                continue  # cannot happen single-threaded; never move an offset twice
+            out.extend(ReceivedMessage.from_pb(m, key[0]) for m in resp.messages)
+            # Past the returned messages and the filtered-out ones; never backwards
+            # (a reset arrives through a heartbeat, not a pull).
+            self._held[key] = max(offset, resp.next_offset)
+        return out, failed
