@@ -71,7 +71,21 @@ pub struct ChaosArgs {
     /// Where the JSON history summary is written.
     #[arg(long, default_value = "chaos-report.json")]
     pub out: PathBuf,
+    /// How messages are read back: `group` (two orderly PushConsumer members of
+    /// consumer group `chaos`, offsets committed through Raft, so the group's own
+    /// failover is under test too) or `offset` (one pull loop per queue).
+    #[arg(long, value_enum, default_value = "group")]
+    pub consumers: ConsumerMode,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsumerMode {
+    Group,
+    Offset,
+}
+
+/// The consumer group of `--consumers group`.
+const CHAOS_GROUP: &str = "chaos";
 
 const VALUE: &str = "chaos-value";
 const KEY: &str = "chaos-key";
@@ -167,14 +181,24 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     });
 
     let mut consumers = Vec::new();
-    for (group, queue) in queues.clone() {
-        consumers.push(tokio::spawn(consume(
-            client.clone(),
-            args.topic.clone(),
-            group,
-            queue,
-            run.clone(),
-        )));
+    let mut members = Vec::new();
+    match args.consumers {
+        ConsumerMode::Offset => {
+            for (group, queue) in queues.clone() {
+                consumers.push(tokio::spawn(consume(
+                    client.clone(),
+                    args.topic.clone(),
+                    group,
+                    queue,
+                    run.clone(),
+                )));
+            }
+        }
+        ConsumerMode::Group => {
+            for i in 0..2 {
+                members.push(group_member(&client, &args.topic, i, run.clone())?);
+            }
+        }
     }
     let mut producers = Vec::new();
     for _ in 0..args.producers {
@@ -228,10 +252,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         p.await?;
     }
     // Final drain: consumers stop once every queue is read to its end.
-    let drained = drain(&client, &args.topic, &queues, &run).await;
+    let drained = match args.consumers {
+        ConsumerMode::Offset => drain(&client, &args.topic, &queues, &run).await,
+        ConsumerMode::Group => drain_group(&client).await,
+    };
     run.stop_consuming.store(true, Ordering::Relaxed);
     for c in consumers {
         c.await?;
+    }
+    for m in members {
+        if let Err(e) = m.shutdown().await {
+            eprintln!("chaos: a group member did not leave cleanly: {e}");
+        }
     }
     if let Err(e) = drained {
         eprintln!("chaos: final drain incomplete: {e:#}");
@@ -313,6 +345,54 @@ async fn consume(client: Client, topic: String, group: String, queue: u32, run: 
         }
     }
     (offset, max)
+}
+
+/// One orderly member of consumer group `chaos`, recording what it is given.
+fn group_member(
+    client: &Client,
+    topic: &str,
+    index: usize,
+    run: Arc<Run>,
+) -> anyhow::Result<raftmq_client::PushConsumer> {
+    Ok(client
+        .push_consumer(CHAOS_GROUP, topic)
+        .client_id(&format!("chaos-member-{index}"))
+        .start_from(raftmq_client::StartFrom::First)
+        .mode(raftmq_client::ConsumeMode::Orderly)
+        .pull_batch(256)
+        .start(move |pulled| {
+            if let Some(m) = pulled.message.as_ref() {
+                let prop = |k: &str| m.properties.get(k).and_then(|v| v.parse::<u64>().ok());
+                run.consumed.lock().unwrap_or_else(|p| p.into_inner()).push(Consumed {
+                    value: prop(VALUE).unwrap_or(0),
+                    key: prop(KEY).and_then(|k| u32::try_from(k).ok()),
+                    seq: prop(SEQ).unwrap_or(0),
+                });
+            }
+            std::future::ready(raftmq_client::ConsumeResult::Success)
+        })?)
+}
+
+/// Waits until group `chaos` has committed every queue to its end (lag 0 on
+/// every broker group), which needs every message consumed.
+async fn drain_group(client: &Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = match client.admin().describe_consumer_group(CHAOS_GROUP).await {
+            Ok(groups) => {
+                let lag: u64 = groups.iter().flat_map(|g| &g.queues).map(|q| q.lag).sum();
+                if !groups.is_empty() && lag == 0 {
+                    return Ok(());
+                }
+                format!("lag {lag}")
+            }
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            bail!("after 60 s consumer group {CHAOS_GROUP} is not drained: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until the consumed count stops growing and every queue's end has been
@@ -582,8 +662,14 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
 
 fn print_summary(s: &Summary, args: &ChaosArgs) {
     println!(
-        "raftmq chaos: {} s of faults every {} s (held {} s)",
-        args.duration, args.interval, args.hold
+        "raftmq chaos: {} s of faults every {} s (held {} s); consumers: {}",
+        args.duration,
+        args.interval,
+        args.hold,
+        match args.consumers {
+            ConsumerMode::Group => "consumer group (2 orderly members)",
+            ConsumerMode::Offset => "pull by offset",
+        }
     );
     println!("| fault | targets | at s | recovery ms |");
     println!("| --- | --- | --- | --- |");

@@ -751,17 +751,32 @@ impl Ctx {
     }
 }
 
-/// One heartbeat to a group's leader, following one not-leader redirect.
+/// One heartbeat to a group's leader. A not-leader answer is followed to the
+/// leader it names; a leader that does not answer (killed, paused, cut off) or
+/// answers UNAVAILABLE is passed over for the group's other replicas, one of which
+/// names the new leader. Each try is bounded by `request_timeout`, well inside the
+/// session timeout, so one hung leader cannot make this member fence itself.
 async fn heartbeat(ctx: &Ctx, g: &pb::GroupRoute, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Error> {
     let core = ctx.pull_core();
-    let mut endpoint = if g.leader_endpoint.is_empty() {
-        g.follower_endpoints.first().cloned().unwrap_or_default()
-    } else {
-        g.leader_endpoint.clone()
-    };
-    let timeout = core.config.request_timeout * 3;
-    let mut redirects = 0;
-    loop {
+    let mut candidates: Vec<String> = Vec::new();
+    if !g.leader_endpoint.is_empty() {
+        candidates.push(g.leader_endpoint.clone());
+    }
+    candidates.extend(
+        g.follower_endpoints
+            .iter()
+            .filter(|f| **f != g.leader_endpoint)
+            .cloned(),
+    );
+    let timeout = core.config.request_timeout;
+    let mut last = None;
+    let mut tried: Vec<String> = Vec::new();
+    let mut next = candidates.first().cloned();
+    while let Some(endpoint) = next.take() {
+        if tried.len() >= candidates.len() + 2 {
+            break;
+        }
+        tried.push(endpoint.clone());
         let r = req.clone();
         match core
             .call(&endpoint, timeout, |ch| async move {
@@ -769,17 +784,31 @@ async fn heartbeat(ctx: &Ctx, g: &pb::GroupRoute, req: pb::HeartbeatRequest) -> 
             })
             .await
         {
-            Ok(resp) => return Ok(resp),
-            Err(e) => match e.redirect() {
-                Some(leader) if redirects < 2 => {
-                    redirects += 1;
-                    core.routes.set_leader(&ctx.settings.topic, &g.broker_group, leader);
-                    endpoint = leader.to_owned();
+            Ok(resp) => {
+                if endpoint != g.leader_endpoint {
+                    core.routes.set_leader(&ctx.settings.topic, &g.broker_group, &endpoint);
                 }
-                _ => return Err(e),
-            },
+                return Ok(resp);
+            }
+            Err(e) => {
+                next = match e.redirect() {
+                    Some(leader) if !tried.iter().any(|t| t == leader) => Some(leader.to_owned()),
+                    _ if e.is_retriable()
+                        || e.redirect().is_some()
+                        || e.code() == Some(tonic::Code::FailedPrecondition) =>
+                    {
+                        candidates.iter().find(|c| !tried.contains(c)).cloned()
+                    }
+                    _ => return Err(e),
+                };
+                last = Some(e);
+            }
         }
     }
+    Err(last.unwrap_or_else(|| Error::NoRoute {
+        topic: ctx.settings.topic.clone(),
+        reason: format!("broker group {} has no known replica", g.broker_group),
+    }))
 }
 
 /// A broadcasting member's offsets: `{"<broker group>/<queue>": offset}` in one
