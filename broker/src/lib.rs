@@ -1,6 +1,6 @@
 //! raftmq-broker: a broker node, i.e. one replica of one broker group: the
 //! group's Raft transport over gRPC, and the client-facing messaging and admin
-//! services on the same gRPC server. NameServer registration comes next.
+//! services on the same gRPC server, plus NameServer registration ([`registration`]).
 //!
 //! * [`network`]: openraft's client side. One lazily connected tonic channel per
 //!   peer, reused by every RPC; openraft's per-RPC deadlines enforced here; tonic

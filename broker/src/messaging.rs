@@ -1,6 +1,7 @@
 //! `raftmq.v1.MessagingService`: Send (validated at the edge, one Raft entry per
 //! request, leader only) and Pull (from this replica's applied state, with long
-//! polling and tag filtering). Consumer groups and offset commits come later.
+//! polling and tag filtering). Consumer groups and offset commits are
+//! [`crate::consumer_group`]'s.
 //!
 //! Long polling waits on openraft's data-metrics watch, which changes whenever
 //! this replica applies entries (among other things); each wake re-reads the
