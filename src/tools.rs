@@ -123,7 +123,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             };
             anyhow::ensure!(!found.is_empty(), "no such message");
             for m in &found {
-                print_message(m);
+                print_message(m.message.as_ref().map_or("", |x| x.topic.as_str()), m);
             }
         }
         AdminCommand::Topic(TopicCommand::List(ns)) => {
@@ -225,16 +225,16 @@ async fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line per message. A closed stdout (`| head`) is not an error worth a
+/// One line per message, headed `place/queue@offset` (`place`: the broker group
+/// for `pull`, the topic otherwise). A closed stdout (`| head`) is not an error worth a
 /// panic: the line is dropped and the command goes on to its clean exit.
-fn print_message(pulled: &raftmq_proto::v1::PulledMessage) {
+fn print_message(place: &str, pulled: &raftmq_proto::v1::PulledMessage) {
     use std::io::Write;
     let m = pulled.message.clone().unwrap_or_default();
     let body = String::from_utf8_lossy(&m.body[..m.body.len().min(32)]).into_owned();
     let _ = writeln!(
         std::io::stdout().lock(),
-        "{}/{}@{}  id {}  tag {:?}  keys {:?}  props {:?}  body {} bytes {:?}{}",
-        m.topic,
+        "{place}/{}@{}  id {}  tag {:?}  keys {:?}  props {:?}  body {} bytes {:?}{}",
         pulled.queue_id,
         pulled.queue_offset,
         pulled.message_id,
@@ -289,7 +289,7 @@ pub async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
                         return ConsumeResult::RetryLater;
                     }
                     if !quiet {
-                        print_message(&m);
+                        print_message(m.message.as_ref().map_or("", |x| x.topic.as_str()), &m);
                     }
                     arrived.notify_one();
                     if n == limit {
@@ -376,20 +376,7 @@ pub async fn run_pull(args: PullArgs) -> anyhow::Result<()> {
             )
             .await?;
         for pulled in &r.messages {
-            let m = pulled.message.clone().unwrap_or_default();
-            let body = String::from_utf8_lossy(&m.body[..m.body.len().min(32)]).into_owned();
-            println!(
-                "{group}/{}@{}  id {}  tag {:?}  keys {:?}  props {:?}  body {} bytes {:?}{}",
-                args.queue,
-                pulled.queue_offset,
-                pulled.message_id,
-                m.tag,
-                m.keys,
-                m.properties,
-                m.body.len(),
-                body,
-                if m.body.len() > 32 { "…" } else { "" }
-            );
+            print_message(&group, pulled);
             printed += 1;
         }
         if r.messages.is_empty() && r.next_offset == offset {

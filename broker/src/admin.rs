@@ -38,11 +38,9 @@ impl Admin {
     /// By id: the id names the broker group (crc32c of its name), the Raft entry
     /// and the position in its batch. By key: the key index of the topic.
     async fn query_message(&self, req: pb::QueryMessageRequest) -> Result<pb::QueryMessageResponse, ApiError> {
-        let g = self.group.clone();
-        let lookup: Box<dyn FnOnce() -> Result<Vec<raftmq_raft_store::StoredMessage>, ApiError> + Send> = match (
-            req.message_id.is_empty(),
-            req.key.is_empty(),
-        ) {
+        let g = &self.group;
+        // Checked here, read below on a blocking thread.
+        let by_id = match (req.message_id.is_empty(), req.key.is_empty()) {
             (false, true) => {
                 let id = convert::parse_message_id(&req.message_id)?;
                 let ours = crc32c::crc32c(g.group().as_bytes());
@@ -54,34 +52,18 @@ impl Admin {
                         g.group()
                     )));
                 }
-                let store = g.store().clone();
-                Box::new(move || {
-                    store
-                        .message_at(id.raft_index, id.batch_pos)
-                        .map(|m| m.into_iter().collect())
-                        .map_err(|e| ApiError::storage("reading a message by id", e))
-                })
+                Some(id)
             }
             (true, false) => {
                 validate::topic_name(&req.topic)?;
-                let key = req.key.clone();
-                if key.len() > validate::MAX_KEY_LEN {
+                if req.key.len() > validate::MAX_KEY_LEN {
                     return Err(ApiError::InvalidArgument(format!(
                         "key is {} bytes; at most {} are allowed",
-                        key.len(),
+                        req.key.len(),
                         validate::MAX_KEY_LEN
                     )));
                 }
-                let max = match req.max_messages {
-                    0 => DEFAULT_KEY_QUERY_MESSAGES,
-                    n => n.min(MAX_KEY_QUERY_MESSAGES),
-                } as usize;
-                let (store, topic) = (g.store().clone(), req.topic.clone());
-                Box::new(move || {
-                    store
-                        .messages_by_key(&topic, &key, max)
-                        .map_err(|e| ApiError::storage("reading messages by key", e))
-                })
+                None
             }
             _ => {
                 return Err(ApiError::InvalidArgument(
@@ -89,11 +71,22 @@ impl Admin {
                 ));
             }
         };
-        let found = tokio::task::spawn_blocking(lookup)
-            .await
-            .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))??;
+        let max = match req.max_messages {
+            0 => DEFAULT_KEY_QUERY_MESSAGES,
+            n => n.min(MAX_KEY_QUERY_MESSAGES),
+        } as usize;
+        let (store, topic, key) = (g.store().clone(), req.topic.clone(), req.key.clone());
+        let found = tokio::task::spawn_blocking(move || match by_id {
+            Some(id) => store
+                .message_at(id.raft_index, id.batch_pos)
+                .map(|m| m.into_iter().collect()),
+            None => store.messages_by_key(&topic, &key, max),
+        })
+        .await
+        .map_err(|e| ApiError::blocking_task("looking a message up", e))?
+        .map_err(|e| ApiError::storage("looking a message up", e))?;
         if found.is_empty() {
-            return Err(ApiError::NotFound(if req.message_id.is_empty() {
+            return Err(ApiError::NotFound(if by_id.is_none() {
                 format!("no message of topic {:?} has key {:?}", req.topic, req.key)
             } else {
                 format!(

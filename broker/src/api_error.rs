@@ -43,6 +43,16 @@ impl ApiError {
     pub fn storage(action: &str, e: std::io::Error) -> ApiError {
         ApiError::Internal(format!("{action}: {e}"))
     }
+
+    /// A `spawn_blocking` read that did not finish. Cancelled means the node is
+    /// stopping: the client should go elsewhere (UNAVAILABLE), not give up.
+    pub fn blocking_task(action: &str, e: tokio::task::JoinError) -> ApiError {
+        if e.is_cancelled() {
+            ApiError::Unavailable(format!("{action}: this node is shutting down"))
+        } else {
+            ApiError::Internal(format!("{action}: task failed: {e}"))
+        }
+    }
 }
 
 impl From<ApiError> for Status {

@@ -387,7 +387,7 @@ impl Coordinator {
     async fn query_offset(&self, req: pb::QueryOffsetRequest) -> Result<pb::QueryOffsetResponse, ApiError> {
         validate::consumer_group_name(&req.consumer_group)?;
         let topic = self.group.topic(&req.topic)?;
-        check_queue(&self.group, &topic.name, topic.queues, req.queue_id)?;
+        self.group.check_queue(&topic, req.queue_id)?;
         let store = self.group.store();
         let io = |e| ApiError::storage("reading offsets", e);
         let max_offset = store.queue_next_offset(&req.topic, req.queue_id).map_err(io)?;
@@ -474,11 +474,14 @@ impl Coordinator {
         let mut queues = Vec::new();
         for topic in topics {
             // A deleted topic's offsets stay; show the queues they name.
-            let count = match self.group.topic(&topic) {
-                Ok(t) => t.queues,
-                Err(_) => committed.range((topic.clone(), 0)..=(topic.clone(), u32::MAX)).count() as u32,
+            let queue_ids: Vec<u32> = match self.group.topic(&topic) {
+                Ok(t) => (0..t.queues).collect(),
+                Err(_) => committed
+                    .range((topic.clone(), 0)..=(topic.clone(), u32::MAX))
+                    .map(|((_, q), _)| *q)
+                    .collect(),
             };
-            for q in 0..count {
+            for q in queue_ids {
                 queues.push(queue_status(
                     store,
                     &topic,
@@ -567,16 +570,6 @@ fn queue_status(
         lag: max_offset.saturating_sub(from),
         client_id,
     })
-}
-
-fn check_queue(group: &GroupHandle, topic: &str, queues: u32, queue_id: u32) -> Result<(), ApiError> {
-    if queue_id >= queues {
-        return Err(ApiError::InvalidArgument(format!(
-            "queue_id {queue_id} is out of range: topic {topic:?} has {queues} queues on broker group {}",
-            group.group()
-        )));
-    }
-    Ok(())
 }
 
 #[tonic::async_trait]

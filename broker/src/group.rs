@@ -159,6 +159,17 @@ impl GroupHandle {
         q
     }
 
+    /// INVALID_ARGUMENT unless `queue_id` is one of `topic`'s queues here.
+    pub fn check_queue(&self, topic: &TopicConfig, queue_id: u32) -> Result<(), ApiError> {
+        if queue_id < topic.queues {
+            return Ok(());
+        }
+        Err(ApiError::InvalidArgument(format!(
+            "queue_id {queue_id} is out of range: topic {:?} has {} queues on broker group {}",
+            topic.name, topic.queues, self.inner.group
+        )))
+    }
+
     /// Applied topic config, or NOT_FOUND.
     pub fn topic(&self, name: &str) -> Result<TopicConfig, ApiError> {
         self.inner

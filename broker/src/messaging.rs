@@ -66,15 +66,10 @@ impl Messaging {
             topic = g.topic(&req.topic)?;
         }
         let queue_id = match req.queue_id {
-            Some(q) if q >= topic.queues => {
-                return Err(ApiError::InvalidArgument(format!(
-                    "queue_id {q} is out of range: topic {:?} has {} queues on broker group {}",
-                    topic.name,
-                    topic.queues,
-                    g.group()
-                )));
+            Some(q) => {
+                g.check_queue(&topic, q)?;
+                q
             }
-            Some(q) => q,
             None => g.next_queue(&topic.name, topic.queues),
         };
         tracing::Span::current().record("queue", queue_id);
@@ -125,15 +120,7 @@ impl Messaging {
         validate::topic_name(&req.topic)?;
         let filter = TagFilter::parse(&req.tag_expression)?;
         let topic = g.topic(&req.topic)?;
-        if req.queue_id >= topic.queues {
-            return Err(ApiError::InvalidArgument(format!(
-                "queue_id {} is out of range: topic {:?} has {} queues on broker group {}",
-                req.queue_id,
-                topic.name,
-                topic.queues,
-                g.group()
-            )));
-        }
+        g.check_queue(&topic, req.queue_id)?;
         if topic.perm & PERM_READ == 0 {
             return Err(ApiError::FailedPrecondition(format!(
                 "topic {:?} is not readable",
@@ -243,14 +230,7 @@ impl Messaging {
             })
         });
         task.await
-            .map_err(|e| {
-                if e.is_cancelled() {
-                    // The node is stopping: the client should go elsewhere, not give up.
-                    ApiError::Unavailable("this node is shutting down".into())
-                } else {
-                    ApiError::Internal(format!("read task failed: {e}"))
-                }
-            })?
+            .map_err(|e| ApiError::blocking_task("reading messages", e))?
             .map_err(|e| ApiError::storage("reading messages", e))
     }
 }

@@ -111,24 +111,14 @@ impl Admin {
     /// A consumer group's members, offsets and lag on each live broker group that
     /// knows it (groups that do not are left out).
     pub async fn describe_consumer_group(&self, group: &str) -> Result<Vec<pb::DescribeConsumerGroupResponse>, Error> {
-        let mut out = Vec::new();
-        for g in self.core.list_cluster().await? {
-            let req = pb::DescribeConsumerGroupRequest {
-                consumer_group: group.to_owned(),
-            };
-            match self
-                .on_leader(&g, |mut c| {
-                    let req = req.clone();
-                    async move { c.describe_consumer_group(req).await }
-                })
-                .await
-            {
-                Ok(d) => out.push(d),
-                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        let req = pb::DescribeConsumerGroupRequest {
+            consumer_group: group.to_owned(),
+        };
+        self.on_each_leader_that_knows(|mut c| {
+            let req = req.clone();
+            async move { c.describe_consumer_group(req).await }
+        })
+        .await
     }
 
     /// Moves `group`'s offsets in every queue of `topic` on every live broker
@@ -162,25 +152,12 @@ impl Admin {
     /// The message with this id, from the broker group whose name hash the id
     /// carries; `None` if that group does not hold it (never written, or trimmed).
     pub async fn query_message_by_id(&self, id: &str) -> Result<Option<pb::PulledMessage>, Error> {
-        for g in self.core.list_cluster().await? {
-            let req = pb::QueryMessageRequest {
-                message_id: id.to_owned(),
-                ..Default::default()
-            };
-            match self
-                .on_leader(&g, |mut c| {
-                    let req = req.clone();
-                    async move { c.query_message(req).await }
-                })
-                .await
-            {
-                Ok(r) => return Ok(r.messages.into_iter().next()),
-                // Another group's id, or not stored: ask the next group.
-                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(None)
+        let req = pb::QueryMessageRequest {
+            message_id: id.to_owned(),
+            ..Default::default()
+        };
+        // Every other group answers NOT_FOUND (the id names its group).
+        Ok(self.query_messages(req).await?.into_iter().next())
     }
 
     /// Messages of `topic` carrying `key`, from every live broker group.
@@ -190,22 +167,36 @@ impl Admin {
         key: &str,
         max: u32,
     ) -> Result<Vec<pb::PulledMessage>, Error> {
+        self.query_messages(pb::QueryMessageRequest {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            max_messages: max,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn query_messages(&self, req: pb::QueryMessageRequest) -> Result<Vec<pb::PulledMessage>, Error> {
+        let answers = self
+            .on_each_leader_that_knows(|mut c| {
+                let req = req.clone();
+                async move { c.query_message(req).await }
+            })
+            .await?;
+        Ok(answers.into_iter().flat_map(|r| r.messages).collect())
+    }
+
+    /// Runs `f` on every live broker group's leader; a group answering NOT_FOUND
+    /// (it does not know the consumer group or message) is left out of the result.
+    async fn on_each_leader_that_knows<T, F, Fut>(&self, f: F) -> Result<Vec<T>, Error>
+    where
+        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut out = Vec::new();
         for g in self.core.list_cluster().await? {
-            let req = pb::QueryMessageRequest {
-                topic: topic.to_owned(),
-                key: key.to_owned(),
-                max_messages: max,
-                ..Default::default()
-            };
-            match self
-                .on_leader(&g, |mut c| {
-                    let req = req.clone();
-                    async move { c.query_message(req).await }
-                })
-                .await
-            {
-                Ok(r) => out.extend(r.messages),
+            match self.on_leader(&g, &f).await {
+                Ok(v) => out.push(v),
                 Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
                 Err(e) => return Err(e),
             }

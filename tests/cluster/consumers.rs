@@ -72,6 +72,23 @@ fn member(
     })?)
 }
 
+/// Polls `check` every 50 ms until it yields a value; past `within` the test
+/// fails with `what` and the last state `check` reported.
+async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await? {
+            Ok(v) => return Ok(v),
+            Err(state) => ensure!(Instant::now() < deadline, "{what}: {state}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `log` holds every seq in `expected` (at least once).
 async fn wait_for_all(log: &Log, expected: &BTreeSet<u64>, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + CONSUME_DEADLINE;
@@ -180,7 +197,21 @@ async fn clustering_group_delivers_each_message_once_and_loses_none_through_a_re
         tokio::spawn(async move { send_batches(&client, TOPIC, HALF..2 * HALF).await })
     };
     members.push(member(&client, "cg", TOPIC, 3, &log, concurrent)?);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Member 0 leaves once the leader counts member 3 in.
+    eventually("member 3 never joined", DEADLINE, async || {
+        let d = client.admin().describe_consumer_group("cg").await?;
+        let ids: Vec<&str> = d
+            .iter()
+            .flat_map(|g| &g.members)
+            .map(|m| m.client_id.as_str())
+            .collect();
+        Ok(if ids.contains(&"member-3") {
+            Ok(())
+        } else {
+            Err(format!("members {ids:?}"))
+        })
+    })
+    .await?;
     members.remove(0).shutdown().await?;
     sender.await??;
     wait_for_all(&log, &(0..2 * HALF).collect(), "through the rebalance").await?;
@@ -195,20 +226,17 @@ async fn clustering_group_delivers_each_message_once_and_loses_none_through_a_re
     ensure!(lock(&log).len() >= delivered_stable + HALF as usize);
 
     // Committed offsets reach the end of every queue once the members are done.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually("group never caught up", DEADLINE, async || {
         let d = client.admin().describe_consumer_group("cg").await?;
         let lag: u64 = d.iter().flat_map(|g| &g.queues).map(|q| q.lag).sum();
         let members_seen = d.iter().flat_map(|g| &g.members).count();
-        if lag == 0 && members_seen == 3 {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "lag {lag}, {members_seen} member(s) listed: {d:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(if lag == 0 && members_seen == 3 {
+            Ok(())
+        } else {
+            Err(format!("lag {lag}, {members_seen} member(s) listed: {d:?}"))
+        })
+    })
+    .await?;
     for m in members {
         m.shutdown().await?;
     }
@@ -356,14 +384,20 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
         ensure!(Instant::now() < deadline, "consumers stalled before the kill");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Offsets commit once a second; give the next heartbeat time to land.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
-    let committed_at_kill: Vec<u64> = (0..QUEUES)
-        .map(|q| cluster.replica(follower).store().consumer_offset("fo", TOPIC, q))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .map(Option::unwrap_or_default)
-        .collect();
+    // Offsets commit with the once-a-second heartbeats: wait until the follower
+    // has applied a commit in every queue.
+    let committed_at_kill: Vec<u64> = eventually("no commit reached the follower", DEADLINE, async || {
+        let store = cluster.replica(follower).store();
+        let committed: Vec<u64> = (0..QUEUES)
+            .map(|q| Ok(store.consumer_offset("fo", TOPIC, q)?.unwrap_or_default()))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(if committed.iter().all(|o| *o > 0) {
+            Ok(committed)
+        } else {
+            Err(format!("committed {committed:?}"))
+        })
+    })
+    .await?;
     cluster.replica_mut(old).kill().await;
     let killed_at = Instant::now();
     eprintln!("leader {old} killed; committed offsets then: {committed_at_kill:?}");
@@ -414,23 +448,20 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
         deliveries.len()
     );
     // And the new leader ends with every queue fully committed.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually("committed offsets lag on the new leader", DEADLINE, async || {
         let lag: Vec<u64> = (0..QUEUES)
             .map(|q| {
                 let max = store.queue_next_offset(TOPIC, q)?;
                 Ok(max - store.consumer_offset("fo", TOPIC, q)?.unwrap_or(0).min(max))
             })
             .collect::<anyhow::Result<_>>()?;
-        if lag.iter().all(|l| *l == 0) {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "committed offsets lag {lag:?} on the new leader"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(if lag.iter().all(|l| *l == 0) {
+            Ok(())
+        } else {
+            Err(format!("{lag:?}"))
+        })
+    })
+    .await?;
     for m in members {
         m.shutdown().await?;
     }
