@@ -75,7 +75,7 @@ pub struct BenchArgs {
     /// Consumers (consume, e2e), each with its own client; queues are split among them.
     #[arg(long, default_value_t = 2)]
     pub consumers: usize,
-    /// Concurrent sends to one queue the client may combine into one RPC (1: none).
+    /// Concurrent sends the client may combine into one RPC (1: none).
     #[arg(long, default_value_t = 128)]
     pub auto_batch: usize,
     /// Messages per pull.

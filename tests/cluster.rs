@@ -1748,6 +1748,57 @@ mod client {
         ns.stop().await
     }
 
+    /// Unkeyed sends rotate over the queues: awaited one at a time, each goes to the
+    /// next queue; many at once, they gather into large batches (one Raft entry
+    /// each, visible as shared indexes in the message ids) and still reach every queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unkeyed_sends_rotate_per_send_alone_and_per_batch_under_load() -> anyhow::Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        use std::collections::HashSet;
+        const TOPIC: &str = "client-rotation";
+        const CONCURRENT: u64 = 2_000;
+        let (ns, cluster, client) = start().await?;
+        let producer = client.producer();
+        producer.send(TOPIC, message(0, None)).await?;
+        let route = wait_for_known_route(&client, TOPIC).await?;
+        let queues = route.groups[0].queues;
+
+        let mut one_by_one = Vec::new();
+        for seq in 1..=u64::from(2 * queues) {
+            one_by_one.push(producer.send(TOPIC, message(seq, None)).await?.queue_id);
+        }
+        for w in one_by_one.windows(2) {
+            ensure!(
+                w[1] == (w[0] + 1) % queues,
+                "one-at-a-time sends went to queues {one_by_one:?}"
+            );
+        }
+
+        let receipts: Vec<_> = futures::stream::iter(0..CONCURRENT)
+            .map(|i| producer.send(TOPIC, message(1_000 + i, None)))
+            .buffer_unordered(512)
+            .try_collect()
+            .await?;
+        let used: HashSet<u32> = receipts.iter().map(|r| r.queue_id).collect();
+        ensure!(
+            used.len() == queues as usize,
+            "concurrent sends used only queues {used:?}"
+        );
+        // Message id: "01", group crc (8 hex), Raft index (16 hex), position (8 hex).
+        let entries: HashSet<&str> = receipts
+            .iter()
+            .map(|r| r.message_id.get(10..26).context("message id too short"))
+            .collect::<anyhow::Result<_>>()?;
+        eprintln!("{CONCURRENT} concurrent sends stored in {} entries", entries.len());
+        ensure!(
+            (entries.len() as u64) * 8 <= CONCURRENT,
+            "{CONCURRENT} concurrent sends made {} entries: sends were not combined",
+            entries.len()
+        );
+        cluster.shutdown().await?;
+        ns.stop().await
+    }
+
     type Outcome = (u64, Instant, Result<raftmq_client::SendReceipt, raftmq_client::Error>);
 
     #[derive(Default)]

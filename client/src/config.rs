@@ -33,10 +33,11 @@ pub struct ClientConfig {
     /// Default 30 s, RocketMQ's `pollNameServerInterval`; a `NOT_LEADER` or a
     /// connection error refreshes earlier.
     pub route_refresh_interval: Duration,
-    /// Concurrent single-message sends bound for one queue are combined into one
-    /// Send RPC (one Raft entry) of up to this many messages while an earlier RPC
-    /// to that queue is in flight. An idle queue sends at once: nothing waits to
-    /// fill a batch. Default 128; 1 turns combining off.
+    /// Concurrent single-message sends are combined into one Send RPC (one Raft
+    /// entry) of up to this many messages while earlier RPCs are in flight: those
+    /// bound for one queue (keyed or explicit) per queue, unkeyed ones per topic,
+    /// each batch taking the next queue. An idle producer sends at once: nothing
+    /// waits to fill a batch. Default 128; 1 turns combining off.
     pub max_auto_batch: usize,
 }
 

@@ -47,19 +47,29 @@ pub struct Producer {
     lanes: Arc<Mutex<HashMap<LaneKey, Lane>>>,
 }
 
-/// RPCs one queue may have in flight before further sends to it are combined.
-/// Two keeps the pipe full (one batch travels while the next gathers) without
-/// letting many small RPCs race each other.
+/// RPCs a lane may have in flight (per broker group, for the rotating lane) before
+/// further sends to it are combined. Two keeps the pipe full (one batch travels
+/// while the next gathers) without letting many small RPCs race each other.
 const LANE_PARALLELISM: usize = 2;
 /// Bytes of bodies one combined send may carry (the broker's default batch limit
 /// is 4 MiB; staying well below it keeps one RPC from dominating).
 const MAX_AUTO_BATCH_BYTES: usize = 1024 * 1024;
 
-/// (topic, broker group, queue): sends to one lane may be combined.
-type LaneKey = (String, String, u32);
+/// Sends to one lane may be combined: (topic, Some((broker group, queue))) for sends
+/// bound to one queue (keyed or explicit), (topic, None) for unkeyed sends, whose
+/// batches take the topic's queues in turn.
+type LaneKey = (String, Option<(String, u32)>);
 type Waiter = oneshot::Sender<Result<SendReceipt, Error>>;
 
-/// Sends bound for one queue: how many RPCs are in flight and who waits to go next.
+/// RPCs a lane keeps in flight: `usual` while sends gather, up to `most` while full
+/// batches wait (the rotating lane spans several queues, so it may use as many
+/// slots as per-queue lanes for all of them would).
+struct LaneSlots {
+    usual: usize,
+    most: usize,
+}
+
+/// Sends bound for one lane: how many RPCs are in flight and who waits to go next.
 #[derive(Default)]
 struct Lane {
     in_flight: usize,
@@ -78,9 +88,17 @@ impl Producer {
     /// Sends one message to the next queue round-robin. This is also the
     /// asynchronous send: the future does the work; `.await` it where and when
     /// the answer is wanted, or hand it to `tokio::spawn`.
+    ///
+    /// With combining on (`max_auto_batch` > 1) the rotation is per RPC, not per
+    /// message: concurrent unkeyed sends to a topic share one lane with two RPCs in
+    /// flight per broker group, and each batch that leaves it goes to the next
+    /// queue. A busy producer thus sends a few large batches that still spread
+    /// evenly over the queues, instead of a small batch per queue (Kafka's sticky
+    /// partitioner works the same way); one that awaits each send moves to the next
+    /// queue every time, as before. Unkeyed messages carry no order promise, so
+    /// only the spread's granularity changes.
     pub async fn send(&self, topic: &str, message: pb::Message) -> Result<SendReceipt, Error> {
-        let pick = Pick::Index(self.next.fetch_add(1, Ordering::Relaxed));
-        self.send_single(topic, pick, message).await
+        self.send_single(topic, None, message).await
     }
 
     /// Same as [`Producer::send`]; named for readers coming from RocketMQ's API.
@@ -103,8 +121,7 @@ impl Producer {
     /// Sends a batch as one entry: all of it lands contiguously in one queue, or
     /// none of it does. Receipts are in message order.
     pub async fn send_batch(&self, topic: &str, messages: Vec<pb::Message>) -> Result<Vec<SendReceipt>, Error> {
-        let pick = Pick::Index(self.next.fetch_add(1, Ordering::Relaxed));
-        self.send_inner(topic, pick, &messages).await
+        self.send_inner(topic, self.next_pick(), &messages).await
     }
 
     /// Sends to an explicit queue of an explicit broker group.
@@ -126,7 +143,7 @@ impl Producer {
             group: broker_group.to_owned(),
             queue_id,
         };
-        self.send_single(topic, pick, message).await
+        self.send_single(topic, Some(pick), message).await
     }
 
     /// Sends to the queue `key` maps to. The mapping (a stable hash over the
@@ -139,40 +156,73 @@ impl Producer {
     /// is not promised. Create ordered topics up front, or send once and wait.
     pub async fn send_with_key(&self, topic: &str, key: &str, message: pb::Message) -> Result<SendReceipt, Error> {
         let pick = Pick::Index(fnv1a(key.as_bytes()) as usize);
-        self.send_single(topic, pick, message).await
+        self.send_single(topic, Some(pick), message).await
     }
 
     /// One message: alone if its queue is idle (or combining is off, or the queue
     /// is not known yet), otherwise combined with the other sends waiting for that
     /// queue into one RPC. A combined batch is one Raft entry: all of it is stored
     /// or none of it, and each sender gets its own receipt or the shared error.
-    async fn send_single(&self, topic: &str, pick: Pick, message: pb::Message) -> Result<SendReceipt, Error> {
+    /// `pick` `None` is the rotation [`Producer::send`] describes.
+    async fn send_single(&self, topic: &str, pick: Option<Pick>, message: pb::Message) -> Result<SendReceipt, Error> {
         let lane = match self.core.config.max_auto_batch {
             0 | 1 => None,
             _ => match self.core.route(topic).await {
-                Ok(route) => {
-                    choose(&route, &pick).and_then(|(g, q)| Some((topic.to_owned(), g.broker_group.clone(), q?)))
-                }
+                Ok(route) => match &pick {
+                    // The rotating lane needs the topic's queues, which a
+                    // provisional route does not know yet.
+                    None if !route.provisional => {
+                        let groups: Vec<_> = route.groups.iter().filter(|g| writable(g)).collect();
+                        let queues: usize = groups.iter().map(|g| g.queues as usize).sum();
+                        (queues > 0).then(|| {
+                            let slots = LaneSlots {
+                                usual: LANE_PARALLELISM * groups.len(),
+                                most: LANE_PARALLELISM * queues,
+                            };
+                            ((topic.to_owned(), None), slots)
+                        })
+                    }
+                    None => None,
+                    Some(p) => choose(&route, p).and_then(|(g, q)| {
+                        let slots = LaneSlots {
+                            usual: LANE_PARALLELISM,
+                            most: LANE_PARALLELISM,
+                        };
+                        Some(((topic.to_owned(), Some((g.broker_group.clone(), q?))), slots))
+                    }),
+                },
                 // The unbatched path retries route failures within the deadline.
                 Err(_) => None,
             },
         };
-        let Some(key) = lane else {
+        let Some((key, slots)) = lane else {
+            let pick = pick.unwrap_or_else(|| self.next_pick());
             return one(self.send_inner(topic, pick, std::slice::from_ref(&message)).await?);
         };
         let mut message = Some(message);
+        let mut extra_drain = false;
         let waiting = {
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             let lane = lanes.entry(key.clone()).or_default();
-            if lane.in_flight < LANE_PARALLELISM {
+            if lane.in_flight < slots.usual {
                 lane.in_flight += 1;
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
                 lane.queued.extend(message.take().map(|m| (m, tx)));
+                // A full batch is waiting: send it now on one more slot rather than
+                // let the producer's window exceed what the usual slots can carry.
+                if lane.queued.len() >= self.core.config.max_auto_batch && lane.in_flight < slots.most {
+                    lane.in_flight += 1;
+                    extra_drain = true;
+                }
                 Some(rx)
             }
         };
+        if extra_drain {
+            let (producer, key) = (self.clone(), key.clone());
+            tokio::spawn(async move { producer.drain_lane(key).await });
+        }
         match waiting {
             Some(rx) => rx.await.unwrap_or_else(|_| {
                 Err(Error::Protocol {
@@ -203,6 +253,11 @@ impl Producer {
                 mine
             }
         }
+    }
+
+    /// The next queue of the round-robin rotation.
+    fn next_pick(&self) -> Pick {
+        Pick::Index(self.next.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Takes up to `max_auto_batch` messages (and the byte limit) queued on the lane,
@@ -274,11 +329,16 @@ impl Producer {
     /// broker refuses the batch as invalid, each message is sent alone so that only
     /// the bad one fails.
     async fn send_combined(&self, key: &LaneKey, batch: Vec<pb::Message>) -> Vec<Result<SendReceipt, Error>> {
-        let (topic, group, queue_id) = key;
-        let pick = || Pick::Queue {
-            group: group.clone(),
-            queue_id: *queue_id,
+        let (topic, queue) = key;
+        // The rotating lane's batch takes the next queue; its retries keep it.
+        let chosen = match queue {
+            Some((group, queue_id)) => Pick::Queue {
+                group: group.clone(),
+                queue_id: *queue_id,
+            },
+            None => self.next_pick(),
         };
+        let pick = || chosen.clone();
         let n = batch.len();
         match self.send_inner(topic, pick(), &batch).await {
             Ok(receipts) => receipts.into_iter().map(Ok).collect(),
