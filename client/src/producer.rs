@@ -159,9 +159,9 @@ impl Producer {
         self.send_single(topic, Some(pick), message).await
     }
 
-    /// One message: alone if its queue is idle (or combining is off, or the queue
-    /// is not known yet), otherwise combined with the other sends waiting for that
-    /// queue into one RPC. A combined batch is one Raft entry: all of it is stored
+    /// One message: alone if its lane is idle (or combining is off, or the queue
+    /// is not known yet), otherwise combined with the other sends waiting on that
+    /// lane into one RPC. A combined batch is one Raft entry: all of it is stored
     /// or none of it, and each sender gets its own receipt or the shared error.
     /// `pick` `None` is the rotation [`Producer::send`] describes.
     async fn send_single(&self, topic: &str, pick: Option<Pick>, message: pb::Message) -> Result<SendReceipt, Error> {
@@ -172,11 +172,14 @@ impl Producer {
                     // The rotating lane needs the topic's queues, which a
                     // provisional route does not know yet.
                     None if !route.provisional => {
-                        let groups: Vec<_> = route.groups.iter().filter(|g| writable(g)).collect();
-                        let queues: usize = groups.iter().map(|g| g.queues as usize).sum();
+                        let (groups, queues) = route
+                            .groups
+                            .iter()
+                            .filter(|g| writable(g))
+                            .fold((0, 0), |(n, q), g| (n + 1, q + g.queues as usize));
                         (queues > 0).then(|| {
                             let slots = LaneSlots {
-                                usual: LANE_PARALLELISM * groups.len(),
+                                usual: LANE_PARALLELISM * groups,
                                 most: LANE_PARALLELISM * queues,
                             };
                             ((topic.to_owned(), None), slots)
@@ -210,9 +213,12 @@ impl Producer {
             } else {
                 let (tx, rx) = oneshot::channel();
                 lane.queued.extend(message.take().map(|m| (m, tx)));
-                // A full batch is waiting: send it now on one more slot rather than
-                // let the producer's window exceed what the usual slots can carry.
-                if lane.queued.len() >= self.core.config.max_auto_batch && lane.in_flight < slots.most {
+                // A full batch is waiting (by count or bytes, as `take_queued`
+                // cuts it): send it now on one more slot rather than let the
+                // producer's window exceed what the usual slots can carry.
+                let max = self.core.config.max_auto_batch;
+                let full = lane.queued.len() >= max || fitting(&lane.queued, 0, 0, max) < lane.queued.len();
+                if full && lane.in_flight < slots.most {
                     lane.in_flight += 1;
                     extra_drain = true;
                 }
@@ -273,17 +279,7 @@ impl Producer {
         let mut waiters = Vec::new();
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(lane) = lanes.get_mut(key) {
-            let mut take = 0;
-            for (m, _) in &lane.queued {
-                let full = batch.len() + take >= max;
-                // The byte limit never leaves a batch empty: one message always goes.
-                let too_big = (take > 0 || !batch.is_empty()) && bytes + m.body.len() > MAX_AUTO_BATCH_BYTES;
-                if full || too_big {
-                    break;
-                }
-                bytes += m.body.len();
-                take += 1;
-            }
+            let take = fitting(&lane.queued, batch.len(), bytes, max);
             for (m, w) in lane.queued.drain(..take) {
                 batch.push(m);
                 waiters.push(w);
@@ -486,6 +482,23 @@ fn writable(g: &pb::GroupRoute) -> bool {
     perm == pb::Permission::Unspecified as i32 || perm & pb::Permission::Write as i32 != 0
 }
 
+/// How many of `queued` fit in a batch that already holds `count` messages with
+/// `bytes` of bodies: at most `max` messages and `MAX_AUTO_BATCH_BYTES`, except that
+/// the byte limit never leaves a batch empty (one message always goes).
+fn fitting(queued: &[(pb::Message, Waiter)], mut count: usize, mut bytes: usize, max: usize) -> usize {
+    let mut take = 0;
+    for (m, _) in queued {
+        let too_big = count > 0 && bytes + m.body.len() > MAX_AUTO_BATCH_BYTES;
+        if count >= max || too_big {
+            break;
+        }
+        bytes += m.body.len();
+        count += 1;
+        take += 1;
+    }
+    take
+}
+
 /// The group and queue a pick names in `route`. A provisional route (topic not yet
 /// known to any NameServer) has no queue counts, so the broker chooses the queue.
 fn choose<'r>(route: &'r TopicRoute, pick: &Pick) -> Option<(&'r pb::GroupRoute, Option<u32>)> {
@@ -580,6 +593,40 @@ mod tests {
                 ("b", Some(1)),
                 ("a", Some(0))
             ]
+        );
+    }
+
+    #[test]
+    fn a_batch_fits_the_count_and_byte_limits_but_never_leaves_empty() {
+        let queued = |sizes: &[usize]| -> Vec<(pb::Message, Waiter)> {
+            sizes
+                .iter()
+                .map(|&n| {
+                    let m = pb::Message {
+                        body: vec![0; n],
+                        ..Default::default()
+                    };
+                    (m, oneshot::channel().0)
+                })
+                .collect()
+        };
+        assert_eq!(fitting(&queued(&[10; 5]), 0, 0, 3), 3, "count limit");
+        assert_eq!(
+            fitting(&queued(&[10; 5]), 2, 20, 3),
+            1,
+            "count includes what the batch holds"
+        );
+        let big = 600 * 1024;
+        assert_eq!(
+            fitting(&queued(&[big, big]), 0, 0, 128),
+            1,
+            "byte limit, one always goes"
+        );
+        assert_eq!(fitting(&queued(&[2 * MAX_AUTO_BATCH_BYTES]), 0, 0, 128), 1);
+        assert_eq!(
+            fitting(&queued(&[big]), 1, big, 128),
+            0,
+            "a started batch stays under the bytes"
         );
     }
 
