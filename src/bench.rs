@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// afterwards).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Async worker threads per replica of the local cluster (default: the cores
+    /// split among the three; ignored with --namesrv).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -169,6 +173,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 flush: args.flush.clone(),
                 auto_create_topics: false,
                 restart_delay: Duration::from_secs(1),
+                worker_threads: args.worker_threads.map(usize::from),
             })
             .await?;
             let ns = cluster.namesrv.clone();

@@ -30,6 +30,9 @@ pub struct LocalClusterOptions {
     pub auto_create_topics: bool,
     /// How long a dead replica stays dead before it is started again.
     pub restart_delay: Duration,
+    /// Async worker threads per replica (`raftmq broker --worker-threads`); `None`
+    /// splits this machine's cores among the replicas.
+    pub worker_threads: Option<usize>,
 }
 
 /// One supervised replica.
@@ -89,6 +92,15 @@ impl LocalCluster {
             .map(|(id, a)| format!("{id}={a}"))
             .collect::<Vec<_>>()
             .join(",");
+        // The replicas share this machine's cores: each with a worker per core
+        // wakes threads across all of them for every Raft round. Measured on 2
+        // cores, one worker per replica vs two, 5 interleaved pairs: one at a time
+        // p50 0.86 vs 0.90 ms on average, 256 in flight 63.3k vs 58.3k msgs/s;
+        // consume and single-message RPCs within noise.
+        let workers = opts.worker_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / endpoints.len().max(1)).max(1)
+        });
         let mut replicas = Vec::new();
         for (&id, endpoint) in &endpoints {
             let name = format!("{}-{id}", opts.group);
@@ -110,6 +122,8 @@ impl LocalCluster {
                 opts.auto_create_topics.to_string(),
                 "--flush".into(),
                 opts.flush.clone(),
+                "--worker-threads".into(),
+                workers.to_string(),
             ];
             let log_file = opts.data_dir.join(format!("{name}.log"));
             let pid_file = opts.data_dir.join(format!("{name}.pid"));

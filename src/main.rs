@@ -97,6 +97,10 @@ struct BrokerArgs {
     /// sync: acknowledge after fdatasync (default); async: before it.
     #[arg(long, env = "RAFTMQ_FLUSH")]
     flush: Option<String>,
+    /// Async worker threads (default: one per core). Replicas sharing a machine do
+    /// better with the cores split among them (`raftmq dev` does that).
+    #[arg(long, env = "RAFTMQ_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 /// The `--config` file of `raftmq broker`.
@@ -112,6 +116,7 @@ struct BrokerFile {
     peers: Option<Vec<String>>,
     auto_create_topics: Option<bool>,
     flush: Option<String>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +146,9 @@ struct DevArgs {
     /// membership is fixed on the first run: keep the ports for later runs.
     #[arg(long, value_delimiter = ',', default_value = "10911,10912,10913")]
     broker_ports: Vec<u16>,
+    /// Async worker threads per replica (default: the cores split among the three).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
 }
 
 #[derive(clap::Args)]
@@ -334,12 +342,29 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let command = cli.command;
-    // One runtime for whichever subcommand runs.
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // A broker's config file may set its worker count, which the runtime needs
+    // before anything runs; other subcommands take tokio's default (one per core).
+    let (broker_file, workers) = match &command {
+        Command::Broker(args) => {
+            let file = read_broker_file(args.config.as_deref())?;
+            let workers = args.worker_threads.or(file.worker_threads);
+            (Some(file), workers)
+        }
+        _ => (None, None),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        anyhow::ensure!(
+            (1..=1024).contains(&n),
+            "invalid worker_threads = {n}: must be between 1 and 1024"
+        );
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         match command {
             Command::Namesrv(args) => done(run_namesrv(args).await),
-            Command::Broker(args) => done(run_broker(*args).await),
+            Command::Broker(args) => done(run_broker(*args, broker_file.unwrap_or_default()).await),
             Command::Dev(args) => done(run_dev(args).await),
             Command::Admin(cmd) => done(tools::run_admin(cmd).await),
             Command::Produce(args) => tools::run_produce(args).await,
@@ -414,6 +439,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         // First contact should not need an admin step before the first send.
         auto_create_topics: true,
         restart_delay: Duration::from_secs(3),
+        worker_threads: args.worker_threads.map(usize::from),
     })
     .await?;
     let token = cluster.token();
@@ -466,17 +492,21 @@ fn parse_peer(p: &str) -> anyhow::Result<(u64, String)> {
     Ok((id, addr.trim().to_owned()))
 }
 
-async fn run_broker(args: BrokerArgs) -> anyhow::Result<()> {
+/// The broker's `--config` file, or every setting unset without one.
+fn read_broker_file(path: Option<&std::path::Path>) -> anyhow::Result<BrokerFile> {
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+        None => Ok(BrokerFile::default()),
+    }
+}
+
+async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
     use raftmq_broker::{RaftNode, RaftNodeConfig};
     use raftmq_raft_store::{BrokerNode, FlushMode};
 
-    let file: BrokerFile = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => BrokerFile::default(),
-    };
     let group = args
         .group
         .or(file.group)

@@ -286,3 +286,53 @@ async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_refuses_zero_worker_threads_from_flag_and_config_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("broker.toml");
+    std::fs::write(&file, "worker_threads = 0\n")?;
+    let common = [
+        "broker",
+        "--group",
+        "broker-a",
+        "--node-id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    for extra in [
+        vec!["--worker-threads".to_owned(), "0".to_owned()],
+        vec!["--config".to_owned(), file.display().to_string()],
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(common)
+            .args(&extra)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().context("spawning raftmq broker")?;
+        let pid = i32::try_from(child.id())?;
+        let out = match tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || child.wait_with_output()),
+        )
+        .await
+        {
+            Ok(out) => out??,
+            Err(_) => {
+                signal(pid, libc::SIGKILL);
+                bail!("raftmq broker {extra:?} neither refused nor exited in 30 s");
+            }
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{extra:?}: a broker with no workers started");
+        ensure!(
+            stderr.contains("worker_threads = 0"),
+            "{extra:?}: the error does not name the setting: {stderr}"
+        );
+    }
+    Ok(())
+}
