@@ -313,17 +313,23 @@ struct Counters {
     ok: AtomicU64,
     errors: AtomicU64,
     bytes: AtomicU64,
-    done: AtomicBool,
+    /// Ends the progress lines at once: a phase that waited for the next tick
+    /// would make whatever it is part of (e2e's send phase) look up to a second
+    /// slower.
+    done: tokio::sync::Notify,
 }
 
-/// Prints one progress line per second on stderr until `done`.
+/// Prints one progress line per second on stderr until `done` is notified.
 fn progress(label: &'static str, c: Arc<Counters>, started: Instant) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = 0u64;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
-        while !c.done.load(Ordering::Relaxed) {
-            tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = c.done.notified() => break,
+            }
             let ok = c.ok.load(Ordering::Relaxed);
             eprintln!(
                 "[{label} {:5.1}s] {ok:>10} ok  {:>9} msgs/s  {} errors",
@@ -420,7 +426,7 @@ async fn produce(
         }
     }
     let elapsed = started.elapsed();
-    counters.done.store(true, Ordering::Relaxed);
+    counters.done.notify_one();
     let _ = progress.await;
     Outcome {
         ok: counters.ok.load(Ordering::Relaxed),
@@ -518,7 +524,7 @@ async fn consume(
         }
     }
     let elapsed = started.elapsed();
-    counters.done.store(true, Ordering::Relaxed);
+    counters.done.notify_one();
     let _ = progress.await;
     if let Some(e) = failure {
         return Err(e);
@@ -645,4 +651,21 @@ fn print_table(r: &Report) {
         r.max_ms
     );
     println!("latency: {} ({} samples)", r.latency_of, r.latency_samples);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The e2e phase awaits the send phase's progress printer; one that lingered
+    /// until its next one-second tick added up to a second to e2e's elapsed time
+    /// (every e2e run read a whole number of seconds).
+    #[tokio::test]
+    async fn progress_lines_stop_when_told_not_at_the_next_tick() {
+        let counters = Arc::new(Counters::default());
+        let printer = progress("test", counters.clone(), Instant::now());
+        counters.done.notify_one();
+        let ended = tokio::time::timeout(Duration::from_millis(500), printer).await;
+        assert!(ended.is_ok(), "the progress task outlived `done` by 500 ms");
+    }
 }
