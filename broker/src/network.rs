@@ -35,6 +35,42 @@ use crate::wire::{self, SnapshotHeader, WireError};
 /// `snapshot_max_chunk_size`, 3 MiB by default).
 const DEFAULT_CHUNK: usize = 1024 * 1024;
 
+/// The slowest rate (bytes per second) at which a healthy follower is assumed to
+/// take in replication requests: transfer, decode, write and fsync. A reply owed
+/// for a large request is a timeout only after openraft's soft TTL *plus* the
+/// owed bytes at this rate. Without it, one AppendEntries of a few dozen 1 MiB
+/// entries (64 KiB messages, 256 in flight) outlived the 75 ms TTL every time:
+/// replication restarted from scratch in a loop, heartbeats queued behind it, and
+/// leadership moved (measured: 485-510 failed sends of 6,000, stalls of seconds).
+const SLOWEST_INTAKE_BYTES_PER_SEC: f64 = 16.0 * 1024.0 * 1024.0;
+
+/// Requests sent on a replication session and not answered yet, oldest first.
+#[derive(Default)]
+struct Owed {
+    sizes: std::collections::VecDeque<u64>,
+    bytes: u64,
+}
+
+impl Owed {
+    fn sent(&mut self, size: u64) {
+        self.sizes.push_back(size);
+        self.bytes += size;
+    }
+
+    /// The oldest request's reply arrived (replies come in request order).
+    fn answered(&mut self) {
+        if let Some(size) = self.sizes.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    /// How long a window with replies owed may pass without one.
+    fn window(&self, ttl: Duration) -> Option<Duration> {
+        (!self.sizes.is_empty())
+            .then(|| ttl + Duration::from_secs_f64(self.bytes as f64 / SLOWEST_INTAKE_BYTES_PER_SEC))
+    }
+}
+
 /// How channels to peers are built.
 #[derive(Debug, Clone)]
 pub struct ChannelSettings {
@@ -182,9 +218,10 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
 
     /// Replication and heartbeats: one bidi gRPC stream per replication session,
     /// requests sent as openraft produces them, replies consumed in order. An
-    /// idle session owes nothing and may wait indefinitely; a `soft_ttl` window
-    /// that starts with replies owed and ends without one is a timeout (so a
-    /// stuck follower is noticed within one to two windows).
+    /// idle session owes nothing and may wait indefinitely; a window that starts
+    /// with replies owed and ends without one is a timeout (so a stuck follower is
+    /// noticed within one to two windows). The window is `soft_ttl` plus the time
+    /// the owed bytes take at [`SLOWEST_INTAKE_BYTES_PER_SEC`].
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -215,16 +252,17 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                 .chain(input)
                 .take_until(session.cancelled_owned());
             let mut client = self.client()?;
-            let sent = Arc::new(AtomicU64::new(0));
+            let owed: Arc<std::sync::Mutex<Owed>> = Arc::default();
             let encode_failure: Arc<std::sync::Mutex<Option<WireError>>> = Arc::default();
             let requests = {
-                let (group, sent, failure) = (self.group.clone(), sent.clone(), encode_failure.clone());
+                let (group, owed, failure) = (self.group.clone(), owed.clone(), encode_failure.clone());
                 // An entry that cannot be encoded ends the request stream; the
                 // failure is reported after the replies to what was sent.
                 input.scan((), move |_, rpc| {
                     let next = match wire::encode_append(&group, &rpc) {
                         Ok(msg) => {
-                            sent.fetch_add(1, Ordering::Relaxed);
+                            let size = prost::Message::encoded_len(&msg) as u64;
+                            owed.lock().unwrap_or_else(|p| p.into_inner()).sent(size);
                             Some(msg)
                         }
                         Err(e) => {
@@ -243,16 +281,17 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                 Ok(Ok(response)) => response.into_inner(),
             };
             let this = &*self;
-            let out = futures::stream::unfold(Some((replies, 0u64, session_guard)), move |state| {
-                let (sent, encode_failure) = (sent.clone(), encode_failure.clone());
+            let out = futures::stream::unfold(Some((replies, session_guard)), move |state| {
+                let (owed, encode_failure) = (owed.clone(), encode_failure.clone());
                 async move {
-                    let (mut replies, received, session_guard) = state?;
+                    let (mut replies, session_guard) = state?;
                     let item = loop {
-                        let owed = sent.load(Ordering::Relaxed) > received;
-                        match tokio::time::timeout(ttl, replies.next()).await {
+                        let window = owed.lock().unwrap_or_else(|p| p.into_inner()).window(ttl);
+                        match tokio::time::timeout(window.unwrap_or(ttl), replies.next()).await {
                             // Replies were owed for a whole window and none came.
-                            Err(_) if owed => {
-                                break Err(RPCError::Timeout(this.timeout(RPCTypes::AppendEntries, ttl)));
+                            Err(_) if window.is_some() => {
+                                let waited = window.unwrap_or(ttl);
+                                break Err(RPCError::Timeout(this.timeout(RPCTypes::AppendEntries, waited)));
                             }
                             // Idle, or the first request went out mid-window: wait on.
                             Err(_) => {}
@@ -264,6 +303,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                                 break Err(this.status_error(RPCTypes::AppendEntries, ttl, &status));
                             }
                             Ok(Some(Ok(reply))) => {
+                                owed.lock().unwrap_or_else(|p| p.into_inner()).answered();
                                 break wire::from_json::<StreamAppendResult<TypeConfig>>(
                                     "stream append reply",
                                     &reply.body,
@@ -273,7 +313,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                         }
                     };
                     // After an error the session is over: openraft starts a new one.
-                    let next = item.is_ok().then_some((replies, received + 1, session_guard));
+                    let next = item.is_ok().then_some((replies, session_guard));
                     Some((item, next))
                 }
             });
@@ -475,4 +515,32 @@ fn snapshot_chunks(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_window_grows_with_the_bytes_owed_and_closes_when_nothing_is() {
+        let ttl = Duration::from_millis(75);
+        let mut owed = Owed::default();
+        assert_eq!(owed.window(ttl), None, "an idle session may wait indefinitely");
+        owed.sent(32 << 20);
+        owed.sent(1024);
+        let window = owed.window(ttl).expect("replies are owed");
+        // 32 MiB + 1 KiB at 16 MiB/s: just over two seconds on top of the TTL.
+        assert!(
+            window > ttl + Duration::from_secs(2) && window < ttl + Duration::from_millis(2010),
+            "{window:?}"
+        );
+        // The big request answered: only the small one's allowance is left.
+        owed.answered();
+        let window = owed.window(ttl).expect("one reply is still owed");
+        assert!(window < ttl + Duration::from_millis(1), "{window:?}");
+        owed.answered();
+        assert_eq!(owed.window(ttl), None);
+        owed.answered();
+        assert_eq!(owed.window(ttl), None, "a stray reply leaves nothing owed");
+    }
 }
