@@ -40,7 +40,7 @@ const DEFAULT_CHUNK: usize = 1024 * 1024;
 /// for a large request is a timeout only after openraft's soft TTL *plus* the
 /// owed bytes at this rate. Without it, one AppendEntries of a few dozen 1 MiB
 /// entries (64 KiB messages, 256 in flight) outlived the 75 ms TTL every time:
-/// replication restarted from scratch in a loop, heartbeats queued behind it, and
+/// replication restarted from scratch in a loop, heartbeats timed out, and
 /// leadership moved (measured: 485-510 failed sends of 6,000, stalls of seconds).
 const SLOWEST_INTAKE_BYTES_PER_SEC: f64 = 16.0 * 1024.0 * 1024.0;
 
