@@ -227,6 +227,23 @@ async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> an
     Ok(())
 }
 
+/// Waits for `child` to exit and collects its output; kills it and fails if it
+/// runs past `limit`.
+async fn output_within(
+    child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<std::process::Output> {
+    let pid = i32::try_from(child.id())?;
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || child.wait_with_output())).await {
+        Ok(out) => Ok(out??),
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            bail!("{what} did not finish within {limit:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -251,19 +268,7 @@ async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::R
         .stderr(Stdio::piped())
         .spawn()
         .context("spawning raftmq bench")?;
-    let pid = i32::try_from(child.id())?;
-    let out = match tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || child.wait_with_output()),
-    )
-    .await
-    {
-        Ok(out) => out??,
-        Err(_) => {
-            signal(pid, libc::SIGKILL);
-            bail!("raftmq bench did not finish in 120 s");
-        }
-    };
+    let out = output_within(child, Duration::from_secs(120), "raftmq bench").await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "raftmq bench failed: {}\n{stderr}", out.status);
     let stdout = String::from_utf8(out.stdout)?;
@@ -314,19 +319,7 @@ async fn broker_refuses_zero_worker_threads_from_flag_and_config_file() -> anyho
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let child = cmd.spawn().context("spawning raftmq broker")?;
-        let pid = i32::try_from(child.id())?;
-        let out = match tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::task::spawn_blocking(move || child.wait_with_output()),
-        )
-        .await
-        {
-            Ok(out) => out??,
-            Err(_) => {
-                signal(pid, libc::SIGKILL);
-                bail!("raftmq broker {extra:?} neither refused nor exited in 30 s");
-            }
-        };
+        let out = output_within(child, Duration::from_secs(30), "raftmq broker with no workers").await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{extra:?}: a broker with no workers started");
         ensure!(
