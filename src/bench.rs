@@ -28,6 +28,11 @@ pub enum Workload {
     Consume,
     /// Send while consumers long-poll; latency is send -> delivery to a consumer.
     E2e,
+    /// Route lookups at a NameServer, one at a time (no broker, no disk): this
+    /// machine's gRPC round-trip floor, to read the other latencies against. A
+    /// send needs two such round trips (client -> leader, leader -> follower) plus
+    /// an fsync; --count bounds the lookups.
+    Ping,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -256,6 +261,7 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
             e2e(args, &producers, &consumers, &queues, bound).await?,
             "send -> delivery",
         ),
+        Workload::Ping => (ping(&admin_client, args, bound).await, "NameServer route lookup"),
     };
     let secs = outcome.elapsed.as_secs_f64().max(1e-9);
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
@@ -536,6 +542,43 @@ async fn consume(
         elapsed,
         latency,
     })
+}
+
+/// One route lookup after another (each a fresh GetRoute RPC, not the client's
+/// cache) until `--count` or `bound`; a failed lookup counts as an error.
+async fn ping(client: &Client, args: &BenchArgs, bound: Duration) -> Outcome {
+    let started = Instant::now();
+    let stop_at = started + bound;
+    let counters = Arc::new(Counters::default());
+    let progress = progress("ping", counters.clone(), started);
+    let mut latency = histogram();
+    for _ in 0..args.count {
+        if Instant::now() >= stop_at {
+            break;
+        }
+        let t = Instant::now();
+        match client.refresh_route(&args.topic).await {
+            Ok(_) => {
+                record(&mut latency, t.elapsed());
+                counters.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("bench: route lookup failed: {e}");
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    counters.done.notify_one();
+    let _ = progress.await;
+    Outcome {
+        ok: counters.ok.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        bytes: 0,
+        elapsed,
+        latency,
+    }
 }
 
 /// Consumers long-poll every queue from its current end while the producers send

@@ -292,6 +292,49 @@ async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::R
     Ok(())
 }
 
+/// `bench ping` times real NameServer round trips: every lookup answered, a
+/// latency above zero, and no more lookups than --count allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ping_times_each_route_lookup_against_a_nameserver() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let child = Command::new(BIN)
+        .args([
+            "bench",
+            "ping",
+            "--count",
+            "200",
+            "--duration",
+            "60",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("cluster"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning raftmq bench ping")?;
+    let out = output_within(child, Duration::from_secs(120), "raftmq bench ping").await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "raftmq bench ping failed: {}\n{stderr}",
+        out.status
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("bench ping --json printed no JSON object: {stdout:?}"))?;
+    ensure!(report["workload"] == "ping", "not a ping report: {report}");
+    ensure!(report["messages"] == 200, "not every lookup was answered: {report}");
+    ensure!(report["latency_samples"] == 200, "one latency per lookup: {report}");
+    ensure!(report["errors"] == 0, "errors: {report}");
+    ensure!(
+        report["p50_ms"].as_f64().is_some_and(|p| p > 0.0),
+        "no latency: {report}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_refuses_zero_worker_threads_from_flag_and_config_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
