@@ -325,6 +325,26 @@ struct Counters {
     done: tokio::sync::Notify,
 }
 
+/// Ends a phase: its time is taken before the progress line is told to stop, so
+/// waiting for the printer never counts.
+async fn finish(
+    counters: &Counters,
+    progress: tokio::task::JoinHandle<()>,
+    started: Instant,
+    latency: Histogram<u64>,
+) -> Outcome {
+    let elapsed = started.elapsed();
+    counters.done.notify_one();
+    let _ = progress.await;
+    Outcome {
+        ok: counters.ok.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+    }
+}
+
 /// Prints one progress line per second on stderr until `done` is notified.
 fn progress(label: &'static str, c: Arc<Counters>, started: Instant) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -431,16 +451,7 @@ async fn produce(
             Err(e) => eprintln!("bench: a producer task failed: {e}"),
         }
     }
-    let elapsed = started.elapsed();
-    counters.done.notify_one();
-    let _ = progress.await;
-    Outcome {
-        ok: counters.ok.load(Ordering::Relaxed),
-        errors: counters.errors.load(Ordering::Relaxed),
-        bytes: counters.bytes.load(Ordering::Relaxed),
-        elapsed,
-        latency,
-    }
+    finish(&counters, progress, started, latency).await
 }
 
 fn join_error(e: tokio::task::JoinError) -> raftmq_client::Error {
@@ -529,19 +540,11 @@ async fn consume(
             Err(e) => failure = Some(e.into()),
         }
     }
-    let elapsed = started.elapsed();
-    counters.done.notify_one();
-    let _ = progress.await;
-    if let Some(e) = failure {
-        return Err(e);
+    let outcome = finish(&counters, progress, started, latency).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(outcome),
     }
-    Ok(Outcome {
-        ok: counters.ok.load(Ordering::Relaxed),
-        errors: counters.errors.load(Ordering::Relaxed),
-        bytes: counters.bytes.load(Ordering::Relaxed),
-        elapsed,
-        latency,
-    })
 }
 
 /// One route lookup after another (each a fresh GetRoute RPC, not the client's
@@ -569,16 +572,7 @@ async fn ping(client: &Client, args: &BenchArgs, bound: Duration) -> Outcome {
             }
         }
     }
-    let elapsed = started.elapsed();
-    counters.done.notify_one();
-    let _ = progress.await;
-    Outcome {
-        ok: counters.ok.load(Ordering::Relaxed),
-        errors: counters.errors.load(Ordering::Relaxed),
-        bytes: 0,
-        elapsed,
-        latency,
-    }
+    finish(&counters, progress, started, latency).await
 }
 
 /// Consumers long-poll every queue from its current end while the producers send

@@ -244,25 +244,14 @@ async fn output_within(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+/// Runs `raftmq bench ARGS --json` against a local cluster of its own under `dir`
+/// and returns the JSON report it printed.
+async fn bench_json(args: &[&str], dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let child = Command::new(BIN)
-        .args([
-            "bench",
-            "produce",
-            "--count",
-            "300",
-            "--size",
-            "512",
-            "--inflight",
-            "32",
-            "--duration",
-            "60",
-            "--json",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("cluster"))
+        .arg("bench")
+        .args(args)
+        .args(["--duration", "60", "--json", "--data-dir"])
+        .arg(dir.join("cluster"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -270,10 +259,23 @@ async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::R
         .context("spawning raftmq bench")?;
     let out = output_within(child, Duration::from_secs(120), "raftmq bench").await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "raftmq bench failed: {}\n{stderr}", out.status);
+    ensure!(
+        out.status.success(),
+        "raftmq bench {args:?} failed: {}\n{stderr}",
+        out.status
+    );
     let stdout = String::from_utf8(out.stdout)?;
-    let report: serde_json::Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("bench --json printed no JSON object: {stdout:?}"))?;
+    serde_json::from_str(stdout.trim()).with_context(|| format!("bench --json printed no JSON object: {stdout:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let report = bench_json(
+        &["produce", "--count", "300", "--size", "512", "--inflight", "32"],
+        dir.path(),
+    )
+    .await?;
     for key in ["msgs_per_sec", "mb_per_sec", "p50_ms", "p99_ms", "errors"] {
         ensure!(
             report.get(key).is_some_and(|v| v.is_number()),
@@ -292,38 +294,12 @@ async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::R
     Ok(())
 }
 
-/// `bench ping` times real NameServer round trips: every lookup answered, a
-/// latency above zero, and no more lookups than --count allows.
+/// `bench ping` times real NameServer round trips: every lookup answered, one
+/// latency per lookup, and no more lookups than --count allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_ping_times_each_route_lookup_against_a_nameserver() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let child = Command::new(BIN)
-        .args([
-            "bench",
-            "ping",
-            "--count",
-            "200",
-            "--duration",
-            "60",
-            "--json",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("cluster"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning raftmq bench ping")?;
-    let out = output_within(child, Duration::from_secs(120), "raftmq bench ping").await?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "raftmq bench ping failed: {}\n{stderr}",
-        out.status
-    );
-    let stdout = String::from_utf8(out.stdout)?;
-    let report: serde_json::Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("bench ping --json printed no JSON object: {stdout:?}"))?;
+    let report = bench_json(&["ping", "--count", "200"], dir.path()).await?;
     ensure!(report["workload"] == "ping", "not a ping report: {report}");
     ensure!(report["messages"] == 200, "not every lookup was answered: {report}");
     ensure!(report["latency_samples"] == 200, "one latency per lookup: {report}");
