@@ -268,6 +268,17 @@ async fn bench_json(args: &[&str], dir: &std::path::Path) -> anyhow::Result<serd
     serde_json::from_str(stdout.trim()).with_context(|| format!("bench --json printed no JSON object: {stdout:?}"))
 }
 
+/// A bench report that counted all `count` operations, no errors, and a latency.
+fn ensure_complete(report: &serde_json::Value, count: u64, each: &str) -> anyhow::Result<()> {
+    ensure!(report["messages"] == count, "not every {each}: {report}");
+    ensure!(report["errors"] == 0, "errors: {report}");
+    ensure!(
+        report["p50_ms"].as_f64().is_some_and(|p| p > 0.0),
+        "no latency: {report}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -282,16 +293,7 @@ async fn bench_produce_against_its_own_local_cluster_reports_json() -> anyhow::R
             "{key} missing in {report}"
         );
     }
-    ensure!(
-        report["messages"] == 300,
-        "not every message was acknowledged: {report}"
-    );
-    ensure!(report["errors"] == 0, "errors: {report}");
-    ensure!(
-        report["p50_ms"].as_f64().is_some_and(|p| p > 0.0),
-        "no latency: {report}"
-    );
-    Ok(())
+    ensure_complete(&report, 300, "message was acknowledged")
 }
 
 /// `bench ping` times real NameServer round trips: every lookup answered, one
@@ -301,14 +303,8 @@ async fn bench_ping_times_each_route_lookup_against_a_nameserver() -> anyhow::Re
     let dir = tempfile::tempdir()?;
     let report = bench_json(&["ping", "--count", "200"], dir.path()).await?;
     ensure!(report["workload"] == "ping", "not a ping report: {report}");
-    ensure!(report["messages"] == 200, "not every lookup was answered: {report}");
     ensure!(report["latency_samples"] == 200, "one latency per lookup: {report}");
-    ensure!(report["errors"] == 0, "errors: {report}");
-    ensure!(
-        report["p50_ms"].as_f64().is_some_and(|p| p > 0.0),
-        "no latency: {report}"
-    );
-    Ok(())
+    ensure_complete(&report, 200, "lookup was answered")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
