@@ -24,6 +24,17 @@ else
 fi
 [[ -x "$bin" ]] || { echo "build-image: no executable binary at '$bin'" >&2; exit 1; }
 
+# The compose cluster's Raft peer secret (mounted into every broker): made once,
+# kept across image rebuilds, since the replicas' data outlives an image.
+if [[ ! -s "$here/peer-secret" ]]; then
+    rm -rf "$here/peer-secret"  # a directory docker made for a missing mount source
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$here/peer-secret")
+    echo "build-image: wrote a new Raft peer secret to $here/peer-secret" >&2
+fi
+# The image runs as uid/gid 65532: let that group read the secret, or (when this
+# user may not hand a file to that group) everyone on this host.
+chgrp 65532 "$here/peer-secret" 2> /dev/null && chmod 0640 "$here/peer-secret" || chmod 0644 "$here/peer-secret"
+
 stage="$(mktemp -d "${TMPDIR:-/tmp}/raftmq-image.XXXXXX")"
 trap 'rm -rf "$stage"' EXIT
 # The release profile keeps line tables, and RocksDB's C++ is compiled with -g, so the

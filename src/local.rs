@@ -53,6 +53,30 @@ pub struct LocalCluster {
     namesrv_task: tokio::task::JoinHandle<Result<(), raftmq_namesrv::Error>>,
 }
 
+/// The group's peer secret under the data dir: made once (random, owner-only),
+/// then reused, since the replicas' Raft membership outlives a run.
+fn peer_secret_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("peer-secret");
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut random = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("reading /dev/urandom for the peer secret")?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex.as_bytes()).and_then(|()| f.sync_all()))
+        .with_context(|| format!("writing the peer secret to {}", path.display()))?;
+    Ok(path)
+}
+
 /// Binds `host:port`, or a free port when `port` is 0, and returns the bound address.
 /// For replicas the socket is closed again and the child binds the same port: a free
 /// port could in principle be taken in between, which start-up then reports.
@@ -81,17 +105,23 @@ impl LocalCluster {
             token.clone(),
         ));
 
+        // Each replica has a client port and a Raft peer port (DLedger's offset,
+        // 10911 -> 40911; any free one when the client port is any).
         let mut endpoints = BTreeMap::new();
         for (id, port) in (1u64..).zip(&opts.broker_ports) {
             let addr = free_addr("127.0.0.1", *port)
                 .with_context(|| format!("broker replica {id}'s port (is another raftmq running?)"))?;
-            endpoints.insert(id, addr.to_string());
+            let raft_port = if *port == 0 { 0 } else { port.saturating_add(30000) };
+            let raft = free_addr("127.0.0.1", raft_port)
+                .with_context(|| format!("broker replica {id}'s Raft peer port (is another raftmq running?)"))?;
+            endpoints.insert(id, (addr.to_string(), raft.to_string()));
         }
         let peers = endpoints
             .iter()
-            .map(|(id, a)| format!("{id}={a}"))
+            .map(|(id, (a, r))| format!("{id}={a}/{r}"))
             .collect::<Vec<_>>()
             .join(",");
+        let secret_file = peer_secret_file(&opts.data_dir)?;
         // The replicas share this machine's cores: each with a worker per core
         // wakes threads across all of them for every Raft round. Measured on 2
         // cores, one worker per replica vs two, 5 interleaved pairs: one at a time
@@ -102,7 +132,7 @@ impl LocalCluster {
             (cores / endpoints.len().max(1)).max(1)
         });
         let mut replicas = Vec::new();
-        for (&id, endpoint) in &endpoints {
+        for (&id, (endpoint, raft)) in &endpoints {
             let name = format!("{}-{id}", opts.group);
             let args: Vec<String> = vec![
                 "broker".into(),
@@ -112,6 +142,10 @@ impl LocalCluster {
                 id.to_string(),
                 "--listen".into(),
                 endpoint.clone(),
+                "--raft-listen".into(),
+                raft.clone(),
+                "--peer-secret-file".into(),
+                secret_file.display().to_string(),
                 "--data-dir".into(),
                 opts.data_dir.join(&name).display().to_string(),
                 "--namesrv".into(),

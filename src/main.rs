@@ -76,19 +76,33 @@ struct BrokerArgs {
     group: Option<String>,
     #[arg(long, env = "RAFTMQ_NODE_ID")]
     node_id: Option<u64>,
-    /// Address to listen on (Raft RPCs and the client API share it).
+    /// Address the client API listens on.
     #[arg(long, env = "RAFTMQ_LISTEN")]
     listen: Option<SocketAddr>,
-    /// host:port peers and clients dial (defaults to --listen).
+    /// host:port clients dial (defaults to --listen).
     #[arg(long, env = "RAFTMQ_ADVERTISE")]
     advertise: Option<String>,
+    /// Address the Raft peer port listens on (default: --listen's port + 30000,
+    /// DLedger's convention: 10911 -> 40911). Only the group's replicas use it.
+    #[arg(long, env = "RAFTMQ_RAFT_LISTEN")]
+    raft_listen: Option<SocketAddr>,
+    /// host:port peers dial for Raft (default: --advertise's host, port + 30000).
+    #[arg(long, env = "RAFTMQ_RAFT_ADVERTISE")]
+    raft_advertise: Option<String>,
+    /// File holding the group's peer secret (at least 16 bytes; surrounding
+    /// whitespace ignored), the same on every replica. Raft RPCs are signed with
+    /// it. The environment variable RAFTMQ_PEER_SECRET may give the secret itself
+    /// instead (never a flag: command lines are visible to every local user).
+    #[arg(long, env = "RAFTMQ_PEER_SECRET_FILE")]
+    peer_secret_file: Option<PathBuf>,
     #[arg(long, env = "RAFTMQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// NameServers to register with, comma-separated.
     #[arg(long, env = "RAFTMQ_NAMESRV", value_delimiter = ',')]
     namesrv: Option<Vec<String>>,
-    /// The group's initial members as id=host:port, comma-separated; the lowest id
-    /// forms the group on its first start.
+    /// The group's initial members as id=host:port (the client address; the Raft
+    /// address is then port + 30000) or id=host:port/raft_host:raft_port,
+    /// comma-separated; the lowest id forms the group on its first start.
     #[arg(long, env = "RAFTMQ_PEERS", value_delimiter = ',')]
     peers: Option<Vec<String>>,
     /// Create unknown topics on first send (off in production).
@@ -111,6 +125,9 @@ struct BrokerFile {
     node_id: Option<u64>,
     listen: Option<SocketAddr>,
     advertise: Option<String>,
+    raft_listen: Option<SocketAddr>,
+    raft_advertise: Option<String>,
+    peer_secret_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     namesrv: Option<Vec<String>>,
     peers: Option<Vec<String>>,
@@ -479,17 +496,58 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     cluster.stop().await
 }
 
-/// Parses `id=host:port`.
-fn parse_peer(p: &str) -> anyhow::Result<(u64, String)> {
-    let (id, addr) = p
+/// The Raft port's offset from the client port when none is given (DLedger's:
+/// a broker on 10911 takes Raft on 40911).
+const RAFT_PORT_OFFSET: u16 = 30000;
+
+/// `host:port` with the port moved by [`RAFT_PORT_OFFSET`] (port 0 stays 0: any).
+fn raft_port_of(addr: &str) -> anyhow::Result<String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("{addr:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{addr:?}: port is not a number"))?;
+    if port == 0 {
+        return Ok(format!("{host}:0"));
+    }
+    let raft = port.checked_add(RAFT_PORT_OFFSET).with_context(|| {
+        format!("{addr:?}: port + {RAFT_PORT_OFFSET} is past 65535; give the Raft address explicitly")
+    })?;
+    Ok(format!("{host}:{raft}"))
+}
+
+/// Parses `id=host:port` or `id=host:port/raft_host:raft_port`.
+fn parse_peer(p: &str) -> anyhow::Result<(u64, raftmq_raft_store::BrokerNode)> {
+    let (id, addrs) = p
         .split_once('=')
         .with_context(|| format!("peer {p:?} is not id=host:port"))?;
     let id = id
         .trim()
         .parse()
         .with_context(|| format!("peer {p:?}: node id is not a number"))?;
+    let (addr, raft) = match addrs.split_once('/') {
+        Some((addr, raft)) => (addr.trim().to_owned(), raft.trim().to_owned()),
+        None => (addrs.trim().to_owned(), raft_port_of(addrs.trim())?),
+    };
     anyhow::ensure!(addr.contains(':'), "peer {p:?}: address is not host:port");
-    Ok((id, addr.trim().to_owned()))
+    anyhow::ensure!(raft.contains(':'), "peer {p:?}: Raft address is not host:port");
+    Ok((id, raftmq_raft_store::BrokerNode::new(addr, raft)))
+}
+
+/// The peer secret: RAFTMQ_PEER_SECRET, or the file's contents.
+fn read_peer_secret(file: Option<&std::path::Path>) -> anyhow::Result<raftmq_broker::PeerSecret> {
+    let secret = match (std::env::var("RAFTMQ_PEER_SECRET"), file) {
+        (Ok(value), _) => value,
+        (Err(_), Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading the peer secret from {}", path.display()))?
+        }
+        (Err(_), None) => anyhow::bail!(
+            "a peer secret is required (Raft peers authenticate with it): set peer_secret_file, \
+             --peer-secret-file or RAFTMQ_PEER_SECRET, the same on every replica of the group"
+        ),
+    };
+    Ok(raftmq_broker::PeerSecret::new(secret.trim().as_bytes().to_vec()))
 }
 
 /// The broker's `--config` file, or every setting unset without one.
@@ -514,6 +572,20 @@ async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
     let node_id = args.node_id.or(file.node_id).context("--node-id is required")?;
     let listen = args.listen.or(file.listen).context("--listen is required")?;
     let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.to_string());
+    let raft_listen: SocketAddr = match args.raft_listen.or(file.raft_listen) {
+        Some(addr) => addr,
+        None => raft_port_of(&listen.to_string())?.parse()?,
+    };
+    let raft_advertise = match args.raft_advertise.or(file.raft_advertise) {
+        Some(addr) => addr,
+        // An explicit --raft-listen with its own port is what peers dial.
+        None if args.raft_listen.or(file.raft_listen).is_some() => {
+            let host = advertise.rsplit_once(':').map_or(advertise.as_str(), |(h, _)| h);
+            format!("{host}:{}", raft_listen.port())
+        }
+        None => raft_port_of(&advertise)?,
+    };
+    let peer_secret = read_peer_secret(args.peer_secret_file.or(file.peer_secret_file).as_deref())?;
     let data_dir = args.data_dir.or(file.data_dir).context("--data-dir is required")?;
     let peers = args
         .peers
@@ -521,12 +593,14 @@ async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
         .unwrap_or_default()
         .iter()
         .map(|p| parse_peer(p))
-        .collect::<anyhow::Result<std::collections::BTreeMap<u64, String>>>()?;
+        .collect::<anyhow::Result<std::collections::BTreeMap<u64, BrokerNode>>>()?;
     anyhow::ensure!(
         peers.is_empty() || peers.contains_key(&node_id),
         "--peers does not list this node ({node_id})"
     );
     let mut config = RaftNodeConfig::new(node_id, group.clone(), data_dir, advertise);
+    config.raft_advertise_addr = raft_advertise;
+    config.peer_secret = peer_secret;
     config.nameservers = args.namesrv.or(file.namesrv).unwrap_or_default();
     config.messaging.auto_create_topics = args.auto_create_topics.or(file.auto_create_topics).unwrap_or(false);
     config.store.flush = match args.flush.or(file.flush).as_deref() {
@@ -534,19 +608,21 @@ async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
         Some("async") => FlushMode::Async,
         Some(other) => anyhow::bail!("invalid flush = {other:?}: must be sync or async"),
     };
-    let listener = tokio::net::TcpListener::bind(listen)
+    let client = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding broker node {node_id} to {listen}"))?;
+        .with_context(|| format!("binding broker node {node_id}'s client port to {listen}"))?;
+    let raft = tokio::net::TcpListener::bind(raft_listen)
+        .await
+        .with_context(|| format!("binding broker node {node_id}'s Raft peer port to {raft_listen}"))?;
     let token = tokio_util::sync::CancellationToken::new();
     cancel_on_signal(token.clone());
-    let node = RaftNode::start(config, listener, token.clone()).await?;
+    let node = RaftNode::start(config, raftmq_broker::Listeners { client, raft }, token.clone()).await?;
     // The lowest id forms the group, once; the others learn the membership from it.
     if peers.keys().next() == Some(&node_id) && !node.raft().is_initialized().await? {
-        let members = peers.into_iter().map(|(id, addr)| (id, BrokerNode { addr })).collect();
-        node.initialize(members).await?;
+        node.initialize(peers).await?;
         println!("formed broker group {group}");
     }
-    println!("broker {group} node {node_id} listening on {listen}");
+    println!("broker {group} node {node_id} listening on {listen} (Raft peers on {raft_listen})");
     node.run_until_cancelled().await?;
     Ok(())
 }

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "cluster/consumers.rs"]
 mod consumers;
+#[path = "cluster/faults.rs"]
+mod faults;
 #[path = "cluster/processes.rs"]
 mod processes;
 
@@ -45,12 +47,34 @@ fn init_tracing() {
         .try_init();
 }
 
+/// A Raft RPC signed for `rpc` as `node` with `secret`, as a peer would send it.
+fn signed<T>(msg: T, rpc: &str, node: NodeId, secret: &[u8]) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let value =
+        raftmq_broker::PeerSecret::new(secret.to_vec()).sign(GROUP, node, rpc, raftmq_broker::peer_auth::unix_ms());
+    req.metadata_mut().insert(
+        raftmq_broker::peer_auth::PEER_AUTH_KEY,
+        value.parse().expect("a signature is ASCII"),
+    );
+    req
+}
+
+/// A Raft RPC signed as member `node` with the cluster's secret.
+fn signed_as<T>(node: NodeId, rpc: &str, msg: T) -> tonic::Request<T> {
+    signed(msg, rpc, node, PEER_SECRET)
+}
+
 /// One replica and the runtime that runs it.
+/// The peer secret every test cluster's replicas share.
+const PEER_SECRET: &[u8] = b"test-cluster-peer-secret";
+
 /// Per-node settings a test varies.
 #[derive(Clone, Default)]
 struct Settings {
     messaging: MessagingConfig,
     nameservers: Vec<String>,
+    /// In-process network faults shared by every replica.
+    faults: Option<raftmq_broker::faults::Faults>,
 }
 
 struct Replica {
@@ -58,14 +82,20 @@ struct Replica {
     dir: PathBuf,
     settings: Settings,
     addr: SocketAddr,
+    raft_addr: SocketAddr,
     rt: Option<tokio::runtime::Runtime>,
     node: Option<RaftNode>,
 }
 
 impl Replica {
-    /// Starts a replica on `bind` (port 0 for a fresh one, its old address when
-    /// restarting, so the membership's address stays right).
-    async fn start(id: NodeId, dir: &Path, bind: SocketAddr, settings: Settings) -> anyhow::Result<Replica> {
+    /// Starts a replica on `bind` (client and Raft ports; port 0 for a fresh one,
+    /// its old addresses when restarting, so the membership's addresses stay right).
+    async fn start(
+        id: NodeId,
+        dir: &Path,
+        bind: (SocketAddr, SocketAddr),
+        settings: Settings,
+    ) -> anyhow::Result<Replica> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("node-{id}"))
@@ -75,16 +105,22 @@ impl Replica {
         let node_settings = settings.clone();
         let started = rt
             .spawn(async move {
-                let listener = TcpListener::bind(bind)
+                let client = TcpListener::bind(bind.0)
                     .await
-                    .with_context(|| format!("binding {bind}"))?;
-                let addr = listener.local_addr()?;
-                let mut config = RaftNodeConfig::new(id, GROUP, data_dir, addr.to_string());
+                    .with_context(|| format!("binding {}", bind.0))?;
+                let raft = TcpListener::bind(bind.1)
+                    .await
+                    .with_context(|| format!("binding {}", bind.1))?;
+                let mut config = RaftNodeConfig::new(id, GROUP, data_dir, client.local_addr()?.to_string());
+                config.raft_advertise_addr = raft.local_addr()?.to_string();
+                config.peer_secret = raftmq_broker::PeerSecret::new(PEER_SECRET.to_vec());
                 config.messaging = node_settings.messaging;
                 config.nameservers = node_settings.nameservers;
+                config.faults = node_settings.faults;
                 // Fast rounds so route tests need not wait seconds.
                 config.registration_interval = Duration::from_millis(200);
-                anyhow::Ok(RaftNode::start(config, listener, CancellationToken::new()).await?)
+                let listeners = raftmq_broker::Listeners { client, raft };
+                anyhow::Ok(RaftNode::start(config, listeners, CancellationToken::new()).await?)
             })
             .await
             .map_err(anyhow::Error::from)
@@ -101,6 +137,7 @@ impl Replica {
             dir: dir.to_path_buf(),
             settings,
             addr: node.local_addr(),
+            raft_addr: node.raft_addr(),
             rt: Some(rt),
             node: Some(node),
         })
@@ -130,7 +167,7 @@ impl Replica {
 
     async fn restart(&mut self) -> anyhow::Result<()> {
         ensure!(self.node.is_none(), "node {} is still running", self.id);
-        *self = Replica::start(self.id, &self.dir, self.addr, self.settings.clone()).await?;
+        *self = Replica::start(self.id, &self.dir, (self.addr, self.raft_addr), self.settings.clone()).await?;
         Ok(())
     }
 
@@ -184,8 +221,15 @@ impl Cluster {
         let mut replicas = Vec::new();
         for id in 1..=n {
             let any_port: SocketAddr = "127.0.0.1:0".parse()?;
-            replicas
-                .push(Replica::start(id, &dir.path().join(format!("node-{id}")), any_port, settings.clone()).await?);
+            replicas.push(
+                Replica::start(
+                    id,
+                    &dir.path().join(format!("node-{id}")),
+                    (any_port, any_port),
+                    settings.clone(),
+                )
+                .await?,
+            );
         }
         let members: BTreeMap<NodeId, BrokerNode> = replicas.iter().map(|r| (r.id, r.node().broker_node())).collect();
         replicas[0].node().initialize(members).await?;
@@ -608,13 +652,20 @@ async fn raft_service_refuses_wrong_group_and_bad_input_and_keeps_serving() -> a
 
     let cluster = Cluster::start(1).await?;
     let leader = cluster.wait_for_leader(DEADLINE).await?;
-    let mut client = RaftServiceClient::connect(format!("http://{}", cluster.replica(leader).addr)).await?;
+    let mut client = RaftServiceClient::connect(format!("http://{}", cluster.replica(leader).raft_addr)).await?;
+    // Signed as the node itself: these requests get past authentication, so what
+    // is checked is the handling of their content.
 
     let err = client
-        .vote(pb::VoteRequest {
-            broker_group: "broker-z".into(),
-            body: b"{}".to_vec(),
-        })
+        .vote(signed_as(
+            leader,
+            "vote",
+            pb::VoteRequest {
+                broker_group: "broker-z".into(),
+                body: b"{}".to_vec(),
+                leader_unreachable: false,
+            },
+        ))
         .await
         .expect_err("wrong group");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -624,32 +675,45 @@ async fn raft_service_refuses_wrong_group_and_bad_input_and_keeps_serving() -> a
     );
 
     let err = client
-        .append_entries(pb::AppendEntriesRequest {
-            broker_group: GROUP.into(),
-            header: b"{not json".to_vec(),
-            entries: vec![],
-        })
+        .append_entries(signed_as(
+            leader,
+            "append_entries",
+            pb::AppendEntriesRequest {
+                broker_group: GROUP.into(),
+                header: b"{not json".to_vec(),
+                entries: vec![],
+            },
+        ))
         .await
         .expect_err("garbage header");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("append header"), "{err}");
 
     let err = client
-        .pre_vote(pb::VoteRequest {
-            broker_group: GROUP.into(),
-            body: vec![0xff; 3],
-        })
+        .pre_vote(signed_as(
+            leader,
+            "pre_vote",
+            pb::VoteRequest {
+                broker_group: GROUP.into(),
+                body: vec![0xff; 3],
+                leader_unreachable: false,
+            },
+        ))
         .await
         .expect_err("garbage vote");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     // On the replication stream too, a wrong group ends the stream with its status.
     let mut replies = client
-        .stream_append(futures::stream::iter(vec![pb::AppendEntriesRequest {
-            broker_group: "broker-z".into(),
-            header: vec![],
-            entries: vec![],
-        }]))
+        .stream_append(signed_as(
+            leader,
+            "stream_append",
+            futures::stream::iter(vec![pb::AppendEntriesRequest {
+                broker_group: "broker-z".into(),
+                header: vec![],
+                entries: vec![],
+            }]),
+        ))
         .await?
         .into_inner();
     let err = replies.message().await.expect_err("wrong group on a stream");
@@ -678,7 +742,7 @@ async fn raft_service_refuses_wrong_group_and_bad_input_and_keeps_serving() -> a
         },
     ];
     let err = client
-        .install_snapshot(futures::stream::iter(chunks))
+        .install_snapshot(signed_as(leader, "install_snapshot", futures::stream::iter(chunks)))
         .await
         .expect_err("truncated snapshot");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -1593,6 +1657,7 @@ mod client {
                     ..MessagingConfig::default()
                 },
                 nameservers: vec![ns.addr.clone()],
+                ..Settings::default()
             },
         )
         .await?;

@@ -8,6 +8,9 @@ use std::time::Duration;
 use raftmq_raft_store::{NodeId, StoreConfig};
 
 use crate::error::Error;
+use crate::failover::FastFailover;
+use crate::faults::Faults;
+use crate::peer_auth::{MIN_SECRET_BYTES, PeerSecret};
 
 /// One replica of one broker group.
 #[derive(Debug, Clone)]
@@ -17,9 +20,26 @@ pub struct RaftNodeConfig {
     pub broker_group: String,
     /// Holds `log/` (the CommitLog), `sm/` (the state machine) and `snapshot-incoming/`.
     pub data_dir: PathBuf,
-    /// `host:port` peers and clients dial; recorded in the Raft membership. Differs
-    /// from the listen address behind NAT or in containers.
+    /// `host:port` clients dial; recorded in the Raft membership and named in
+    /// NOT_LEADER redirects. Differs from the listen address behind NAT or in
+    /// containers.
     pub advertise_addr: String,
+    /// `host:port` of this node's Raft peer port as its peers dial it; recorded in
+    /// the membership. Raft is served apart from the client port so that clients
+    /// never reach it (and, with #13, so that only it needs node certificates).
+    pub raft_advertise_addr: String,
+    /// The secret shared by the group's replicas; every Raft RPC is signed with
+    /// it. Required, at least 16 bytes. Never logged.
+    pub peer_secret: PeerSecret,
+    /// How far a peer signature's time may be from this node's clock. Default
+    /// 30 s: well above clock skew between hosts kept by NTP.
+    pub peer_auth_window: Duration,
+    /// Campaigning at once when the leader's connections close and it no longer
+    /// answers, instead of after the lease and an election timeout.
+    pub fast_failover: FastFailover,
+    /// Tests only: in-process network faults on this node's Raft transport and
+    /// client API. `None` in production.
+    pub faults: Option<Faults>,
     pub store: StoreConfig,
     /// Leader heartbeat period. Default 100 ms.
     pub heartbeat_interval: Duration,
@@ -192,6 +212,11 @@ impl RaftNodeConfig {
             broker_group: broker_group.into(),
             data_dir: data_dir.into(),
             advertise_addr: advertise_addr.into(),
+            raft_advertise_addr: String::new(),
+            peer_secret: PeerSecret::new(Vec::new()),
+            peer_auth_window: Duration::from_secs(30),
+            fast_failover: FastFailover::default(),
+            faults: None,
             store: StoreConfig::default(),
             heartbeat_interval: Duration::from_millis(100),
             election_timeout_min: Duration::from_millis(200),
@@ -224,6 +249,37 @@ impl RaftNodeConfig {
         }
         if self.advertise_addr.is_empty() || !self.advertise_addr.contains(':') {
             return Err(bad("advertise_addr", self.advertise_addr.clone(), "must be host:port"));
+        }
+        if !self.raft_advertise_addr.contains(':') {
+            return Err(bad(
+                "raft_advertise_addr",
+                self.raft_advertise_addr.clone(),
+                "must be host:port (the Raft peer port, apart from the client port)",
+            ));
+        }
+        if self.raft_advertise_addr == self.advertise_addr {
+            return Err(bad(
+                "raft_advertise_addr",
+                self.raft_advertise_addr.clone(),
+                "must differ from advertise_addr: clients must not reach the Raft service",
+            ));
+        }
+        if self.peer_secret.len() < MIN_SECRET_BYTES {
+            return Err(bad(
+                "peer_secret",
+                format!("<{} bytes>", self.peer_secret.len()),
+                "must be at least 16 bytes, the same on every replica of the group (Raft peers authenticate with it)",
+            ));
+        }
+        if self.peer_auth_window.is_zero() {
+            return Err(bad("peer_auth_window", "0".into(), "must be positive"));
+        }
+        if self.fast_failover.probe_timeout.is_zero() || self.fast_failover.probe_timeout >= self.election_timeout_min {
+            return Err(bad(
+                "fast_failover.probe_timeout",
+                format!("{:?}", self.fast_failover.probe_timeout),
+                "must be positive and below election_timeout_min",
+            ));
         }
         if self.heartbeat_interval.is_zero() {
             return Err(bad("heartbeat_interval", "0".into(), "must be positive"));
@@ -288,9 +344,16 @@ impl RaftNodeConfig {
 mod tests {
     use super::*;
 
+    fn config() -> RaftNodeConfig {
+        let mut c = RaftNodeConfig::new(1, "broker-a", "/tmp/x", "127.0.0.1:1");
+        c.raft_advertise_addr = "127.0.0.1:2".into();
+        c.peer_secret = PeerSecret::new(b"0123456789abcdef".to_vec());
+        c
+    }
+
     #[test]
     fn defaults_are_valid_and_reach_openraft() {
-        let c = RaftNodeConfig::new(1, "broker-a", "/tmp/x", "127.0.0.1:1");
+        let c = config();
         c.validate().unwrap();
         let r = c.raft_config().unwrap();
         assert_eq!(
@@ -306,9 +369,21 @@ mod tests {
 
     #[test]
     fn bad_timing_names_the_key() {
-        let mut c = RaftNodeConfig::new(1, "broker-a", "/tmp/x", "127.0.0.1:1");
+        let mut c = config();
         c.election_timeout_max = c.election_timeout_min;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("election_timeout_max"), "{err}");
+    }
+
+    #[test]
+    fn raft_needs_its_own_port_and_a_secret() {
+        let mut c = config();
+        c.raft_advertise_addr = c.advertise_addr.clone();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("raft_advertise_addr"), "{err}");
+        let mut c = config();
+        c.peer_secret = PeerSecret::new(b"short".to_vec());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("peer_secret") && !err.contains("short"), "{err}");
     }
 }

@@ -1,11 +1,17 @@
 //! raftmq-broker: a broker node, i.e. one replica of one broker group: the
-//! group's Raft transport over gRPC, and the client-facing messaging and admin
-//! services on the same gRPC server, plus NameServer registration ([`registration`]).
+//! group's Raft transport over gRPC on a peer port of its own, and the
+//! client-facing messaging and admin services on the client port, plus
+//! NameServer registration ([`registration`]).
 //!
 //! * [`network`]: openraft's client side. One lazily connected tonic channel per
 //!   peer, reused by every RPC; openraft's per-RPC deadlines enforced here; tonic
 //!   failures sorted into openraft's Unreachable / Timeout / Network kinds.
-//! * [`service`]: the `raftmq.raft.v1.RaftService` server, routed by broker group.
+//! * [`service`]: the `raftmq.raft.v1.RaftService` server, routed by broker group,
+//!   refusing requests not signed by a member ([`peer_auth`]).
+//! * [`failover`]: a follower that sees the leader's connections close and finds
+//!   it gone campaigns at once instead of waiting out the lease.
+//! * [`faults`]: in-process network faults for tests (partitions, pauses,
+//!   losses, delays, dropped client replies).
 //! * [`wire`]: what crosses the wire. Entries in CommitLog record framing (the
 //!   follower checks each crc32c before appending), control data as JSON.
 //! * [`node`]: [`RaftNode`] opens the store, starts Raft, serves on a bound
@@ -28,10 +34,13 @@ pub mod config;
 pub mod consumer_group;
 pub mod convert;
 pub mod error;
+pub mod failover;
+pub mod faults;
 pub mod group;
 pub mod messaging;
 pub mod network;
 pub mod node;
+pub mod peer_auth;
 pub mod registration;
 pub mod service;
 pub mod validate;
@@ -40,4 +49,5 @@ pub mod wire;
 pub use api_error::{ApiError, LEADER_METADATA_KEY};
 pub use config::{MessagingConfig, RaftNodeConfig};
 pub use error::Error;
-pub use node::RaftNode;
+pub use node::{Listeners, RaftNode};
+pub use peer_auth::PeerSecret;

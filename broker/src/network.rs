@@ -4,6 +4,10 @@
 //! snapshots multiplex on it), because openraft asks for a new client on every
 //! replication restart and every election round. It does not retry: openraft owns
 //! retries and backoff, this layer only classifies failures for it.
+//!
+//! Every request is signed with the group's peer secret ([`crate::peer_auth`])
+//! and sent to the peer's Raft port (`BrokerNode::raft_endpoint`). In tests, a
+//! [`Faults`] switchboard decides each request's fate before it leaves.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::failover::CampaignMarker;
+use crate::faults::{Faults, Verdict};
+use crate::peer_auth::{PEER_AUTH_KEY, PeerSecret, unix_ms};
 use crate::wire::{self, SnapshotHeader, WireError};
 
 /// Snapshot chunk size when openraft does not say (it normally passes
@@ -78,22 +85,33 @@ pub struct ChannelSettings {
     pub max_message_bytes: usize,
 }
 
+/// What every request to a peer carries or passes through besides its message.
+#[derive(Debug, Clone)]
+pub struct PeerLink {
+    pub secret: PeerSecret,
+    pub campaign: CampaignMarker,
+    /// Tests only: the fault switchboard.
+    pub faults: Option<Faults>,
+}
+
 /// openraft's factory of per-peer clients for one broker group.
 pub struct GrpcNetworkFactory {
     node_id: NodeId,
     group: Arc<str>,
     settings: ChannelSettings,
+    link: PeerLink,
     /// Keyed by address, not node id, so a membership change that moves a node to
     /// a new address gets a new channel.
     channels: HashMap<String, Result<Channel, Arc<str>>>,
 }
 
 impl GrpcNetworkFactory {
-    pub fn new(node_id: NodeId, group: &str, settings: ChannelSettings) -> Self {
+    pub fn new(node_id: NodeId, group: &str, settings: ChannelSettings, link: PeerLink) -> Self {
         GrpcNetworkFactory {
             node_id,
             group: group.into(),
             settings,
+            link,
             channels: HashMap::new(),
         }
     }
@@ -120,7 +138,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
     type Network = GrpcNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BrokerNode) -> GrpcNetwork {
-        let client = self.channel(&node.addr).map(|ch| {
+        let client = self.channel(node.raft_endpoint()).map(|ch| {
             RaftServiceClient::new(ch)
                 .max_decoding_message_size(self.settings.max_message_bytes)
                 .max_encoding_message_size(self.settings.max_message_bytes)
@@ -129,6 +147,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             node_id: self.node_id,
             target,
             group: self.group.clone(),
+            link: self.link.clone(),
             client,
         }
     }
@@ -139,6 +158,7 @@ pub struct GrpcNetwork {
     node_id: NodeId,
     target: NodeId,
     group: Arc<str>,
+    link: PeerLink,
     /// An error when the peer's advertised address is not a valid URI: every RPC
     /// then reports the peer unreachable instead of panicking in `new_client`.
     client: Result<RaftServiceClient<Channel>, Arc<str>>,
@@ -160,12 +180,32 @@ impl GrpcNetwork {
         }
     }
 
+    /// What the fault layer does to one request: pass it (after any delay), or
+    /// lose it, which the sender sees as its deadline `ttl` passing in silence.
+    async fn fault_gate(&self, action: RPCTypes, ttl: Duration) -> Result<(), RPCError<TypeConfig>> {
+        let Some(faults) = &self.link.faults else {
+            return Ok(());
+        };
+        match faults.verdict(self.node_id, self.target) {
+            Verdict::Pass => Ok(()),
+            Verdict::Delay(d) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Verdict::Drop => {
+                tokio::time::sleep(ttl).await;
+                Err(RPCError::Timeout(self.timeout(action, ttl)))
+            }
+        }
+    }
+
     /// Runs one unary RPC under openraft's soft deadline and decodes the JSON reply.
     async fn unary<T, F>(&self, action: RPCTypes, ttl: Duration, call: F) -> Result<T, RPCError<TypeConfig>>
     where
         T: serde::de::DeserializeOwned,
         F: Future<Output = Result<tonic::Response<pb::RaftReply>, Status>>,
     {
+        self.fault_gate(action, ttl).await?;
         match tokio::time::timeout(ttl, call).await {
             Err(_) => Err(RPCError::Timeout(self.timeout(action, ttl))),
             Ok(Err(status)) => Err(self.status_error(action, ttl, &status)),
@@ -189,8 +229,19 @@ impl GrpcNetwork {
         }
     }
 
-    fn request<T>(msg: T, ttl: Duration) -> tonic::Request<T> {
+    /// A request signed for `rpc` (the name the server authenticates it under).
+    fn signed<T>(&self, rpc: &'static str, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
+        let signature = self.link.secret.sign(&self.group, self.node_id, rpc, unix_ms());
+        // Hex and digits only: always a valid ASCII metadata value.
+        if let Ok(value) = signature.parse() {
+            req.metadata_mut().insert(PEER_AUTH_KEY, value);
+        }
+        req
+    }
+
+    fn request<T>(&self, rpc: &'static str, msg: T, ttl: Duration) -> tonic::Request<T> {
+        let mut req = self.signed(rpc, msg);
         // Tells the server the deadline, so it abandons work nobody waits for.
         req.set_timeout(ttl);
         req
@@ -209,6 +260,7 @@ impl GrpcNetwork {
         Ok(pb::VoteRequest {
             broker_group: self.group.to_string(),
             body: wire::to_json(what, rpc).map_err(Self::encode_error)?,
+            leader_unreachable: rpc.leadership_transfer && self.link.campaign.is_campaign_term(rpc.vote.leader_id.term),
         })
     }
 }
@@ -275,7 +327,22 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                     futures::future::ready(next)
                 })
             };
-            let replies = match tokio::time::timeout(ttl, client.stream_append(requests)).await {
+            // Faults hold a lost request forever: the replies owed stop coming, the
+            // window times out and openraft opens a new session, as after a real loss.
+            let (faults, from, to) = (self.link.faults.clone(), self.node_id, self.target);
+            let requests = requests.then(move |msg| {
+                let faults = faults.clone();
+                async move {
+                    match faults.map(|f| f.verdict(from, to)) {
+                        None | Some(Verdict::Pass) => {}
+                        Some(Verdict::Delay(d)) => tokio::time::sleep(d).await,
+                        Some(Verdict::Drop) => futures::future::pending::<()>().await,
+                    }
+                    msg
+                }
+            });
+            let request = self.signed("stream_append", requests);
+            let replies = match tokio::time::timeout(ttl, client.stream_append(request)).await {
                 Err(_) => return Err(RPCError::Timeout(self.timeout(RPCTypes::AppendEntries, ttl))),
                 Ok(Err(status)) => return Err(self.status_error(RPCTypes::AppendEntries, ttl, &status)),
                 Ok(Ok(response)) => response.into_inner(),
@@ -334,7 +401,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         self.unary(
             RPCTypes::AppendEntries,
             ttl,
-            client.append_entries(Self::request(msg, ttl)),
+            client.append_entries(self.request("append_entries", msg, ttl)),
         )
         .await
     }
@@ -347,7 +414,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         let ttl = option.soft_ttl();
         let msg = self.vote_message("vote request", &rpc)?;
         let mut client = self.client()?;
-        self.unary(RPCTypes::Vote, ttl, client.vote(Self::request(msg, ttl)))
+        self.unary(RPCTypes::Vote, ttl, client.vote(self.request("vote", msg, ttl)))
             .await
     }
 
@@ -359,7 +426,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         let ttl = option.soft_ttl();
         let msg = self.vote_message("pre-vote request", &rpc)?;
         let mut client = self.client()?;
-        self.unary(RPCTypes::Vote, ttl, client.pre_vote(Self::request(msg, ttl)))
+        self.unary(RPCTypes::Vote, ttl, client.pre_vote(self.request("pre_vote", msg, ttl)))
             .await
     }
 
@@ -377,7 +444,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         self.unary(
             RPCTypes::TransferLeader,
             ttl,
-            client.transfer_leader(Self::request(msg, ttl)),
+            client.transfer_leader(self.request("transfer_leader", msg, ttl)),
         )
         .await
     }
@@ -415,7 +482,10 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
             progress.clone(),
             read_error.clone(),
         );
-        let call = client.install_snapshot(chunks);
+        if let Err(RPCError::Timeout(t)) = self.fault_gate(RPCTypes::InstallSnapshot, idle).await {
+            return Err(StreamingError::Timeout(t));
+        }
+        let call = client.install_snapshot(self.signed("install_snapshot", chunks));
         tokio::pin!(call);
         tokio::pin!(cancel);
         let mut seen = 0;

@@ -1,8 +1,9 @@
 //! One running replica: opens the store, starts openraft with the gRPC network,
-//! serves Raft RPC on an already-bound listener until cancelled, and stops in
-//! order (stop accepting, let in-flight RPCs finish, then `raft.shutdown()`, which
-//! drops the CommitLog and so flushes and closes it). The messaging and admin
-//! services share the server with Raft RPC, so a node has one port.
+//! serves on two already-bound listeners until cancelled, and stops in order
+//! (stop accepting, let in-flight RPCs finish, then `raft.shutdown()`, which
+//! drops the CommitLog and so flushes and closes it). The client port serves the
+//! messaging, admin and consumer-group services; the peer port serves only Raft,
+//! to signed requests of the group's members, so a client never reaches Raft.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,13 +20,23 @@ use tonic::transport::server::TcpIncoming;
 use crate::admin::Admin;
 use crate::config::RaftNodeConfig;
 use crate::error::Error;
+use crate::failover::{CampaignMarker, LeaderWatch};
+use crate::faults::ClientFaultLayer;
 use crate::group::GroupHandle;
 use crate::messaging::Messaging;
-use crate::network::{ChannelSettings, GrpcNetworkFactory};
+use crate::network::{ChannelSettings, GrpcNetworkFactory, PeerLink};
 use crate::service::RaftRpcService;
 
 /// Subdirectory of the data dir where received snapshots are staged.
 const INCOMING_DIR: &str = "snapshot-incoming";
+
+/// The two ports of a node, bound by the caller.
+pub struct Listeners {
+    /// Messaging, admin and consumer groups.
+    pub client: TcpListener,
+    /// Raft RPC between the group's replicas.
+    pub raft: TcpListener,
+}
 
 /// A running broker replica.
 pub struct RaftNode {
@@ -34,28 +45,32 @@ pub struct RaftNode {
     store: StoreReader,
     log: CommitLogReader,
     local_addr: SocketAddr,
+    raft_addr: SocketAddr,
     shutdown: CancellationToken,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    servers: [JoinHandle<Result<(), tonic::transport::Error>>; 2],
 }
 
 impl RaftNode {
-    /// Starts the replica and serves on `listener` (bound by the caller, so tests
+    /// Starts the replica and serves on `listeners` (bound by the caller, so tests
     /// can bind port 0 and advertise what they got) until `shutdown` is cancelled.
-    /// Cancelling only stops the server; call [`RaftNode::shutdown`] (or use
+    /// Cancelling only stops the servers; call [`RaftNode::shutdown`] (or use
     /// [`RaftNode::run_until_cancelled`]) to stop Raft too.
     pub async fn start(
         config: RaftNodeConfig,
-        listener: TcpListener,
+        listeners: Listeners,
         shutdown: CancellationToken,
     ) -> Result<RaftNode, Error> {
         config.validate()?;
         let node_id = config.node_id;
         let raft_config = Arc::new(config.raft_config()?);
-        let local_addr = listener.local_addr().map_err(|source| Error::Io {
-            action: "reading the listen address of",
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        let addr_of = |l: &TcpListener| {
+            l.local_addr().map_err(|source| Error::Io {
+                action: "reading the listen address of",
+                path: config.data_dir.clone(),
+                source,
+            })
+        };
+        let (local_addr, raft_addr) = (addr_of(&listeners.client)?, addr_of(&listeners.raft)?);
         let incoming_dir = config.data_dir.join(INCOMING_DIR);
         tokio::fs::create_dir_all(&incoming_dir)
             .await
@@ -72,12 +87,18 @@ impl RaftNode {
                 source,
             })?;
         let (store, log) = (sm.reader(), log_store.reader());
+        let campaign = CampaignMarker::default();
         let network = GrpcNetworkFactory::new(
             node_id,
             &config.broker_group,
             ChannelSettings {
                 connect_timeout: config.connect_timeout,
                 max_message_bytes: config.max_rpc_message_bytes,
+            },
+            PeerLink {
+                secret: config.peer_secret.clone(),
+                campaign: campaign.clone(),
+                faults: config.faults.clone(),
             },
         );
         let raft = Raft::new(node_id, raft_config, network, log_store, sm)
@@ -88,8 +109,24 @@ impl RaftNode {
                 source,
             })?;
 
-        let service = RaftRpcService::new(&config.broker_group, raft.clone(), incoming_dir, shutdown.clone())
-            .into_server(config.max_rpc_message_bytes);
+        let watch = LeaderWatch::new(
+            node_id,
+            &config.broker_group,
+            raft.clone(),
+            config.fast_failover.clone(),
+            campaign,
+            config.faults.clone(),
+            shutdown.clone(),
+        );
+        let service = RaftRpcService::new(
+            &config.broker_group,
+            raft.clone(),
+            (config.peer_secret.clone(), config.peer_auth_window),
+            watch,
+            incoming_dir,
+            shutdown.clone(),
+        )
+        .into_server(config.max_rpc_message_bytes);
         let group = GroupHandle::new(
             &config.broker_group,
             node_id,
@@ -112,14 +149,26 @@ impl RaftNode {
         let coordinator = crate::consumer_group::Coordinator::new(group.clone());
         let admin = Admin::new(group, coordinator.clone()).into_server();
         let consumer = coordinator.into_server();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listeners.client).with_nodelay(Some(true));
         let stop = shutdown.clone();
-        let server = tokio::spawn(async move {
+        let faults = ClientFaultLayer {
+            faults: config.faults.clone(),
+            node: node_id,
+        };
+        let client_server = tokio::spawn(async move {
             Server::builder()
-                .add_service(service)
+                .layer(faults)
                 .add_service(messaging)
                 .add_service(admin)
                 .add_service(consumer)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        });
+        let incoming = TcpIncoming::from(listeners.raft).with_nodelay(Some(true));
+        let stop = shutdown.clone();
+        let raft_server = tokio::spawn(async move {
+            Server::builder()
+                .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
         });
@@ -128,6 +177,8 @@ impl RaftNode {
             group = %config.broker_group,
             listen = %local_addr,
             advertise = %config.advertise_addr,
+            raft_listen = %raft_addr,
+            raft_advertise = %config.raft_advertise_addr,
             "broker replica started"
         );
         Ok(RaftNode {
@@ -136,8 +187,9 @@ impl RaftNode {
             store,
             log,
             local_addr,
+            raft_addr,
             shutdown,
-            server,
+            servers: [client_server, raft_server],
         })
     }
 
@@ -158,16 +210,19 @@ impl RaftNode {
         self.config.node_id
     }
 
-    /// What the membership records for this node: its advertised address.
+    /// What the membership records for this node: its advertised addresses.
     pub fn broker_node(&self) -> BrokerNode {
-        BrokerNode {
-            addr: self.config.advertise_addr.clone(),
-        }
+        BrokerNode::new(&self.config.advertise_addr, &self.config.raft_advertise_addr)
     }
 
-    /// The address actually listened on.
+    /// The client address actually listened on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The Raft peer address actually listened on.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
     }
 
     /// Makes `members` the group's first membership. Call on one node of a new
@@ -191,27 +246,25 @@ impl RaftNode {
     pub async fn shutdown(self) -> Result<(), Error> {
         let node_id = self.config.node_id;
         self.shutdown.cancel();
-        let mut server = self.server;
-        let served = match tokio::time::timeout(self.config.shutdown_grace, &mut server).await {
-            Ok(joined) => joined
-                .map_err(|source| Error::Task {
-                    node_id,
-                    what: "gRPC server task",
-                    source,
-                })
-                .and_then(|r| {
-                    r.map_err(|source| Error::Serve {
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        let mut served = Ok(());
+        for (mut server, addr) in self.servers.into_iter().zip([self.local_addr, self.raft_addr]) {
+            let result = match tokio::time::timeout_at(deadline, &mut server).await {
+                Ok(joined) => joined
+                    .map_err(|source| Error::Task {
                         node_id,
-                        addr: self.local_addr,
+                        what: "gRPC server task",
                         source,
                     })
-                }),
-            Err(_) => {
-                tracing::warn!(node_id, grace = ?self.config.shutdown_grace, "in-flight RPCs outlived the grace period; dropping them");
-                server.abort();
-                Ok(())
-            }
-        };
+                    .and_then(|r| r.map_err(|source| Error::Serve { node_id, addr, source })),
+                Err(_) => {
+                    tracing::warn!(node_id, %addr, grace = ?self.config.shutdown_grace, "in-flight RPCs outlived the grace period; dropping them");
+                    server.abort();
+                    Ok(())
+                }
+            };
+            served = served.and(result);
+        }
         // Stop Raft even when the server failed: the log must still be closed.
         let stopped = self.raft.shutdown().await.map_err(|source| Error::Task {
             node_id,

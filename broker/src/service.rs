@@ -1,7 +1,11 @@
-//! The server side of Raft RPC: the `raftmq.raft.v1.RaftService` tonic service,
-//! routing each request to this node's `Raft` after checking it names this node's
+//! The server side of Raft RPC: the `raftmq.raft.v1.RaftService` tonic service on
+//! the node's peer port. Each request is authenticated first ([`crate::peer_auth`]:
+//! signed with the group's peer secret by a member of the group), and what it
+//! claims must match who signed it (a vote's candidate, an append's or a
+//! snapshot's leader, a transfer's old leader); then it must name this node's
 //! broker group. Bad input becomes a `Status` with a message; openraft decides
 //! everything else (stale terms, conflicts) and its answer goes back as JSON.
+//! An inbound append stream that breaks is reported to [`LeaderWatch`].
 
 use std::io::SeekFrom;
 use std::path::PathBuf;
@@ -9,16 +13,19 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use openraft::Raft;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::Fatal;
 use openraft::raft::{TransferLeaderRequest, VoteRequest};
 use raftmq_proto::raft::v1 as pb;
 use raftmq_proto::raft::v1::raft_service_server::{RaftService, RaftServiceServer};
-use raftmq_raft_store::{StateMachine, TypeConfig};
+use raftmq_raft_store::{NodeId, StateMachine, TypeConfig};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::failover::LeaderWatch;
+use crate::peer_auth::{AuthError, PEER_AUTH_KEY, PeerSecret, unix_ms};
 use crate::wire::{self, SnapshotHeader, WireError};
 
 /// The Raft RPC endpoint of one broker group's replica on this node.
@@ -26,6 +33,10 @@ use crate::wire::{self, SnapshotHeader, WireError};
 pub struct RaftRpcService {
     group: Arc<str>,
     raft: Raft<TypeConfig, StateMachine>,
+    secret: PeerSecret,
+    /// How far a signature's time may be from this node's clock.
+    auth_window: std::time::Duration,
+    watch: Arc<LeaderWatch>,
     /// Where received snapshots are staged before installing; same filesystem as
     /// the store, so staging never crosses devices.
     incoming_dir: Arc<PathBuf>,
@@ -38,12 +49,17 @@ impl RaftRpcService {
     pub fn new(
         group: &str,
         raft: Raft<TypeConfig, StateMachine>,
+        (secret, auth_window): (PeerSecret, std::time::Duration),
+        watch: Arc<LeaderWatch>,
         incoming_dir: PathBuf,
         shutdown: CancellationToken,
     ) -> Self {
         RaftRpcService {
             group: group.into(),
             raft,
+            secret,
+            auth_window,
+            watch,
             incoming_dir: Arc::new(incoming_dir),
             shutdown,
         }
@@ -69,6 +85,47 @@ impl RaftRpcService {
 
     fn span(&self, rpc: &'static str) -> tracing::Span {
         tracing::debug_span!("raft_rpc", rpc, group = %self.group)
+    }
+
+    /// The member of this group that signed `request` for `rpc`, or UNAUTHENTICATED.
+    fn authenticate<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<NodeId, Status> {
+        let header = request
+            .metadata()
+            .get(PEER_AUTH_KEY)
+            .ok_or(AuthError::Missing)
+            .and_then(|v| v.to_str().map_err(|_| AuthError::Malformed));
+        let checked = header.and_then(|h| {
+            let node = self.secret.verify(&self.group, rpc, h, unix_ms(), self.auth_window)?;
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            let membership = m.membership_config.membership();
+            // A node waiting to be initialized has no membership yet: the secret
+            // alone admits the member that forms the group.
+            let known = membership.nodes().next().is_none() || membership.get_node(&node).is_some();
+            if known {
+                Ok(node)
+            } else {
+                Err(AuthError::NotMember {
+                    node,
+                    group: self.group.to_string(),
+                })
+            }
+        });
+        checked.map_err(|e| {
+            tracing::warn!(group = %self.group, rpc, remote = ?request.remote_addr(), error = %e, "refused an unauthenticated Raft RPC");
+            Status::unauthenticated(e.to_string())
+        })
+    }
+}
+
+/// PERMISSION_DENIED unless the node that signed a request is the one it speaks for.
+fn same_sender(signed_by: NodeId, claimed: NodeId, what: &str) -> Result<(), Status> {
+    if signed_by == claimed {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{what} names node {claimed} but was signed by node {signed_by}"
+        )))
     }
 }
 
@@ -102,7 +159,7 @@ impl RaftRpcService {
     /// with up to 64 requests in flight and answers each once it is flushed. The
     /// first undecodable request or wrong group ends the input; the replies to the
     /// requests before it are sent, then the error.
-    fn stream(&self, requests: Streaming<pb::AppendEntriesRequest>) -> ReplyStream {
+    fn stream(&self, sender: NodeId, requests: Streaming<pb::AppendEntriesRequest>) -> ReplyStream {
         let failure: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
         let input = {
             let (svc, failure) = (self.clone(), failure.clone());
@@ -114,12 +171,16 @@ impl RaftRpcService {
                     Ok(req) => svc
                         .check_group(&req.broker_group)
                         .and_then(|()| wire::decode_append(req).map_err(bad_input))
+                        .and_then(|rpc| same_sender(sender, rpc.vote.leader_id.voted_for, "append").map(|()| rpc))
                         .inspect_err(|status| {
                             tracing::warn!(group = %svc.group, error = %status, "refused an append stream request");
                         }),
                     Err(status) => {
-                        // The leader went away or reset the stream: routine.
+                        // The leader went away or reset the stream. Routine when it
+                        // restarts a session; when its process died, the watch
+                        // notices that the leader no longer answers.
                         tracing::debug!(group = %svc.group, error = %status, "append stream broke");
+                        svc.watch.stream_broke(sender);
                         Err(status)
                     }
                 };
@@ -149,17 +210,29 @@ impl RaftRpcService {
         Box::pin(replies.chain(failure).take_until(shutdown))
     }
 
-    async fn append(&self, req: pb::AppendEntriesRequest) -> Result<Response<pb::RaftReply>, Status> {
+    async fn append(&self, sender: NodeId, req: pb::AppendEntriesRequest) -> Result<Response<pb::RaftReply>, Status> {
         self.check_group(&req.broker_group)?;
         let rpc = wire::decode_append(req).map_err(bad_input)?;
+        same_sender(sender, rpc.vote.leader_id.voted_for, "append")?;
         tracing::trace!(prev = ?rpc.prev_log_id, entries = rpc.entries.len(), "append entries");
         let resp = self.raft.append_entries(rpc).await.map_err(raft_fatal)?;
         reply("append reply", &resp)
     }
 
-    async fn vote(&self, req: pb::VoteRequest, pre: bool) -> Result<Response<pb::RaftReply>, Status> {
+    async fn vote(&self, sender: NodeId, req: pb::VoteRequest, pre: bool) -> Result<Response<pb::RaftReply>, Status> {
         self.check_group(&req.broker_group)?;
-        let rpc: VoteRequest<TypeConfig> = wire::from_json("vote request", &req.body).map_err(bad_input)?;
+        let mut rpc: VoteRequest<TypeConfig> = wire::from_json("vote request", &req.body).map_err(bad_input)?;
+        same_sender(sender, rpc.vote.leader_id.voted_for, "vote")?;
+        // A vote past the leader lease is granted for a handover by the leader,
+        // or for a fast failover that this node confirms: its own probe must find
+        // the leader gone too, or the lease stands.
+        if rpc.leadership_transfer && req.leader_unreachable && !self.watch.agrees_leader_gone().await {
+            tracing::info!(
+                candidate = sender,
+                "fast-failover vote while the leader still answers here; the lease stands"
+            );
+            rpc.leadership_transfer = false;
+        }
         let resp = if pre {
             self.raft.pre_vote(rpc).await
         } else {
@@ -170,21 +243,32 @@ impl RaftRpcService {
         reply("vote reply", &resp)
     }
 
-    async fn transfer(&self, req: pb::TransferLeaderRequest) -> Result<Response<pb::RaftReply>, Status> {
+    async fn transfer(
+        &self,
+        sender: NodeId,
+        req: pb::TransferLeaderRequest,
+    ) -> Result<Response<pb::RaftReply>, Status> {
         self.check_group(&req.broker_group)?;
         let rpc: TransferLeaderRequest<TypeConfig> =
             wire::from_json("transfer-leader request", &req.body).map_err(bad_input)?;
+        // Only the leader itself hands its leadership over.
+        same_sender(sender, rpc.from_leader().leader_id.voted_for, "transfer-leader")?;
         let resp = self.raft.handle_transfer_leader(rpc).await.map_err(fatal)?;
         reply("transfer-leader reply", &resp)
     }
 
-    async fn snapshot(&self, mut stream: Streaming<pb::SnapshotChunk>) -> Result<Response<pb::RaftReply>, Status> {
+    async fn snapshot(
+        &self,
+        sender: NodeId,
+        mut stream: Streaming<pb::SnapshotChunk>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_group(&first.broker_group)?;
         let header: SnapshotHeader = wire::from_json("snapshot header", &first.header).map_err(bad_input)?;
+        same_sender(sender, header.vote.leader_id.voted_for, "snapshot")?;
         tracing::info!(last_log_id = ?header.meta.last_log_id, "receiving snapshot");
         let io_err = |action: &'static str| {
             let dir = self.incoming_dir.clone();
@@ -235,27 +319,31 @@ impl RaftService for RaftRpcService {
         request: Request<Streaming<pb::AppendEntriesRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
         let _span = self.span("stream_append").entered();
-        tracing::trace!("append stream opened");
-        Ok(Response::new(self.stream(request.into_inner())))
+        let sender = self.authenticate(&request, "stream_append")?;
+        tracing::trace!(sender, "append stream opened");
+        Ok(Response::new(self.stream(sender, request.into_inner())))
     }
 
     async fn append_entries(
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.append(request.into_inner())
+        let sender = self.authenticate(&request, "append_entries")?;
+        self.append(sender, request.into_inner())
             .instrument(self.span("append_entries"))
             .await
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        RaftRpcService::vote(self, request.into_inner(), false)
+        let sender = self.authenticate(&request, "vote")?;
+        RaftRpcService::vote(self, sender, request.into_inner(), false)
             .instrument(self.span("vote"))
             .await
     }
 
     async fn pre_vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        RaftRpcService::vote(self, request.into_inner(), true)
+        let sender = self.authenticate(&request, "pre_vote")?;
+        RaftRpcService::vote(self, sender, request.into_inner(), true)
             .instrument(self.span("pre_vote"))
             .await
     }
@@ -264,7 +352,8 @@ impl RaftService for RaftRpcService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.transfer(request.into_inner())
+        let sender = self.authenticate(&request, "transfer_leader")?;
+        self.transfer(sender, request.into_inner())
             .instrument(self.span("transfer_leader"))
             .await
     }
@@ -273,7 +362,8 @@ impl RaftService for RaftRpcService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftReply>, Status> {
-        self.snapshot(request.into_inner())
+        let sender = self.authenticate(&request, "install_snapshot")?;
+        self.snapshot(sender, request.into_inner())
             .instrument(self.span("install_snapshot"))
             .await
     }

@@ -74,16 +74,40 @@ pub use state_machine::{StateMachine, StoreReader, StoredMessage};
 /// A broker node's identity in its Raft group.
 pub type NodeId = u64;
 
-/// What the Raft membership records about a node: where its peers reach it.
+/// What the Raft membership records about a node: where clients and peers reach it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct BrokerNode {
-    /// Advertised address of the node's gRPC server (Raft RPCs and messaging).
+    /// Advertised address of the node's client-facing gRPC server (messaging,
+    /// admin, consumer groups): what NOT_LEADER redirects and routes name.
     pub addr: String,
+    /// Advertised address of the node's Raft peer port. Raft is served apart from
+    /// the client port so that clients never reach it. Empty in memberships
+    /// written before the split (one port served both); then `addr` is used.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub raft_addr: String,
+}
+
+impl BrokerNode {
+    pub fn new(addr: impl Into<String>, raft_addr: impl Into<String>) -> Self {
+        BrokerNode {
+            addr: addr.into(),
+            raft_addr: raft_addr.into(),
+        }
+    }
+
+    /// Where peers send Raft RPCs to this node.
+    pub fn raft_endpoint(&self) -> &str {
+        if self.raft_addr.is_empty() {
+            &self.addr
+        } else {
+            &self.raft_addr
+        }
+    }
 }
 
 impl std::fmt::Display for BrokerNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.addr)
+        write!(f, "{} (raft {})", self.addr, self.raft_endpoint())
     }
 }
 

@@ -47,12 +47,7 @@ fn message(i: u64, body_len: usize) -> Message {
 }
 
 fn membership_entry(index: u64) -> Entry {
-    let nodes = BTreeMap::from([(
-        1u64,
-        BrokerNode {
-            addr: "127.0.0.1:1".into(),
-        },
-    )]);
+    let nodes = BTreeMap::from([(1u64, BrokerNode::new("127.0.0.1:1", "127.0.0.1:2"))]);
     Entry {
         log_id: log_id(1, index),
         payload: EntryPayload::Membership(Membership::new(vec![[1u64].into()], nodes).unwrap()),
@@ -701,14 +696,9 @@ mod single_node {
                 .unwrap();
             let acked = rt.block_on(async {
                 let raft = start(&dir).await.raft;
-                raft.initialize(BTreeMap::from([(
-                    1u64,
-                    BrokerNode {
-                        addr: "127.0.0.1:1".into(),
-                    },
-                )]))
-                .await
-                .unwrap();
+                raft.initialize(BTreeMap::from([(1u64, BrokerNode::new("127.0.0.1:1", "127.0.0.1:2"))]))
+                    .await
+                    .unwrap();
                 raft.wait(Some(Duration::from_secs(10)))
                     .current_leader(1, "elected")
                     .await

@@ -1,0 +1,228 @@
+//! Fast failover: what a follower does when the network says the leader died,
+//! instead of waiting out the leader lease and an election timeout.
+//!
+//! A leader's process that dies closes its connections at once, so each
+//! follower's inbound replication stream ends with an error. The follower then
+//! checks once whether the leader still accepts connections on its peer port. A
+//! leader that answers is alive (a flapping stream, a restarted session), and
+//! nothing happens. One that refuses, or does not answer within
+//! `leader_probe_timeout`, is taken for dead: the first surviving voter (by node
+//! id; the next ones wait `stagger` each, so they do not split the vote)
+//! campaigns at once as if the dead leader had handed leadership to it. Its vote
+//! requests are marked `leader_unreachable`, and a voter grants such a vote past
+//! its leader lease only after its own probe of the leader fails too
+//! ([`LeaderWatch::agrees_leader_gone`]); otherwise the lease stands and the
+//! vote is refused. A paused or cut-off leader closes nothing: it is left to the
+//! election timeout, as before.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::TransferLeaderRequest;
+use openraft::{Raft, ServerState};
+use raftmq_raft_store::{NodeId, StateMachine, TypeConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::faults::Faults;
+
+/// How long a failed probe is believed: both survivors of a dead leader ask at
+/// once (one to campaign, one to grant), and a dead leader stays dead that long.
+/// A leader that answered is asked again next time: a connect to it is cheap.
+const PROBE_REUSE: Duration = Duration::from_millis(500);
+
+/// Settings of the fast path.
+#[derive(Debug, Clone)]
+pub struct FastFailover {
+    /// Off: a dead leader is noticed by the election timeout only.
+    pub enabled: bool,
+    /// A leader that neither accepts nor refuses a connection within this long
+    /// is taken for dead (a killed container's address stops answering at all).
+    pub probe_timeout: Duration,
+    /// Delay per rank between survivors that campaign, so the first one's vote
+    /// arrives before the second one campaigns.
+    pub stagger: Duration,
+}
+
+impl Default for FastFailover {
+    fn default() -> Self {
+        FastFailover {
+            enabled: true,
+            probe_timeout: Duration::from_millis(100),
+            stagger: Duration::from_millis(60),
+        }
+    }
+}
+
+/// The term of this node's latest fast-failover campaign (0: none), shared by
+/// the [`LeaderWatch`] that starts campaigns and the Raft network that marks the
+/// campaign's vote requests `leader_unreachable`. The network is built before
+/// Raft and the watch after, hence a handle of its own.
+#[derive(Clone, Default, Debug)]
+pub struct CampaignMarker(Arc<AtomicU64>);
+
+impl CampaignMarker {
+    /// Whether a vote request of `term` from this node is a fast-failover one.
+    pub fn is_campaign_term(&self, term: u64) -> bool {
+        term != 0 && self.0.load(Ordering::Relaxed) == term
+    }
+
+    fn set(&self, term: u64) {
+        self.0.store(term, Ordering::Relaxed);
+    }
+}
+
+/// A probe that found the leader gone.
+struct Probe {
+    leader: NodeId,
+    at: Instant,
+}
+
+/// Watches for the leader's death on one replica; shared by its Raft service
+/// (which reports broken streams and asks before granting a marked vote) and its
+/// Raft network (which marks its own fast-failover votes).
+pub struct LeaderWatch {
+    node_id: NodeId,
+    group: String,
+    raft: Raft<TypeConfig, StateMachine>,
+    settings: FastFailover,
+    faults: Option<Faults>,
+    campaign: CampaignMarker,
+    failed_probe: Mutex<Option<Probe>>,
+    shutdown: CancellationToken,
+}
+
+impl LeaderWatch {
+    pub fn new(
+        node_id: NodeId,
+        group: &str,
+        raft: Raft<TypeConfig, StateMachine>,
+        settings: FastFailover,
+        campaign: CampaignMarker,
+        faults: Option<Faults>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(LeaderWatch {
+            node_id,
+            group: group.to_owned(),
+            raft,
+            settings,
+            faults,
+            campaign,
+            failed_probe: Mutex::new(None),
+            shutdown,
+        })
+    }
+
+    /// An inbound replication stream from `sender` ended with an error.
+    pub fn stream_broke(self: &Arc<Self>, sender: NodeId) {
+        if !self.settings.enabled || self.shutdown.is_cancelled() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = this.shutdown.cancelled() => {}
+                _ = this.react(sender) => {}
+            }
+        });
+    }
+
+    async fn react(&self, sender: NodeId) {
+        let Some((term, leader, rank)) = self.following(sender) else {
+            return;
+        };
+        if self.leader_reachable(leader).await {
+            tracing::debug!(group = %self.group, leader, "replication stream broke but the leader answers; nothing to do");
+            return;
+        }
+        if rank > 0 {
+            tokio::time::sleep(self.settings.stagger * rank).await;
+        }
+        // Campaign only if nothing moved meanwhile: another survivor's vote or a
+        // new leader would show as a different term or leader.
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        if metrics.current_term != term
+            || metrics.current_leader != Some(leader)
+            || metrics.state != ServerState::Follower
+        {
+            return;
+        }
+        self.campaign.set(term + 1);
+        tracing::info!(group = %self.group, dead_leader = leader, term, "leader's connections closed and it does not answer; campaigning now");
+        let req = TransferLeaderRequest::new(metrics.vote, self.node_id, None);
+        if let Err(e) = self.raft.handle_transfer_leader(req).await {
+            tracing::warn!(group = %self.group, error = %e, "could not start a fast-failover election");
+        }
+    }
+
+    /// `(term, leader, rank)` if this node follows `sender` as a voter now; rank
+    /// is this node's place among the voters other than the leader.
+    fn following(&self, sender: NodeId) -> Option<(u64, NodeId, u32)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Follower || m.current_leader != Some(sender) {
+            return None;
+        }
+        let membership = m.membership_config.membership();
+        let survivors: Vec<NodeId> = membership.voter_ids().filter(|id| *id != sender).collect();
+        let rank = survivors.iter().position(|id| *id == self.node_id)?;
+        Some((m.current_term, sender, u32::try_from(rank).unwrap_or(u32::MAX)))
+    }
+
+    /// Asked before granting a vote marked `leader_unreachable`: does this node
+    /// also find its leader gone? A node without a leader agrees.
+    pub async fn agrees_leader_gone(&self) -> bool {
+        let leader = self.raft.metrics().borrow_watched().current_leader;
+        match leader {
+            None => true,
+            Some(leader) if leader == self.node_id => false,
+            Some(leader) => !self.leader_reachable(leader).await,
+        }
+    }
+
+    /// One TCP connect to the leader's peer port under `probe_timeout`.
+    async fn leader_reachable(&self, leader: NodeId) -> bool {
+        if let Some(p) = self
+            .failed_probe
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && p.leader == leader
+            && p.at.elapsed() < PROBE_REUSE
+        {
+            return false;
+        }
+        let addr = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.raft_endpoint().to_owned())
+        };
+        let Some(addr) = addr else {
+            return false;
+        };
+        let reachable = match &self.faults {
+            // The fault layer cuts links with silence: a blocked link times out.
+            Some(f) if !f.link_open(self.node_id, leader) => {
+                tokio::time::sleep(self.settings.probe_timeout).await;
+                false
+            }
+            _ => matches!(
+                tokio::time::timeout(self.settings.probe_timeout, tokio::net::TcpStream::connect(&addr)).await,
+                Ok(Ok(_))
+            ),
+        };
+        tracing::debug!(group = %self.group, leader, %addr, reachable, "probed the leader");
+        if !reachable {
+            *self.failed_probe.lock().unwrap_or_else(PoisonError::into_inner) = Some(Probe {
+                leader,
+                at: Instant::now(),
+            });
+        }
+        reachable
+    }
+}
