@@ -33,6 +33,10 @@ pub enum Workload {
     /// send needs two such round trips (client -> leader, leader -> follower) plus
     /// an fsync; --count bounds the lookups.
     Ping,
+    /// Kill (or --fault pause) the leader of a local cluster --kills times under
+    /// a load of --producers one-at-a-time senders; time each fault to the first
+    /// acknowledged send started after it, and count elections.
+    Failover,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -100,6 +104,12 @@ pub struct BenchArgs {
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// failover: how many times the leader is hit.
+    #[arg(long, default_value_t = 20)]
+    pub kills: usize,
+    /// failover: what happens to the leader.
+    #[arg(long, value_enum, default_value_t = crate::failover_bench::LeaderFault::Kill)]
+    pub fault: crate::failover_bench::LeaderFault,
 }
 
 /// What a run measured; `--json` prints exactly this.
@@ -126,6 +136,9 @@ pub struct Report {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// Terms the broker groups advanced during the run: elections (none expected
+    /// without faults). Absent when the cluster status could not be read.
+    pub elections: Option<u64>,
 }
 
 const SENT_AT_PROPERTY: &str = "bench-sent-us";
@@ -147,6 +160,10 @@ impl BenchArgs {
         anyhow::ensure!(self.consumers > 0, "--consumers must be positive");
         anyhow::ensure!(self.queues > 0, "--queues must be positive");
         anyhow::ensure!(self.pull_batch > 0, "--pull-batch must be positive");
+        anyhow::ensure!(
+            self.workload != Workload::Failover || (self.namesrv.is_none() && self.kills > 0),
+            "bench failover kills replica processes it started itself: give no --namesrv, and --kills > 0"
+        );
         Ok(())
     }
 }
@@ -195,14 +212,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if let Some(c) = &local {
             c.wait_for_leader(Duration::from_secs(30)).await?;
         }
-        measure(&args, namesrv, cluster_desc).await
+        if args.workload == Workload::Failover {
+            let cluster = local.as_ref().context("bench failover needs its own local cluster")?;
+            let failover = crate::failover_bench::FailoverArgs {
+                fault: args.fault,
+                kills: args.kills,
+                producers: args.producers,
+                topic: args.topic.clone(),
+                size: args.size,
+            };
+            let report = crate::failover_bench::run(cluster, namesrv, &failover).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                crate::failover_bench::print_table(&report);
+            }
+            return Ok(None);
+        }
+        measure(&args, namesrv, cluster_desc).await.map(Some)
     }
     .await;
     if let Some(c) = local {
         c.stop().await.context("stopping the local cluster")?;
     }
     drop(temp);
-    let report = result?;
+    let Some(report) = result? else {
+        return Ok(());
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -227,6 +263,7 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         .map(|_| client().map(|c| c.pull_consumer()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let bound = Duration::from_secs_f64(args.duration);
+    let terms_before = terms(&admin_client).await;
 
     let (outcome, latency_of) = match args.workload {
         Workload::Produce => {
@@ -262,6 +299,11 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
             "send -> delivery",
         ),
         Workload::Ping => (ping(&admin_client, args, bound).await, "NameServer route lookup"),
+        Workload::Failover => anyhow::bail!("bench failover is measured by failover_bench::run"),
+    };
+    let elections = match (terms_before, terms(&admin_client).await) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
     };
     let secs = outcome.elapsed.as_secs_f64().max(1e-9);
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
@@ -286,7 +328,14 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: outcome.latency.max() as f64 / 1000.0,
+        elections,
     })
+}
+
+/// The sum of the broker groups' terms, as their leaders report them.
+async fn terms(client: &Client) -> Option<u64> {
+    let groups = client.admin().cluster_status().await.ok()?;
+    Some(groups.iter().map(|g| g.term).sum())
 }
 
 /// Counts, latencies and time of one measured phase.
@@ -688,6 +737,10 @@ fn print_table(r: &Report) {
         r.max_ms
     );
     println!("latency: {} ({} samples)", r.latency_of, r.latency_samples);
+    match r.elections {
+        Some(n) => println!("elections during the run: {n}"),
+        None => println!("elections during the run: unknown (cluster status unreadable)"),
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod chaos;
+mod failover_bench;
 mod local;
 mod tools;
 

@@ -3,9 +3,9 @@
 //!
 //! A leader's process that dies closes its connections at once, so each
 //! follower's inbound replication stream ends with an error. The follower then
-//! checks once whether the leader still accepts connections on its peer port. A
-//! leader that answers is alive (a flapping stream, a restarted session), and
-//! nothing happens. One that refuses, or does not answer within
+//! checks once whether the leader still answers on its peer port (accepts a
+//! connection and sends HTTP/2 settings). A leader that answers is alive (a
+//! flapping stream, a restarted session), and nothing happens. One that refuses, or does not answer within
 //! `leader_probe_timeout`, is taken for dead: the first surviving voter (by node
 //! id; the next ones wait `stagger` each, so they do not split the vote)
 //! campaigns at once as if the dead leader had handed leadership to it. Its vote
@@ -50,7 +50,7 @@ impl Default for FastFailover {
         FastFailover {
             enabled: true,
             probe_timeout: Duration::from_millis(100),
-            stagger: Duration::from_millis(60),
+            stagger: Duration::from_millis(30),
         }
     }
 }
@@ -182,7 +182,7 @@ impl LeaderWatch {
         }
     }
 
-    /// One TCP connect to the leader's peer port under `probe_timeout`.
+    /// Whether the leader's peer port answers within `probe_timeout` (see [`answers`]).
     async fn leader_reachable(&self, leader: NodeId) -> bool {
         if let Some(p) = self
             .failed_probe
@@ -212,8 +212,8 @@ impl LeaderWatch {
                 false
             }
             _ => matches!(
-                tokio::time::timeout(self.settings.probe_timeout, tokio::net::TcpStream::connect(&addr)).await,
-                Ok(Ok(_))
+                tokio::time::timeout(self.settings.probe_timeout, answers(&addr)).await,
+                Ok(true)
             ),
         };
         tracing::debug!(group = %self.group, leader, %addr, reachable, "probed the leader");
@@ -225,4 +225,19 @@ impl LeaderWatch {
         }
         reachable
     }
+}
+
+/// Whether a live process serves `addr`: it accepts a connection *and* writes to
+/// it. The gRPC server sends its HTTP/2 SETTINGS as soon as it accepts, so one
+/// byte back proves a running process. A bare connect is not enough: the kernel
+/// completes handshakes into the listen backlog of a process that is being
+/// killed (measured: connects to a SIGKILLed broker's port succeeded while its
+/// followers were already reading the end of its streams).
+async fn answers(addr: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    matches!(stream.read(&mut byte).await, Ok(n) if n > 0)
 }
