@@ -2134,4 +2134,92 @@ mod client {
         cluster.shutdown().await?;
         ns.stop().await
     }
+
+    /// A leader that goes silent (paused or cut off: no reset, no answer) is given
+    /// up on after `request_timeout`; its replicas, asked next, name the real
+    /// leader. While the silent endpoint is remembered as dead, later calls (a
+    /// send, and a pull, whose followers are asked with ClusterStatus) do not wait
+    /// on it again even though the route still names it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_leader_is_given_up_after_request_timeout_and_its_replicas_name_the_real_one() -> anyhow::Result<()>
+    {
+        const TOPIC: &str = "client-silent";
+        const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+        let (ns, cluster, admin_client) = start().await?;
+        let leader = cluster.wait_for_leader(DEADLINE).await?;
+        admin_client
+            .admin()
+            .create_topic(TOPIC, 2, pb::Permission::ReadWrite)
+            .await?;
+        wait_for_known_route(&admin_client, TOPIC).await?;
+        // The kernel completes TCP handshakes into the backlog of a listener that
+        // never accepts: a connection that opens and then hears nothing, as from
+        // a stopped process.
+        let silent = TcpListener::bind("127.0.0.1:0").await?;
+        let silent_addr = silent.local_addr()?.to_string();
+        let leader_addr = cluster.replica(leader).addr.to_string();
+        let followers: Vec<String> = cluster
+            .running()
+            .filter(|r| r.id != leader)
+            .map(|r| r.addr.to_string())
+            .collect();
+        let mut config = ClientConfig::new(vec![ns.addr.clone()]);
+        config.request_timeout = REQUEST_TIMEOUT;
+        let client = Client::new(config)?;
+        // A NameServer that still names the silent node as the leader.
+        let stale = || pb::QueryRouteResponse {
+            topic: TOPIC.into(),
+            groups: vec![pb::GroupRoute {
+                broker_group: GROUP.into(),
+                leader_endpoint: silent_addr.clone(),
+                follower_endpoints: followers.clone(),
+                queues: 2,
+                perm: pb::Permission::ReadWrite as i32,
+            }],
+        };
+
+        client.seed_route(stale());
+        let started = Instant::now();
+        let receipt = client.producer().send(TOPIC, message(1, None)).await?;
+        let took = started.elapsed();
+        assert_eq!(receipt.broker_group, GROUP);
+        ensure!(
+            took >= REQUEST_TIMEOUT && took < REQUEST_TIMEOUT + Duration::from_secs(2),
+            "the first send took {took:?}: it should wait out request_timeout once, then be redirected"
+        );
+        assert_eq!(
+            client.route(TOPIC).await?.groups[0].leader_endpoint,
+            leader_addr,
+            "the redirect updated the cache"
+        );
+
+        client.seed_route(stale());
+        let started = Instant::now();
+        client.producer().send(TOPIC, message(2, None)).await?;
+        let took = started.elapsed();
+        ensure!(
+            took < REQUEST_TIMEOUT,
+            "the second send took {took:?}: it waited on the silent endpoint again"
+        );
+
+        client.seed_route(stale());
+        let pulled = client
+            .pull_consumer()
+            .pull(
+                TOPIC,
+                GROUP,
+                receipt.queue_id,
+                receipt.queue_offset,
+                1,
+                Duration::ZERO,
+                "*",
+            )
+            .await?;
+        assert_eq!(pulled.endpoint, leader_addr, "pulls are served by the leader");
+        assert_eq!(pulled.messages.len(), 1);
+        assert_eq!(pulled.messages[0].message_id, receipt.message_id);
+        drop(silent);
+        cluster.shutdown().await?;
+        ns.stop().await
+    }
 }

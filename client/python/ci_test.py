@@ -18,6 +18,11 @@ broker group of three replicas, topics auto-created with 4 queues). Steps:
   redirect  a raw Send to a follower fails FAILED_PRECONDITION with `raftmq-leader`
             metadata naming the leader; the wrapper's producer, told the follower
             is the leader, still stores the message by following the redirect
+  chase     the leader-following decisions (raftmq.client.Chase), no cluster
+  silent    a client told that a silent endpoint (TCP accepted, never answered:
+            a paused leader) leads: the first send gives up on it within
+            rpc_timeout; the next send and a pull skip it, ask its replicas, and
+            reach the real leader at once
 
 Every step runs (unless an earlier one it needs failed); exits 1 naming each
 failed step, 0 when all passed.
@@ -319,6 +324,72 @@ def redirect(client: raftmq.Client, topic: str) -> None:
     print(f"     a send started at {follower} was redirected to {leader}, stored as {r.message_id}")
 
 
+def chase() -> None:
+    from raftmq.client import LEADERLESS, REDIRECT, UNREACHABLE, Chase
+
+    def dead(*names: str) -> Callable[[str], bool]:
+        return lambda e: e in names
+
+    c = Chase()
+    require(c.next("l", ["f1", "f2"], dead()) == ("l", True), "a live leader is dialled")
+    pause, _ = c.observe("l", UNREACHABLE, "", 3, dead("l"))
+    require(pause == 0, "the first follower is asked at once after a failure")
+    require(c.next("l", ["f1", "f2"], dead("l")) == ("f1", False), "a dead leader's follower is asked")
+    pause, _ = c.observe("f1", REDIRECT, "l", 3, dead("l"))
+    require(pause > 0, "a redirect to the endpoint that just failed means: wait and ask again")
+    require(c.next("l", ["f1", "f2"], dead("l")) == ("f2", False), "the followers are asked in turn")
+    pause, _ = c.observe("f2", REDIRECT, "f1", 3, dead("l"))
+    require(pause == 0 and c.next("l", ["f1", "f2"], dead("l")) == ("f1", True), "a live redirect is followed at once")
+    c = Chase()
+    refreshes = [c.observe("f1", LEADERLESS, "", 3, dead())[1] for _ in range(6)]
+    require(refreshes == [False, False, True, False, False, True], f"route refreshes: {refreshes}")
+    require(Chase().next("l", ["f1"], dead("l", "f1")) is None, "every replica dead: nothing to dial")
+
+
+def silent(nameserver: str, topic: str) -> None:
+    import socket
+
+    rpc_timeout = 0.5
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # never accepted: the kernel completes handshakes, nobody answers
+    silent_ep = f"127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        with raftmq.Client([nameserver], rpc_timeout=rpc_timeout) as client:
+            group = wait_for_route(client, topic).groups[0]
+            client.set_leader(group.name, silent_ep)
+            started = time.monotonic()
+            # gRPC fails the call either when rpc_timeout passes (DEADLINE_EXCEEDED:
+            # raised, the send's outcome is unknown) or earlier, when its HTTP/2
+            # handshake gives up (UNAVAILABLE: the replicas are asked and the send
+            # gets through). Either way the endpoint is then remembered as dead.
+            try:
+                client.producer().send(topic, b"to a silent leader", broker_group=group.name)
+                how = "UNAVAILABLE, then redirected"
+            except raftmq.RaftmqError as e:
+                require(e.code == grpc.StatusCode.DEADLINE_EXCEEDED, f"the silent leader gave {e}")
+                how = "DEADLINE_EXCEEDED"
+            took = time.monotonic() - started
+            require(took < rpc_timeout + 2, f"giving up on the silent leader took {took:.2f} s")
+            require(client.is_dead(silent_ep), "the silent endpoint is not remembered as dead")
+            client.set_leader(group.name, silent_ep)  # a stale hint, as from a NameServer
+            started = time.monotonic()
+            r = client.producer().send(topic, b"past a silent leader", broker_group=group.name)
+            took = time.monotonic() - started
+            require(took < rpc_timeout, f"the second send took {took:.2f} s: it waited on the silent endpoint")
+            leader = client.leader(topic, group.name)
+            require(leader not in ("", silent_ep), f"after the send the client believes {leader!r} leads")
+            client.set_leader(group.name, silent_ep)
+            back = client.pull(topic, group.name, r.queue_id, r.queue_offset, max_messages=1)
+            require(
+                back.messages and back.messages[0].message_id == r.message_id,
+                "the pull past the silent leader did not return the message just sent",
+            )
+            print(f"     gave up on {silent_ep} ({how}) after {took:.2f} s; then reached {leader} at once")
+    finally:
+        hole.close()
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print("usage: ci_test.py NAMESERVER_HOST:PORT", file=sys.stderr)
@@ -333,6 +404,8 @@ def main() -> int:
         run.step("consume", lambda: consume_one(client, route, sent), needs=("send", "route"))
         run.step("rebalance", lambda: consume_two(client, route, COUNT), needs=("consume",))
         run.step("redirect", lambda: redirect(client, topic), needs=("send",))
+        run.step("chase", chase)
+        run.step("silent", lambda: silent(sys.argv[1], topic), needs=("send",))
     if run.failed or run.skipped:
         print(
             f"python client: FAILED ({', '.join(run.failed)} failed"

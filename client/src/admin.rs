@@ -3,14 +3,15 @@
 //! status comes from NameServers (`list_cluster`) or from brokers (`cluster_status`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::transport::Channel;
 
 use crate::error::Error;
-use crate::route::{Core, backoff};
+use crate::leader::{Followers, Spec, follow_group};
+use crate::route::Core;
 
 /// Topic and cluster administration; cheap to clone.
 #[derive(Clone)]
@@ -204,68 +205,36 @@ impl Admin {
         Ok(out)
     }
 
-    /// Runs `f` against the group's leader, following not-leader redirects and
-    /// trying other replicas on connection errors, within `send_deadline`. Admin
-    /// writes are idempotent (create = upsert, delete of a missing topic is
-    /// harmless), so retrying after an unknown outcome is safe.
+    /// Runs `f` against the group's leader within `send_deadline`, with the
+    /// `leader` module's policy: redirects followed, dead replicas skipped, the
+    /// others asked who leads. Admin answers come from the leader (a follower would
+    /// answer reads from its own state). Admin writes are idempotent (create =
+    /// upsert, delete of a missing topic is harmless), so retrying after an
+    /// unknown outcome is safe.
     async fn on_leader<T, F, Fut>(&self, group: &pb::GroupStatus, f: F) -> Result<T, Error>
     where
         F: Fn(AdminServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let started = Instant::now();
-        let deadline = started + self.core.config.send_deadline;
-        let mut candidates: Vec<String> = Vec::new();
-        if !group.leader_endpoint.is_empty() {
-            candidates.push(group.leader_endpoint.clone());
-        }
-        candidates.extend(
-            group
+        let spec = Spec {
+            label: "",
+            deadline: self.core.config.send_deadline,
+            long_poll: Duration::ZERO,
+            followers: Followers::Ask,
+        };
+        let route = pb::GroupRoute {
+            broker_group: group.broker_group.clone(),
+            leader_endpoint: group.leader_endpoint.clone(),
+            follower_endpoints: group
                 .replicas
                 .iter()
                 .map(|r| r.endpoint.clone())
-                .filter(|e| *e != group.leader_endpoint),
-        );
-        let mut next = candidates.first().cloned().unwrap_or_default();
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            let timeout = self
-                .core
-                .config
-                .request_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
-            let e = match self
-                .core
-                .call(&next, timeout, |ch| f(AdminServiceClient::new(ch)))
-                .await
-            {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            if let Some(leader) = e.redirect() {
-                next = leader.to_owned();
-                if attempts < 4 {
-                    continue;
-                }
-            } else if e.is_retriable() || e.leaderless() {
-                next = candidates
-                    .get(attempts as usize % candidates.len().max(1))
-                    .cloned()
-                    .unwrap_or_default();
-            } else {
-                return Err(e);
-            }
-            let pause = backoff(attempts);
-            if Instant::now() + pause >= deadline {
-                return Err(Error::DeadlineExceeded {
-                    topic: String::new(),
-                    attempts,
-                    elapsed: started.elapsed(),
-                    last: Box::new(e),
-                });
-            }
-            tokio::time::sleep(pause).await;
-        }
+                .filter(|e| *e != group.leader_endpoint)
+                .collect(),
+            queues: 0,
+            perm: 0,
+        };
+        let served = follow_group(&self.core, spec, route, |a| f(AdminServiceClient::new(a.channel))).await?;
+        Ok(served.value)
     }
 }

@@ -11,8 +11,17 @@ pub struct ClientConfig {
     /// NameServer `host:port`s, tried in order for each route query. NameServers
     /// never talk to each other, so any live one has the full picture.
     pub nameservers: Vec<String>,
-    /// Longest wait for one RPC (and for connecting). Default 2 s: longer than a
-    /// just-elected leader's internal retry (1 s) so that answer is not cut off.
+    /// Longest wait for one request's answer (a pull adds its long-poll wait).
+    /// This is how a paused or cut-off leader, which resets nothing and just goes
+    /// silent, is noticed: past it the endpoint counts as dead for a moment and
+    /// its replicas are asked who leads now (see the `leader` module). Default 1 s:
+    /// a healthy send is answered in about a millisecond, and even a loaded
+    /// broker's fsynced batch in tens, so 1 s is not mistaken for death, while the
+    /// brokers' elections (200-400 ms timeout) are over by then, so the replicas
+    /// asked next already name the new leader. A just-elected leader that cannot
+    /// get its lease confirmed answers UNAVAILABLE after 1 s too: cutting that off
+    /// costs nothing, as both mean "ask elsewhere". Must not exceed
+    /// `send_deadline`. NameServer queries use it as well.
     pub request_timeout: Duration,
     /// Longest wait for a TCP connection. Default 500 ms: a live broker on a LAN
     /// answers in a millisecond, and a killed container's address answers nothing
@@ -21,13 +30,16 @@ pub struct ClientConfig {
     /// With `Some(t)`, a channel with requests in flight pings its server every
     /// 200 ms and an RPC whose connection stops answering for `t` fails at once
     /// (UNAVAILABLE) instead of waiting out `request_timeout`: how a producer
-    /// notices a paused or cut-off leader within ~0.5 s instead of 2 s. A killed
-    /// process needs none of this (its sockets are closed, the client sees a reset).
+    /// notices a paused or cut-off leader sooner than `request_timeout`, so it
+    /// must be shorter than that. A killed process needs none of this (its sockets
+    /// are closed, the client sees a reset).
     /// Default `None`: hyper's HTTP/2 keep-alive cost 30 % of pipelined throughput
     /// here (256 in flight: 24.1-25.3k msgs/s without, 17.2-18.6k with).
     pub dead_connection_timeout: Option<Duration>,
-    /// Total time one `send` may take, retries included. Default 3 s: covers a
-    /// failover (about 1 s) plus the route refresh that follows it.
+    /// Total time one `send` may take, retries included; also bounds pulls (plus
+    /// their long-poll wait), admin calls and consumer heartbeats. Default 3 s:
+    /// covers a silent leader's `request_timeout` (1 s), the election (under
+    /// 0.5 s) and finding the new leader, with room for one more slow answer.
     pub send_deadline: Duration,
     /// A cached route older than this is fetched again before its next use.
     /// Default 30 s, RocketMQ's `pollNameServerInterval`; a `NOT_LEADER` or a
@@ -45,7 +57,7 @@ impl ClientConfig {
     pub fn new(nameservers: Vec<String>) -> ClientConfig {
         ClientConfig {
             nameservers,
-            request_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_millis(500),
             dead_connection_timeout: None,
             send_deadline: Duration::from_secs(3),
@@ -87,6 +99,23 @@ impl ClientConfig {
                 return Err(bad(key.into(), format!("{value:?}"), "must be above zero"));
             }
         }
+        // Timeouts that could never fire first are mistakes, not choices.
+        let longer = |key: &str, value: Duration, than: &str| Error::Config {
+            key: key.into(),
+            value: format!("{value:?}"),
+            reason: format!("must be shorter than {than}, which would end the wait first"),
+        };
+        if self.request_timeout > self.send_deadline {
+            return Err(longer("request_timeout", self.request_timeout, "send_deadline"));
+        }
+        if self.connect_timeout > self.request_timeout {
+            return Err(longer("connect_timeout", self.connect_timeout, "request_timeout"));
+        }
+        if let Some(t) = self.dead_connection_timeout
+            && t >= self.request_timeout
+        {
+            return Err(longer("dead_connection_timeout", t, "request_timeout"));
+        }
         if self.max_auto_batch == 0 {
             return Err(bad(
                 "max_auto_batch".into(),
@@ -116,5 +145,26 @@ mod tests {
         let mut zero = ok.clone();
         zero.send_deadline = Duration::ZERO;
         assert!(zero.validate().unwrap_err().to_string().contains("send_deadline"));
+    }
+
+    #[test]
+    fn timeouts_must_nest() {
+        let ok = ClientConfig::new(vec!["127.0.0.1:9876".into()]);
+        let mut c = ok.clone();
+        c.request_timeout = c.send_deadline + Duration::from_millis(1);
+        assert!(c.validate().unwrap_err().to_string().contains("request_timeout"));
+        let mut c = ok.clone();
+        c.connect_timeout = c.request_timeout * 2;
+        assert!(c.validate().unwrap_err().to_string().contains("connect_timeout"));
+        let mut c = ok.clone();
+        c.dead_connection_timeout = Some(c.request_timeout);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dead_connection_timeout")
+        );
+        c.dead_connection_timeout = Some(Duration::from_millis(500));
+        assert!(c.validate().is_ok());
     }
 }

@@ -3,13 +3,14 @@
 //! consumer's (`push`), which pulls through this.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
 
 use crate::error::Error;
-use crate::route::{Core, backoff};
+use crate::leader::{Attempt, Followers, Spec, Target, follow};
+use crate::route::{Core, TopicRoute};
 
 /// One pull's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,8 +43,10 @@ impl PullConsumer {
     /// Pulls up to `max` messages (0 = broker default) of `queue_id` on
     /// `broker_group` from `offset`, waiting up to `max_wait` for the first to
     /// arrive (long polling). Reads go to the group's leader, which has applied
-    /// everything acknowledged; a connection error refreshes the route and retries
-    /// within `send_deadline` (a pull has no side effect, so retrying is safe).
+    /// everything acknowledged; its followers are only asked who leads (they would
+    /// serve their own, possibly older, state). A failed pull is retried within
+    /// `send_deadline` + `max_wait` (a pull has no side effect, so retrying is
+    /// safe; see `leader` for the policy).
     #[allow(clippy::too_many_arguments)]
     #[tracing::instrument(skip(self, tag_expression))]
     pub async fn pull(
@@ -56,78 +59,49 @@ impl PullConsumer {
         max_wait: Duration,
         tag_expression: &str,
     ) -> Result<PullResult, Error> {
-        let started = Instant::now();
-        let deadline = started + self.core.config.send_deadline + max_wait;
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            let e = match self.core.route(topic).await {
-                Err(e) => e,
-                Ok(route) => {
-                    let Some(group) = route.group(broker_group) else {
-                        return Err(Error::UnknownGroup {
-                            topic: topic.into(),
-                            group: broker_group.into(),
-                        });
-                    };
-                    // A follower serves what it has applied; the leader is only
-                    // unknown mid-election, and then a follower beats waiting.
-                    let endpoint = if group.leader_endpoint.is_empty() {
-                        group.follower_endpoints.first().cloned().unwrap_or_default()
-                    } else {
-                        group.leader_endpoint.clone()
-                    };
-                    let req = pb::PullRequest {
-                        topic: topic.to_owned(),
-                        queue_id,
-                        offset,
-                        max_messages: max,
-                        max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
-                        tag_expression: tag_expression.to_owned(),
-                    };
-                    let max_bytes = self.core.max_message_bytes();
-                    let timeout = self.core.config.request_timeout + max_wait;
-                    match self
-                        .core
-                        .call(&endpoint, timeout, |ch| async move {
-                            MessagingServiceClient::new(ch)
-                                .max_decoding_message_size(max_bytes)
-                                .pull(req)
-                                .await
-                        })
-                        .await
-                    {
-                        Ok(r) => {
-                            return Ok(PullResult {
-                                messages: r.messages,
-                                next_offset: r.next_offset,
-                                min_offset: r.min_offset,
-                                max_offset: r.max_offset,
-                                endpoint,
-                            });
-                        }
-                        Err(e) => {
-                            if e.is_retriable() {
-                                self.core.routes.invalidate(topic);
-                            }
-                            e
-                        }
-                    }
-                }
+        let spec = Spec {
+            label: topic,
+            deadline: self.core.config.send_deadline + max_wait,
+            long_poll: max_wait,
+            followers: Followers::Ask,
+        };
+        let target = Target::Topic {
+            topic,
+            pick: |route: &TopicRoute| match route.group(broker_group) {
+                Some(g) => Ok((g.clone(), ())),
+                None => Err(Error::UnknownGroup {
+                    topic: topic.into(),
+                    group: broker_group.into(),
+                }),
+            },
+        };
+        let max_bytes = self.core.max_message_bytes();
+        let served = follow(&self.core, spec, target, |a: Attempt<()>| {
+            let req = pb::PullRequest {
+                topic: topic.to_owned(),
+                queue_id,
+                offset,
+                max_messages: max,
+                // Near the call's deadline the wait shrinks, so the broker answers
+                // before this client stops listening.
+                max_wait_ms: u32::try_from(a.long_poll.as_millis()).unwrap_or(u32::MAX),
+                tag_expression: tag_expression.to_owned(),
             };
-            let pause = backoff(attempts);
-            if !e.is_retriable() {
-                return Err(e);
+            async move {
+                MessagingServiceClient::new(a.channel)
+                    .max_decoding_message_size(max_bytes)
+                    .pull(req)
+                    .await
             }
-            if Instant::now() + pause >= deadline {
-                return Err(Error::DeadlineExceeded {
-                    topic: topic.to_owned(),
-                    attempts,
-                    elapsed: started.elapsed(),
-                    last: Box::new(e),
-                });
-            }
-            tokio::time::sleep(pause).await;
-        }
+        })
+        .await?;
+        let r = served.value;
+        Ok(PullResult {
+            messages: r.messages,
+            next_offset: r.next_offset,
+            min_offset: r.min_offset,
+            max_offset: r.max_offset,
+            endpoint: served.endpoint,
+        })
     }
 }

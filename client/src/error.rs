@@ -33,7 +33,9 @@ pub enum Error {
     OffsetStore { path: String, reason: String },
     #[error("broker group {group:?} is not in the route of topic {topic:?}")]
     UnknownGroup { topic: String, group: String },
-    /// A send kept failing with retriable errors until `send_deadline`.
+    /// A call kept failing with retriable errors until its deadline
+    /// (`send_deadline`; for a pull plus its long-poll wait). `topic` is empty
+    /// for admin calls.
     #[error("gave up on topic {topic:?} after {attempts} attempt(s) in {elapsed:?}; last error: {last}")]
     DeadlineExceeded {
         topic: String,

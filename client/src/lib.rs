@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), raftmq_client::Error> {
-//! use raftmq_client::{Client, ClientConfig, Message};
+//! use raftmq_client::{Client, ClientConfig, Message, MessageExt};
 //! let client = Client::new(ClientConfig::new(vec!["127.0.0.1:9876".into()]))?;
 //! let receipt = client.producer().send("orders", Message::new(b"hello".to_vec())).await?;
 //! println!("stored as {} at offset {}", receipt.message_id, receipt.queue_offset);
@@ -17,6 +17,7 @@ pub mod admin;
 pub mod config;
 pub mod consumer;
 pub mod error;
+mod leader;
 pub mod producer;
 pub mod push;
 pub mod route;

@@ -1,6 +1,7 @@
 //! Producer: sends one message or a batch to a topic's queue on a broker group's
-//! leader, picking the queue round-robin or by sharding key, and follows the
-//! leader through failovers within `send_deadline`.
+//! leader, picking the queue round-robin or by sharding key, and combines
+//! concurrent sends into batches. Finding and following the leader through
+//! failovers, within `send_deadline`, is the `leader` module's.
 //!
 //! Delivery is at-least-once on ambiguous failures: a send that timed out or lost
 //! its connection (UNAVAILABLE, "outcome unknown") may have been stored, and the
@@ -10,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -18,7 +19,8 @@ use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
 
 use crate::error::Error;
-use crate::route::{Core, TopicRoute, backoff};
+use crate::leader::{Attempt, Followers, Spec, Target, follow};
+use crate::route::{Core, TopicRoute};
 
 /// Where a stored message lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,100 +355,52 @@ impl Producer {
         }
     }
 
+    /// One send of `messages` as one entry to the queue `pick` names, following
+    /// the group's leader within `send_deadline` (see `leader`).
     #[tracing::instrument(skip(self, pick, messages), fields(count = messages.len()))]
     async fn send_inner(&self, topic: &str, pick: Pick, messages: &[pb::Message]) -> Result<Vec<SendReceipt>, Error> {
-        let started = Instant::now();
-        let deadline = started + self.core.config.send_deadline;
-        let mut attempts = 0u32;
-        let mut failures = 0u32;
-        // An endpoint that just failed to connect: the next attempt tries a follower
-        // of the group instead, which either leads now or redirects to who does.
-        let mut dead: Option<String> = None;
-        loop {
-            attempts += 1;
-            let e: Error = match self.core.route(topic).await {
-                Ok(route) => match choose(&route, &pick) {
-                    Some((group, queue_id)) => {
-                        let endpoint = pick_endpoint(group, dead.as_deref(), attempts);
-                        let group_name = group.broker_group.clone();
-                        let req = pb::SendRequest {
-                            topic: topic.to_owned(),
-                            queue_id,
-                            // One copy per attempt: the request owns its messages.
-                            messages: messages.to_vec(),
-                        };
-                        let remaining = deadline.saturating_duration_since(Instant::now());
-                        let timeout = self.core.config.request_timeout.min(remaining);
-                        let max = self.core.max_message_bytes();
-                        let sent = self
-                            .core
-                            .call(&endpoint, timeout, |ch| async move {
-                                MessagingServiceClient::new(ch)
-                                    .max_decoding_message_size(max)
-                                    .max_encoding_message_size(max)
-                                    .send(req)
-                                    .await
-                            })
-                            .await;
-                        match sent {
-                            Ok(resp) => {
-                                if route.provisional {
-                                    // The broker has the topic now (it auto-created it);
-                                    // let the next send learn its real queues.
-                                    self.core.routes.invalidate(topic);
-                                }
-                                return receipts(&endpoint, &group_name, resp, messages.len());
-                            }
-                            Err(e) => {
-                                if e.redirect().is_some() && e.redirect() == dead.as_deref() {
-                                    // A follower that has not yet noticed the leader's death
-                                    // points back at the node this send could not reach:
-                                    // wait (backoff) for the election instead of redialling it.
-                                    tracing::debug!(from = %endpoint, "redirected to the unreachable leader; waiting");
-                                    self.core.routes.invalidate(topic);
-                                } else if let Some(leader) = e.redirect() {
-                                    tracing::debug!(from = %endpoint, to = %leader, "not leader; redirecting");
-                                    self.core.routes.set_leader(topic, &group_name, leader);
-                                    dead = None;
-                                    // A redirect is a fresh answer: retry at once, but
-                                    // bound a ping-pong between two stale nodes.
-                                    if attempts < 4 {
-                                        continue;
-                                    }
-                                } else if e.is_retriable() {
-                                    dead = Some(endpoint);
-                                    self.core.routes.invalidate(topic);
-                                } else if e.leaderless() {
-                                    self.core.routes.invalidate(topic);
-                                }
-                                e
-                            }
-                        }
-                    }
-                    None => Error::NoRoute {
+        let spec = Spec {
+            label: topic,
+            deadline: self.core.config.send_deadline,
+            long_poll: Duration::ZERO,
+            followers: Followers::Redirect,
+        };
+        // The queue is chosen again in each attempt's route: a refreshed route may
+        // list the groups differently, and `pick` names a position, not a group.
+        let target = Target::Topic {
+            topic,
+            pick: |route: &TopicRoute| {
+                choose(route, &pick)
+                    .map(|(g, q)| (g.clone(), q))
+                    .ok_or_else(|| Error::NoRoute {
                         topic: topic.to_owned(),
                         reason: "no writable queue in the route".into(),
-                    },
-                },
-                Err(e) => e,
+                    })
+            },
+        };
+        let max = self.core.max_message_bytes();
+        let served = follow(&self.core, spec, target, |a: Attempt<Option<u32>>| {
+            let req = pb::SendRequest {
+                topic: topic.to_owned(),
+                queue_id: a.choice,
+                // One copy per attempt: the request owns its messages.
+                messages: messages.to_vec(),
             };
-            let retriable = e.is_retriable() || e.redirect().is_some() || e.leaderless();
-            let pause = backoff(failures);
-            failures += 1;
-            if !retriable || Instant::now() + pause >= deadline {
-                if !retriable {
-                    return Err(e);
-                }
-                return Err(Error::DeadlineExceeded {
-                    topic: topic.to_owned(),
-                    attempts,
-                    elapsed: started.elapsed(),
-                    last: Box::new(e),
-                });
+            async move {
+                MessagingServiceClient::new(a.channel)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max)
+                    .send(req)
+                    .await
             }
-            tracing::debug!(error = %e, attempt = attempts, pause = ?pause, "send failed; retrying");
-            tokio::time::sleep(pause).await;
+        })
+        .await?;
+        if served.provisional {
+            // The broker has the topic now (it auto-created it); let the next send
+            // learn its real queues.
+            self.core.routes.invalidate(topic);
         }
+        receipts(&served.endpoint, &served.group, served.value, messages.len())
     }
 }
 
@@ -524,22 +478,6 @@ fn choose<'r>(route: &'r TopicRoute, pick: &Pick) -> Option<(&'r pb::GroupRoute,
             }
             None
         }
-    }
-}
-
-fn pick_endpoint(group: &pb::GroupRoute, dead: Option<&str>, attempt: u32) -> String {
-    let leader = group.leader_endpoint.as_str();
-    if !leader.is_empty() && dead != Some(leader) {
-        return leader.to_owned();
-    }
-    let others: Vec<&String> = group
-        .follower_endpoints
-        .iter()
-        .filter(|f| Some(f.as_str()) != dead)
-        .collect();
-    match others.len() {
-        0 => leader.to_owned(),
-        n => others[attempt as usize % n].clone(),
     }
 }
 
@@ -635,18 +573,5 @@ mod tests {
         // Pinned: changing the hash would reorder keys across a client upgrade.
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-    }
-
-    #[test]
-    fn a_dead_leader_is_skipped_for_a_follower() {
-        let g = pb::GroupRoute {
-            broker_group: "a".into(),
-            leader_endpoint: "l:1".into(),
-            follower_endpoints: vec!["f1:1".into(), "f2:1".into()],
-            queues: 1,
-            perm: 6,
-        };
-        assert_eq!(pick_endpoint(&g, None, 1), "l:1");
-        assert_ne!(pick_endpoint(&g, Some("l:1"), 1), "l:1");
     }
 }

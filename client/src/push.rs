@@ -42,7 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::PullConsumer;
 use crate::error::Error;
-use crate::route::Core;
+use crate::leader::{Attempt, Followers, Spec, Target, follow};
+use crate::route::{Core, TopicRoute};
 
 /// What the callback did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +95,9 @@ pub struct ConsumerStats {
     /// Queue assignments that changed (started or stopped workers).
     pub rebalances: AtomicU64,
 }
+
+/// The brokers' default session timeout, assumed until a leader's answer says.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Listener = Arc<dyn Fn(pb::PulledMessage) -> BoxFuture<'static, ConsumeResult> + Send + Sync>;
 
@@ -619,12 +623,12 @@ impl Member {
                 queues,
                 leaving,
             };
-            let resp = match heartbeat(ctx, g, req).await {
+            let session_timeout = self.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+            let resp = match heartbeat(ctx, name, req, session_timeout).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(broker_group = %name, error = %e, "consumer heartbeat failed");
                     self.last_error = Some(e);
-                    ctx.pull_core().routes.invalidate(&s.topic);
                     settled = false;
                     continue;
                 }
@@ -683,7 +687,7 @@ impl Member {
     /// Stops consuming the queues of groups whose leader has not answered for the
     /// session timeout: it may have handed them to another member by now.
     fn fence_silent_groups(&mut self, answered: &[String]) {
-        let timeout = self.session_timeout.unwrap_or(Duration::from_secs(5));
+        let timeout = self.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
         let silent: Vec<(String, u32)> = self
             .workers
             .keys()
@@ -751,64 +755,40 @@ impl Ctx {
     }
 }
 
-/// One heartbeat to a group's leader. A not-leader answer is followed to the
-/// leader it names; a leader that does not answer (killed, paused, cut off) or
-/// answers UNAVAILABLE is passed over for the group's other replicas, one of which
-/// names the new leader. Each try is bounded by `request_timeout`, well inside the
-/// session timeout, so one hung leader cannot make this member fence itself.
-async fn heartbeat(ctx: &Ctx, g: &pb::GroupRoute, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Error> {
+/// One heartbeat to a group's leader, with the `leader` module's policy (a
+/// follower refuses a heartbeat naming the leader). The deadline stays well inside
+/// the session timeout, so one hung leader cannot hold up the heartbeats to the
+/// topic's other groups until this member fences itself from them.
+async fn heartbeat(
+    ctx: &Ctx,
+    group: &str,
+    req: pb::HeartbeatRequest,
+    session_timeout: Duration,
+) -> Result<pb::HeartbeatResponse, Error> {
     let core = ctx.pull_core();
-    let mut candidates: Vec<String> = Vec::new();
-    if !g.leader_endpoint.is_empty() {
-        candidates.push(g.leader_endpoint.clone());
-    }
-    candidates.extend(
-        g.follower_endpoints
-            .iter()
-            .filter(|f| **f != g.leader_endpoint)
-            .cloned(),
-    );
-    let timeout = core.config.request_timeout;
-    let mut last = None;
-    let mut tried: Vec<String> = Vec::new();
-    let mut next = candidates.first().cloned();
-    while let Some(endpoint) = next.take() {
-        if tried.len() >= candidates.len() + 2 {
-            break;
-        }
-        tried.push(endpoint.clone());
-        let r = req.clone();
-        match core
-            .call(&endpoint, timeout, |ch| async move {
-                ConsumerServiceClient::new(ch).heartbeat(r).await
-            })
-            .await
-        {
-            Ok(resp) => {
-                if endpoint != g.leader_endpoint {
-                    core.routes.set_leader(&ctx.settings.topic, &g.broker_group, &endpoint);
-                }
-                return Ok(resp);
-            }
-            Err(e) => {
-                next = match e.redirect() {
-                    Some(leader) if !tried.iter().any(|t| t == leader) => Some(leader.to_owned()),
-                    _ if e.is_retriable()
-                        || e.redirect().is_some()
-                        || e.code() == Some(tonic::Code::FailedPrecondition) =>
-                    {
-                        candidates.iter().find(|c| !tried.contains(c)).cloned()
-                    }
-                    _ => return Err(e),
-                };
-                last = Some(e);
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| Error::NoRoute {
-        topic: ctx.settings.topic.clone(),
-        reason: format!("broker group {} has no known replica", g.broker_group),
-    }))
+    let topic = ctx.settings.topic.as_str();
+    let spec = Spec {
+        label: topic,
+        deadline: core.config.send_deadline.min(session_timeout / 2),
+        long_poll: Duration::ZERO,
+        followers: Followers::Redirect,
+    };
+    let target = Target::Topic {
+        topic,
+        pick: |route: &TopicRoute| match route.group(group) {
+            Some(g) => Ok((g.clone(), ())),
+            None => Err(Error::UnknownGroup {
+                topic: topic.into(),
+                group: group.into(),
+            }),
+        },
+    };
+    let served = follow(core, spec, target, |a: Attempt<()>| {
+        let req = req.clone();
+        async move { ConsumerServiceClient::new(a.channel).heartbeat(req).await }
+    })
+    .await?;
+    Ok(served.value)
 }
 
 /// A broadcasting member's offsets: `{"<broker group>/<queue>": offset}` in one

@@ -1,7 +1,8 @@
 //! Route discovery and connections: a per-topic cache of NameServer answers and one
 //! lazily connected, long-lived tonic `Channel` per endpoint. Routes are refreshed
 //! when older than `route_refresh_interval` (checked on use, so an idle client
-//! costs nothing) and at once when a send meets `NOT_LEADER` or a dead endpoint.
+//! costs nothing) and when the `leader` module's policy asks for it; that module
+//! also writes leaders learned from redirects into the cache.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -119,6 +120,8 @@ pub(crate) struct Core {
     pub(crate) config: ClientConfig,
     channels: Mutex<HashMap<String, Channel>>,
     pub(crate) routes: RouteCache,
+    /// Endpoints that failed recently (see `leader`).
+    pub(crate) dead: crate::leader::DeadSet,
 }
 
 impl Core {
@@ -127,6 +130,7 @@ impl Core {
             config,
             channels: Mutex::new(HashMap::new()),
             routes: RouteCache::default(),
+            dead: crate::leader::DeadSet::default(),
         }
     }
 
@@ -285,12 +289,4 @@ impl Core {
             reason: "no NameServer to ask".into(),
         }))
     }
-}
-
-/// Doubling pause between retries, from 10 ms up to 50 ms. An election takes a
-/// few hundred milliseconds and the answers a client gets meanwhile (not leader,
-/// connection refused) cost a millisecond, so a long pause only adds its own
-/// length to the failover a producer sees (200 ms cap: ~0.1 s more on average).
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(10u64 << attempt.min(3)).min(Duration::from_millis(50))
 }

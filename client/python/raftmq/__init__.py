@@ -12,7 +12,8 @@
 * Client: NameServer routes (cached per topic, refreshed on error), one gRPC
   channel per endpoint, ``pull`` by offset, leader hints (``set_leader``).
 * Producer.send: to the broker group's leader, following ``raftmq-leader``
-  redirects at once, refreshing the route and backing off on UNAVAILABLE.
+  redirects at once; a leader that fails or stays silent past ``rpc_timeout`` is
+  skipped for a moment while its replicas are asked who leads now.
 * Consumer: a clustering consumer-group member (heartbeats, assigned queues,
   release of revoked queues, offsets committed by the leader).
 * RaftmqError: every failure, with the gRPC code and the server's message.

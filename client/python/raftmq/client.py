@@ -7,9 +7,22 @@ Everything here follows proto/raftmq/v1/messaging.proto, the whole wire contract
 * Writes must reach a broker group's leader. A follower answers FAILED_PRECONDITION
   with metadata ``raftmq-leader`` naming the leader, so the client redirects at once
   instead of waiting for the NameServer to learn of an election.
-* UNAVAILABLE (node down, election under way) and a not-leader answer that names
-  no leader are transient: refresh the route, back off briefly, retry until a
-  deadline. Anything else is the caller's problem and raised as RaftmqError.
+* An endpoint that fails without answering (UNAVAILABLE: reset, refused, or a node
+  that cannot serve; or no answer within ``rpc_timeout``, which is how a paused or
+  cut-off leader shows) is remembered as dead for ``DEAD_FOR`` seconds by every
+  call of the Client. Instead of retrying it, the group's other replicas are asked
+  who leads, the first at once, then with a short backoff; they name the new
+  leader as soon as they have elected one. A replica still naming the dead
+  endpoint has not noticed yet: the call waits briefly and asks again rather than
+  redialling it. Calls a follower would serve itself (pulls, offset queries) ask
+  followers with AdminService.ClusterStatus, which every replica answers.
+* A not-leader answer that names no leader (mid-election) is transient too. When
+  a round of answers named no usable leader, the route is fetched again. Every
+  call is bounded by a deadline. Anything else is the caller's problem and raised
+  as RaftmqError at once.
+
+This is the policy of the Rust client's ``leader`` module (client/src/leader.rs);
+``Chase`` below is its decision logic, kept free of I/O.
 """
 
 from __future__ import annotations
@@ -29,9 +42,15 @@ T = TypeVar("T")
 #: Metadata key of a not-leader answer: the leader's endpoint, empty while unknown.
 LEADER_METADATA_KEY = "raftmq-leader"
 
-#: Redirects followed in a row before a call falls back to refresh-and-backoff:
-#: two stale nodes naming each other must not loop.
-MAX_REDIRECTS = 5
+#: Redirects followed back to back without a pause: two stale nodes naming each
+#: other must not spin.
+MAX_HOPS = 3
+
+#: Seconds an endpoint that failed stays skipped: longer than an election (the
+#: brokers' default election timeout is 0.2-0.4 s, plus a vote round), so its
+#: replicas have moved on when it is tried again; short enough that a leader that
+#: was merely slow once gets traffic back within a second.
+DEAD_FOR = 1.0
 
 _PERM_WRITE = 2
 _PERM_READ = 4
@@ -92,13 +111,93 @@ def error_from_rpc(e: grpc.RpcError, endpoint: str = "") -> RaftmqError:
     return RaftmqError(code or grpc.StatusCode.UNKNOWN, details or "", endpoint=endpoint, leader=leader)
 
 
-def backoff(attempt: int) -> float:
-    """Pause before retry ``attempt`` (1, 2, ...): 20 ms doubling to 250 ms.
+def backoff(pauses: int) -> float:
+    """Pause after ``pauses`` earlier pauses (0, 1, ...): 10 ms doubling to 50 ms.
 
-    An election takes a few hundred ms and a refused call costs about one, so long
-    pauses would only add their own length to the failover a caller sees.
+    An election takes a few hundred ms and each answer meanwhile costs about one,
+    so long pauses would only add their own length to the failover a caller sees.
     """
-    return min(0.02 * (2 ** max(attempt - 1, 0)), 0.25)
+    return min(0.01 * (2 ** min(pauses, 3)), 0.05)
+
+
+# What a failed attempt says about where the leader is (see Chase.observe).
+REDIRECT, LEADERLESS, UNREACHABLE = "redirect", "leaderless", "unreachable"
+
+
+class Chase:
+    """One call's pursuit of a broker group's leader: which endpoint to try next and
+    how long to pause, given the answers so far. No I/O; ``dead(endpoint)`` says
+    whether the Client's dead set holds an endpoint now.
+
+    Mirrors ``Chase`` in client/src/leader.rs."""
+
+    def __init__(self) -> None:
+        self.redirect: Optional[str] = None  # a leader a replica named, tried first
+        self.hops = 0  # redirects followed back to back
+        self.asked = 0  # rotation over the followers asked
+        self.pauses = 0  # the backoff's exponent
+        self.prompt_spent = False  # the one immediate follower query after a failure
+        self.fruitless = 0  # answers since the last refresh that named no usable leader
+
+    def next(self, leader: str, followers: Sequence[str], dead: Callable[[str], bool]) -> Optional[tuple[str, bool]]:
+        """(endpoint, believed leader) to dial, or None when every replica is dead."""
+        if self.redirect is not None:
+            if not dead(self.redirect):
+                return self.redirect, True
+            self.redirect = None
+        if leader and not dead(leader):
+            return leader, True
+        alive = [f for f in followers if f and f != leader and not dead(f)]
+        if not alive:
+            return None
+        pick = alive[self.asked % len(alive)]
+        self.asked += 1
+        return pick, False
+
+    def stuck(self) -> tuple[float, bool]:
+        """Nobody to dial: (pause, refresh the route)."""
+        self.fruitless = 0
+        return self._pause(), True
+
+    def observe(
+        self, endpoint: str, kind: str, named: str, replicas: int, dead: Callable[[str], bool]
+    ) -> tuple[float, bool]:
+        """Digests a failed attempt on ``endpoint``; ``named`` is the leader a redirect
+        named. The caller marks an unreachable endpoint dead first. Returns (pause,
+        refresh the route)."""
+        if kind == REDIRECT and not dead(named):
+            self.redirect = named
+            self.hops += 1
+            if self.hops <= MAX_HOPS:
+                pause = 0.0
+            else:
+                self.hops = 0
+                pause = self._pause()
+        elif kind in (REDIRECT, LEADERLESS):
+            # A redirect to a dead endpoint: that replica has not noticed the death.
+            self.hops = 0
+            self.fruitless += 1
+            pause = self._pause()
+        else:
+            self.hops = 0
+            self.fruitless += 1
+            if self.redirect == endpoint:
+                self.redirect = None
+            if self.prompt_spent:
+                pause = self._pause()
+            else:
+                # Its replicas may know the new leader already: ask one now.
+                self.prompt_spent = True
+                pause = 0.0
+        refresh = self.fruitless >= replicas
+        if refresh:
+            self.fruitless = 0
+        return pause, refresh
+
+    def _pause(self) -> float:
+        p = backoff(self.pauses)
+        self.pauses += 1
+        return p
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,16 +307,21 @@ class Client:
     Thread-safe (the Consumer is not). One channel per endpoint, reused by every
     call, since gRPC multiplexes calls over one HTTP/2 connection.
 
-    ``rpc_timeout``: one call's timeout (seconds). ``send_deadline``: total time a
-    send may spend on redirects, route refreshes and backoff. ``route_ttl``: how long
-    a cached route is trusted before it is asked for again.
+    ``rpc_timeout``: longest wait for one request's answer (seconds; a pull adds its
+    long-poll wait). Past it the endpoint counts as dead for a moment and its
+    replicas are asked who leads: it is how a paused or cut-off leader, which resets
+    nothing, is noticed. Default 1 s: a healthy answer takes milliseconds, and the
+    brokers' elections (0.2-0.4 s timeout) are over by then. ``send_deadline``: total
+    time a send (or heartbeat, pull, offset query) may spend on redirects, route
+    refreshes and backoff; at least ``rpc_timeout``. ``route_ttl``: how long a cached
+    route is trusted before it is asked for again.
     """
 
     def __init__(
         self,
         nameservers: Union[Sequence[str], str],
         *,
-        rpc_timeout: float = 3.0,
+        rpc_timeout: float = 1.0,
         send_deadline: float = 10.0,
         route_ttl: float = 30.0,
     ) -> None:
@@ -226,6 +330,13 @@ class Client:
         self.nameservers = [a.strip() for a in nameservers]
         if not self.nameservers:
             raise ValueError("at least one NameServer address (host:port) is needed")
+        if not rpc_timeout > 0:
+            raise ValueError(f"rpc_timeout must be above zero, not {rpc_timeout!r}")
+        if not send_deadline >= rpc_timeout:
+            raise ValueError(
+                f"send_deadline ({send_deadline!r}) must be at least rpc_timeout ({rpc_timeout!r}),"
+                " which would otherwise never get a whole request in"
+            )
         self.rpc_timeout = rpc_timeout
         self.send_deadline = send_deadline
         self.route_ttl = route_ttl
@@ -235,6 +346,8 @@ class Client:
         # Broker group -> leader endpoint learned from a redirect (or set by
         # set_leader); it beats the route's leader until a call to it fails.
         self._leaders: dict[str, str] = {}
+        # Endpoint -> monotonic time until which it counts as dead (see DEAD_FOR).
+        self._dead: dict[str, float] = {}
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------
@@ -392,6 +505,57 @@ class Client:
             if endpoint is None or self._leaders.get(broker_group) == endpoint:
                 self._leaders.pop(broker_group, None)
 
+    def endpoint_failed(self, endpoint: str) -> None:
+        """Counts ``endpoint`` as dead for DEAD_FOR seconds: calls skip it and ask its
+        replicas who leads instead."""
+        with self._lock:
+            self._dead[endpoint] = time.monotonic() + DEAD_FOR
+
+    def is_dead(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` failed within the last DEAD_FOR seconds."""
+        with self._lock:
+            until = self._dead.get(endpoint)
+            if until is None:
+                return False
+            if until > time.monotonic():
+                return True
+            del self._dead[endpoint]
+            return False
+
+    def _answered(self, endpoint: str) -> None:
+        # Whatever it said, it is alive.
+        with self._lock:
+            self._dead.pop(endpoint, None)
+
+    def _who_leads(self, endpoint: str, broker_group: str, timeout: float) -> RaftmqError:
+        """Asks a replica who leads its group, as the not-leader error a write would
+        have got (so one classification serves both); a failure of the question
+        counts as the replica being unavailable."""
+        try:
+            resp = pb_grpc.AdminServiceStub(self.channel(endpoint)).ClusterStatus(
+                pb.ClusterStatusRequest(), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            err = error_from_rpc(e, endpoint)
+            if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return err
+            return RaftmqError(grpc.StatusCode.UNAVAILABLE, f"cannot ask it who leads: {err}", endpoint=endpoint)
+        leader = next((g.leader_endpoint for g in resp.groups if g.broker_group == broker_group), "")
+        return RaftmqError(grpc.StatusCode.FAILED_PRECONDITION, "not leader", endpoint=endpoint, leader=leader)
+
+    def find_leader(self, topic: str, broker_group: str, *, deadline: Optional[float] = None) -> str:
+        """The endpoint of ``broker_group``'s leader as best known without asking it:
+        a leader hint or the route's leader unless dead, else what its replicas say.
+        Raises RaftmqError when none is found within ``deadline`` (default rpc_timeout)."""
+        endpoint, _, _ = self.call_leader(
+            topic,
+            broker_group,
+            lambda ep, _timeout: ep,
+            deadline=self.rpc_timeout if deadline is None else deadline,
+            ask_followers=True,
+        )
+        return endpoint
+
     def call_leader(
         self,
         topic: str,
@@ -400,70 +564,110 @@ class Client:
         *,
         deadline: float,
         rpc_timeout: Optional[float] = None,
+        ask_followers: bool = False,
+        retry_timeouts: bool = True,
     ) -> tuple[T, str, str]:
         """Runs ``invoke(endpoint, timeout)`` against the group's leader with the
-        redirect and retry policy of the module docs; returns (result, broker group,
-        endpoint). ``broker_group`` may be a chooser called with the route (again
-        only if the chosen group leaves the route)."""
-        end = time.monotonic() + deadline
+        policy of the module docs; returns (result, broker group, endpoint).
+
+        ``broker_group`` may be a chooser called with the route (again only if the
+        chosen group leaves the route). ``ask_followers``: followers would serve the
+        call themselves (reads), so they are only asked who leads; otherwise a
+        follower is asked by making the call, which it refuses naming the leader.
+        ``retry_timeouts`` False: a call without an answer within its timeout is
+        raised (its outcome is unknown, e.g. a send that may have been stored); the
+        endpoint is still counted as dead for the next call."""
+        started = time.monotonic()
+        end = started + deadline
         per_call = self.rpc_timeout if rpc_timeout is None else rpc_timeout
         chooser = broker_group if callable(broker_group) else None
         group = None if chooser else broker_group
-        attempt = redirects = 0
+        chase = Chase()
         refresh = False
         last: Optional[RaftmqError] = None
 
-        def pause_or_raise(err: RaftmqError) -> None:
-            nonlocal attempt, refresh
-            attempt += 1
-            refresh = True
-            pause = backoff(attempt)
-            if time.monotonic() + pause >= end:
-                raise err
-            time.sleep(pause)
+        def give_up(pause: float) -> bool:
+            return time.monotonic() + pause >= end
 
         while True:
+            pause = 0.0
+            try:
+                route = self.route(topic, refresh=refresh)
+                refresh = False
+                if chooser is not None and (group is None or route.group(group) is None):
+                    group = chooser(route)
+                assert group is not None
+                g = route.group(group)
+                if g is None:
+                    raise RaftmqError(grpc.StatusCode.NOT_FOUND, f"broker group {group!r} does not serve topic {topic!r}")
+            except RaftmqError as e:
+                if e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                last = e
+                pause, refresh = chase.stuck()
+                if give_up(pause):
+                    raise e
+                time.sleep(pause)
+                continue
+            with self._lock:
+                hint = self._leaders.get(group, "")
+            leader = hint or g.leader
+            followers = [f for f in (g.leader, *g.followers) if f and f != leader]
+            dial = chase.next(leader, followers, self.is_dead)
+            if dial is None:
+                last = RaftmqError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"every replica of broker group {group!r} failed within the last {DEAD_FOR} s",
+                )
+                pause, refresh = chase.stuck()
+                if give_up(pause):
+                    raise last
+                time.sleep(pause)
+                continue
+            endpoint, believed_leader = dial
             remaining = end - time.monotonic()
             if remaining <= 0:
                 raise last or RaftmqError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer for {topic!r} within {deadline} s")
-            try:
-                route = self.route(topic, refresh=refresh)
-            except RaftmqError as e:
-                if not (e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)):
-                    raise
-                last = e
-                pause_or_raise(e)
-                continue
-            refresh = False
-            if chooser is not None and (group is None or route.group(group) is None):
-                group = chooser(route)
-            assert group is not None
-            g = route.group(group)
-            if g is None:
-                last = RaftmqError(grpc.StatusCode.NOT_FOUND, f"broker group {group!r} does not serve topic {topic!r}")
-                pause_or_raise(last)
-                continue
-            with self._lock:
-                endpoint = self._leaders.get(group) or g.leader
-            if not endpoint:
-                last = RaftmqError(grpc.StatusCode.UNAVAILABLE, f"broker group {group!r} has no known leader")
-                pause_or_raise(last)
-                continue
-            try:
-                return invoke(endpoint, min(per_call, max(remaining, 0.001))), group, endpoint
-            except grpc.RpcError as e:
-                err = error_from_rpc(e, endpoint)
+            timeout = min(per_call, remaining)
+            if believed_leader or not ask_followers:
+                try:
+                    result = invoke(endpoint, timeout)
+                except grpc.RpcError as e:
+                    err = error_from_rpc(e, endpoint)
+                else:
+                    self._answered(endpoint)
+                    if endpoint == g.leader:
+                        self.forget_leader(group)  # the route is right: drop a stale hint
+                    else:
+                        self.set_leader(group, endpoint)
+                    return result, group, endpoint
+            else:
+                err = self._who_leads(endpoint, group, min(self.rpc_timeout, remaining))
             last = err
-            if err.not_leader and err.leader and redirects < MAX_REDIRECTS:
-                # A follower named the leader: go there now, no route refresh.
-                redirects += 1
-                self.set_leader(group, err.leader)
-                continue
-            if err.transient or err.not_leader:
+            timed_out = err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            if err.not_leader and err.leader:
+                kind = REDIRECT
+                self._answered(endpoint)
+                if not self.is_dead(err.leader):
+                    self.set_leader(group, err.leader)
+            elif err.not_leader:
+                kind = LEADERLESS
+                self._answered(endpoint)
+            elif err.code == grpc.StatusCode.UNAVAILABLE or timed_out:
+                kind = UNREACHABLE
+                # A request the deadline cut short proves nothing by timing out.
+                if not (timed_out and timeout < per_call):
+                    self.endpoint_failed(endpoint)
                 self.forget_leader(group, endpoint)
-                pause_or_raise(err)
-                continue
-            raise err
+                if timed_out and not retry_timeouts:
+                    raise err
+            else:
+                raise err
+            pause, refresh = chase.observe(endpoint, kind, err.leader or "", 1 + len(followers), self.is_dead)
+            if give_up(pause):
+                raise err
+            if pause:
+                time.sleep(pause)
 
     # -- producing and pulling ----------------------------------------------
 
@@ -498,8 +702,9 @@ class Client:
             topic,
             broker_group,
             lambda ep, timeout: self.messaging(ep).Pull(req, timeout=timeout),
-            deadline=self.rpc_timeout + wait,
+            deadline=self.send_deadline + wait,
             rpc_timeout=self.rpc_timeout + wait,
+            ask_followers=True,
         )
         return PullResult(
             [ReceivedMessage.from_pb(m, group) for m in resp.messages],
@@ -515,7 +720,8 @@ class Client:
             topic,
             broker_group,
             lambda ep, timeout: self.consumer_service(ep).QueryOffset(req, timeout=timeout),
-            deadline=self.rpc_timeout,
+            deadline=self.send_deadline,
+            ask_followers=True,
         )
         return QueueOffset(resp.offset if resp.HasField("offset") else None, resp.min_offset, resp.max_offset)
 
@@ -589,6 +795,8 @@ class Producer:
             broker_group if broker_group is not None else self._choose(queue_id),
             lambda ep, timeout: self.client.messaging(ep).Send(req, timeout=timeout),
             deadline=self.client.send_deadline if deadline is None else deadline,
+            # Unanswered within rpc_timeout, it may have been stored: raise, not resend.
+            retry_timeouts=False,
         )
         if len(resp.results) != 1:
             raise RaftmqError(

@@ -247,14 +247,14 @@ class Consumer:
             leaving=leaving,
         )
         sent_at = time.monotonic()
-        # The leader answers within 5 s (Raft write included) or says UNAVAILABLE.
-        timeout = self.client.rpc_timeout + 3.0
+        # Each request gets rpc_timeout (a silent leader is passed over for its
+        # replicas after it); the whole heartbeat stays well inside the session
+        # timeout, so one hung leader cannot make this member fence itself.
         resp, _, _ = self.client.call_leader(
             self.topic,
             name,
             lambda ep, t: self.client.consumer_service(ep).Heartbeat(req, timeout=t),
-            deadline=timeout,
-            rpc_timeout=timeout,
+            deadline=max(min(self.client.send_deadline, self._session_timeout / 2), self.client.rpc_timeout),
         )
         self._last_ok[name] = sent_at
         if resp.heartbeat_interval_ms:
@@ -310,12 +310,10 @@ class Consumer:
         failed = False
         for key, offset in list(self._held.items()):
             try:
-                endpoint = self.client.leader(self.topic, key[0])
+                # A dead or unknown leader is not waited on: its replicas name the new one.
+                endpoint = self.client.find_leader(self.topic, key[0])
             except RaftmqError as e:
                 self.last_error, failed = e, True
-                continue
-            if not endpoint:
-                failed = True
                 continue
             req = pb.PullRequest(
                 topic=self.topic,
@@ -343,10 +341,12 @@ class Consumer:
                 err = error_from_rpc(e, endpoint)
                 self.last_error, failed = err, True
                 if err.not_leader and err.leader:
-                    self.client.set_leader(key[0], err.leader)
-                else:
+                    if not self.client.is_dead(err.leader):
+                        self.client.set_leader(key[0], err.leader)
+                elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # The next round asks its replicas who leads instead.
+                    self.client.endpoint_failed(endpoint)
                     self.client.forget_leader(key[0], endpoint)
-                    self.client.invalidate_route(self.topic)
                 continue
             if self._held.get(key) != offset:
                 continue  # cannot happen single-threaded; never move an offset twice
