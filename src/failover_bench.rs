@@ -72,11 +72,7 @@ struct Watch {
     failed: AtomicU64,
 }
 
-pub async fn run(
-    cluster: &LocalCluster,
-    namesrv: Vec<String>,
-    args: &FailoverArgs,
-) -> anyhow::Result<FailoverReport> {
+pub async fn run(cluster: &LocalCluster, namesrv: Vec<String>, args: &FailoverArgs) -> anyhow::Result<FailoverReport> {
     let client = Client::new(ClientConfig::new(namesrv)).context("building a client")?;
     crate::tools::create_topic_and_wait(&client, &args.topic, 4, Duration::from_secs(15)).await?;
     let watch = Arc::new(Watch {
@@ -89,8 +85,13 @@ pub async fn run(
     let stop = tokio_util::sync::CancellationToken::new();
     let mut load = Vec::new();
     for _ in 0..args.producers {
-        let (producer, watch, stop, topic, size) =
-            (client.producer(), watch.clone(), stop.clone(), args.topic.clone(), args.size);
+        let (producer, watch, stop, topic, size) = (
+            client.producer(),
+            watch.clone(),
+            stop.clone(),
+            args.topic.clone(),
+            args.size,
+        );
         load.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let started = since(watch.origin);
@@ -217,13 +218,17 @@ async fn whole_group(cluster: &LocalCluster, within: Duration) -> anyhow::Result
         }
         let agreed = views.iter().all(|v| {
             v.as_ref().is_some_and(|g| {
-                g.leader_id.is_some() && Some(g.leader_id) == views[0].as_ref().map(|f| f.leader_id) && g.term == views[0].as_ref().map_or(0, |f| f.term)
+                g.leader_id.is_some()
+                    && Some(g.leader_id) == views[0].as_ref().map(|f| f.leader_id)
+                    && g.term == views[0].as_ref().map_or(0, |f| f.term)
             })
         });
         if agreed
             && let Some(Some(first)) = views.first()
             && let Some(leader) = first.leader_id
-            && let Some(Some(own)) = views.iter().find(|v| v.as_ref().is_some_and(|g| g.reported_by == leader))
+            && let Some(Some(own)) = views
+                .iter()
+                .find(|v| v.as_ref().is_some_and(|g| g.reported_by == leader))
             && own
                 .replicas
                 .iter()

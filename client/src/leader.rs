@@ -357,7 +357,11 @@ where
     };
     let mut chase = Chase::default();
     let mut attempts = 0u32;
+    // What the last broker answered: a user given up on learns more from "the
+    // node cannot reach a quorum" than from the NameServer lookups that followed.
+    let mut last_broker: Option<Error> = None;
     loop {
+        let mut from_broker = false;
         let (verdict, last) = 'attempt: {
             let (group, choice, provisional) = match &target {
                 Target::Group(g) => (g.clone(), C::default(), false),
@@ -449,6 +453,7 @@ where
                 }
                 Answer::Leaderless => core.dead.revive(&dial.endpoint),
             }
+            from_broker = true;
             (chase.observe(&dial, &answer, &group, |e| core.dead.is_dead(e, now)), e)
         };
         if verdict.refresh
@@ -457,6 +462,10 @@ where
             core.routes.invalidate(topic);
         }
         if Instant::now() + verdict.pause >= deadline {
+            let last = match last_broker {
+                Some(broker) if !from_broker => broker,
+                _ => last,
+            };
             return Err(Error::DeadlineExceeded {
                 topic: spec.label.to_owned(),
                 attempts,
@@ -467,6 +476,9 @@ where
         if !verdict.pause.is_zero() {
             tracing::debug!(error = %last, attempt = attempts, pause = ?verdict.pause, "retrying");
             tokio::time::sleep(verdict.pause).await;
+        }
+        if from_broker {
+            last_broker = Some(last);
         }
     }
 }

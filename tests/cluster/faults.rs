@@ -522,3 +522,71 @@ async fn raft_port_refuses_forged_and_impersonating_rpcs_and_the_client_port_ser
     );
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stuck_with_the_minority_gets_unavailable_then_succeeds_after_heal() -> anyhow::Result<()> {
+    use raftmq_client::{Client, ClientConfig, MessageExt};
+
+    let (cluster, faults) = faulty_cluster(6).await?;
+    let old = cluster.wait_for_leader(DEADLINE).await?;
+    create_topic_via(&cluster, old).await?;
+    faults.isolate(old, &others(old));
+    let new = leader_among(&cluster, &others(old), DEADLINE).await?;
+
+    // The client reaches only the old leader (no NameServer answers, and its
+    // route names no other replica): it is on the minority side.
+    let mut config = ClientConfig::new(vec!["127.0.0.1:1".into()]);
+    config.send_deadline = Duration::from_secs(2);
+    config.request_timeout = Duration::from_secs(1);
+    let client = Client::new(config)?;
+    let stale_route = || pb::QueryRouteResponse {
+        topic: TOPIC.into(),
+        groups: vec![pb::GroupRoute {
+            broker_group: GROUP.into(),
+            leader_endpoint: cluster.replica(old).addr.to_string(),
+            follower_endpoints: vec![],
+            queues: QUEUES,
+            perm: pb::Permission::ReadWrite as i32,
+        }],
+    };
+    client.seed_route(stale_route());
+    let producer = client.producer();
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        DEADLINE,
+        producer.send(TOPIC, pb::Message::new(b"from the minority".to_vec())),
+    )
+    .await
+    .context("a send on the minority side hung past its deadline")?
+    .expect_err("the minority acknowledged a send");
+    let text = err.to_string();
+    eprintln!("minority send failed after {:?}: {text}", started.elapsed());
+    ensure!(
+        text.contains("Unavailable") && text.contains("quorum"),
+        "the error does not say the node cannot reach a quorum: {text}"
+    );
+
+    // After heal the old leader follows the new one and redirects there. The
+    // client still knows only the old leader (its failed NameServer lookups
+    // dropped the route; it is given the same stale one again).
+    faults.heal();
+    ensure!(cluster.wait_for_leader(DEADLINE).await? == new);
+    let deadline = Instant::now() + DEADLINE;
+    let receipt = loop {
+        client.seed_route(stale_route());
+        match producer.send(TOPIC, pb::Message::new(b"after heal".to_vec())).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => eprintln!("not yet: {e}"),
+            Err(e) => bail!("no send succeeded within {DEADLINE:?} of the heal: {e}"),
+        }
+    };
+    let stored = cluster
+        .replica(new)
+        .store()
+        .read_messages(TOPIC, receipt.queue_id, receipt.queue_offset, 1)?;
+    ensure!(
+        stored.first().is_some_and(|m| m.message.body.as_ref() == b"after heal"),
+        "the acknowledged send is not where the receipt says"
+    );
+    cluster.shutdown().await
+}
