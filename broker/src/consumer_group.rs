@@ -145,7 +145,7 @@ impl Coordinator {
                 }
             }
         };
-        tokio::spawn(watch);
+        group.tasks().spawn(watch);
         Coordinator {
             group,
             state: std::sync::Arc::new(tokio::sync::Mutex::new(State {

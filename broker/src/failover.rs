@@ -24,6 +24,7 @@ use openraft::raft::TransferLeaderRequest;
 use openraft::{Raft, ServerState};
 use raftmq_raft_store::{NodeId, StateMachine, TypeConfig};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::faults::Faults;
 
@@ -91,6 +92,7 @@ pub struct LeaderWatch {
     campaign: CampaignMarker,
     failed_probe: Mutex<Option<Probe>>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl LeaderWatch {
@@ -101,7 +103,7 @@ impl LeaderWatch {
         settings: FastFailover,
         campaign: CampaignMarker,
         faults: Option<Faults>,
-        shutdown: CancellationToken,
+        (shutdown, tasks): (CancellationToken, TaskTracker),
     ) -> Arc<Self> {
         Arc::new(LeaderWatch {
             node_id,
@@ -112,6 +114,7 @@ impl LeaderWatch {
             campaign,
             failed_probe: Mutex::new(None),
             shutdown,
+            tasks,
         })
     }
 
@@ -121,7 +124,7 @@ impl LeaderWatch {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::select! {
                 _ = this.shutdown.cancelled() => {}
                 _ = this.react(sender) => {}

@@ -16,6 +16,7 @@ use openraft::error::{ClientWriteError, ForwardReason, ForwardToLeader, Lineariz
 use raftmq_raft_store::{Command, NodeId, Response, StateMachine, StoreReader, TopicConfig, TypeConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api_error::ApiError;
 use crate::config::MessagingConfig;
@@ -41,6 +42,9 @@ struct Inner {
     /// Woken when this node changed a topic (create, update, delete), so the
     /// NameServers hear of it now rather than at the next registration round.
     topics_changed: tokio::sync::Notify,
+    /// Every background task of this replica (registration, election watchers,
+    /// fast-failover probes): shutdown waits for them before stopping Raft.
+    tasks: TaskTracker,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -68,6 +72,7 @@ impl GroupHandle {
                 shutdown,
                 round_robin: Mutex::new(HashMap::new()),
                 topics_changed: tokio::sync::Notify::new(),
+                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -90,6 +95,12 @@ impl GroupHandle {
 
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// The tracker background tasks of this replica are spawned on; each must end
+    /// when [`GroupHandle::shutdown`] is cancelled.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
     }
 
     /// Completes after the next [`GroupHandle::topics_changed`] call.

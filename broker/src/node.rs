@@ -1,7 +1,8 @@
 //! One running replica: opens the store, starts openraft with the gRPC network,
 //! serves on two already-bound listeners until cancelled, and stops in order
-//! (stop accepting, let in-flight RPCs finish, then `raft.shutdown()`, which
-//! drops the CommitLog and so flushes and closes it). The client port serves the
+//! (stop accepting, let in-flight RPCs finish, wait for the background tasks
+//! tracked in one `TaskTracker`, then `raft.shutdown()`, which drops the
+//! CommitLog and so flushes and closes it). The client port serves the
 //! messaging, admin and consumer-group services; the peer port serves only Raft,
 //! to signed requests of the group's members, so a client never reaches Raft.
 
@@ -48,6 +49,8 @@ pub struct RaftNode {
     raft_addr: SocketAddr,
     shutdown: CancellationToken,
     servers: [JoinHandle<Result<(), tonic::transport::Error>>; 2],
+    /// Background tasks (registration, watchers); each ends on `shutdown`.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl RaftNode {
@@ -109,6 +112,14 @@ impl RaftNode {
                 source,
             })?;
 
+        let group = GroupHandle::new(
+            &config.broker_group,
+            node_id,
+            raft.clone(),
+            store.clone(),
+            config.messaging.clone(),
+            shutdown.clone(),
+        );
         let watch = LeaderWatch::new(
             node_id,
             &config.broker_group,
@@ -116,7 +127,7 @@ impl RaftNode {
             config.fast_failover.clone(),
             campaign,
             config.faults.clone(),
-            shutdown.clone(),
+            (shutdown.clone(), group.tasks().clone()),
         );
         let service = RaftRpcService::new(
             &config.broker_group,
@@ -127,14 +138,6 @@ impl RaftNode {
             shutdown.clone(),
         )
         .into_server(config.max_rpc_message_bytes);
-        let group = GroupHandle::new(
-            &config.broker_group,
-            node_id,
-            raft.clone(),
-            store.clone(),
-            config.messaging.clone(),
-            shutdown.clone(),
-        );
         let messaging = Messaging::new(group.clone()).into_server(config.max_rpc_message_bytes);
         if !config.nameservers.is_empty() {
             crate::registration::spawn(
@@ -146,6 +149,7 @@ impl RaftNode {
                 shutdown.clone(),
             );
         }
+        let tasks = group.tasks().clone();
         let coordinator = crate::consumer_group::Coordinator::new(group.clone());
         let admin = Admin::new(group, coordinator.clone()).into_server();
         let consumer = coordinator.into_server();
@@ -190,6 +194,7 @@ impl RaftNode {
             raft_addr,
             shutdown,
             servers: [client_server, raft_server],
+            tasks,
         })
     }
 
@@ -264,6 +269,15 @@ impl RaftNode {
                 }
             };
             served = served.and(result);
+        }
+        // Background tasks see the cancelled token and end; none may outlive Raft.
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                node_id,
+                tasks = self.tasks.len(),
+                "background tasks outlived the grace period"
+            );
         }
         // Stop Raft even when the server failed: the log must still be closed.
         let stopped = self.raft.shutdown().await.map_err(|source| Error::Task {

@@ -96,7 +96,8 @@ pub fn spawn(
             }
         })
         .collect();
-    tokio::spawn(async move {
+    let tasks = group.tasks().clone();
+    tasks.spawn(async move {
         let mut metrics = group.raft().metrics();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
