@@ -151,6 +151,8 @@ struct Summary {
 /// Shared state of one run.
 struct Run {
     started: Instant,
+    /// `started` on the wall clock, to place Docker's timestamps on the run's.
+    started_wall: std::time::SystemTime,
     stop_sending: AtomicBool,
     stop_consuming: AtomicBool,
     next_value: AtomicU64,
@@ -173,6 +175,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         crate::tools::create_topic_and_wait(&client, &args.topic, args.queues, Duration::from_secs(30)).await?;
     let run = Arc::new(Run {
         started: Instant::now(),
+        started_wall: std::time::SystemTime::now(),
         stop_sending: AtomicBool::new(false),
         stop_consuming: AtomicBool::new(false),
         next_value: AtomicU64::new(1),
@@ -475,8 +478,18 @@ async fn inject(
         };
     }
     // The fault is in force once the docker command has returned (a kill takes
-    // ~0.2 s to issue; sends acknowledged meanwhile came from the old leader).
-    let injected_ms = run.ms();
+    // ~0.2 s to issue; sends acknowledged meanwhile came from the old leader)...
+    let mut injected_ms = run.ms();
+    // ...except that a killed process is dead before `docker kill` returns, and a
+    // failover can complete inside that window: for a kill, the time is when the
+    // container exited, as Docker recorded it.
+    if matches!(fault, Fault::KillLeader | Fault::KillFollower | Fault::KillAll)
+        && let Some(t) = targets.first()
+        && let Some(died) = docker.finished_at(t).await
+        && let Ok(since) = died.duration_since(run.started_wall)
+    {
+        injected_ms = injected_ms.min(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+    }
     tokio::time::sleep(hold).await;
     for t in &targets {
         match fault {
@@ -549,6 +562,15 @@ impl Docker {
 
     async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
         run_docker(args).await
+    }
+
+    /// When `container`'s process last exited (Docker's `State.FinishedAt`).
+    async fn finished_at(&self, container: &str) -> Option<std::time::SystemTime> {
+        let text = run_docker(&["inspect", "-f", "{{.State.FinishedAt}}", container])
+            .await
+            .ok()?;
+        let at = chrono::DateTime::parse_from_rfc3339(text.trim()).ok()?;
+        Some(std::time::SystemTime::from(at))
     }
 
     /// Undoes whatever a fault may have left behind: every broker running,
