@@ -13,8 +13,7 @@ use anyhow::{Context, ensure};
 use raftmq_client::{Client, ConsumeMode, ConsumeResult, MessageModel, PushConsumer, StartFrom};
 use raftmq_proto::v1 as pb;
 
-use super::client::{message, seq_of, start, wait_for_known_route};
-use super::{DEADLINE, GROUP};
+use super::fixtures::{Check, DEADLINE, GROUP, eventually, message, seq_of, start_with_client, wait_for_known_route};
 
 /// Longest a test waits for consumers to catch up.
 const CONSUME_DEADLINE: Duration = Duration::from_secs(60);
@@ -72,63 +71,52 @@ fn member(
     })?)
 }
 
-/// Polls `check` every 50 ms until it yields a value; past `within` the test
-/// fails with `what` and the last state `check` reported.
-async fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut check: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        match check().await? {
-            Ok(v) => return Ok(v),
-            Err(state) => ensure!(Instant::now() < deadline, "{what}: {state}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until `log` holds every seq in `expected` (at least once).
 async fn wait_for_all(log: &Log, expected: &BTreeSet<u64>, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + CONSUME_DEADLINE;
-    loop {
-        let seen: BTreeSet<u64> = lock(log).iter().map(|d| d.seq).collect();
-        let missing = expected.difference(&seen).count();
-        if missing == 0 {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what}: {missing} of {} message(s) never delivered (first missing: {:?})",
-            expected.len(),
-            expected.difference(&seen).next()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        CONSUME_DEADLINE,
+        &format!("{what}: every message delivered"),
+        async || {
+            let seen: BTreeSet<u64> = lock(log).iter().map(|d| d.seq).collect();
+            let missing = expected.difference(&seen).count();
+            Ok(if missing == 0 {
+                Check::Done(())
+            } else {
+                Check::Pending(format!(
+                    "{missing} of {} message(s) never delivered (first missing: {:?})",
+                    expected.len(),
+                    expected.difference(&seen).next()
+                ))
+            })
+        },
+    )
+    .await
 }
 
 /// Waits until the members' assignments are disjoint and cover `queues` queues.
 async fn wait_for_settled(members: &[&PushConsumer], queues: u32) -> anyhow::Result<Vec<Vec<u32>>> {
-    let deadline = Instant::now() + DEADLINE * 2;
-    loop {
-        let held: Vec<Vec<u32>> = members
-            .iter()
-            .map(|m| m.assigned_queues().into_iter().map(|(_, q)| q).collect())
-            .collect();
-        let all: Vec<u32> = held.iter().flatten().copied().collect();
-        let distinct: BTreeSet<u32> = all.iter().copied().collect();
-        let sizes: Vec<usize> = held.iter().map(Vec::len).collect();
-        let balanced = sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0) <= 1;
-        if all.len() == queues as usize && distinct.len() == queues as usize && balanced {
-            return Ok(held);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "assignment never settled over {queues} queues: {held:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        DEADLINE * 2,
+        &format!("an assignment settled over {queues} queues"),
+        async || {
+            let held: Vec<Vec<u32>> = members
+                .iter()
+                .map(|m| m.assigned_queues().into_iter().map(|(_, q)| q).collect())
+                .collect();
+            let all: Vec<u32> = held.iter().flatten().copied().collect();
+            let distinct: BTreeSet<u32> = all.iter().copied().collect();
+            let sizes: Vec<usize> = held.iter().map(Vec::len).collect();
+            let balanced = sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0) <= 1;
+            Ok(
+                if all.len() == queues as usize && distinct.len() == queues as usize && balanced {
+                    Check::Done(held)
+                } else {
+                    Check::Pending(format!("{held:?}"))
+                },
+            )
+        },
+    )
+    .await
 }
 
 /// Sends `seqs` in batches of 100 (each batch one Raft entry in one queue).
@@ -157,7 +145,7 @@ async fn clustering_group_delivers_each_message_once_and_loses_none_through_a_re
     const QUEUES: u32 = 8;
     const HALF: u64 = 10_000;
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (ns, cluster, client) = start().await?;
+    let (ns, cluster, client) = start_with_client().await?;
     client
         .admin()
         .create_topic(TOPIC, QUEUES, pb::Permission::ReadWrite)
@@ -198,7 +186,7 @@ async fn clustering_group_delivers_each_message_once_and_loses_none_through_a_re
     };
     members.push(member(&client, "cg", TOPIC, 3, &log, concurrent)?);
     // Member 0 leaves once the leader counts member 3 in.
-    eventually("member 3 never joined", DEADLINE, async || {
+    eventually(DEADLINE, "member 3 to join the group", async || {
         let d = client.admin().describe_consumer_group("cg").await?;
         let ids: Vec<&str> = d
             .iter()
@@ -206,9 +194,9 @@ async fn clustering_group_delivers_each_message_once_and_loses_none_through_a_re
             .map(|m| m.client_id.as_str())
             .collect();
         Ok(if ids.contains(&"member-3") {
-            Ok(())
+            Check::Done(())
         } else {
-            Err(format!("members {ids:?}"))
+            Check::Pending(format!("members {ids:?}"))
         })
     })
     .await?;
@@ -226,14 +214,14 @@ async fn clustering_group_delivers_each_message_once_and_loses_none_through_a_re
     ensure!(lock(&log).len() >= delivered_stable + HALF as usize);
 
     // Committed offsets reach the end of every queue once the members are done.
-    eventually("group never caught up", DEADLINE, async || {
+    eventually(DEADLINE, "the group to catch up", async || {
         let d = client.admin().describe_consumer_group("cg").await?;
         let lag: u64 = d.iter().flat_map(|g| &g.queues).map(|q| q.lag).sum();
         let members_seen = d.iter().flat_map(|g| &g.members).count();
         Ok(if lag == 0 && members_seen == 3 {
-            Ok(())
+            Check::Done(())
         } else {
-            Err(format!("lag {lag}, {members_seen} member(s) listed: {d:?}"))
+            Check::Pending(format!("lag {lag}, {members_seen} member(s) listed: {d:?}"))
         })
     })
     .await?;
@@ -254,7 +242,7 @@ async fn broadcasting_members_each_receive_everything_and_keep_offsets_locally()
     const TOPIC: &str = "cg-broadcast";
     const COUNT: u64 = 1_000;
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (ns, cluster, client) = start().await?;
+    let (ns, cluster, client) = start_with_client().await?;
     client.admin().create_topic(TOPIC, 4, pb::Permission::ReadWrite).await?;
     wait_for_known_route(&client, TOPIC).await?;
     send_batches(&client, TOPIC, 0..COUNT).await?;
@@ -296,7 +284,7 @@ async fn orderly_consumers_keep_per_key_order_end_to_end() -> anyhow::Result<()>
     const KEYS: u64 = 8;
     const PER_KEY: u64 = 150;
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (ns, cluster, client) = start().await?;
+    let (ns, cluster, client) = start_with_client().await?;
     client.admin().create_topic(TOPIC, 4, pb::Permission::ReadWrite).await?;
     wait_for_known_route(&client, TOPIC).await?;
     let log: Log = Arc::default();
@@ -352,7 +340,7 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
     const QUEUES: u32 = 4;
     const COUNT: u64 = 1_500;
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (ns, mut cluster, client) = start().await?;
+    let (ns, mut cluster, client) = start_with_client().await?;
     client
         .admin()
         .create_topic(TOPIC, QUEUES, pb::Permission::ReadWrite)
@@ -379,22 +367,26 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
     // Kill the leader once consumers have committed progress.
     let old = cluster.wait_for_leader(DEADLINE).await?;
     let follower = (1..=3).find(|id| *id != old).context("no follower")?;
-    let deadline = Instant::now() + CONSUME_DEADLINE;
-    while lock(&log).len() < 500 {
-        ensure!(Instant::now() < deadline, "consumers stalled before the kill");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(CONSUME_DEADLINE, "500 deliveries before the kill", async || {
+        let delivered = lock(&log).len();
+        Ok(if delivered >= 500 {
+            Check::Done(())
+        } else {
+            Check::Pending(format!("{delivered} delivered"))
+        })
+    })
+    .await?;
     // Offsets commit with the once-a-second heartbeats: wait until the follower
     // has applied a commit in every queue.
-    let committed_at_kill: Vec<u64> = eventually("no commit reached the follower", DEADLINE, async || {
+    let committed_at_kill: Vec<u64> = eventually(DEADLINE, "a commit in every queue on the follower", async || {
         let store = cluster.replica(follower).store();
         let committed: Vec<u64> = (0..QUEUES)
             .map(|q| Ok(store.consumer_offset("fo", TOPIC, q)?.unwrap_or_default()))
             .collect::<anyhow::Result<_>>()?;
         Ok(if committed.iter().all(|o| *o > 0) {
-            Ok(committed)
+            Check::Done(committed)
         } else {
-            Err(format!("committed {committed:?}"))
+            Check::Pending(format!("committed {committed:?}"))
         })
     })
     .await?;
@@ -448,7 +440,7 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
         deliveries.len()
     );
     // And the new leader ends with every queue fully committed.
-    eventually("committed offsets lag on the new leader", DEADLINE, async || {
+    eventually(DEADLINE, "every queue committed on the new leader", async || {
         let lag: Vec<u64> = (0..QUEUES)
             .map(|q| {
                 let max = store.queue_next_offset(TOPIC, q)?;
@@ -456,9 +448,9 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(if lag.iter().all(|l| *l == 0) {
-            Ok(())
+            Check::Done(())
         } else {
-            Err(format!("{lag:?}"))
+            Check::Pending(format!("{lag:?}"))
         })
     })
     .await?;
@@ -473,7 +465,7 @@ async fn consumers_resume_from_committed_offsets_on_a_new_leader() -> anyhow::Re
 async fn tag_filter_reset_and_lookup_by_id_and_key() -> anyhow::Result<()> {
     const TOPIC: &str = "cg-tags";
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (ns, cluster, client) = start().await?;
+    let (ns, cluster, client) = start_with_client().await?;
     client.admin().create_topic(TOPIC, 2, pb::Permission::ReadWrite).await?;
     wait_for_known_route(&client, TOPIC).await?;
     let producer = client.producer();
@@ -506,16 +498,19 @@ async fn tag_filter_reset_and_lookup_by_id_and_key() -> anyhow::Result<()> {
         .admin()
         .reset_consumer_offset("tags", TOPIC, pb::StartFrom::First, 0)
         .await?;
-    let deadline = Instant::now() + CONSUME_DEADLINE;
-    while lock(&log).len() < before + matching.len() {
-        ensure!(
-            Instant::now() < deadline,
-            "after the reset only {} of {} redelivered",
-            lock(&log).len() - before,
-            matching.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        CONSUME_DEADLINE,
+        "every matching message redelivered after the reset",
+        async || {
+            let redelivered = lock(&log).len() - before;
+            Ok(if redelivered >= matching.len() {
+                Check::Done(())
+            } else {
+                Check::Pending(format!("{redelivered} of {} redelivered", matching.len()))
+            })
+        },
+    )
+    .await?;
     consumer.shutdown().await?;
 
     // Lookup by id returns the very message; by key every message with the key.
@@ -543,7 +538,7 @@ async fn bad_consumer_requests_get_a_status_that_names_the_problem() -> anyhow::
     use pb::consumer_service_client::ConsumerServiceClient;
     const TOPIC: &str = "cg-bad";
     let _turn = ONE_AT_A_TIME.lock().await;
-    let (ns, cluster, client) = start().await?;
+    let (ns, cluster, client) = start_with_client().await?;
     client.admin().create_topic(TOPIC, 2, pb::Permission::ReadWrite).await?;
     let leader = cluster.wait_for_leader(DEADLINE).await?;
     let follower = (1..=3).find(|id| *id != leader).context("no follower")?;

@@ -24,8 +24,9 @@ use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
 use raftmq_raft_store::NodeId;
 use tonic::Code;
 
-use super::{
-    Cluster, DEADLINE, GROUP, PEER_SECRET, QUEUES, Settings, TOPIC, append, body, create_topic_via, signed, signed_as,
+use super::fixtures::{
+    Cluster, DEADLINE, GROUP, PEER_SECRET, QUEUES, Replica, Settings, TOPIC, append, body, create_topic_via, signed,
+    signed_as,
 };
 
 /// A three-replica cluster whose links go through a fresh switchboard.
@@ -372,7 +373,7 @@ async fn a_reply_lost_after_the_commit_leaves_the_outcome_unknown_and_a_retry_st
     // idempotent producer (issue #9) that is the best a broker can do: nothing is
     // lost, and the copies are exactly the attempts that may have been stored.
     client.send(send_one(7)).await.context("the retry")?;
-    let copies = |r: &super::Replica| -> anyhow::Result<usize> {
+    let copies = |r: &Replica| -> anyhow::Result<usize> {
         Ok(r.store()
             .read_messages(TOPIC, 7 % QUEUES, 0, 1_000)?
             .iter()

@@ -13,6 +13,8 @@ use anyhow::{Context, bail, ensure};
 use raftmq_client::{Client, ClientConfig, MessageExt};
 use raftmq_proto::v1 as pb;
 
+use super::fixtures::{Check, eventually, pull_everything};
+
 const BIN: &str = env!("CARGO_BIN_EXE_raftmq");
 /// Processes start slower than in-process replicas, and CI may be busy.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -57,6 +59,8 @@ impl Dev {
             namesrv: String::new(),
             data_dir: data_dir.to_owned(),
         };
+        // Not `eventually`: lines arrive on a channel, so a blocking receive with
+        // the time left waits for each without polling.
         let deadline = Instant::now() + DEADLINE;
         loop {
             let line = rx
@@ -82,16 +86,15 @@ impl Dev {
     }
 
     /// SIGTERM, as Ctrl-C would; returns dev's exit status.
-    fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+    async fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
         signal(i32::try_from(self.child.id())?, libc::SIGTERM);
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(Instant::now() < deadline, "raftmq dev did not stop after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(DEADLINE, "raftmq dev to exit after SIGTERM", async || {
+            Ok(match self.child.try_wait()? {
+                Some(status) => Check::Done(status),
+                None => Check::Pending("still running".into()),
+            })
+        })
+        .await
     }
 }
 
@@ -157,19 +160,17 @@ async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> an
     // SIGKILL the leader's process, as the README's tour does with kill -9.
     let killed_at = Instant::now();
     signal(old_pid, libc::SIGKILL);
-    let new_leader = loop {
-        if let Some(g) = leader(&client).await
-            && g.leader_id != Some(old_id)
-            && g.term > old.term
-        {
-            break g;
-        }
-        ensure!(
-            killed_at.elapsed() < DEADLINE,
-            "no new leader after SIGKILL of node {old_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let new_leader = eventually(
+        DEADLINE,
+        &format!("a new leader after SIGKILL of node {old_id}"),
+        async || {
+            Ok(match leader(&client).await {
+                Some(g) if g.leader_id != Some(old_id) && g.term > old.term => Check::Done(g),
+                seen => Check::Pending(format!("{seen:?}")),
+            })
+        },
+    )
+    .await?;
     eprintln!(
         "new leader {:?} (term {}) reported {:?} after the kill",
         new_leader.leader_id,
@@ -180,28 +181,29 @@ async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> an
     acked.extend(send_all(&client, TOPIC, 100..200).await?);
 
     // dev restarts the killed replica (new pid) and it catches up with the leader.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let restarted = dev.pid_of(old_id).is_ok_and(|p| p != old_pid && alive(p));
-        let caught_up = leader(&client).await.is_some_and(|g| {
-            let committed = g.committed_index.unwrap_or(u64::MAX);
-            g.replicas
-                .iter()
-                .any(|r| r.node_id == old_id && r.matched_index.is_some_and(|m| m >= committed))
-        });
-        if restarted && caught_up {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "killed node {old_id} not restarted and caught up (restarted: {restarted}, caught up: {caught_up})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        DEADLINE,
+        &format!("killed node {old_id} to be restarted and caught up"),
+        async || {
+            let restarted = dev.pid_of(old_id).is_ok_and(|p| p != old_pid && alive(p));
+            let caught_up = leader(&client).await.is_some_and(|g| {
+                let committed = g.committed_index.unwrap_or(u64::MAX);
+                g.replicas
+                    .iter()
+                    .any(|r| r.node_id == old_id && r.matched_index.is_some_and(|m| m >= committed))
+            });
+            Ok(if restarted && caught_up {
+                Check::Done(())
+            } else {
+                Check::Pending(format!("restarted: {restarted}, caught up: {caught_up}"))
+            })
+        },
+    )
+    .await?;
 
     // Every acknowledged message is readable, exactly once.
     let route = client.refresh_route(TOPIC).await?;
-    let (pulled, _) = crate::client::pull_everything(&client.pull_consumer(), &route, TOPIC).await?;
+    let (pulled, _) = pull_everything(&client.pull_consumer(), &route, TOPIC).await?;
     let seen: Vec<String> = pulled.into_iter().map(|(_, _, m)| m.message_id).collect();
     let unique: BTreeSet<String> = seen.iter().cloned().collect();
     let missing: Vec<_> = acked.difference(&unique).collect();
@@ -217,7 +219,7 @@ async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> an
 
     // Ctrl-C (SIGTERM) stops dev and every replica.
     let pids = (1..=3).map(|n| dev.pid_of(n)).collect::<anyhow::Result<Vec<_>>>()?;
-    let status = dev.stop()?;
+    let status = dev.stop().await?;
     ensure!(status.success(), "raftmq dev exited with {status}");
     for pid in pids {
         if alive(pid) {
