@@ -96,6 +96,10 @@ struct BrokerArgs {
     /// instead (never a flag: command lines are visible to every local user).
     #[arg(long, env = "RAFTMQ_PEER_SECRET_FILE")]
     peer_secret_file: Option<PathBuf>,
+    /// Campaign at once when the leader's connections close and it no longer
+    /// answers (default true); false leaves a dead leader to the election timeout.
+    #[arg(long, env = "RAFTMQ_FAST_FAILOVER")]
+    fast_failover: Option<bool>,
     #[arg(long, env = "RAFTMQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// NameServers to register with, comma-separated.
@@ -129,6 +133,7 @@ struct BrokerFile {
     raft_listen: Option<SocketAddr>,
     raft_advertise: Option<String>,
     peer_secret_file: Option<PathBuf>,
+    fast_failover: Option<bool>,
     data_dir: Option<PathBuf>,
     namesrv: Option<Vec<String>>,
     peers: Option<Vec<String>>,
@@ -602,6 +607,7 @@ async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
     let mut config = RaftNodeConfig::new(node_id, group.clone(), data_dir, advertise);
     config.raft_advertise_addr = raft_advertise;
     config.peer_secret = peer_secret;
+    config.fast_failover.enabled = args.fast_failover.or(file.fast_failover).unwrap_or(true);
     config.nameservers = args.namesrv.or(file.namesrv).unwrap_or_default();
     config.messaging.auto_create_topics = args.auto_create_topics.or(file.auto_create_topics).unwrap_or(false);
     config.store.flush = match args.flush.or(file.flush).as_deref() {
