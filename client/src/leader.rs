@@ -48,6 +48,15 @@ use crate::route::{Core, TopicRoute};
 /// leader that was merely slow for one request gets traffic back within a second.
 pub(crate) const DEAD_FOR: Duration = Duration::from_secs(1);
 
+/// How long a request to the leader waits before its replicas are asked whether
+/// they still follow it. Well above a healthy answer (about a millisecond; tens
+/// for a large fsynced batch), well below an election (the lease, 400 ms by
+/// default, plus 200-400 ms), so asking costs nothing while the leader is well.
+pub(crate) const HEDGE_AFTER: Duration = Duration::from_millis(250);
+
+/// How often the replicas of a silent endpoint are asked, per client.
+pub(crate) const HEDGE_EVERY: Duration = Duration::from_millis(50);
+
 /// Redirects followed back to back without a pause: two stale replicas naming
 /// each other must not spin.
 const MAX_HOPS: u32 = 3;
@@ -95,6 +104,72 @@ impl DeadSet {
             }
             None => false,
         }
+    }
+}
+
+/// What the replicas of slow endpoints said about who leads, shared by every
+/// call of one client so that a silent leader with many requests waiting on it
+/// costs one question per [`HEDGE_EVERY`], not one per request.
+#[derive(Default)]
+pub(crate) struct Hedges {
+    /// endpoint -> (when last asked, the leader the answer named instead of it)
+    asked: Mutex<HashMap<String, (Instant, Option<String>)>>,
+}
+
+impl Hedges {
+    /// Another leader a replica named for `endpoint` within the last two
+    /// [`HEDGE_EVERY`], or `Ok(None)` if this caller should ask now (nobody
+    /// asked recently), or `Err(())` to wait for the caller that does.
+    fn check(&self, endpoint: &str, now: Instant) -> Result<Option<String>, ()> {
+        let mut map = self.asked.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(endpoint) {
+            Some((at, Some(moved))) if now.duration_since(*at) < HEDGE_EVERY * 2 => Ok(Some(moved.clone())),
+            Some((at, _)) if now.duration_since(*at) < HEDGE_EVERY => Err(()),
+            _ => {
+                map.insert(endpoint.to_owned(), (now, None));
+                Ok(None)
+            }
+        }
+    }
+
+    fn record(&self, endpoint: &str, at: Instant, moved: Option<String>) {
+        let mut map = self.asked.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert(endpoint.to_owned(), (at, moved));
+    }
+}
+
+/// Resolves when the replicas of `group` name a leader other than `endpoint`
+/// (which has not answered for [`HEDGE_AFTER`]); never while they still follow it.
+async fn leader_moved(core: &Core, group: &pb::GroupRoute, endpoint: &str) -> String {
+    tokio::time::sleep(HEDGE_AFTER).await;
+    let mut turn = 0usize;
+    loop {
+        let now = Instant::now();
+        match core.hedges.check(endpoint, now) {
+            Ok(Some(moved)) => return moved,
+            Err(()) => {}
+            Ok(None) => {
+                let replicas: Vec<&String> = std::iter::once(&group.leader_endpoint)
+                    .chain(&group.follower_endpoints)
+                    .filter(|e| !e.is_empty() && e.as_str() != endpoint && !core.dead.is_dead(e, now))
+                    .collect();
+                if !replicas.is_empty() {
+                    let asked = replicas[turn % replicas.len()];
+                    turn += 1;
+                    let answer = ask_who_leads(core, asked, &group.broker_group, HEDGE_EVERY * 4).await;
+                    let moved = answer
+                        .redirect()
+                        .filter(|l| !l.is_empty() && *l != endpoint)
+                        .map(str::to_owned);
+                    core.hedges.record(endpoint, now, moved.clone());
+                    if let Some(moved) = moved {
+                        tracing::debug!(silent = %endpoint, leader = %moved, "replicas of a silent endpoint name another leader");
+                        return moved;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(HEDGE_EVERY).await;
     }
 }
 
@@ -362,6 +437,7 @@ where
     let mut last_broker: Option<Error> = None;
     loop {
         let mut from_broker = false;
+        let mut abandoned = false;
         let (verdict, last) = 'attempt: {
             let (group, choice, provisional) = match &target {
                 Target::Group(g) => (g.clone(), C::default(), false),
@@ -398,14 +474,34 @@ where
                 cut_short |= long_poll < spec.long_poll;
                 let timeout = (request_timeout + long_poll).min(remaining);
                 let choice = choice.clone();
-                core.call(&dial.endpoint, timeout, |channel| {
+                let call = core.call(&dial.endpoint, timeout, |channel| {
                     op(Attempt {
                         channel,
                         choice,
                         long_poll,
                     })
-                })
-                .await
+                });
+                if long_poll.is_zero() {
+                    // A long poll is slow on purpose; any other wait past
+                    // HEDGE_AFTER asks the replicas whether the leader moved.
+                    // Abandoning answers like NOT_LEADER naming the new leader.
+                    tokio::select! {
+                        result = call => result,
+                        moved = leader_moved(core, &group, &dial.endpoint) => Err({
+                            abandoned = true;
+                            Error::Rpc {
+                            endpoint: dial.endpoint.clone(),
+                            code: tonic::Code::FailedPrecondition,
+                            message: format!(
+                                "no answer within {HEDGE_AFTER:?} and its replicas now follow {moved}; \
+                                 the request was abandoned, its outcome unknown"
+                            ),
+                            leader: Some(moved),
+                        }}),
+                    }
+                } else {
+                    call.await
+                }
             } else {
                 Err(ask_who_leads(
                     core,
@@ -452,6 +548,10 @@ where
                     }
                 }
                 Answer::Leaderless => core.dead.revive(&dial.endpoint),
+            }
+            if abandoned {
+                // Silent, not redirecting: other calls must not wait on it either.
+                core.dead.mark(&dial.endpoint, now);
             }
             from_broker = true;
             (chase.observe(&dial, &answer, &group, |e| core.dead.is_dead(e, now)), e)

@@ -122,6 +122,7 @@ pub(crate) struct Core {
     pub(crate) routes: RouteCache,
     /// Endpoints that failed recently (see `leader`).
     pub(crate) dead: crate::leader::DeadSet,
+    pub(crate) hedges: crate::leader::Hedges,
 }
 
 impl Core {
@@ -131,6 +132,7 @@ impl Core {
             channels: Mutex::new(HashMap::new()),
             routes: RouteCache::default(),
             dead: crate::leader::DeadSet::default(),
+            hedges: crate::leader::Hedges::default(),
         }
     }
 
