@@ -6,6 +6,8 @@
 #
 #     bash deploy/chaos.sh smoke    # ~3 min: 7 faults, 3 of them leader SIGKILLs
 #     bash deploy/chaos.sh long     # ~22 min: a fault every 30 s for 20 min (release check)
+#     bash deploy/chaos.sh failover # ~4 min: 25 leader SIGKILLs, 8 s apart (kill -> first ack)
+#     bash deploy/chaos.sh silence  # ~3 min: 10 leaders paused or cut off, 14 s apart
 #     RAFTMQ_BIN=/path/to/raftmq bash deploy/chaos.sh smoke   # reuse a built binary
 #
 # Exit status: 0 when nothing acknowledged was lost, nothing unexpected was read
@@ -20,7 +22,9 @@ mode="${1:-smoke}"
 case "$mode" in
   smoke) schedule=(--duration 100 --interval 14 --hold 4) ;;
   long) schedule=(--duration 1200 --interval 30 --hold 6) ;;
-  *) echo "usage: $0 smoke|long [raftmq chaos options]" >&2; exit 2 ;;
+  failover) schedule=(--duration 200 --interval 8 --hold 3 --faults kill-leader) ;;
+  silence) schedule=(--duration 140 --interval 14 --hold 4 --faults pause-leader,isolate-leader) ;;
+  *) echo "usage: $0 smoke|long|failover|silence [raftmq chaos options]" >&2; exit 2 ;;
 esac
 
 bin="${RAFTMQ_BIN:-$(bash "$root/scripts/build-release.sh")}"
