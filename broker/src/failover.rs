@@ -6,15 +6,20 @@
 //! checks once whether the leader still answers on its peer port (accepts a
 //! connection and sends HTTP/2 settings). A leader that answers is alive (a
 //! flapping stream, a restarted session), and nothing happens. One that refuses, or does not answer within
-//! `leader_probe_timeout`, is taken for dead: the first surviving voter (by node
-//! id; the next ones wait `stagger` each, so they do not split the vote)
-//! campaigns at once as if the dead leader had handed leadership to it. Its vote
+//! `leader_probe_timeout`, is taken for dead. Before campaigning, the follower
+//! asks the other voters whether they find the leader gone too
+//! (`ConfirmLeaderGone`, each answering from its own probe): only with a quorum
+//! agreeing does it go on, so a follower cut off from a healthy leader never
+//! raises the term (this is the fast path's pre-vote). Then the first surviving
+//! voter (by node id; the next ones wait `stagger` each, so they do not split the
+//! vote) campaigns at once as if the dead leader had handed leadership to it. Its vote
 //! requests are marked `leader_unreachable`, and a voter grants such a vote past
 //! its leader lease only after its own probe of the leader fails too
 //! ([`LeaderWatch::agrees_leader_gone`]); otherwise the lease stands and the
 //! vote is refused. A paused or cut-off leader closes nothing: it is left to the
 //! election timeout, as before.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,8 +30,13 @@ use openraft::{Raft, ServerState};
 use raftmq_raft_store::{NodeId, StateMachine, TypeConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::faults::Faults;
+use crate::network::PeerLink;
+use crate::peer_auth::{PEER_AUTH_KEY, PeerSecret, unix_ms};
+use raftmq_proto::raft::v1 as pb;
+use raftmq_proto::raft::v1::raft_service_client::RaftServiceClient;
 
 /// How long a failed probe is believed: both survivors of a dead leader ask at
 /// once (one to campaign, one to grant), and a dead leader stays dead that long.
@@ -91,6 +101,10 @@ pub struct LeaderWatch {
     faults: Option<Faults>,
     campaign: CampaignMarker,
     failed_probe: Mutex<Option<Probe>>,
+    /// Signs the `ConfirmLeaderGone` questions to the other voters.
+    secret: PeerSecret,
+    /// Channels to peers for those questions, by Raft address (lazily connected).
+    peers: Mutex<HashMap<String, Channel>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -101,8 +115,7 @@ impl LeaderWatch {
         group: &str,
         raft: Raft<TypeConfig, StateMachine>,
         settings: FastFailover,
-        campaign: CampaignMarker,
-        faults: Option<Faults>,
+        link: PeerLink,
         (shutdown, tasks): (CancellationToken, TaskTracker),
     ) -> Arc<Self> {
         Arc::new(LeaderWatch {
@@ -110,12 +123,18 @@ impl LeaderWatch {
             group: group.to_owned(),
             raft,
             settings,
-            faults,
-            campaign,
+            faults: link.faults,
+            campaign: link.campaign,
             failed_probe: Mutex::new(None),
+            secret: link.secret,
+            peers: Mutex::new(HashMap::new()),
             shutdown,
             tasks,
         })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
     }
 
     /// An inbound replication stream from `sender` ended with an error.
@@ -138,6 +157,10 @@ impl LeaderWatch {
         };
         if self.leader_reachable(leader).await {
             tracing::debug!(group = %self.group, leader, "replication stream broke but the leader answers; nothing to do");
+            return;
+        }
+        if !self.quorum_agrees(leader, term).await {
+            tracing::info!(group = %self.group, leader, "the leader does not answer here, but no quorum finds it gone; leaving it to the election timeout");
             return;
         }
         if rank > 0 {
@@ -172,6 +195,118 @@ impl LeaderWatch {
         let survivors: Vec<NodeId> = membership.voter_ids().filter(|id| *id != sender).collect();
         let rank = survivors.iter().position(|id| *id == self.node_id)?;
         Some((m.current_term, sender, u32::try_from(rank).unwrap_or(u32::MAX)))
+    }
+
+    /// Whether enough other voters find `leader` gone that, with this node, they
+    /// make a quorum of the voters. Asked concurrently; each may probe the leader
+    /// itself first, so each answer is bounded by twice the probe timeout.
+    async fn quorum_agrees(&self, leader: NodeId, term: u64) -> bool {
+        let (others, needed) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let others: Vec<String> = voters
+                .iter()
+                .filter(|id| **id != leader && **id != self.node_id)
+                .filter_map(|id| membership.get_node(id).map(|n| n.raft_endpoint().to_owned()))
+                .collect();
+            // A majority of all voters (the dead leader among them), less this node.
+            (others, (voters.len() / 2 + 1).saturating_sub(1))
+        };
+        if needed == 0 {
+            return true;
+        }
+        let mut answers: futures::stream::FuturesUnordered<_> = others
+            .iter()
+            .map(|addr| self.ask_leader_gone(addr, leader, term))
+            .collect();
+        let mut agreed = 0;
+        while let Some(gone) = futures::StreamExt::next(&mut answers).await {
+            agreed += usize::from(gone);
+            if agreed >= needed {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Asks the peer at `addr` whether it finds `leader` (of `term`) gone; any
+    /// failure to answer counts as no.
+    async fn ask_leader_gone(&self, addr: &str, leader: NodeId, term: u64) -> bool {
+        if let Some(f) = &self.faults
+            && let Some(peer) = self.peer_id(addr)
+            && !f.link_open(self.node_id, peer)
+        {
+            return false;
+        }
+        let channel = {
+            let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+            match peers.get(addr) {
+                Some(c) => c.clone(),
+                None => match Endpoint::from_shared(format!("http://{addr}")) {
+                    Ok(e) => {
+                        let c = e.connect_timeout(self.settings.probe_timeout).connect_lazy();
+                        peers.insert(addr.to_owned(), c.clone());
+                        c
+                    }
+                    Err(_) => return false,
+                },
+            }
+        };
+        let mut req = tonic::Request::new(pb::ConfirmLeaderGoneRequest {
+            broker_group: self.group.clone(),
+            leader_id: leader,
+            term,
+        });
+        let signature = self
+            .secret
+            .sign(&self.group, self.node_id, "confirm_leader_gone", unix_ms());
+        if let Ok(value) = signature.parse() {
+            req.metadata_mut().insert(PEER_AUTH_KEY, value);
+        }
+        let mut client = RaftServiceClient::new(channel);
+        let call = client.confirm_leader_gone(req);
+        let answer = tokio::time::timeout(self.settings.probe_timeout * 2, call).await;
+        tracing::debug!(group = %self.group, peer = %addr, leader, ?answer, "asked a peer whether the leader is gone");
+        matches!(answer, Ok(Ok(reply)) if reply.get_ref().gone)
+    }
+
+    fn peer_id(&self, raft_addr: &str) -> Option<NodeId> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.raft_endpoint() == raft_addr)
+            .map(|(id, _)| *id)
+    }
+
+    /// Answers a peer's `ConfirmLeaderGone`: whether `leader`, which this node
+    /// followed in `term`, is gone from here too. A node that has moved on to
+    /// another term or leader says no: the asker's view is stale.
+    pub async fn confirms_leader_gone(&self, leader: NodeId, term: u64) -> bool {
+        let (current_term, current_leader) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            (m.current_term, m.current_leader)
+        };
+        let gone = match current_leader {
+            _ if current_term != term => false,
+            None => true,
+            Some(l) if l != leader || l == self.node_id => false,
+            Some(_) => !self.leader_reachable(leader).await,
+        };
+        tracing::debug!(
+            node = self.node_id,
+            leader,
+            term,
+            current_term,
+            ?current_leader,
+            gone,
+            "confirming the leader is gone"
+        );
+        gone
     }
 
     /// Asked before granting a vote marked `leader_unreachable`: does this node

@@ -35,6 +35,9 @@ pub enum Verdict {
 struct State {
     /// Directed links `(from, to)` that carry nothing.
     cut: HashSet<(NodeId, NodeId)>,
+    /// Directed links whose replication streams the receiver sees break, as when
+    /// the connection is torn down (RST) rather than silenced.
+    resets: HashSet<(NodeId, NodeId)>,
     /// Nodes that neither send nor answer.
     paused: HashSet<NodeId>,
     /// Fraction of Raft requests lost on every link, 0..=1.
@@ -122,6 +125,24 @@ impl Faults {
         });
     }
 
+    /// `to` sees replication streams from `from` break, now and whenever one is
+    /// opened, until healed: what a follower sees of a connection torn down.
+    pub fn reset_streams(&self, from: NodeId, to: NodeId) {
+        self.update(|s| {
+            s.resets.insert((from, to));
+        });
+    }
+
+    /// Resolves while streams `from -> to` are to be reset.
+    pub async fn reset_signalled(&self, from: NodeId, to: NodeId) {
+        let mut changed = self.changed.subscribe();
+        while !self.read(|s| s.resets.contains(&(from, to))) {
+            if changed.changed().await.is_err() {
+                futures::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// `node` stops sending and answering, its connections left open (SIGSTOP).
     pub fn pause(&self, node: NodeId) {
         self.update(|s| {
@@ -155,6 +176,7 @@ impl Faults {
     pub fn heal(&self) {
         self.update(|s| {
             s.cut.clear();
+            s.resets.clear();
             s.paused.clear();
             s.drop_rate = 0.0;
             s.delay = Duration::ZERO;

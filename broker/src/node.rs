@@ -90,7 +90,11 @@ impl RaftNode {
                 source,
             })?;
         let (store, log) = (sm.reader(), log_store.reader());
-        let campaign = CampaignMarker::default();
+        let link = PeerLink {
+            secret: config.peer_secret.clone(),
+            campaign: CampaignMarker::default(),
+            faults: config.faults.clone(),
+        };
         let network = GrpcNetworkFactory::new(
             node_id,
             &config.broker_group,
@@ -98,11 +102,7 @@ impl RaftNode {
                 connect_timeout: config.connect_timeout,
                 max_message_bytes: config.max_rpc_message_bytes,
             },
-            PeerLink {
-                secret: config.peer_secret.clone(),
-                campaign: campaign.clone(),
-                faults: config.faults.clone(),
-            },
+            link.clone(),
         );
         let raft = Raft::new(node_id, raft_config, network, log_store, sm)
             .await
@@ -125,15 +125,14 @@ impl RaftNode {
             &config.broker_group,
             raft.clone(),
             config.fast_failover.clone(),
-            campaign,
-            config.faults.clone(),
+            link,
             (shutdown.clone(), group.tasks().clone()),
         );
         let service = RaftRpcService::new(
             &config.broker_group,
             raft.clone(),
             (config.peer_secret.clone(), config.peer_auth_window),
-            watch,
+            (watch, config.faults.clone()),
             incoming_dir,
             shutdown.clone(),
         )

@@ -37,6 +37,8 @@ pub struct RaftRpcService {
     /// How far a signature's time may be from this node's clock.
     auth_window: std::time::Duration,
     watch: Arc<LeaderWatch>,
+    /// Tests only: breaks inbound append streams on a reset fault.
+    faults: Option<crate::faults::Faults>,
     /// Where received snapshots are staged before installing; same filesystem as
     /// the store, so staging never crosses devices.
     incoming_dir: Arc<PathBuf>,
@@ -50,7 +52,7 @@ impl RaftRpcService {
         group: &str,
         raft: Raft<TypeConfig, StateMachine>,
         (secret, auth_window): (PeerSecret, std::time::Duration),
-        watch: Arc<LeaderWatch>,
+        (watch, faults): (Arc<LeaderWatch>, Option<crate::faults::Faults>),
         incoming_dir: PathBuf,
         shutdown: CancellationToken,
     ) -> Self {
@@ -60,6 +62,7 @@ impl RaftRpcService {
             secret,
             auth_window,
             watch,
+            faults,
             incoming_dir: Arc::new(incoming_dir),
             shutdown,
         }
@@ -118,6 +121,31 @@ impl RaftRpcService {
     }
 }
 
+type Inbound = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AppendEntriesRequest, Status>> + Send>>;
+
+impl RaftRpcService {
+    /// Tests only: the inbound stream breaks (an error, as from a torn-down
+    /// connection) once the fault layer resets `sender -> this node`.
+    fn broken_on_reset_fault(&self, sender: NodeId, requests: Streaming<pb::AppendEntriesRequest>) -> Inbound {
+        let Some(faults) = self.faults.clone() else {
+            return Box::pin(requests);
+        };
+        let me = self.watch.node_id();
+        Box::pin(futures::stream::unfold(Some(requests), move |state| {
+            let faults = faults.clone();
+            async move {
+                let mut requests = state?;
+                tokio::select! {
+                    item = requests.next() => item.map(|i| (i, Some(requests))),
+                    () = faults.reset_signalled(sender, me) => {
+                        Some((Err(Status::unavailable("fault layer: connection reset")), None))
+                    }
+                }
+            }
+        }))
+    }
+}
+
 /// PERMISSION_DENIED unless the node that signed a request is the one it speaks for.
 fn same_sender(signed_by: NodeId, claimed: NodeId, what: &str) -> Result<(), Status> {
     if signed_by == claimed {
@@ -160,6 +188,7 @@ impl RaftRpcService {
     /// first undecodable request or wrong group ends the input; the replies to the
     /// requests before it are sent, then the error.
     fn stream(&self, sender: NodeId, requests: Streaming<pb::AppendEntriesRequest>) -> ReplyStream {
+        let requests = self.broken_on_reset_fault(sender, requests);
         let failure: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
         let input = {
             let (svc, failure) = (self.clone(), failure.clone());
@@ -356,6 +385,28 @@ impl RaftService for RaftRpcService {
         self.transfer(sender, request.into_inner())
             .instrument(self.span("transfer_leader"))
             .await
+    }
+
+    async fn confirm_leader_gone(
+        &self,
+        request: Request<pb::ConfirmLeaderGoneRequest>,
+    ) -> Result<Response<pb::ConfirmLeaderGoneReply>, Status> {
+        let asker = self.authenticate(&request, "confirm_leader_gone")?;
+        let req = request.into_inner();
+        self.check_group(&req.broker_group)?;
+        let gone = self
+            .watch
+            .confirms_leader_gone(req.leader_id, req.term)
+            .instrument(self.span("confirm_leader_gone"))
+            .await;
+        tracing::info!(
+            asker,
+            leader = req.leader_id,
+            term = req.term,
+            gone,
+            "asked whether the leader is gone"
+        );
+        Ok(Response::new(pb::ConfirmLeaderGoneReply { gone }))
     }
 
     async fn install_snapshot(

@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use openraft::ServerState;
 
 use super::fixtures::{
     Check, Cluster, DEADLINE, GROUP, NameServer, QUEUES, Settings, assert_converged, create_topic_via, eventually,
@@ -76,13 +75,7 @@ async fn followers_that_crash_and_return_never_depose_a_healthy_leader() -> anyh
         cluster.wait_applied(last).await?;
         // A few election timeouts with the returned node up.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let m = cluster.replica(leader).metrics();
-        ensure!(
-            m.state == ServerState::Leader && m.current_term == term,
-            "round {round}: node {follower} returned and the leader changed: node {leader} is {:?} in term {} (was term {term})",
-            m.state,
-            m.current_term
-        );
+        cluster.ensure_still_leads(leader, term, &format!("round {round}, node {follower} returned"))?;
     }
     cluster.shutdown().await
 }

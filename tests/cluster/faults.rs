@@ -258,13 +258,7 @@ async fn one_way_partition_from_the_leader_does_not_depose_it() -> anyhow::Resul
     // Several election timeouts' worth of writes, watching the term throughout.
     while started.elapsed() < Duration::from_millis(2_000) && round < 200 {
         acked.extend(write_acked(&cluster, leader, round * 10..round * 10 + 10).await);
-        let m = cluster.replica(leader).metrics();
-        ensure!(
-            m.state == ServerState::Leader && m.current_term == term,
-            "leadership changed under a one-way partition: {:?} term {}",
-            m.state,
-            m.current_term
-        );
+        cluster.ensure_still_leads(leader, term, "under a one-way partition")?;
         round += 1;
     }
     ensure!(
@@ -302,14 +296,7 @@ async fn a_flapping_link_never_changes_the_leader() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(outage_ms).saturating_sub(outage.elapsed())).await;
         faults.mend(leader, peer);
         acked.extend(write_acked(&cluster, leader, i * 100 + 20..i * 100 + 40).await);
-        let m = cluster.replica(leader).metrics();
-        ensure!(
-            m.state == ServerState::Leader && m.current_term == term,
-            "flap {i}: leadership changed ({:?}, term {} -> {})",
-            m.state,
-            term,
-            m.current_term
-        );
+        cluster.ensure_still_leads(leader, term, &format!("flap {i}"))?;
     }
     ensure!(acked.len() == 8 * 40, "acknowledged {} of {}", acked.len(), 8 * 40);
     assert_acked_everywhere(&cluster, &acked).await?;
@@ -589,5 +576,48 @@ async fn a_client_stuck_with_the_minority_gets_unavailable_then_succeeds_after_h
         stored.first().is_some_and(|m| m.message.body.as_ref() == b"after heal"),
         "the acknowledged send is not where the receipt says"
     );
+    cluster.shutdown().await
+}
+
+/// The fast path's pre-vote: a follower whose streams from a healthy leader
+/// break and that cannot reach the leader itself finds the leader gone, but the
+/// other follower still reaches it and says so; without a quorum agreeing, the
+/// cut-off follower never campaigns, so its term stays put and the leader is
+/// not deposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_by_resets_never_raises_the_term_of_a_healthy_leader() -> anyhow::Result<()> {
+    let (cluster, faults) = faulty_cluster(7).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    create_topic_via(&cluster, leader).await?;
+    let term = cluster.replica(leader).metrics().current_term;
+    let cut = others(leader)[0];
+
+    // Its streams from the leader break, and it cannot reach the leader itself
+    // (its probes fail); the leader still reaches it, and the other follower
+    // reaches the leader.
+    faults.cut_one_way(cut, leader);
+    faults.reset_streams(leader, cut);
+    let mut acked = BTreeSet::new();
+    let started = Instant::now();
+    let mut round = 0;
+    // Several election timeouts: the cut-off follower pre-votes and is refused.
+    while started.elapsed() < Duration::from_millis(2_000) && round < 200 {
+        acked.extend(write_acked(&cluster, leader, round * 10..round * 10 + 10).await);
+        cluster.ensure_still_leads(leader, term, "while a follower's streams were reset")?;
+        round += 1;
+    }
+    ensure!(
+        cluster.replica(cut).metrics().current_term == term,
+        "the cut-off follower raised its term to {}",
+        cluster.replica(cut).metrics().current_term
+    );
+
+    faults.heal();
+    ensure!(
+        cluster.wait_for_leader(DEADLINE).await? == leader,
+        "the leader was deposed on heal"
+    );
+    cluster.ensure_still_leads(leader, term, "after heal")?;
+    assert_acked_everywhere(&cluster, &acked).await?;
     cluster.shutdown().await
 }

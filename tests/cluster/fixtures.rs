@@ -281,6 +281,18 @@ impl Cluster {
         &mut self.replicas[(id - 1) as usize]
     }
 
+    /// Fails unless `leader` still leads in `term`; `when` says at what point.
+    pub fn ensure_still_leads(&self, leader: NodeId, term: u64, when: &str) -> anyhow::Result<()> {
+        let m = self.replica(leader).metrics();
+        anyhow::ensure!(
+            m.state == ServerState::Leader && m.current_term == term,
+            "{when}: the leader changed: node {leader} is {:?} in term {} (was term {term})",
+            m.state,
+            m.current_term
+        );
+        Ok(())
+    }
+
     pub fn running(&self) -> impl Iterator<Item = &Replica> {
         self.replicas.iter().filter(|r| r.node.is_some())
     }
