@@ -482,13 +482,19 @@ async fn inject(
     let mut injected_ms = run.ms();
     // ...except that a killed process is dead before `docker kill` returns, and a
     // failover can complete inside that window: for a kill, the time is when the
-    // container exited, as Docker recorded it.
-    if matches!(fault, Fault::KillLeader | Fault::KillFollower | Fault::KillAll)
-        && let Some(t) = targets.first()
-        && let Some(died) = docker.finished_at(t).await
-        && let Ok(since) = died.duration_since(run.started_wall)
-    {
-        injected_ms = injected_ms.min(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+    // (last) container exited, as Docker recorded it.
+    if matches!(fault, Fault::KillLeader | Fault::KillFollower | Fault::KillAll) {
+        let mut last_exit = None;
+        for t in &targets {
+            if let Some(died) = docker.finished_at(t).await
+                && let Ok(since) = died.duration_since(run.started_wall)
+            {
+                last_exit = last_exit.max(Some(u64::try_from(since.as_millis()).unwrap_or(u64::MAX)));
+            }
+        }
+        if let Some(exited) = last_exit {
+            injected_ms = injected_ms.min(exited);
+        }
     }
     tokio::time::sleep(hold).await;
     for t in &targets {
