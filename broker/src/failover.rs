@@ -101,6 +101,9 @@ pub struct LeaderWatch {
     faults: Option<Faults>,
     campaign: CampaignMarker,
     failed_probe: Mutex<Option<Probe>>,
+    /// The (leader, term) a reaction is running for: broken streams and peers'
+    /// questions arrive together, and one reaction at a time is enough.
+    reacting: Mutex<Option<(NodeId, u64)>>,
     /// Signs the `ConfirmLeaderGone` questions to the other voters.
     secret: PeerSecret,
     /// Channels to peers for those questions, by Raft address (lazily connected).
@@ -126,6 +129,7 @@ impl LeaderWatch {
             faults: link.faults,
             campaign: link.campaign,
             failed_probe: Mutex::new(None),
+            reacting: Mutex::new(None),
             secret: link.secret,
             peers: Mutex::new(HashMap::new()),
             shutdown,
@@ -155,6 +159,18 @@ impl LeaderWatch {
         let Some((term, leader, rank)) = self.following(sender) else {
             return;
         };
+        {
+            let mut reacting = self.reacting.lock().unwrap_or_else(PoisonError::into_inner);
+            if *reacting == Some((leader, term)) {
+                return;
+            }
+            *reacting = Some((leader, term));
+        }
+        self.react_once(term, leader, rank).await;
+        *self.reacting.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    async fn react_once(&self, term: u64, leader: NodeId, rank: u32) {
         if self.leader_reachable(leader).await {
             tracing::debug!(group = %self.group, leader, "replication stream broke but the leader answers; nothing to do");
             return;
@@ -284,8 +300,12 @@ impl LeaderWatch {
 
     /// Answers a peer's `ConfirmLeaderGone`: whether `leader`, which this node
     /// followed in `term`, is gone from here too. A node that has moved on to
-    /// another term or leader says no: the asker's view is stale.
-    pub async fn confirms_leader_gone(&self, leader: NodeId, term: u64) -> bool {
+    /// another term or leader says no: the asker's view is stale. One that
+    /// agrees also goes through the fast path itself: its own stream from the
+    /// leader may not have broken (a replica that just restarted), and if it
+    /// ranks first among the survivors, the asker would otherwise wait out its
+    /// stagger before campaigning.
+    pub async fn confirms_leader_gone(self: &Arc<Self>, leader: NodeId, term: u64) -> bool {
         let (current_term, current_leader) = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow_watched();
@@ -306,6 +326,9 @@ impl LeaderWatch {
             gone,
             "confirming the leader is gone"
         );
+        if gone && current_leader == Some(leader) {
+            self.stream_broke(leader);
+        }
         gone
     }
 
