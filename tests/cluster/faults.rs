@@ -94,6 +94,32 @@ async fn write_acked(cluster: &Cluster, leader: NodeId, range: std::ops::Range<u
     acked
 }
 
+/// Writes batches through `leader` for two seconds (several election timeouts),
+/// checking after each that it still leads in `term`; all must be acknowledged,
+/// since the leader keeps a quorum. Returns what was.
+async fn write_while_leading(
+    cluster: &Cluster,
+    leader: NodeId,
+    term: u64,
+    when: &str,
+) -> anyhow::Result<BTreeSet<u64>> {
+    let mut acked = BTreeSet::new();
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_millis(2_000) && round < 200 {
+        acked.extend(write_acked(cluster, leader, round * 10..round * 10 + 10).await);
+        cluster.ensure_still_leads(leader, term, when)?;
+        round += 1;
+    }
+    ensure!(
+        acked.len() as u64 == round * 10,
+        "{when}: a quorum (the leader and a follower) acknowledged only {} of {}",
+        acked.len(),
+        round * 10
+    );
+    Ok(acked)
+}
+
 /// Every running replica holds every acknowledged message, and all hold the same.
 async fn assert_acked_everywhere(cluster: &Cluster, acked: &BTreeSet<u64>) -> anyhow::Result<()> {
     let deadline = Instant::now() + DEADLINE;
@@ -252,21 +278,7 @@ async fn one_way_partition_from_the_leader_does_not_depose_it() -> anyhow::Resul
     // leader. `deaf` stops hearing heartbeats and pre-votes, but the leader and
     // the other follower still hold the lease: nobody grants, the term stays.
     faults.cut_one_way(leader, deaf);
-    let mut acked = BTreeSet::new();
-    let started = Instant::now();
-    let mut round = 0;
-    // Several election timeouts' worth of writes, watching the term throughout.
-    while started.elapsed() < Duration::from_millis(2_000) && round < 200 {
-        acked.extend(write_acked(&cluster, leader, round * 10..round * 10 + 10).await);
-        cluster.ensure_still_leads(leader, term, "under a one-way partition")?;
-        round += 1;
-    }
-    ensure!(
-        acked.len() as u64 == round * 10,
-        "a quorum (leader + one follower) acknowledged only {} of {}",
-        acked.len(),
-        round * 10
-    );
+    let acked = write_while_leading(&cluster, leader, term, "under a one-way partition").await?;
 
     faults.heal();
     ensure!(cluster.wait_for_leader(DEADLINE).await? == leader);
@@ -597,15 +609,7 @@ async fn a_follower_cut_off_by_resets_never_raises_the_term_of_a_healthy_leader(
     // reaches the leader.
     faults.cut_one_way(cut, leader);
     faults.reset_streams(leader, cut);
-    let mut acked = BTreeSet::new();
-    let started = Instant::now();
-    let mut round = 0;
-    // Several election timeouts: the cut-off follower pre-votes and is refused.
-    while started.elapsed() < Duration::from_millis(2_000) && round < 200 {
-        acked.extend(write_acked(&cluster, leader, round * 10..round * 10 + 10).await);
-        cluster.ensure_still_leads(leader, term, "while a follower's streams were reset")?;
-        round += 1;
-    }
+    let acked = write_while_leading(&cluster, leader, term, "while a follower's streams were reset").await?;
     ensure!(
         cluster.replica(cut).metrics().current_term == term,
         "the cut-off follower raised its term to {}",
