@@ -111,7 +111,11 @@ impl LocalCluster {
         for (id, port) in (1u64..).zip(&opts.broker_ports) {
             let addr = free_addr("127.0.0.1", *port)
                 .with_context(|| format!("broker replica {id}'s port (is another raftmq running?)"))?;
-            let raft_port = if *port == 0 { 0 } else { port.saturating_add(30000) };
+            let raft_port = if *port == 0 {
+                0
+            } else {
+                port.saturating_add(raftmq_raft_store::RAFT_PORT_OFFSET)
+            };
             let raft = free_addr("127.0.0.1", raft_port)
                 .with_context(|| format!("broker replica {id}'s Raft peer port (is another raftmq running?)"))?;
             endpoints.insert(id, (addr.to_string(), raft.to_string()));

@@ -502,9 +502,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     cluster.stop().await
 }
 
-/// The Raft port's offset from the client port when none is given (DLedger's:
-/// a broker on 10911 takes Raft on 40911).
-const RAFT_PORT_OFFSET: u16 = 30000;
+use raftmq_raft_store::RAFT_PORT_OFFSET;
 
 /// `host:port` with the port moved by [`RAFT_PORT_OFFSET`] (port 0 stays 0: any).
 fn raft_port_of(addr: &str) -> anyhow::Result<String> {

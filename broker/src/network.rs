@@ -138,7 +138,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
     type Network = GrpcNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BrokerNode) -> GrpcNetwork {
-        let client = self.channel(node.raft_endpoint()).map(|ch| {
+        let client = self.channel(&node.raft_endpoint()).map(|ch| {
             RaftServiceClient::new(ch)
                 .max_decoding_message_size(self.settings.max_message_bytes)
                 .max_encoding_message_size(self.settings.max_message_bytes)

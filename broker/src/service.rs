@@ -399,14 +399,16 @@ impl RaftService for RaftRpcService {
             .confirms_leader_gone(req.leader_id, req.term)
             .instrument(self.span("confirm_leader_gone"))
             .await;
-        tracing::info!(
+        let reacting = self.watch.reacting_to(req.leader_id, req.term);
+        tracing::debug!(
             asker,
             leader = req.leader_id,
             term = req.term,
             gone,
+            reacting,
             "asked whether the leader is gone"
         );
-        Ok(Response::new(pb::ConfirmLeaderGoneReply { gone }))
+        Ok(Response::new(pb::ConfirmLeaderGoneReply { gone, reacting }))
     }
 
     async fn install_snapshot(

@@ -82,10 +82,14 @@ pub struct BrokerNode {
     pub addr: String,
     /// Advertised address of the node's Raft peer port. Raft is served apart from
     /// the client port so that clients never reach it. Empty in memberships
-    /// written before the split (one port served both); then `addr` is used.
+    /// written before the split (one port served both): see [`BrokerNode::raft_endpoint`].
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub raft_addr: String,
 }
+
+/// The Raft port's default offset from the client port (DLedger's: a broker on
+/// 10911 takes Raft on 40911).
+pub const RAFT_PORT_OFFSET: u16 = 30000;
 
 impl BrokerNode {
     pub fn new(addr: impl Into<String>, raft_addr: impl Into<String>) -> Self {
@@ -95,13 +99,35 @@ impl BrokerNode {
         }
     }
 
-    /// Where peers send Raft RPCs to this node.
-    pub fn raft_endpoint(&self) -> &str {
-        if self.raft_addr.is_empty() {
-            &self.addr
-        } else {
-            &self.raft_addr
+    /// Where peers send Raft RPCs to this node. A membership written before Raft
+    /// had its own port names only the client address; such a node, restarted on
+    /// this version with the default Raft port, is found at the client port +
+    /// [`RAFT_PORT_OFFSET`].
+    pub fn raft_endpoint(&self) -> std::borrow::Cow<'_, str> {
+        if !self.raft_addr.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.raft_addr);
         }
+        match self.addr.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+            Some((host, Ok(port))) if port.checked_add(RAFT_PORT_OFFSET).is_some() => {
+                std::borrow::Cow::Owned(format!("{host}:{}", port + RAFT_PORT_OFFSET))
+            }
+            _ => std::borrow::Cow::Borrowed(&self.addr),
+        }
+    }
+}
+
+#[cfg(test)]
+mod broker_node_tests {
+    use super::*;
+
+    #[test]
+    fn a_membership_from_before_the_raft_port_finds_raft_at_the_default_offset() {
+        let old: BrokerNode = serde_json::from_str(r#"{"addr":"10.0.0.1:10911"}"#).unwrap();
+        assert_eq!(old.raft_endpoint(), "10.0.0.1:40911");
+        let new = BrokerNode::new("10.0.0.1:10911", "10.0.0.1:5000");
+        assert_eq!(new.raft_endpoint(), "10.0.0.1:5000");
+        let round_trip: BrokerNode = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(round_trip, new);
     }
 }
 
