@@ -399,16 +399,14 @@ impl RaftService for RaftRpcService {
             .confirms_leader_gone(req.leader_id, req.term)
             .instrument(self.span("confirm_leader_gone"))
             .await;
-        let reacting = self.watch.reacting_to(req.leader_id, req.term);
         tracing::debug!(
             asker,
             leader = req.leader_id,
             term = req.term,
             gone,
-            reacting,
             "asked whether the leader is gone"
         );
-        Ok(Response::new(pb::ConfirmLeaderGoneReply { gone, reacting }))
+        Ok(Response::new(pb::ConfirmLeaderGoneReply { gone }))
     }
 
     async fn install_snapshot(
