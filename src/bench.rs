@@ -513,7 +513,7 @@ fn join_error(e: tokio::task::JoinError) -> raftmq_client::Error {
 /// (min, next) offsets of one queue.
 async fn offsets(consumer: &PullConsumer, topic: &str, group: &str, queue: u32) -> anyhow::Result<(u64, u64)> {
     let r = consumer
-        .pull(topic, group, queue, 0, 1, Duration::ZERO, "*")
+        .pull(topic, group, queue, 0, 1, Duration::ZERO, &raftmq_client::Filter::all())
         .await
         .with_context(|| format!("reading offsets of {group}/{queue}"))?;
     Ok((r.min_offset, r.max_offset))
@@ -552,7 +552,15 @@ async fn consume(
                 while offset < end && Instant::now() < stop_at && c.ok.load(Ordering::Relaxed) < count {
                     let t = Instant::now();
                     let r = match consumer
-                        .pull(&topic, &group, queue, offset, batch, Duration::ZERO, "*")
+                        .pull(
+                            &topic,
+                            &group,
+                            queue,
+                            offset,
+                            batch,
+                            Duration::ZERO,
+                            &raftmq_client::Filter::all(),
+                        )
                         .await
                     {
                         Ok(r) => r,
@@ -653,7 +661,15 @@ async fn e2e(
                 let (consumer, topic, (group, queue)) = (consumer.clone(), topic.clone(), mine[idx].clone());
                 async move {
                     let r = consumer
-                        .pull(&topic, &group, queue, offset, batch, Duration::from_millis(500), "*")
+                        .pull(
+                            &topic,
+                            &group,
+                            queue,
+                            offset,
+                            batch,
+                            Duration::from_millis(500),
+                            &raftmq_client::Filter::all(),
+                        )
                         .await;
                     (idx, offset, r)
                 }

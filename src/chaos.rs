@@ -327,7 +327,15 @@ async fn consume(client: Client, topic: String, group: String, queue: u32, run: 
     let mut max = 0u64;
     while !run.stop_consuming.load(Ordering::Relaxed) {
         match consumer
-            .pull(&topic, &group, queue, offset, 256, Duration::from_millis(500), "*")
+            .pull(
+                &topic,
+                &group,
+                queue,
+                offset,
+                256,
+                Duration::from_millis(500),
+                &raftmq_client::Filter::all(),
+            )
             .await
         {
             Ok(r) => {
@@ -408,7 +416,10 @@ async fn drain(client: &Client, topic: &str, queues: &[(String, u32)], run: &Run
         let mut stored = 0u64;
         let mut complete = true;
         for (g, q) in queues {
-            match consumer.pull(topic, g, *q, 0, 1, Duration::ZERO, "*").await {
+            match consumer
+                .pull(topic, g, *q, 0, 1, Duration::ZERO, &raftmq_client::Filter::all())
+                .await
+            {
                 Ok(r) => stored += r.max_offset - r.min_offset,
                 Err(_) => complete = false,
             }

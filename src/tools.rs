@@ -372,7 +372,7 @@ pub async fn run_pull(args: PullArgs) -> anyhow::Result<()> {
                 offset,
                 want,
                 Duration::from_millis(args.wait_ms),
-                &args.tag,
+                &raftmq_client::Filter::Tag(args.tag.clone()),
             )
             .await?;
         for pulled in &r.messages {

@@ -29,6 +29,9 @@ pub struct Admin {
 const DEFAULT_KEY_QUERY_MESSAGES: u32 = 32;
 /// Most messages one key query returns.
 const MAX_KEY_QUERY_MESSAGES: u32 = 1024;
+/// Bounds on a consumer group's retry settings (RocketMQ caps retries too).
+const MAX_RECONSUME_TIMES: u32 = 1000;
+const MAX_RETRY_DELAYS: usize = 64;
 
 impl Admin {
     pub fn new(group: GroupHandle, coordinator: Coordinator) -> Self {
@@ -237,6 +240,62 @@ impl Admin {
         }
     }
 
+    async fn update_consumer_group(
+        &self,
+        req: pb::UpdateConsumerGroupRequest,
+    ) -> Result<pb::UpdateConsumerGroupResponse, ApiError> {
+        let c = req
+            .config
+            .ok_or_else(|| ApiError::InvalidArgument("UpdateConsumerGroup needs a config".into()))?;
+        validate::consumer_group_name(&c.name)?;
+        let max_reconsume_times = c
+            .max_reconsume_times
+            .unwrap_or(raftmq_raft_store::pop::DEFAULT_MAX_RECONSUME_TIMES);
+        if max_reconsume_times > MAX_RECONSUME_TIMES {
+            return Err(ApiError::InvalidArgument(format!(
+                "max_reconsume_times {max_reconsume_times} exceeds {MAX_RECONSUME_TIMES}"
+            )));
+        }
+        if c.retry_delays_ms.len() > MAX_RETRY_DELAYS {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} retry delays; at most {MAX_RETRY_DELAYS} are allowed",
+                c.retry_delays_ms.len()
+            )));
+        }
+        let max_delay = self.group.config().max_delay.as_millis() as u64;
+        if let Some(d) = c.retry_delays_ms.iter().find(|d| **d == 0 || **d > max_delay) {
+            return Err(ApiError::InvalidArgument(format!(
+                "retry delay {d} ms is not between 1 ms and the broker's maximum delay of {max_delay} ms"
+            )));
+        }
+        self.group.ensure_leader()?;
+        let config = raftmq_raft_store::ConsumerGroupConfig {
+            name: c.name,
+            fifo: c.fifo,
+            max_reconsume_times,
+            retry_delays_ms: if c.retry_delays_ms.is_empty() {
+                raftmq_raft_store::pop::DEFAULT_RETRY_DELAYS_MS.to_vec()
+            } else {
+                c.retry_delays_ms
+            },
+        };
+        self.group.write(Command::UpsertConsumerGroup(config)).await?;
+        Ok(pb::UpdateConsumerGroupResponse {})
+    }
+
+    fn get_consumer_group(&self, req: pb::GetConsumerGroupRequest) -> Result<pb::GetConsumerGroupResponse, ApiError> {
+        validate::consumer_group_name(&req.consumer_group)?;
+        let c = self.group.store().with_pop(|p| p.config(&req.consumer_group));
+        Ok(pb::GetConsumerGroupResponse {
+            config: Some(pb::ConsumerGroupConfig {
+                name: c.name,
+                fifo: c.fifo,
+                max_reconsume_times: Some(c.max_reconsume_times),
+                retry_delays_ms: c.retry_delays_ms,
+            }),
+        })
+    }
+
     fn span(&self, rpc: &'static str, topic: &str) -> tracing::Span {
         tracing::info_span!("admin", rpc, group = %self.group.group(), topic)
     }
@@ -345,5 +404,25 @@ impl AdminService for Admin {
         async { answer("QueryMessage", Admin::query_message(self, req).await) }
             .instrument(span)
             .await
+    }
+
+    async fn update_consumer_group(
+        &self,
+        request: Request<pb::UpdateConsumerGroupRequest>,
+    ) -> Result<tonic::Response<pb::UpdateConsumerGroupResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("UpdateConsumerGroup", "");
+        async { answer("UpdateConsumerGroup", Admin::update_consumer_group(self, req).await) }
+            .instrument(span)
+            .await
+    }
+
+    async fn get_consumer_group(
+        &self,
+        request: Request<pb::GetConsumerGroupRequest>,
+    ) -> Result<tonic::Response<pb::GetConsumerGroupResponse>, Status> {
+        let req = request.into_inner();
+        let _span = self.span("GetConsumerGroup", "").entered();
+        answer("GetConsumerGroup", Admin::get_consumer_group(self, req))
     }
 }

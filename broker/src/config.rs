@@ -125,6 +125,13 @@ pub struct MessagingConfig {
     /// member that could not heartbeat this long stops consuming by itself.
     /// Default 5 s. Must exceed two heartbeat intervals.
     pub consumer_session_timeout: Duration,
+    /// Latest delivery time a delayed message may ask for, from now. Default 3
+    /// days (RocketMQ 5's `timerMaxDelaySec`).
+    pub max_delay: Duration,
+    /// Most messages one POP consumer group may hold in flight on this broker
+    /// group; a receive past it is RESOURCE_EXHAUSTED. Default 100,000. Bounds
+    /// the POP state every replica keeps in memory.
+    pub max_inflight_per_group: usize,
 }
 
 impl Default for MessagingConfig {
@@ -142,6 +149,8 @@ impl Default for MessagingConfig {
             unconfirmed_leader_retry: Duration::from_secs(1),
             consumer_heartbeat_interval: Duration::from_secs(1),
             consumer_session_timeout: Duration::from_secs(5),
+            max_delay: Duration::from_secs(3 * 24 * 3600),
+            max_inflight_per_group: 100_000,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Coordinator {
     /// from election, not from the first heartbeat, so a leader that has led for a
     /// while grants a new group's queues at once.
     elected: std::sync::Arc<std::sync::Mutex<(u64, Instant)>>,
+    /// POP consumption and retries, served on the same gRPC service.
+    pop: crate::pop::Pop,
 }
 
 /// Soft state of one leadership term.
@@ -147,6 +149,7 @@ impl Coordinator {
         };
         group.tasks().spawn(watch);
         Coordinator {
+            pop: crate::pop::Pop::new(group.clone()),
             group,
             state: std::sync::Arc::new(tokio::sync::Mutex::new(State {
                 term: 0,
@@ -197,6 +200,14 @@ impl Coordinator {
             )));
         }
         self.group.ensure_leader()?;
+        if self.pop.is_pop_group(&req.consumer_group) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "consumer group {} consumes by POP (Receive) on broker group {}; a group uses POP or \
+                 clustering heartbeats, not both",
+                req.consumer_group,
+                self.group.group()
+            )));
+        }
         let topic = self.group.topic_for_write(&req.topic).await?;
         if topic.perm & PERM_READ == 0 {
             return Err(ApiError::FailedPrecondition(format!(
@@ -382,6 +393,28 @@ impl Coordinator {
             })
             .await?;
         Ok(true)
+    }
+
+    /// Whether the group has live clustering members on this leader.
+    async fn has_members(&self, consumer_group: &str) -> bool {
+        let st = self.state().await;
+        let timeout = self.session_timeout();
+        let now = Instant::now();
+        st.topics.iter().any(|((g, _), gt)| {
+            g == consumer_group && gt.members.values().any(|m| now.duration_since(m.last_seen) < timeout)
+        })
+    }
+
+    async fn receive(&self, req: pb::ReceiveRequest) -> Result<pb::ReceiveResponse, ApiError> {
+        if self.has_members(&req.consumer_group).await {
+            return Err(ApiError::FailedPrecondition(format!(
+                "consumer group {} has clustering members (Heartbeat) on broker group {}; a group uses POP or \
+                 clustering heartbeats, not both",
+                req.consumer_group,
+                self.group.group()
+            )));
+        }
+        self.pop.receive(req).await
     }
 
     async fn query_offset(&self, req: pb::QueryOffsetRequest) -> Result<pb::QueryOffsetResponse, ApiError> {
@@ -610,6 +643,55 @@ impl ConsumerService for Coordinator {
             .map(tonic::Response::new)
             .map_err(Status::from)
     }
+
+    async fn receive(
+        &self,
+        request: Request<pb::ReceiveRequest>,
+    ) -> Result<tonic::Response<pb::ReceiveResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("receive", group = %self.group.group(), consumer_group = %req.consumer_group, topic = %req.topic);
+        answer(Coordinator::receive(self, req).instrument(span).await)
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Result<tonic::Response<pb::AckResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("ack", group = %self.group.group(), consumer_group = %req.consumer_group, handles = req.receipt_handles.len());
+        answer(self.pop.ack(req).instrument(span).await)
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        request: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> Result<tonic::Response<pb::ChangeInvisibleDurationResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("change_invisible_duration", group = %self.group.group(), consumer_group = %req.consumer_group);
+        answer(self.pop.change_invisible_duration(req).instrument(span).await)
+    }
+
+    async fn forward_to_dead_letter(
+        &self,
+        request: Request<pb::ForwardToDeadLetterRequest>,
+    ) -> Result<tonic::Response<pb::ForwardToDeadLetterResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("forward_to_dead_letter", group = %self.group.group(), consumer_group = %req.consumer_group);
+        answer(self.pop.forward_to_dead_letter(req).instrument(span).await)
+    }
+
+    async fn send_back(
+        &self,
+        request: Request<pb::SendBackRequest>,
+    ) -> Result<tonic::Response<pb::SendBackResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("send_back", group = %self.group.group(), consumer_group = %req.consumer_group, message_id = %req.message_id);
+        answer(self.pop.send_back(req).instrument(span).await)
+    }
+}
+
+fn answer<T>(result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "refused");
+    }
+    result.map(tonic::Response::new).map_err(Status::from)
 }
 
 #[cfg(test)]

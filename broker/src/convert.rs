@@ -63,22 +63,48 @@ pub fn message_from_pb(m: pb::Message) -> Message {
         properties,
         body: m.body.into(),
         born_timestamp_ms: m.born_timestamp_ms,
+        // The edge resolved delay_ms and delay_level into this absolute time.
+        deliver_at_ms: m.deliver_at_ms,
     }
 }
 
+/// Property naming the topic a retried or dead-lettered message was sent to.
+pub const PROPERTY_ORIGIN_TOPIC: &str = "ORIGIN_TOPIC";
+pub const PROPERTY_ORIGIN_QUEUE_ID: &str = "ORIGIN_QUEUE_ID";
+pub const PROPERTY_ORIGIN_QUEUE_OFFSET: &str = "ORIGIN_QUEUE_OFFSET";
+pub const PROPERTY_ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
+
+/// A stored message as consumers see it. A message read from a retry topic or a
+/// dead-letter queue keeps its id and shows its original topic, with the
+/// `ORIGIN_*` properties saying where it was first stored.
 pub fn pulled_message(group: &str, m: StoredMessage) -> pb::PulledMessage {
+    let id = message_id(group, m.raft_index, m.batch_pos);
+    let mut properties: std::collections::HashMap<String, String> = m.message.properties.into_iter().collect();
+    let mut topic = m.topic;
+    if let Some(o) = m.origin {
+        properties.insert(PROPERTY_ORIGIN_TOPIC.into(), o.topic.clone());
+        properties.insert(PROPERTY_ORIGIN_QUEUE_ID.into(), o.queue_id.to_string());
+        if let Some(off) = o.queue_offset {
+            properties.insert(PROPERTY_ORIGIN_QUEUE_OFFSET.into(), off.to_string());
+        }
+        properties.insert(PROPERTY_ORIGIN_MESSAGE_ID.into(), id.clone());
+        topic = o.topic;
+    }
     pb::PulledMessage {
-        message_id: message_id(group, m.raft_index, m.batch_pos),
+        reconsume_times: m.reconsume_times,
+        message_id: id,
         queue_id: m.queue_id,
         queue_offset: m.queue_offset,
         store_timestamp_ms: m.store_timestamp_ms,
         message: Some(pb::Message {
-            topic: m.topic,
+            topic,
             tag: m.message.tag,
             keys: m.message.keys,
-            properties: m.message.properties.into_iter().collect(),
+            properties,
             body: m.message.body.to_vec(),
             born_timestamp_ms: m.message.born_timestamp_ms,
+            deliver_at_ms: m.message.deliver_at_ms,
+            ..Default::default()
         }),
     }
 }

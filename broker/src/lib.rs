@@ -17,7 +17,10 @@
 //! * [`node`]: [`RaftNode`] opens the store, starts Raft, serves on a bound
 //!   listener until a `CancellationToken` fires, and shuts down in order.
 //! * [`consumer_group`]: consumer-group membership, queue assignment and offset
-//!   commits on the leader (`raftmq.v1.ConsumerService`).
+//!   commits on the leader (`raftmq.v1.ConsumerService`); [`pop`]: POP receive,
+//!   ack, invisible time, retry and dead-letter moves; [`timers`]: the leader's
+//!   loop that fires due timers (delayed messages, retries); [`filter`] and
+//!   [`sql92`]: tag and SQL92 subscription filters.
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
 //!   `raftmq.v1` client API. Input is checked in [`validate`] before anything is
 //!   proposed; the write path and leadership handling are in [`group`]; every
@@ -36,13 +39,17 @@ pub mod convert;
 pub mod error;
 pub mod failover;
 pub mod faults;
+pub mod filter;
 pub mod group;
 pub mod messaging;
 pub mod network;
 pub mod node;
 pub mod peer_auth;
+pub mod pop;
 pub mod registration;
 pub mod service;
+pub mod sql92;
+pub mod timers;
 pub mod validate;
 pub mod wire;
 

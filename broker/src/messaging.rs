@@ -21,8 +21,9 @@ use tracing::Instrument;
 
 use crate::api_error::ApiError;
 use crate::convert;
+use crate::filter::MessageFilter;
 use crate::group::GroupHandle;
-use crate::validate::{self, TagFilter};
+use crate::validate;
 
 /// Messages a Pull returns when the request leaves `max_messages` at 0.
 pub const DEFAULT_PULL_MESSAGES: u32 = 32;
@@ -74,15 +75,31 @@ impl Messaging {
         };
         tracing::Span::current().record("queue", queue_id);
         let count = req.messages.len();
+        // Stamped once here so every replica stores the same time.
+        let store_timestamp_ms = now_ms();
+        let due = validate::delivery_times(&req.messages, store_timestamp_ms, g.config().max_delay)?;
+        let mut messages: Vec<_> = req.messages.into_iter().map(convert::message_from_pb).collect();
+        for (i, m) in messages.iter_mut().enumerate() {
+            m.deliver_at_ms = due.as_ref().map_or(0, |d| d[i]);
+        }
         let batch = AppendBatch {
             topic: req.topic,
             queue_id,
-            // Stamped once here so every replica stores the same time.
-            store_timestamp_ms: now_ms(),
-            messages: req.messages.into_iter().map(convert::message_from_pb).collect(),
+            store_timestamp_ms,
+            messages,
         };
         let written = g.write(Command::Append(batch)).await?;
         match written.response {
+            Response::Scheduled { count: n } if n as usize == count => Ok(pb::SendResponse {
+                results: (0..n)
+                    .map(|pos| pb::SendResult {
+                        message_id: convert::message_id(g.group(), written.index, pos),
+                        queue_id,
+                        queue_offset: 0,
+                        deliver_at_ms: due.as_ref().map_or(0, |d| d[pos as usize]),
+                    })
+                    .collect(),
+            }),
             Response::Appended {
                 queue_id,
                 first_offset,
@@ -93,6 +110,7 @@ impl Messaging {
                         message_id: convert::message_id(g.group(), written.index, pos),
                         queue_id,
                         queue_offset: first_offset + u64::from(pos),
+                        deliver_at_ms: 0,
                     })
                     .collect(),
             }),
@@ -118,7 +136,7 @@ impl Messaging {
     async fn pull(&self, req: pb::PullRequest) -> Result<pb::PullResponse, ApiError> {
         let g = &self.group;
         validate::topic_name(&req.topic)?;
-        let filter = TagFilter::parse(&req.tag_expression)?;
+        let filter = MessageFilter::parse(req.filter_type, &req.tag_expression)?;
         let topic = g.topic(&req.topic)?;
         g.check_queue(&topic, req.queue_id)?;
         if topic.perm & PERM_READ == 0 {
@@ -170,7 +188,7 @@ impl Messaging {
         queue_id: u32,
         offset: u64,
         max: usize,
-        filter: &TagFilter,
+        filter: &MessageFilter,
     ) -> Result<pb::PullResponse, ApiError> {
         let store = self.group.store().clone();
         let (topic, filter) = (topic.to_owned(), filter.clone());
@@ -211,7 +229,7 @@ impl Messaging {
                         break 'scan;
                     }
                     next = m.queue_offset + 1;
-                    if filter.matches(&m.message.tag) {
+                    if filter.matches(&m.message.tag, &m.message.properties) {
                         bytes += m.message.body.len();
                         messages.push(convert::pulled_message(&group, m));
                         if messages.len() == max {
@@ -235,7 +253,7 @@ impl Messaging {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

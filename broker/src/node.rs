@@ -149,6 +149,7 @@ impl RaftNode {
             );
         }
         let tasks = group.tasks().clone();
+        crate::timers::spawn(group.clone());
         let coordinator = crate::consumer_group::Coordinator::new(group.clone());
         let admin = Admin::new(group, coordinator.clone()).into_server();
         let consumer = coordinator.into_server();

@@ -3,6 +3,8 @@
 //! never leaves part of itself written. Checks that need the replicated state
 //! (does the topic exist, is the queue id in range) live with the handlers.
 
+use std::time::Duration;
+
 use raftmq_proto::v1 as pb;
 
 use crate::api_error::ApiError;
@@ -173,6 +175,70 @@ pub fn send_request(req: &pb::SendRequest, limits: &MessagingConfig) -> Result<(
         )));
     }
     Ok(())
+}
+
+/// RocketMQ's 18 delay levels, in ms.
+pub const DELAY_LEVELS_MS: [u64; 18] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000, 480_000, 540_000,
+    600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
+];
+
+/// Resolves each message's delivery time (absolute, relative or a delay level)
+/// against `now_ms`: `Some(due)` per message when the batch is delayed, `None`
+/// when it is immediate. A time not after `now_ms` delivers at once. Refuses a
+/// message setting two of the fields, a level outside 1..18, a time past
+/// `max_delay`, and a batch mixing delayed and immediate messages.
+pub fn delivery_times(
+    messages: &[pb::Message],
+    now_ms: u64,
+    max_delay: Duration,
+) -> Result<Option<Vec<u64>>, ApiError> {
+    let max_ms = u64::try_from(max_delay.as_millis()).unwrap_or(u64::MAX);
+    let mut due = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let set = [m.deliver_at_ms != 0, m.delay_ms != 0, m.delay_level != 0];
+        if set.iter().filter(|s| **s).count() > 1 {
+            return Err(ApiError::InvalidArgument(format!(
+                "message {i}: set at most one of deliver_at_ms, delay_ms and delay_level"
+            )));
+        }
+        let at = if m.delay_level != 0 {
+            let Some(d) = DELAY_LEVELS_MS.get(m.delay_level as usize - 1) else {
+                return Err(ApiError::InvalidArgument(format!(
+                    "message {i}: delay_level {} is not one of RocketMQ's levels 1 to 18",
+                    m.delay_level
+                )));
+            };
+            now_ms.saturating_add(*d)
+        } else if m.delay_ms != 0 {
+            if m.delay_ms > max_ms {
+                return Err(ApiError::InvalidArgument(format!(
+                    "message {i}: delay_ms {} exceeds the broker's maximum delay of {max_ms} ms",
+                    m.delay_ms
+                )));
+            }
+            now_ms.saturating_add(m.delay_ms)
+        } else {
+            m.deliver_at_ms
+        };
+        if at > now_ms.saturating_add(max_ms) {
+            return Err(ApiError::InvalidArgument(format!(
+                "message {i}: delivery time {at} is more than the broker's maximum delay of {max_ms} ms after now ({now_ms})"
+            )));
+        }
+        due.push(if at > now_ms { at } else { 0 });
+    }
+    let delayed = due.iter().filter(|d| **d != 0).count();
+    if delayed == 0 {
+        return Ok(None);
+    }
+    if delayed != due.len() {
+        return Err(ApiError::InvalidArgument(format!(
+            "{delayed} of the batch's {} messages are delayed: a batch is either all delayed or all immediate",
+            due.len()
+        )));
+    }
+    Ok(Some(due))
 }
 
 /// A parsed tag expression: `None` accepts every message.

@@ -12,6 +12,44 @@ use crate::error::Error;
 use crate::leader::{Attempt, Followers, Spec, Target, follow};
 use crate::route::{Core, TopicRoute};
 
+/// Which messages of a queue a consumer wants, evaluated by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// `"*"` (or empty) for all, or `"TagA || TagB"`.
+    Tag(String),
+    /// RocketMQ's SQL92 subset over user properties and `TAGS`, e.g.
+    /// `"region = 'eu' AND amount > 100"`; a malformed one is refused with the
+    /// position of the error.
+    Sql92(String),
+}
+
+impl Filter {
+    /// Every message.
+    pub fn all() -> Filter {
+        Filter::Tag("*".into())
+    }
+
+    /// The wire's `(filter_type, expression)`.
+    pub fn to_wire(&self) -> (i32, String) {
+        match self {
+            Filter::Tag(e) => (pb::FilterType::Tag as i32, e.clone()),
+            Filter::Sql92(e) => (pb::FilterType::Sql92 as i32, e.clone()),
+        }
+    }
+
+    pub fn expression(&self) -> &str {
+        match self {
+            Filter::Tag(e) | Filter::Sql92(e) => e,
+        }
+    }
+}
+
+impl From<&str> for Filter {
+    fn from(tag_expression: &str) -> Filter {
+        Filter::Tag(tag_expression.to_owned())
+    }
+}
+
 /// One pull's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PullResult {
@@ -48,7 +86,7 @@ impl PullConsumer {
     /// `send_deadline` + `max_wait` (a pull has no side effect, so retrying is
     /// safe; see `leader` for the policy).
     #[allow(clippy::too_many_arguments)]
-    #[tracing::instrument(skip(self, tag_expression))]
+    #[tracing::instrument(skip(self, filter))]
     pub async fn pull(
         &self,
         topic: &str,
@@ -57,8 +95,9 @@ impl PullConsumer {
         offset: u64,
         max: u32,
         max_wait: Duration,
-        tag_expression: &str,
+        filter: &Filter,
     ) -> Result<PullResult, Error> {
+        let (filter_type, expression) = filter.to_wire();
         let spec = Spec {
             label: topic,
             deadline: self.core.config.send_deadline + max_wait,
@@ -85,7 +124,8 @@ impl PullConsumer {
                 // Near the call's deadline the wait shrinks, so the broker answers
                 // before this client stops listening.
                 max_wait_ms: u32::try_from(a.long_poll.as_millis()).unwrap_or(u32::MAX),
-                tag_expression: tag_expression.to_owned(),
+                tag_expression: expression.clone(),
+                filter_type,
             };
             async move {
                 MessagingServiceClient::new(a.channel)

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 pub use admin::Admin;
 pub use config::ClientConfig;
-pub use consumer::{PullConsumer, PullResult};
+pub use consumer::{Filter, PullConsumer, PullResult};
 pub use error::Error;
 pub use producer::{Producer, SendReceipt};
 pub use push::{ConsumeMode, ConsumeResult, ConsumerStats, MessageModel, PushConsumer, PushConsumerBuilder, StartFrom};

@@ -379,8 +379,9 @@ async fn consume_queue(
     };
     'pull: while !stop.is_cancelled() {
         let from = lock(&progress).pulled_to;
+        let filter = crate::consumer::Filter::Tag(s.tag_expression.clone());
         let pulled = tokio::select! {
-            r = ctx.pull.pull(&s.topic, &group, queue_id, from, s.pull_batch, s.pull_wait, &s.tag_expression) => r,
+            r = ctx.pull.pull(&s.topic, &group, queue_id, from, s.pull_batch, s.pull_wait, &filter) => r,
             _ = stop.cancelled() => break,
         };
         // Reap finished callbacks so the set does not grow with the queue.
@@ -611,6 +612,7 @@ impl Member {
                 client_id: s.client_id.clone(),
                 topic: s.topic.clone(),
                 tag_expression: s.tag_expression.clone(),
+                filter_type: pb::FilterType::Tag as i32,
                 start_from: match s.start_from {
                     StartFrom::First => pb::StartFrom::First,
                     StartFrom::Last => pb::StartFrom::Last,
@@ -722,7 +724,15 @@ impl Member {
                                 StartFrom::First | StartFrom::Timestamp(_) => 0,
                                 StartFrom::Last => match ctx
                                     .pull
-                                    .pull(&s.topic, &g.broker_group, q, u64::MAX, 1, Duration::ZERO, "*")
+                                    .pull(
+                                        &s.topic,
+                                        &g.broker_group,
+                                        q,
+                                        u64::MAX,
+                                        1,
+                                        Duration::ZERO,
+                                        &crate::consumer::Filter::all(),
+                                    )
                                     .await
                                 {
                                     Ok(r) => r.max_offset,

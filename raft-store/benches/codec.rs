@@ -19,6 +19,7 @@ fn batch(messages: usize, size: usize) -> Command {
                 properties: vec![("seq".into(), i.to_string())],
                 body: Bytes::from(vec![b'x'; size]),
                 born_timestamp_ms: 1_700_000_000_000,
+                deliver_at_ms: 0,
             })
             .collect(),
     })

@@ -37,6 +37,7 @@ fn entry(index: u64) -> Entry {
                 properties: Vec::new(),
                 body: Bytes::from(vec![7u8; RECORD_BYTES]),
                 born_timestamp_ms: 0,
+                deliver_at_ms: 0,
             }],
         })),
     }

@@ -12,8 +12,9 @@ use std::io;
 use bytes::{Buf, BufMut, Bytes};
 use serde::{Deserialize, Serialize};
 
-/// Version of the command encoding written by this build.
-pub const COMMAND_VERSION: u8 = 1;
+/// Version of the command encoding written by this build. Version 2 added a
+/// message's delivery time; version 1 entries (no delivery time) still decode.
+pub const COMMAND_VERSION: u8 = 2;
 
 /// RocketMQ's permission bits, kept so configs read the same to its users.
 pub const PERM_READ: u8 = 4;
@@ -29,6 +30,58 @@ pub struct Message {
     pub body: Bytes,
     /// The producer's clock when it created the message (ms since the epoch).
     pub born_timestamp_ms: u64,
+    /// Delayed delivery (ms since the epoch); 0 = immediate. A message due after
+    /// its batch's store time gets a timer instead of a ConsumeQueue row.
+    #[serde(default)]
+    pub deliver_at_ms: u64,
+}
+
+/// Where a stored message is and what its ConsumeQueue row needs, so that moving
+/// it to another queue (a due timer, a retry, the dead-letter queue) writes a row
+/// pointing at the same record instead of copying the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRef {
+    pub raft_index: u64,
+    pub batch_pos: u32,
+    pub size: u32,
+    pub tag_hash: u64,
+}
+
+/// A timer's key: due time, then the index of the entry that created it and a
+/// slot within that entry (unique together, so two timers never collide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TimerKey {
+    pub due_ms: u64,
+    pub created_index: u64,
+    pub slot: u32,
+}
+
+/// One message queue's share of a POP receive, as the leader decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PopPick {
+    pub queue_id: u32,
+    /// The queue's hand-out cursor the leader read; the new offsets apply only if
+    /// it is still the cursor (else a concurrent receive took them first).
+    pub from_cursor: u64,
+    /// The cursor after this receive: offsets in `[from_cursor, to_cursor)` not in
+    /// `new` were filtered out, and count as consumed by the group.
+    pub to_cursor: u64,
+    pub new: Vec<u64>,
+    /// In-flight messages whose invisible time passed: `(offset, epoch)` as read.
+    pub redeliver: Vec<(u64, u64)>,
+    /// Expired messages past the group's max reconsume times: to the DLQ.
+    pub dead: Vec<(u64, u64, MessageRef)>,
+}
+
+/// A consumer group's replicated settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerGroupConfig {
+    pub name: String,
+    /// POP: one delivery at a time per queue, in order.
+    pub fifo: bool,
+    pub max_reconsume_times: u32,
+    /// The n-th retry waits the n-th delay; the last repeats.
+    pub retry_delays_ms: Vec<u64>,
 }
 
 /// Messages for one message queue, appended as one Raft entry.
@@ -72,6 +125,58 @@ pub enum Command {
         group: String,
         offsets: Vec<QueueOffset>,
     },
+    /// Makes due timers' messages visible. A key that is no longer pending (fired
+    /// by an earlier entry, e.g. a previous leader's) is skipped: every timer fires
+    /// exactly once whoever proposes it and however often.
+    FireTimers {
+        store_timestamp_ms: u64,
+        timers: Vec<TimerKey>,
+    },
+    /// A push consumer's failed message: a timer into `%RETRY%<group>` due at
+    /// `due_ms`, or (`due_ms` = 0) a row in `%DLQ%<group>` now.
+    SendBack {
+        group: String,
+        message: MessageRef,
+        /// The count the redelivered message will carry.
+        reconsume_times: u32,
+        due_ms: u64,
+        store_timestamp_ms: u64,
+    },
+    /// Hands out messages of one topic to a POP consumer group.
+    PopReceive {
+        group: String,
+        topic: String,
+        /// The leader's clock; deadlines are `now_ms + invisible_ms`.
+        now_ms: u64,
+        invisible_ms: u64,
+        picks: Vec<PopPick>,
+    },
+    /// Acks handed-out messages, each named by `(queue, offset, epoch)`.
+    PopAck {
+        group: String,
+        topic: String,
+        acks: Vec<(u32, u64, u64)>,
+    },
+    /// New deadline for one in-flight message; its epoch becomes this entry's index.
+    PopChangeInvisible {
+        group: String,
+        topic: String,
+        queue_id: u32,
+        offset: u64,
+        epoch: u64,
+        deadline_ms: u64,
+    },
+    /// Moves one in-flight message to `%DLQ%<group>` now.
+    PopDeadLetter {
+        group: String,
+        topic: String,
+        queue_id: u32,
+        offset: u64,
+        epoch: u64,
+        message: MessageRef,
+        store_timestamp_ms: u64,
+    },
+    UpsertConsumerGroup(ConsumerGroupConfig),
 }
 
 /// The state machine's answer to one entry.
@@ -90,6 +195,30 @@ pub enum Response {
         existed: bool,
     },
     OffsetsCommitted,
+    /// An append whose messages are all delayed: stored, with a timer each.
+    Scheduled {
+        count: u32,
+    },
+    TimersFired {
+        fired: u32,
+    },
+    SentBack {
+        dead_lettered: bool,
+    },
+    /// The picks the state machine accepted, each `(queue, offset, attempt)`;
+    /// their epoch is the entry's index.
+    Popped {
+        accepted: Vec<(u32, u64, u32)>,
+    },
+    /// Per ack in request order: whether it named the current delivery.
+    PopAcked {
+        ok: Vec<bool>,
+    },
+    /// Whether the handle named the current delivery (else nothing changed).
+    PopChanged {
+        ok: bool,
+    },
+    ConsumerGroupUpserted,
     /// The command was valid when proposed but not when applied (e.g. its topic was
     /// deleted in between). Every replica refuses it the same way.
     Rejected {
@@ -112,6 +241,19 @@ impl std::fmt::Display for Command {
             Command::CommitOffsets { group, offsets } => {
                 write!(f, "commit {} offset(s) of group {group}", offsets.len())
             }
+            Command::FireTimers { timers, .. } => write!(f, "fire {} timer(s)", timers.len()),
+            Command::SendBack {
+                group, reconsume_times, ..
+            } => write!(f, "send back a message of group {group} (reconsume {reconsume_times})"),
+            Command::PopReceive {
+                group, topic, picks, ..
+            } => {
+                write!(f, "POP receive for group {group} on {topic} ({} queue(s))", picks.len())
+            }
+            Command::PopAck { group, acks, .. } => write!(f, "POP ack of {} message(s) of group {group}", acks.len()),
+            Command::PopChangeInvisible { group, .. } => write!(f, "POP change invisible time (group {group})"),
+            Command::PopDeadLetter { group, .. } => write!(f, "POP dead-letter a message of group {group}"),
+            Command::UpsertConsumerGroup(c) => write!(f, "upsert consumer group {}", c.name),
         }
     }
 }
@@ -126,6 +268,10 @@ const TAG_APPEND: u8 = 1;
 const TAG_UPSERT_TOPIC: u8 = 2;
 const TAG_DELETE_TOPIC: u8 = 3;
 const TAG_COMMIT_OFFSETS: u8 = 4;
+/// Message-lifecycle commands (timers, POP, retry, group configs) are small and
+/// rare next to appends; they are encoded as JSON after the tag rather than
+/// hand-framed, so adding a field cannot misframe one.
+const TAG_JSON: u8 = 5;
 
 impl Command {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -149,6 +295,7 @@ impl Command {
                         put_str(out, v);
                     }
                     out.put_u64_le(m.born_timestamp_ms);
+                    put_varint(out, m.deliver_at_ms);
                     put_varint(out, m.body.len() as u64);
                     out.put_slice(&m.body);
                 }
@@ -173,6 +320,11 @@ impl Command {
                     out.put_u64_le(o.offset);
                 }
             }
+            other => {
+                out.put_u8(TAG_JSON);
+                // Serializing plain structs of strings and integers cannot fail.
+                serde_json::to_writer(&mut *out, other).expect("command serializes to JSON");
+            }
         }
     }
 
@@ -186,7 +338,7 @@ impl Command {
     pub fn decode(mut buf: Bytes) -> io::Result<Command> {
         let r = &mut buf;
         let version = get_u8(r, "command version")?;
-        if version != COMMAND_VERSION {
+        if version != COMMAND_VERSION && version != 1 {
             return Err(invalid(format_args!(
                 "command encoding version {version} is not supported (this build reads {COMMAND_VERSION})"
             )));
@@ -207,6 +359,11 @@ impl Command {
                         .map(|_| Ok((get_str(r, "property name")?, get_str(r, "property value")?)))
                         .collect::<io::Result<_>>()?;
                     let born_timestamp_ms = get_u64_le(r, "born timestamp")?;
+                    let deliver_at_ms = if version >= 2 {
+                        get_varint(r, "delivery time")?
+                    } else {
+                        0
+                    };
                     let body = get_bytes(r, "body")?;
                     messages.push(Message {
                         tag,
@@ -214,6 +371,7 @@ impl Command {
                         properties,
                         body,
                         born_timestamp_ms,
+                        deliver_at_ms,
                     });
                 }
                 Command::Append(AppendBatch {
@@ -243,6 +401,15 @@ impl Command {
                     });
                 }
                 Command::CommitOffsets { group, offsets }
+            }
+            TAG_JSON => {
+                let cmd: Command = serde_json::from_slice(r.chunk())
+                    .map_err(|e| invalid(format_args!("lifecycle command JSON: {e}")))?;
+                if matches!(cmd, Command::Append(_)) {
+                    return Err(invalid(format_args!("an append must use the binary framing")));
+                }
+                r.advance(r.remaining());
+                cmd
             }
             other => return Err(invalid(format_args!("unknown command tag {other}"))),
         };
@@ -356,13 +523,15 @@ mod tests {
             proptest::collection::vec(("[a-z]{1,6}", ".{0,10}"), 0..3),
             proptest::collection::vec(any::<u8>(), 0..300),
             any::<u64>(),
+            prop_oneof![Just(0u64), any::<u64>()],
         )
-            .prop_map(|(tag, keys, properties, body, born)| Message {
+            .prop_map(|(tag, keys, properties, body, born, deliver_at_ms)| Message {
                 tag,
                 keys,
                 properties,
                 body: Bytes::from(body),
                 born_timestamp_ms: born,
+                deliver_at_ms,
             })
     }
 
@@ -398,6 +567,27 @@ mod tests {
                         })
                         .collect()
                 }),
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u32>()), 0..4)
+            )
+                .prop_map(|(ts, t)| Command::FireTimers {
+                    store_timestamp_ms: ts,
+                    timers: t
+                        .into_iter()
+                        .map(|(due_ms, created_index, slot)| TimerKey {
+                            due_ms,
+                            created_index,
+                            slot
+                        })
+                        .collect()
+                }),
+            (
+                "[a-z]{1,10}",
+                "[a-z]{1,5}",
+                proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)
+            )
+                .prop_map(|(group, topic, acks)| Command::PopAck { group, topic, acks }),
         ]
     }
 
@@ -419,6 +609,26 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Command::decode(Bytes::from(bytes));
         }
+    }
+
+    #[test]
+    fn version_1_entries_still_decode() {
+        // A v1 append (written before delivery times existed): no delivery-time field.
+        let mut v1 = vec![1, TAG_APPEND];
+        put_str(&mut v1, "T");
+        put_varint(&mut v1, 2);
+        v1.put_u64_le(7);
+        put_varint(&mut v1, 1);
+        put_str(&mut v1, "tag");
+        put_varint(&mut v1, 0);
+        put_varint(&mut v1, 0);
+        v1.put_u64_le(9);
+        put_str(&mut v1, "body");
+        let Command::Append(b) = Command::decode(Bytes::from(v1)).unwrap() else {
+            panic!("not an append")
+        };
+        assert_eq!((b.queue_id, b.messages[0].deliver_at_ms), (2, 0));
+        assert_eq!(&b.messages[0].body[..], b"body");
     }
 
     #[test]

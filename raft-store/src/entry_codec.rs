@@ -130,6 +130,7 @@ mod tests {
                     properties: vec![],
                     body: Bytes::from_static(b"hello"),
                     born_timestamp_ms: 1,
+                    deliver_at_ms: 0,
                 }],
             })),
         };

@@ -59,17 +59,23 @@ pub mod command;
 pub mod commitlog;
 pub mod durable;
 pub mod entry_codec;
+pub mod pop;
 pub mod record;
 pub mod segment;
 pub mod snapshot;
 pub mod state_machine;
+pub mod timers;
 
 use std::io;
 use std::path::PathBuf;
 
-pub use command::{AppendBatch, Command, Message, QueueOffset, Response, TopicConfig};
+pub use command::{
+    AppendBatch, Command, ConsumerGroupConfig, Message, MessageRef, PopPick, QueueOffset, Response, TimerKey,
+    TopicConfig,
+};
 pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
-pub use state_machine::{StateMachine, StoreReader, StoredMessage};
+pub use pop::{InFlight, PopGroup, PopQueue, PopState};
+pub use state_machine::{DLQ_TOPIC_PREFIX, Origin, RETRY_TOPIC_PREFIX, StateMachine, StoreReader, StoredMessage};
 
 /// A broker node's identity in its Raft group.
 pub type NodeId = u64;

@@ -20,10 +20,15 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
-use crate::command::{AppendBatch, Command, Message, QueueOffset, Response, TopicConfig, tag_hash};
+use crate::command::{
+    AppendBatch, Command, Message, MessageRef, PERM_READ, PERM_WRITE, QueueOffset, Response, TimerKey, TopicConfig,
+    tag_hash,
+};
 use crate::commitlog::CommitLogReader;
+use crate::pop::{CF_CGROUP, CF_POP, DeadLetter, PopState};
 use crate::segment::SegmentSet;
 use crate::snapshot::{self, SnapshotBuilder};
+use crate::timers::{self, CF_TIMER, TimerTarget};
 use crate::{Error, LogId, SnapshotMeta, StoreConfig, StoredMembership, TypeConfig, durable, entry_codec};
 
 pub(crate) const CF_META: &str = "meta";
@@ -32,14 +37,24 @@ pub(crate) const CF_KEY: &str = "key";
 pub(crate) const CF_TOPIC: &str = "topic";
 pub(crate) const CF_OFFSET: &str = "offset";
 pub(crate) const CF_QMAX: &str = "qmax";
-/// Every column family, in the order snapshots number them.
-pub(crate) const CFS: [&str; 6] = [CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX];
+/// Every column family, in the order snapshots number them (new ones go last).
+pub(crate) const CFS: [&str; 9] = [
+    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP,
+];
+/// Prefix of the retry topic a push consumer group's failed messages go to.
+pub const RETRY_TOPIC_PREFIX: &str = "%RETRY%";
+/// Prefix of a consumer group's dead-letter queue.
+pub const DLQ_TOPIC_PREFIX: &str = "%DLQ%";
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const CURRENT_FILE: &str = "CURRENT";
 /// Bytes of one ConsumeQueue row: raft index, position in batch, size, tag hash, store time.
 const CQ_ROW_LEN: usize = 32;
+/// A row for a moved message (a fired timer, a retry, a dead letter) also records
+/// the index of the entry that wrote it and the reconsume count. Rows of plain
+/// appends keep the short form, so older data reads unchanged.
+const CQ_MOVED_ROW_LEN: usize = 44;
 
 /// One ConsumeQueue row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,36 +65,71 @@ pub struct CqRow {
     pub size: u32,
     pub tag_hash: u64,
     pub store_timestamp_ms: u64,
+    /// Index of the entry that wrote the row: `raft_index` for an append, later
+    /// for a moved message. Rows of a queue are in this order.
+    pub applied_index: u64,
+    pub reconsume_times: u32,
 }
 
 impl CqRow {
-    fn encode(&self) -> [u8; CQ_ROW_LEN] {
-        let mut b = [0u8; CQ_ROW_LEN];
-        b[0..8].copy_from_slice(&self.raft_index.to_le_bytes());
-        b[8..12].copy_from_slice(&self.batch_pos.to_le_bytes());
-        b[12..16].copy_from_slice(&self.size.to_le_bytes());
-        b[16..24].copy_from_slice(&self.tag_hash.to_le_bytes());
-        b[24..32].copy_from_slice(&self.store_timestamp_ms.to_le_bytes());
+    fn encode(&self) -> Vec<u8> {
+        let moved = self.applied_index != self.raft_index || self.reconsume_times != 0;
+        let mut b = Vec::with_capacity(if moved { CQ_MOVED_ROW_LEN } else { CQ_ROW_LEN });
+        b.extend_from_slice(&self.raft_index.to_le_bytes());
+        b.extend_from_slice(&self.batch_pos.to_le_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.tag_hash.to_le_bytes());
+        b.extend_from_slice(&self.store_timestamp_ms.to_le_bytes());
+        if moved {
+            b.extend_from_slice(&self.applied_index.to_le_bytes());
+            b.extend_from_slice(&self.reconsume_times.to_le_bytes());
+        }
         b
     }
 
     fn decode(b: &[u8]) -> io::Result<CqRow> {
-        let b: &[u8; CQ_ROW_LEN] = b.try_into().map_err(|_| {
-            io::Error::new(
+        if b.len() != CQ_ROW_LEN && b.len() != CQ_MOVED_ROW_LEN {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("ConsumeQueue row of {} bytes", b.len()),
-            )
-        })?;
+            ));
+        }
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        let raft_index = u64_at(0);
+        let (applied_index, reconsume_times) = if b.len() == CQ_MOVED_ROW_LEN {
+            (u64_at(32), u32_at(40))
+        } else {
+            (raft_index, 0)
+        };
         Ok(CqRow {
-            raft_index: u64_at(0),
+            raft_index,
             batch_pos: u32_at(8),
             size: u32_at(12),
             tag_hash: u64_at(16),
             store_timestamp_ms: u64_at(24),
+            applied_index,
+            reconsume_times,
         })
     }
+
+    fn message_ref(&self) -> MessageRef {
+        MessageRef {
+            raft_index: self.raft_index,
+            batch_pos: self.batch_pos,
+            size: self.size,
+            tag_hash: self.tag_hash,
+        }
+    }
+}
+
+/// Where a moved message (retry, dead letter) was first stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: String,
+    pub queue_id: u32,
+    /// `None` when its ConsumeQueue row is no longer retained.
+    pub queue_offset: Option<u64>,
 }
 
 /// A message as read back, with where it lives.
@@ -92,6 +142,10 @@ pub struct StoredMessage {
     pub batch_pos: u32,
     pub store_timestamp_ms: u64,
     pub message: Message,
+    /// Failed deliveries before this one (retry and dead-letter rows).
+    pub reconsume_times: u32,
+    /// Set when the row's queue is not where the message was stored.
+    pub origin: Option<Origin>,
 }
 
 fn queue_key(topic: &str, queue_id: u32) -> Vec<u8> {
@@ -216,6 +270,12 @@ pub(crate) struct SmShared {
     pub segment_bytes: u64,
     pub state: RwLock<Arc<SmState>>,
     pub log: CommitLogReader,
+    /// POP state and consumer-group configs of the live generation; the state
+    /// machine changes it while applying, readers copy what they need.
+    pub pop: RwLock<PopState>,
+    /// Woken when an apply scheduled a timer, so the leader's timer loop can
+    /// re-read the earliest due time.
+    pub timer_added: tokio::sync::Notify,
 }
 
 impl SmShared {
@@ -260,6 +320,7 @@ pub struct StateMachine {
     /// Next queue offset per (topic, queue); loaded lazily from `qmax`.
     next_offsets: HashMap<(String, u32), u64>,
     topics: HashMap<String, TopicConfig>,
+    timer_overlay: timers::Overlay,
 }
 
 /// A cloneable read handle for the broker (pull, admin, queries).
@@ -301,16 +362,20 @@ impl StateMachine {
         }
         let state = SmState::open(&dir.join(&current), segment_bytes)?;
         let topics = load_topics(&state).map_err(Error::io("loading topics from", &dir))?;
+        let pop = PopState::load(&state).map_err(Error::io("loading POP state from", &dir))?;
         let shared = Arc::new(SmShared {
             dir,
             segment_bytes,
             state: RwLock::new(Arc::new(state)),
             log,
+            pop: RwLock::new(pop),
+            timer_added: tokio::sync::Notify::new(),
         });
         Ok(StateMachine {
             shared,
             next_offsets: HashMap::new(),
             topics,
+            timer_overlay: timers::Overlay::default(),
         })
     }
 
@@ -355,6 +420,8 @@ impl StateMachine {
         }
         let first = self.next_offset(state, &batch.topic, batch.queue_id)?;
         let (cq, key_cf) = (state.cf(CF_CQ), state.cf(CF_KEY));
+        let mut next = first;
+        let mut scheduled = 0u32;
         for (pos, m) in batch.messages.iter().enumerate() {
             let row = CqRow {
                 raft_index,
@@ -362,12 +429,32 @@ impl StateMachine {
                 size: m.body.len() as u32,
                 tag_hash: tag_hash(&m.tag),
                 store_timestamp_ms: batch.store_timestamp_ms,
+                applied_index: raft_index,
+                reconsume_times: 0,
             };
-            wb.put_cf(
-                cq,
-                cq_key(&batch.topic, batch.queue_id, first + pos as u64),
-                row.encode(),
-            );
+            if m.deliver_at_ms > batch.store_timestamp_ms {
+                // Stored now, visible at its time: a timer instead of a row.
+                self.timer_overlay.schedule(
+                    state,
+                    wb,
+                    TimerKey {
+                        due_ms: m.deliver_at_ms,
+                        created_index: raft_index,
+                        slot: pos as u32,
+                    },
+                    TimerTarget {
+                        topic: batch.topic.clone(),
+                        queue_id: batch.queue_id,
+                        message: row.message_ref(),
+                        reconsume_times: 0,
+                        delayed_original: true,
+                    },
+                );
+                scheduled += 1;
+            } else {
+                wb.put_cf(cq, cq_key(&batch.topic, batch.queue_id, next), row.encode());
+                next += 1;
+            }
             for k in &m.keys {
                 let mut kk = key_prefix(&batch.topic, k);
                 kk.extend_from_slice(&raft_index.to_be_bytes());
@@ -375,7 +462,12 @@ impl StateMachine {
                 wb.put_cf(key_cf, kk, []);
             }
         }
-        let next = first + batch.messages.len() as u64;
+        if scheduled > 0 {
+            self.shared.timer_added.notify_one();
+        }
+        if next == first && scheduled > 0 {
+            return Ok(Response::Scheduled { count: scheduled });
+        }
         wb.put_cf(
             state.cf(CF_QMAX),
             queue_key(&batch.topic, batch.queue_id),
@@ -385,8 +477,102 @@ impl StateMachine {
         Ok(Response::Appended {
             queue_id: batch.queue_id,
             first_offset: first,
-            count: batch.messages.len() as u32,
+            count: (next - first) as u32,
         })
+    }
+
+    /// Appends a row for a message stored elsewhere (a fired timer, a retry, a
+    /// dead letter). A missing retry or dead-letter topic is created with one
+    /// queue, as RocketMQ does; a missing ordinary topic (deleted meanwhile)
+    /// drops the row and answers `None`.
+    fn append_moved(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        topic: &str,
+        queue_id: u32,
+        row: CqRow,
+    ) -> io::Result<Option<u64>> {
+        match self.topics.get(topic) {
+            Some(t) if queue_id < t.queues => {}
+            Some(_) => return Ok(None),
+            None if topic.starts_with(RETRY_TOPIC_PREFIX) || topic.starts_with(DLQ_TOPIC_PREFIX) => {
+                let t = TopicConfig {
+                    name: topic.to_owned(),
+                    queues: 1,
+                    perm: PERM_READ | PERM_WRITE,
+                };
+                wb.put_cf(
+                    state.cf(CF_TOPIC),
+                    t.name.as_bytes(),
+                    serde_json::to_vec(&t).map_err(io::Error::other)?,
+                );
+                self.topics.insert(t.name.clone(), t);
+                if queue_id != 0 {
+                    return Ok(None);
+                }
+            }
+            None => return Ok(None),
+        }
+        let at = self.next_offset(state, topic, queue_id)?;
+        wb.put_cf(state.cf(CF_CQ), cq_key(topic, queue_id, at), row.encode());
+        wb.put_cf(state.cf(CF_QMAX), queue_key(topic, queue_id), (at + 1).to_le_bytes());
+        self.next_offsets.insert((topic.to_owned(), queue_id), at + 1);
+        Ok(Some(at))
+    }
+
+    fn moved_row(message: MessageRef, store_timestamp_ms: u64, applied_index: u64, reconsume_times: u32) -> CqRow {
+        CqRow {
+            raft_index: message.raft_index,
+            batch_pos: message.batch_pos,
+            size: message.size,
+            tag_hash: message.tag_hash,
+            store_timestamp_ms,
+            applied_index,
+            reconsume_times,
+        }
+    }
+
+    fn apply_dead_letters(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        index: u64,
+        store_timestamp_ms: u64,
+        dead: Vec<DeadLetter>,
+    ) -> io::Result<()> {
+        for d in dead {
+            let row = Self::moved_row(d.message, store_timestamp_ms, index, d.reconsume_times);
+            self.append_moved(state, wb, &format!("{DLQ_TOPIC_PREFIX}{}", d.group), 0, row)?;
+        }
+        Ok(())
+    }
+
+    fn apply_fire(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        index: u64,
+        ts: u64,
+        keys: &[TimerKey],
+    ) -> io::Result<Response> {
+        let mut fired = 0;
+        for k in keys {
+            let Some(t) = self.timer_overlay.take(state, wb, k)? else {
+                continue;
+            };
+            let row = Self::moved_row(t.message, ts, index, t.reconsume_times);
+            let landed = self.append_moved(state, wb, &t.topic, t.queue_id, row)?;
+            if let (Some(offset), true) = (landed, t.delayed_original) {
+                wb.put_cf(
+                    state.cf(CF_TIMER),
+                    timers::fired_key(t.message.raft_index, t.message.batch_pos),
+                    offset.to_le_bytes(),
+                );
+            }
+            fired += 1;
+        }
+        Ok(Response::TimersFired { fired })
     }
 
     fn apply_command(
@@ -412,6 +598,11 @@ impl StateMachine {
                     wb.delete_range_cf(state.cf(cf), &from, &to);
                 }
                 self.next_offsets.retain(|(t, _), _| t != name);
+                self.shared
+                    .pop
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .delete_topic(state, wb, name);
                 Ok(Response::TopicDeleted { existed })
             }
             Command::CommitOffsets { group, offsets } => {
@@ -425,6 +616,141 @@ impl StateMachine {
                     wb.put_cf(cf, offset_key(group, topic, *queue_id), offset.to_le_bytes());
                 }
                 Ok(Response::OffsetsCommitted)
+            }
+            Command::FireTimers {
+                store_timestamp_ms,
+                timers,
+            } => self.apply_fire(state, wb, raft_index, *store_timestamp_ms, timers),
+            Command::SendBack {
+                group,
+                message,
+                reconsume_times,
+                due_ms,
+                store_timestamp_ms,
+            } => {
+                if *due_ms == 0 {
+                    let dead = vec![DeadLetter {
+                        group: group.clone(),
+                        message: *message,
+                        reconsume_times: *reconsume_times,
+                    }];
+                    self.apply_dead_letters(state, wb, raft_index, *store_timestamp_ms, dead)?;
+                    return Ok(Response::SentBack { dead_lettered: true });
+                }
+                self.timer_overlay.schedule(
+                    state,
+                    wb,
+                    TimerKey {
+                        due_ms: *due_ms,
+                        created_index: raft_index,
+                        slot: 0,
+                    },
+                    TimerTarget {
+                        topic: format!("{RETRY_TOPIC_PREFIX}{group}"),
+                        queue_id: 0,
+                        message: *message,
+                        reconsume_times: *reconsume_times,
+                        delayed_original: false,
+                    },
+                );
+                self.shared.timer_added.notify_one();
+                Ok(Response::SentBack { dead_lettered: false })
+            }
+            Command::PopReceive {
+                group,
+                topic,
+                now_ms,
+                invisible_ms,
+                picks,
+            } => {
+                let mut dead = Vec::new();
+                let accepted = self
+                    .shared
+                    .pop
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply_receive(
+                        state,
+                        wb,
+                        raft_index,
+                        group,
+                        topic,
+                        *now_ms,
+                        *invisible_ms,
+                        picks,
+                        &mut dead,
+                    );
+                self.apply_dead_letters(state, wb, raft_index, *now_ms, dead)?;
+                Ok(Response::Popped { accepted })
+            }
+            Command::PopAck { group, topic, acks } => {
+                let ok = self
+                    .shared
+                    .pop
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply_ack(state, wb, group, topic, acks);
+                Ok(Response::PopAcked { ok })
+            }
+            Command::PopChangeInvisible {
+                group,
+                topic,
+                queue_id,
+                offset,
+                epoch,
+                deadline_ms,
+            } => {
+                let ok = self
+                    .shared
+                    .pop
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply_change_invisible(
+                        state,
+                        wb,
+                        raft_index,
+                        group,
+                        topic,
+                        *queue_id,
+                        *offset,
+                        *epoch,
+                        *deadline_ms,
+                    );
+                Ok(Response::PopChanged { ok })
+            }
+            Command::PopDeadLetter {
+                group,
+                topic,
+                queue_id,
+                offset,
+                epoch,
+                message,
+                store_timestamp_ms,
+            } => {
+                let attempt = self
+                    .shared
+                    .pop
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply_dead_letter(state, wb, group, topic, *queue_id, *offset, *epoch);
+                let Some(attempt) = attempt else {
+                    return Ok(Response::PopChanged { ok: false });
+                };
+                let dead = vec![DeadLetter {
+                    group: group.clone(),
+                    message: *message,
+                    reconsume_times: attempt,
+                }];
+                self.apply_dead_letters(state, wb, raft_index, *store_timestamp_ms, dead)?;
+                Ok(Response::PopChanged { ok: true })
+            }
+            Command::UpsertConsumerGroup(c) => {
+                self.shared
+                    .pop
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .upsert_config(state, wb, c)?;
+                Ok(Response::ConsumerGroupUpserted)
             }
         }
     }
@@ -454,6 +780,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let state = self.shared.current();
         let mut wb = WriteBatch::default();
+        self.timer_overlay.clear();
         let mut replies = Vec::new();
         let mut last = None;
         let mut membership = None;
@@ -504,7 +831,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(io::Error::other)??;
         self.next_offsets.clear();
-        self.topics = load_topics(&self.shared.current())?;
+        let current = self.shared.current();
+        self.topics = load_topics(&current)?;
+        *self.shared.pop.write().unwrap_or_else(|p| p.into_inner()) = PopState::load(&current)?;
         Ok(())
     }
 
@@ -678,20 +1007,113 @@ impl StoreReader {
         let Some(message) = batch.messages.into_iter().nth(pos as usize) else {
             return Ok(None);
         };
-        // The entry does not record its queue offset; the ConsumeQueue does, in
-        // raft-index order, so a binary search over it finds the batch's rows.
-        let Some(first) = self.batch_first_offset(state, &batch.topic, batch.queue_id, index)? else {
+        let Some(queue_offset) = self.origin_offset(state, &batch.topic, batch.queue_id, index, pos, &message)? else {
             return Ok(None);
         };
         Ok(Some(StoredMessage {
             topic: batch.topic,
             queue_id: batch.queue_id,
-            queue_offset: first + u64::from(pos),
+            queue_offset,
             raft_index: index,
             batch_pos: pos,
             store_timestamp_ms: batch.store_timestamp_ms,
             message,
+            reconsume_times: 0,
+            origin: None,
         }))
+    }
+
+    /// The offset a message got in the queue it was sent to: from the fired-timer
+    /// row for a delayed message (`None` while its timer is pending), else from
+    /// the ConsumeQueue, whose rows are in order of the entries that wrote them,
+    /// so a binary search finds the batch's rows.
+    fn origin_offset(
+        &self,
+        state: &SmState,
+        topic: &str,
+        queue_id: u32,
+        index: u64,
+        pos: u32,
+        message: &Message,
+    ) -> io::Result<Option<u64>> {
+        if message.deliver_at_ms != 0
+            && let Some(offset) = timers::fired_offset(state, index, pos)?
+        {
+            return Ok(Some(offset));
+        }
+        let Some(first) = self.batch_first_offset(state, topic, queue_id, index)? else {
+            return Ok(None);
+        };
+        // Delayed messages of a batch have no row there, so count the rows of
+        // this entry rather than trusting the batch position.
+        let row = self.cq_row(state, topic, queue_id, first + u64::from(pos))?;
+        if row.is_some_and(|r| r.raft_index == index && r.batch_pos == pos) {
+            return Ok(Some(first + u64::from(pos)));
+        }
+        let mut at = first;
+        while let Some(r) = self.cq_row(state, topic, queue_id, at)? {
+            if r.applied_index != index {
+                break;
+            }
+            if r.batch_pos == pos {
+                return Ok(Some(at));
+            }
+            at += 1;
+        }
+        Ok(None)
+    }
+
+    /// What a ConsumeQueue row of the message named by a message id holds, for
+    /// moving it (retry, dead letter); `None` when not retained.
+    pub fn message_ref(&self, index: u64, pos: u32) -> io::Result<Option<(String, MessageRef)>> {
+        let state = self.shared.current();
+        let command = match self.read_command(&state, index) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(Command::Append(batch)) = command else {
+            return Ok(None);
+        };
+        Ok(batch.messages.get(pos as usize).map(|m| {
+            (
+                batch.topic.clone(),
+                MessageRef {
+                    raft_index: index,
+                    batch_pos: pos,
+                    size: m.body.len() as u32,
+                    tag_hash: tag_hash(&m.tag),
+                },
+            )
+        }))
+    }
+
+    /// The ConsumeQueue row at an offset, as a [`MessageRef`].
+    pub fn row_ref(&self, topic: &str, queue_id: u32, offset: u64) -> io::Result<Option<MessageRef>> {
+        let state = self.shared.current();
+        Ok(self.cq_row(&state, topic, queue_id, offset)?.map(|r| r.message_ref()))
+    }
+
+    /// Up to `limit` pending timers due at or before `now_ms`, earliest first,
+    /// scanning from due time `from_due_ms`.
+    pub fn due_timers(&self, from_due_ms: u64, now_ms: u64, limit: usize) -> io::Result<Vec<TimerKey>> {
+        timers::due(&self.shared.current(), from_due_ms, now_ms, limit)
+    }
+
+    /// Due time of the earliest pending timer at or after `from_due_ms`.
+    pub fn next_timer_due(&self, from_due_ms: u64) -> io::Result<Option<u64>> {
+        timers::next_due(&self.shared.current(), from_due_ms)
+    }
+
+    /// Completes after the next apply that scheduled a timer (`enable` it before
+    /// reading, so a timer scheduled in between is not missed).
+    pub fn timer_added(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared.timer_added.notified()
+    }
+
+    /// Runs `f` over the applied POP state and consumer-group configs.
+    pub fn with_pop<R>(&self, f: impl FnOnce(&PopState) -> R) -> R {
+        f(&self.shared.pop.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn cq_row(&self, state: &SmState, topic: &str, queue_id: u32, offset: u64) -> io::Result<Option<CqRow>> {
@@ -726,10 +1148,10 @@ impl StoreReader {
     }
 
     fn batch_first_offset(&self, state: &SmState, topic: &str, queue_id: u32, index: u64) -> io::Result<Option<u64>> {
-        let at = self.search_queue(state, topic, queue_id, |row| row.raft_index >= index)?;
+        let at = self.search_queue(state, topic, queue_id, |row| row.applied_index >= index)?;
         Ok(self
             .cq_row(state, topic, queue_id, at)?
-            .filter(|row| row.raft_index == index)
+            .filter(|row| row.applied_index == index)
             .map(|_| at))
     }
 
@@ -787,11 +1209,11 @@ impl StoreReader {
         // Consecutive rows usually share an entry (a batch): decode it once, and
         // move each message out (a row names each position once) instead of
         // cloning its tag, keys and properties.
-        let mut cached: Option<(u64, Vec<Option<Message>>)> = None;
+        let mut cached: Option<(u64, Vec<Option<Message>>, String, u32)> = None;
         for (queue_offset, row) in rows {
-            if cached.as_ref().is_none_or(|(i, _)| *i != row.raft_index) {
-                let msgs = match self.read_command(state, row.raft_index)? {
-                    Some(Command::Append(b)) => b.messages.into_iter().map(Some).collect(),
+            if cached.as_ref().is_none_or(|(i, ..)| *i != row.raft_index) {
+                let (msgs, t, q) = match self.read_command(state, row.raft_index)? {
+                    Some(Command::Append(b)) => (b.messages.into_iter().map(Some).collect(), b.topic, b.queue_id),
                     other => {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
@@ -802,12 +1224,17 @@ impl StoreReader {
                         ));
                     }
                 };
-                cached = Some((row.raft_index, msgs));
+                cached = Some((row.raft_index, msgs, t, q));
             }
-            let msgs = &mut cached.as_mut().expect("just filled").1;
+            let (_, msgs, origin_topic, origin_queue) = cached.as_mut().expect("just filled");
+            let origin = (origin_topic != topic || *origin_queue != queue_id).then(|| Origin {
+                topic: origin_topic.clone(),
+                queue_id: *origin_queue,
+                queue_offset: None,
+            });
             let message = msgs
                 .get_mut(row.batch_pos as usize)
-                .and_then(Option::take)
+                .and_then(|m| if origin.is_some() { m.clone() } else { m.take() })
                 .ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -817,6 +1244,14 @@ impl StoreReader {
                         ),
                     )
                 })?;
+            let origin = match origin {
+                Some(mut o) => {
+                    o.queue_offset =
+                        self.origin_offset(state, &o.topic, o.queue_id, row.raft_index, row.batch_pos, &message)?;
+                    Some(o)
+                }
+                None => None,
+            };
             out.push(StoredMessage {
                 topic: topic.to_owned(),
                 queue_id,
@@ -825,6 +1260,8 @@ impl StoreReader {
                 batch_pos: row.batch_pos,
                 store_timestamp_ms: row.store_timestamp_ms,
                 message,
+                reconsume_times: row.reconsume_times,
+                origin,
             });
         }
         Ok(out)

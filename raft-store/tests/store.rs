@@ -43,6 +43,7 @@ fn message(i: u64, body_len: usize) -> Message {
         properties: vec![("seq".into(), i.to_string())],
         body: Bytes::from(vec![(i % 251) as u8; body_len]),
         born_timestamp_ms: 1_700_000_000_000 + i,
+        deliver_at_ms: 0,
     }
 }
 

@@ -380,7 +380,7 @@ async fn send_through_a_route_naming_a_follower_redirects_to_the_leader() -> any
             receipt.queue_offset,
             1,
             Duration::ZERO,
-            "*",
+            &raftmq_client::Filter::all(),
         )
         .await?;
     assert_eq!(pulled.endpoint, leader_addr);
@@ -488,7 +488,7 @@ async fn a_silent_leader_is_given_up_once_its_replicas_name_the_real_one() -> an
             receipt.queue_offset,
             1,
             Duration::ZERO,
-            "*",
+            &raftmq_client::Filter::all(),
         )
         .await?;
     assert_eq!(pulled.endpoint, leader_addr, "pulls are served by the leader");

@@ -378,6 +378,7 @@ pub fn append(i: u64) -> Command {
             properties: vec![("seq".into(), i.to_string())],
             body: body(i),
             born_timestamp_ms: 1_700_000_000_000 + i,
+            deliver_at_ms: 0,
         }],
     })
 }
@@ -596,7 +597,15 @@ pub async fn pull_everything(
             let mut offset = 0;
             loop {
                 let r = consumer
-                    .pull(topic, &g.broker_group, q, offset, 1024, Duration::ZERO, "*")
+                    .pull(
+                        topic,
+                        &g.broker_group,
+                        q,
+                        offset,
+                        1024,
+                        Duration::ZERO,
+                        &raftmq_client::Filter::all(),
+                    )
                     .await?;
                 endpoints.push(r.endpoint.clone());
                 out.extend(r.messages.into_iter().map(|m| (g.broker_group.clone(), q, m)));

@@ -57,6 +57,7 @@ fn message(i: u64) -> pb::Message {
         properties: HashMap::from([("seq".into(), i.to_string()), ("origin".into(), "test".into())]),
         body: format!("body-{i:05}-{}", "x".repeat((i % 97) as usize)).into_bytes(),
         born_timestamp_ms: 1_700_000_000_000 + i,
+        ..Default::default()
     }
 }
 
@@ -84,6 +85,7 @@ fn pull_request(topic: &str, queue_id: u32, offset: u64, max: u32, wait_ms: u32,
         max_messages: max,
         max_wait_ms: wait_ms,
         tag_expression: tags.into(),
+        filter_type: 0,
     }
 }
 
