@@ -20,6 +20,8 @@
 //! - `messaging`: the MessagingService and AdminService gRPC API.
 //! - `client`: the Rust client's producer and pull consumer.
 //! - `consumers`: consumer groups with push consumers.
+//! - `lifecycle`: POP, FIFO POP, retries and dead letters, timers, SQL92
+//!   filters, and all of it across a leader kill.
 //! - `processes`: the `raftmq` binary as separate processes.
 
 #[path = "cluster/fixtures.rs"]
@@ -33,6 +35,8 @@ mod consumers;
 mod failover;
 #[path = "cluster/faults.rs"]
 mod faults;
+#[path = "cluster/lifecycle.rs"]
+mod lifecycle;
 #[path = "cluster/messaging.rs"]
 mod messaging;
 #[path = "cluster/processes.rs"]

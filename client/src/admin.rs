@@ -187,6 +187,111 @@ impl Admin {
         Ok(answers.into_iter().flat_map(|r| r.messages).collect())
     }
 
+    /// Sets a consumer group's retry and POP settings on every live broker group.
+    #[tracing::instrument(skip(self))]
+    pub async fn update_consumer_group(&self, config: pb::ConsumerGroupConfig) -> Result<(), Error> {
+        for g in self.core.list_cluster().await? {
+            let req = pb::UpdateConsumerGroupRequest {
+                config: Some(config.clone()),
+            };
+            self.on_leader(&g, |mut c| {
+                let req = req.clone();
+                async move { c.update_consumer_group(req).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A consumer group's settings as each broker group's leader holds them.
+    pub async fn get_consumer_group(&self, group: &str) -> Result<Vec<pb::ConsumerGroupConfig>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let req = pb::GetConsumerGroupRequest {
+                consumer_group: group.to_owned(),
+            };
+            let resp = self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.get_consumer_group(req).await }
+                })
+                .await?;
+            out.extend(resp.config);
+        }
+        Ok(out)
+    }
+
+    /// Every message in consumer group `group`'s dead-letter queue
+    /// (`%DLQ%<group>`), oldest first per broker group, at most `max`. Each
+    /// carries ORIGIN_TOPIC and the other `ORIGIN_*` properties.
+    pub async fn dead_letters(&self, group: &str, max: usize) -> Result<Vec<(String, pb::PulledMessage)>, Error> {
+        let topic = format!("%DLQ%{group}");
+        let route = match self.core.route(&topic).await {
+            Ok(r) => r,
+            // No dead letter yet: the topic is created with the first one.
+            Err(Error::NoRoute { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let pull = crate::consumer::PullConsumer::from_core(self.core.clone());
+        let mut out = Vec::new();
+        for g in &route.groups {
+            for q in 0..g.queues.max(1) {
+                let mut offset = 0;
+                while out.len() < max {
+                    let r = pull
+                        .pull(
+                            &topic,
+                            &g.broker_group,
+                            q,
+                            offset,
+                            256,
+                            Duration::ZERO,
+                            &crate::Filter::all(),
+                        )
+                        .await?;
+                    let done = r.messages.is_empty() || r.next_offset >= r.max_offset;
+                    out.extend(r.messages.into_iter().map(|m| (g.broker_group.clone(), m)));
+                    offset = r.next_offset;
+                    if done {
+                        break;
+                    }
+                }
+            }
+        }
+        out.truncate(max);
+        Ok(out)
+    }
+
+    /// Sends dead letter `message_id` of `group` back to its original topic, as a
+    /// new message with the same body, tag, keys and user properties (the
+    /// `ORIGIN_*` ones dropped). RocketMQ's resend: the dead letter stays in the
+    /// DLQ, so the queue keeps its history.
+    pub async fn resend_dead_letter(&self, group: &str, message_id: &str) -> Result<crate::SendReceipt, Error> {
+        let found = self
+            .dead_letters(group, usize::MAX)
+            .await?
+            .into_iter()
+            .find(|(_, m)| m.message_id == message_id);
+        let Some((_, pulled)) = found else {
+            return Err(Error::Rpc {
+                endpoint: String::new(),
+                code: tonic::Code::NotFound,
+                message: format!("message {message_id} is not in the dead-letter queue of {group}"),
+                leader: None,
+            });
+        };
+        let mut m = pulled.message.unwrap_or_default();
+        let topic = m
+            .properties
+            .get("ORIGIN_TOPIC")
+            .cloned()
+            .unwrap_or_else(|| m.topic.clone());
+        m.properties.retain(|k, _| !k.starts_with("ORIGIN_"));
+        m.topic = topic.clone();
+        m.deliver_at_ms = 0;
+        crate::Producer::from_core(self.core.clone()).send(&topic, m).await
+    }
+
     /// Runs `f` on every live broker group's leader; a group answering NOT_FOUND
     /// (it does not know the consumer group or message) is left out of the result.
     async fn on_each_leader_that_knows<T, F, Fut>(&self, f: F) -> Result<Vec<T>, Error>

@@ -21,6 +21,7 @@ mod leader;
 pub mod producer;
 pub mod push;
 pub mod route;
+pub mod simple;
 
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ pub use producer::{Producer, SendReceipt};
 pub use push::{ConsumeMode, ConsumeResult, ConsumerStats, MessageModel, PushConsumer, PushConsumerBuilder, StartFrom};
 pub use raftmq_proto::v1::{GroupRoute, Message, PulledMessage, QueryRouteResponse};
 pub use route::{LEADER_METADATA_KEY, TopicRoute};
+pub use simple::{Received, SimpleConsumer};
 
 /// Shared state of everything built from one [`ClientConfig`]: the channel map and
 /// the route cache. Cloning is cheap and shares both, so a producer, a consumer and
@@ -64,6 +66,11 @@ impl Client {
         PushConsumerBuilder::new(self.core.clone(), group, topic)
     }
 
+    /// A POP consumer (RocketMQ 5's SimpleConsumer) of `topic` in consumer group `group`.
+    pub fn simple_consumer(&self, group: &str, topic: &str) -> SimpleConsumer {
+        SimpleConsumer::new(self.core.clone(), group, topic)
+    }
+
     pub fn admin(&self) -> Admin {
         Admin::from_core(self.core.clone())
     }
@@ -90,6 +97,10 @@ impl Client {
 /// A message with just a body; set `tag`, `keys` and `properties` on the result.
 pub trait MessageExt {
     fn new(body: impl Into<Vec<u8>>) -> Self;
+    /// Delivered `delay` after the broker stores it (never before).
+    fn with_delay(self, delay: std::time::Duration) -> Self;
+    /// Delivered at `ms` since the Unix epoch (never before).
+    fn with_deliver_at(self, ms: u64) -> Self;
 }
 
 impl MessageExt for Message {
@@ -97,6 +108,20 @@ impl MessageExt for Message {
         Message {
             body: body.into(),
             ..Message::default()
+        }
+    }
+
+    fn with_delay(self, delay: std::time::Duration) -> Message {
+        Message {
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            ..self
+        }
+    }
+
+    fn with_deliver_at(self, ms: u64) -> Message {
+        Message {
+            deliver_at_ms: ms,
+            ..self
         }
     }
 }

@@ -28,7 +28,10 @@ pub struct SendReceipt {
     pub message_id: String,
     pub broker_group: String,
     pub queue_id: u32,
+    /// 0 for a delayed message: its offset is assigned when it is delivered.
     pub queue_offset: u64,
+    /// A delayed message: when it becomes visible (ms since the epoch); else 0.
+    pub deliver_at_ms: u64,
 }
 
 /// How a send chooses its queue.
@@ -427,6 +430,7 @@ fn receipts(endpoint: &str, group: &str, resp: pb::SendResponse, sent: usize) ->
             broker_group: group.to_owned(),
             queue_id: r.queue_id,
             queue_offset: r.queue_offset,
+            deliver_at_ms: r.deliver_at_ms,
         })
         .collect())
 }

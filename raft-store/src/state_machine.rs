@@ -493,32 +493,36 @@ impl StateMachine {
         queue_id: u32,
         row: CqRow,
     ) -> io::Result<Option<u64>> {
+        self.ensure_system_topic(state, wb, topic)?;
         match self.topics.get(topic) {
             Some(t) if queue_id < t.queues => {}
-            Some(_) => return Ok(None),
-            None if topic.starts_with(RETRY_TOPIC_PREFIX) || topic.starts_with(DLQ_TOPIC_PREFIX) => {
-                let t = TopicConfig {
-                    name: topic.to_owned(),
-                    queues: 1,
-                    perm: PERM_READ | PERM_WRITE,
-                };
-                wb.put_cf(
-                    state.cf(CF_TOPIC),
-                    t.name.as_bytes(),
-                    serde_json::to_vec(&t).map_err(io::Error::other)?,
-                );
-                self.topics.insert(t.name.clone(), t);
-                if queue_id != 0 {
-                    return Ok(None);
-                }
-            }
-            None => return Ok(None),
+            _ => return Ok(None),
         }
         let at = self.next_offset(state, topic, queue_id)?;
         wb.put_cf(state.cf(CF_CQ), cq_key(topic, queue_id, at), row.encode());
         wb.put_cf(state.cf(CF_QMAX), queue_key(topic, queue_id), (at + 1).to_le_bytes());
         self.next_offsets.insert((topic.to_owned(), queue_id), at + 1);
         Ok(Some(at))
+    }
+
+    /// Creates a missing retry or dead-letter topic with one queue, as RocketMQ does.
+    fn ensure_system_topic(&mut self, state: &SmState, wb: &mut WriteBatch, topic: &str) -> io::Result<()> {
+        let system = topic.starts_with(RETRY_TOPIC_PREFIX) || topic.starts_with(DLQ_TOPIC_PREFIX);
+        if !system || self.topics.contains_key(topic) {
+            return Ok(());
+        }
+        let t = TopicConfig {
+            name: topic.to_owned(),
+            queues: 1,
+            perm: PERM_READ | PERM_WRITE,
+        };
+        wb.put_cf(
+            state.cf(CF_TOPIC),
+            t.name.as_bytes(),
+            serde_json::to_vec(&t).map_err(io::Error::other)?,
+        );
+        self.topics.insert(t.name.clone(), t);
+        Ok(())
     }
 
     fn moved_row(message: MessageRef, store_timestamp_ms: u64, applied_index: u64, reconsume_times: u32) -> CqRow {
@@ -637,6 +641,9 @@ impl StateMachine {
                     self.apply_dead_letters(state, wb, raft_index, *store_timestamp_ms, dead)?;
                     return Ok(Response::SentBack { dead_lettered: true });
                 }
+                // The retry topic exists from the first send-back, so the
+                // group's members can subscribe before anything is due.
+                self.ensure_system_topic(state, wb, &format!("{RETRY_TOPIC_PREFIX}{group}"))?;
                 self.timer_overlay.schedule(
                     state,
                     wb,

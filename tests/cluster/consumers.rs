@@ -13,15 +13,12 @@ use anyhow::{Context, ensure};
 use raftmq_client::{Client, ConsumeMode, ConsumeResult, MessageModel, PushConsumer, StartFrom};
 use raftmq_proto::v1 as pb;
 
-use super::fixtures::{Check, DEADLINE, GROUP, eventually, message, seq_of, start_with_client, wait_for_known_route};
+use super::fixtures::{
+    Check, DEADLINE, GROUP, ONE_AT_A_TIME, eventually, message, seq_of, start_with_client, wait_for_known_route,
+};
 
 /// Longest a test waits for consumers to catch up.
 const CONSUME_DEADLINE: Duration = Duration::from_secs(60);
-
-/// These tests each run a cluster plus producers and consumers; on two cores,
-/// running them side by side with the rest of the suite starves Raft heartbeats.
-/// One at a time keeps each test's timing honest.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One delivery as a callback saw it.
 #[derive(Debug, Clone)]

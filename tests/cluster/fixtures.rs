@@ -28,6 +28,11 @@ pub const TOPIC: &str = "orders";
 pub const QUEUES: u32 = 4;
 /// Generous next to the ~1 s failover the default timing gives: the test machine
 /// may be running other builds.
+/// Tests that each run a cluster plus producers and consumers take turns: on two
+/// cores, running them side by side with the rest of the suite starves Raft
+/// heartbeats. One at a time keeps each test's timing honest.
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// How soon `eventually` first looks again: a leader transfer or a write shows in
