@@ -756,3 +756,189 @@ mod single_node {
         assert_eq!(rows, message_count(&applied_entries));
     }
 }
+
+// ------------------------------------------------ message lifecycle state
+
+/// A delayed message at `due_ms` (store time 1_800_000_000_000).
+fn delayed_cmd(seq: u64, due_ms: u64) -> Command {
+    let mut m = message(seq, 16);
+    m.deliver_at_ms = due_ms;
+    Command::Append(AppendBatch {
+        topic: TOPIC.into(),
+        queue_id: 0,
+        store_timestamp_ms: 1_800_000_000_000,
+        messages: vec![m],
+    })
+}
+
+fn pop_receive(queue_id: u32, from: u64, to: u64, now_ms: u64) -> Command {
+    Command::PopReceive {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        now_ms,
+        invisible_ms: 1_000,
+        picks: vec![raftmq_raft_store::PopPick {
+            queue_id,
+            from_cursor: from,
+            to_cursor: to,
+            new: (from..to).collect(),
+            redeliver: vec![],
+            dead: vec![],
+        }],
+    }
+}
+
+fn pop_summary(r: &raftmq_raft_store::StoreReader) -> Vec<(u32, u64, Vec<(u64, u32, u64)>)> {
+    r.with_pop(|p| {
+        p.groups
+            .get("g")
+            .map(|g| {
+                g.queues
+                    .iter()
+                    .map(|((_, q), pq)| {
+                        let inflight = pq
+                            .inflight
+                            .iter()
+                            .map(|(o, f)| (*o, f.attempt, f.deadline_ms))
+                            .collect();
+                        (*q, pq.cursor, inflight)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Timers, POP state and group configs are state-machine state: a replica that
+/// installs a snapshot, or restarts, has exactly what the source had; a fire
+/// applied twice (an old leader's and a new one's) delivers once; and a
+/// follower applying a delayed send and its firing in one batch gets it right.
+#[tokio::test]
+async fn lifecycle_state_travels_in_snapshots_survives_restart_and_fires_once() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let base = 1_800_000_000_000u64;
+    let mut entries = workload(10, 2, 64); // queue q gets entries with index % 4 == q
+    entries.push(normal(1, 11, delayed_cmd(1, base + 5_000)));
+    entries.push(normal(1, 12, delayed_cmd(2, base + 9_000)));
+    // Entries 3..=10 put 2 messages each into queues 3,0,1,2,...: queue 1 has 4.
+    entries.push(normal(1, 13, pop_receive(1, 0, 3, base)));
+    entries.push(normal(
+        1,
+        14,
+        Command::PopAck {
+            group: "g".into(),
+            topic: TOPIC.into(),
+            acks: vec![(1, 1, 13), (1, 2, 999)],
+        },
+    ));
+    entries.push(normal(
+        1,
+        15,
+        Command::UpsertConsumerGroup(raftmq_raft_store::ConsumerGroupConfig {
+            name: "g".into(),
+            fifo: true,
+            max_reconsume_times: 3,
+            retry_delays_ms: vec![100],
+        }),
+    ));
+    // A stale receive (cursor moved on) hands out nothing.
+    entries.push(normal(1, 16, pop_receive(1, 0, 4, base)));
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let src = sm.reader();
+    let expected_pop = vec![(1u32, 3u64, vec![(0u64, 1u32, base + 1_000), (2, 1, base + 1_000)])];
+    assert_eq!(
+        pop_summary(&src),
+        expected_pop,
+        "ack of 1 applied, ack with a stale epoch refused"
+    );
+    assert_eq!(src.with_pop(|p| p.config("g").max_reconsume_times), 3);
+    let due = src.due_timers(0, base + 10_000, 100).unwrap();
+    assert_eq!(due.len(), 2);
+    assert!(
+        src.due_timers(0, base + 4_999, 100).unwrap().is_empty(),
+        "nothing is due early"
+    );
+    assert_eq!(src.next_timer_due(0).unwrap(), Some(base + 5_000));
+
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    dlog.purge(log_id(1, 16)).await.unwrap();
+    let dst = dsm.reader();
+    assert_eq!(pop_summary(&dst), expected_pop, "POP state travels in the snapshot");
+    assert!(dst.with_pop(|p| p.config("g").fifo));
+    assert_eq!(
+        dst.due_timers(0, base + 10_000, 100).unwrap(),
+        due,
+        "timers travel in the snapshot"
+    );
+
+    // Fire both timers twice over (a deposed leader's command, then the new
+    // leader's): each message lands once, keeping its id (entry 11 and 12).
+    let fire = |index: u64| {
+        normal(
+            2,
+            index,
+            Command::FireTimers {
+                store_timestamp_ms: base + 9_500,
+                timers: due.clone(),
+            },
+        )
+    };
+    let more = vec![fire(17), fire(18)];
+    append(&mut dlog, more.clone()).await.unwrap();
+    apply(&mut dsm, more).await.unwrap();
+    let q0 = dst.read_messages(TOPIC, 0, 0, 100).unwrap();
+    let fired: Vec<_> = q0.iter().filter(|m| m.raft_index >= 11).map(|m| m.raft_index).collect();
+    assert_eq!(fired, vec![11, 12], "each timer fired once");
+    assert!(dst.due_timers(0, u64::MAX, 100).unwrap().is_empty());
+    let found = dst.message_at(12, 0).unwrap().expect("a fired message is found by id");
+    assert_eq!(found.queue_offset, q0.last().unwrap().queue_offset);
+    dlog.shutdown().await.unwrap();
+    drop((dsm, dst));
+
+    // After a restart: POP state is reloaded, timers stay fired.
+    let (_dlog, dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    let dst = dsm.reader();
+    assert_eq!(pop_summary(&dst), expected_pop, "POP state reloads on restart");
+    assert!(
+        dst.due_timers(0, u64::MAX, 100).unwrap().is_empty(),
+        "fired timers stay fired"
+    );
+
+    // A follower that applies a delayed send and its firing in one batch.
+    let f_dir = tempfile::tempdir().unwrap();
+    let (mut flog, mut fsm) = open(f_dir.path(), SMALL_SEGMENTS).await;
+    let key = raftmq_raft_store::TimerKey {
+        due_ms: base + 5,
+        created_index: 3,
+        slot: 0,
+    };
+    let batch = vec![
+        membership_entry(1),
+        normal(1, 2, topic_cmd()),
+        normal(1, 3, delayed_cmd(9, base + 5)),
+        normal(
+            1,
+            4,
+            Command::FireTimers {
+                store_timestamp_ms: base + 6,
+                timers: vec![key, key],
+            },
+        ),
+    ];
+    append(&mut flog, batch.clone()).await.unwrap();
+    apply(&mut fsm, batch).await.unwrap();
+    let q0 = fsm.reader().read_messages(TOPIC, 0, 0, 10).unwrap();
+    assert_eq!(q0.len(), 1, "fired exactly once within one apply batch: {q0:?}");
+    assert_eq!(q0[0].message.deliver_at_ms, base + 5);
+}
