@@ -37,6 +37,13 @@ pub enum Workload {
     /// a load of --producers one-at-a-time senders; time each fault to the first
     /// acknowledged send started after it, and count elections.
     Failover,
+    /// Delayed messages: --count due evenly over --spread seconds, pulled back;
+    /// latency is lateness (receipt minus due time); early receipts are counted.
+    Delay,
+    /// POP: --consumers SimpleConsumers of one group receive --pull-batch at a
+    /// time and ack each batch (producing --count first if the topic has fewer);
+    /// latency is one receive + ack round.
+    Pop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -110,6 +117,13 @@ pub struct BenchArgs {
     /// failover: what happens to the leader.
     #[arg(long, value_enum, default_value_t = crate::failover_bench::LeaderFault::Kill)]
     pub fault: crate::failover_bench::LeaderFault,
+    /// delay: seconds over which the messages fall due.
+    #[arg(long, default_value_t = 60.0)]
+    pub spread: f64,
+    /// produce: store this many delayed messages (due in an hour) first, so the
+    /// run measures sends with that many timers pending.
+    #[arg(long, default_value_t = 0)]
+    pub pending_timers: u64,
 }
 
 /// What a run measured; `--json` prints exactly this.
@@ -139,6 +153,14 @@ pub struct Report {
     /// Terms the broker groups advanced during the run: elections (none expected
     /// without faults). Absent when the cluster status could not be read.
     pub elections: Option<u64>,
+    /// delay: messages received before their due time (must be 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early: Option<u64>,
+    /// delay: acknowledged delayed messages never received within the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub never: Option<u64>,
+    /// produce: timers pending during the run.
+    pub pending_timers: u64,
 }
 
 const SENT_AT_PROPERTY: &str = "bench-sent-us";
@@ -265,8 +287,13 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
     let bound = Duration::from_secs_f64(args.duration);
     let terms_before = terms(&admin_client).await;
 
+    let mut delay_counts = None;
     let (outcome, latency_of) = match args.workload {
         Workload::Produce => {
+            if args.pending_timers > 0 {
+                crate::bench_lifecycle::prefill_timers(&producers, &args.topic, args.pending_timers, args.inflight)
+                    .await?;
+            }
             let p = produce(args, &producers, args.count, bound, false, "produce").await;
             (p, "send -> ack")
         }
@@ -300,6 +327,35 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         ),
         Workload::Ping => (ping(&admin_client, args, bound).await, "NameServer route lookup"),
         Workload::Failover => anyhow::bail!("bench failover is measured by failover_bench::run"),
+        Workload::Delay => {
+            let (o, counts) = crate::bench_lifecycle::delay(args, &producers, &consumers, &queues).await?;
+            delay_counts = Some(counts);
+            (o, "due time -> pulled (lateness)")
+        }
+        Workload::Pop => {
+            let available = available(&consumers[0], &args.topic, &queues).await?;
+            if available < args.count {
+                let mut fill_args = args.clone();
+                fill_args.mode = SendMode::Async;
+                let fill = produce(
+                    &fill_args,
+                    &producers,
+                    args.count - available,
+                    bound * 10,
+                    false,
+                    "fill",
+                )
+                .await;
+                anyhow::ensure!(fill.errors == 0, "filling the topic: {} errors", fill.errors);
+            }
+            let clients = (0..args.consumers)
+                .map(|_| client())
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (
+                crate::bench_lifecycle::pop(args, &clients).await?,
+                "receive + ack of one batch",
+            )
+        }
     };
     let elections = match (terms_before, terms(&admin_client).await) {
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),
@@ -329,6 +385,9 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         p999_ms: ms(0.999),
         max_ms: outcome.latency.max() as f64 / 1000.0,
         elections,
+        early: delay_counts.as_ref().map(|c| c.early),
+        never: delay_counts.as_ref().map(|c| c.never),
+        pending_timers: args.pending_timers,
     })
 }
 
@@ -339,20 +398,20 @@ async fn terms(client: &Client) -> Option<u64> {
 }
 
 /// Counts, latencies and time of one measured phase.
-struct Outcome {
-    ok: u64,
-    errors: u64,
-    bytes: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
+pub(crate) struct Outcome {
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    pub(crate) bytes: u64,
+    pub(crate) elapsed: Duration,
+    pub(crate) latency: Histogram<u64>,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Microseconds from 1 µs to one hour at 3 significant digits.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-fn record(h: &mut Histogram<u64>, d: Duration) {
+pub(crate) fn record(h: &mut Histogram<u64>, d: Duration) {
     h.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
 }
 
@@ -364,10 +423,10 @@ fn now_us() -> u64 {
 
 /// Live counters shared by workers and the progress line.
 #[derive(Default)]
-struct Counters {
-    ok: AtomicU64,
-    errors: AtomicU64,
-    bytes: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) ok: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) bytes: AtomicU64,
     /// Ends the progress lines at once: a phase that waited for the next tick
     /// would make whatever it is part of (e2e's send phase) look up to a second
     /// slower.
@@ -376,7 +435,7 @@ struct Counters {
 
 /// Ends a phase: its time is taken before the progress line is told to stop, so
 /// waiting for the printer never counts.
-async fn finish(
+pub(crate) async fn finish(
     counters: &Counters,
     progress: tokio::task::JoinHandle<()>,
     started: Instant,
@@ -395,7 +454,7 @@ async fn finish(
 }
 
 /// Prints one progress line per second on stderr until `done` is notified.
-fn progress(label: &'static str, c: Arc<Counters>, started: Instant) -> tokio::task::JoinHandle<()> {
+pub(crate) fn progress(label: &'static str, c: Arc<Counters>, started: Instant) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = 0u64;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -753,6 +812,12 @@ fn print_table(r: &Report) {
         r.max_ms
     );
     println!("latency: {} ({} samples)", r.latency_of, r.latency_samples);
+    if let (Some(early), Some(never)) = (r.early, r.never) {
+        println!("delivered early: {early}; never delivered: {never}");
+    }
+    if r.pending_timers > 0 {
+        println!("timers pending during the run: {}", r.pending_timers);
+    }
     match r.elections {
         Some(n) => println!("elections during the run: {n}"),
         None => println!("elections during the run: unknown (cluster status unreadable)"),

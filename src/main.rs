@@ -2,6 +2,7 @@
 //! crates.
 
 mod bench;
+mod bench_lifecycle;
 mod chaos;
 mod failover_bench;
 mod local;
@@ -193,6 +194,9 @@ struct PullArgs {
     /// Tag expression: `*` or `TagA || TagB`.
     #[arg(long, default_value = "*")]
     tag: String,
+    /// SQL92 filter over properties and TAGS (instead of --tag), e.g. "a > 5 AND TAGS = 'x'".
+    #[arg(long, conflicts_with = "tag")]
+    sql: Option<String>,
     /// Long-poll this long for the first message when the queue has none.
     #[arg(long, default_value_t = 0)]
     wait_ms: u64,
@@ -213,6 +217,16 @@ struct ConsumeArgs {
     /// Tag expression: `*` or `TagA || TagB` (filtered on the broker).
     #[arg(long, default_value = "*")]
     tag: String,
+    /// SQL92 filter over properties and TAGS (instead of --tag), e.g. "a > 5 AND TAGS = 'x'".
+    #[arg(long, conflicts_with = "tag")]
+    sql: Option<String>,
+    /// Consume as a POP group (RocketMQ 5's SimpleConsumer): receive, then ack
+    /// each message; unacked messages come back after --invisible-ms.
+    #[arg(long, conflicts_with_all = ["broadcast", "orderly"])]
+    pop: bool,
+    /// POP: how long a received message stays invisible to the group.
+    #[arg(long, default_value_t = 30_000, requires = "pop")]
+    invisible_ms: u64,
     /// Every member gets every message; offsets kept in --offset-dir.
     #[arg(long)]
     broadcast: bool,
@@ -251,6 +265,18 @@ struct ProduceArgs {
     /// Sharding key: messages with one key keep their order.
     #[arg(long)]
     key: Option<String>,
+    /// Deliver at this time (ms since the Unix epoch), not before.
+    #[arg(long, conflicts_with_all = ["delay_ms", "delay_level"])]
+    deliver_at: Option<u64>,
+    /// Deliver this many ms after the broker stores each message.
+    #[arg(long, conflicts_with = "delay_level")]
+    delay_ms: Option<u64>,
+    /// RocketMQ delay level 1..18 (1s 5s 10s 30s 1m 2m ... 2h).
+    #[arg(long)]
+    delay_level: Option<u32>,
+    /// User property `name=value` on every message (repeatable).
+    #[arg(long = "property", value_name = "NAME=VALUE")]
+    properties: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -262,6 +288,9 @@ enum AdminCommand {
     /// Consumer groups: list, describe (members, offsets, lag), reset offsets.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// A consumer group's dead-letter queue (`%DLQ%<group>`): list, resend.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Look a message up by id (`--id`), or by key (`--topic T --key K`).
     Message {
         #[command(flatten)]
@@ -303,6 +332,29 @@ enum TopicCommand {
 }
 
 #[derive(Subcommand)]
+enum DlqCommand {
+    /// The dead letters of a consumer group, with where they came from.
+    List {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long)]
+        group: String,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+    },
+    /// Send a dead letter back to its original topic (it stays in the DLQ).
+    Resend {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long)]
+        group: String,
+        /// The message id as `dlq list` shows it.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum GroupCommand {
     /// Every consumer group with committed offsets or live members.
     List(NamesrvAddr),
@@ -312,6 +364,23 @@ enum GroupCommand {
         namesrv: NamesrvAddr,
         #[arg(long)]
         group: String,
+    },
+    /// Set a consumer group's retry and POP settings on every broker group.
+    Config {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        #[arg(long)]
+        group: String,
+        /// POP: one delivery at a time per queue, in order.
+        #[arg(long)]
+        fifo: bool,
+        /// Failed deliveries before the dead-letter queue (default 16).
+        #[arg(long)]
+        max_retries: Option<u32>,
+        /// Backoff per retry in ms, comma-separated; the last repeats
+        /// (default RocketMQ's 10s,30s,1m,...,2h).
+        #[arg(long, value_delimiter = ',')]
+        retry_delays_ms: Vec<u64>,
     },
     /// Move a group's offsets in every queue of a topic; running members jump
     /// on their next heartbeat.

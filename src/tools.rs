@@ -7,7 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::{AdminCommand, ConsumeArgs, GroupCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand};
+use crate::{AdminCommand, ConsumeArgs, DlqCommand, GroupCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand};
+
+/// The filter a `--tag` / `--sql` pair asks for.
+fn filter(tag: &str, sql: &Option<String>) -> raftmq_client::Filter {
+    match sql {
+        Some(expr) => raftmq_client::Filter::Sql92(expr.clone()),
+        None => raftmq_client::Filter::Tag(tag.to_owned()),
+    }
+}
 
 pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
     Ok(raftmq_client::Client::new(raftmq_client::ClientConfig::new(
@@ -18,12 +26,23 @@ pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
 pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     use raftmq_client::MessageExt;
     let producer = client(args.namesrv)?.producer();
+    let mut properties = std::collections::HashMap::new();
+    for p in &args.properties {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("--property {p:?} is not NAME=VALUE"))?;
+        properties.insert(k.to_owned(), v.to_owned());
+    }
     let started = std::time::Instant::now();
     let (mut ok, mut failed) = (0u64, 0u64);
     for i in 0..args.count {
         let mut msg = raftmq_proto::v1::Message::new(vec![b'x'; args.size]);
         msg.tag = args.tag.clone();
+        msg.properties.clone_from(&properties);
         msg.properties.insert("seq".into(), i.to_string());
+        msg.deliver_at_ms = args.deliver_at.unwrap_or(0);
+        msg.delay_ms = args.delay_ms.unwrap_or(0);
+        msg.delay_level = args.delay_level.unwrap_or(0);
         let sent = match &args.key {
             Some(k) => {
                 msg.keys = vec![k.clone()];
@@ -35,10 +54,17 @@ pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             Ok(r) => {
                 ok += 1;
                 if ok == 1 || i + 1 == args.count {
-                    println!(
-                        "sent {} to {}/{}@{} id {}",
-                        i, r.broker_group, r.queue_id, r.queue_offset, r.message_id
-                    );
+                    if r.deliver_at_ms != 0 {
+                        println!(
+                            "sent {} to {}/{} id {}, delivered at {} ms",
+                            i, r.broker_group, r.queue_id, r.message_id, r.deliver_at_ms
+                        );
+                    } else {
+                        println!(
+                            "sent {} to {}/{}@{} id {}",
+                            i, r.broker_group, r.queue_id, r.queue_offset, r.message_id
+                        );
+                    }
                 }
             }
             Err(e) => {
@@ -109,6 +135,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("topic {topic} created with {queues} queue(s) per broker group");
         }
         AdminCommand::Group(cmd) => run_group(cmd).await?,
+        AdminCommand::Dlq(cmd) => run_dlq(cmd).await?,
         AdminCommand::Message {
             namesrv,
             id,
@@ -148,8 +175,47 @@ fn start_from(s: &str) -> anyhow::Result<raftmq_client::StartFrom> {
     })
 }
 
+pub async fn run_dlq(cmd: DlqCommand) -> anyhow::Result<()> {
+    match cmd {
+        DlqCommand::List { namesrv, group, count } => {
+            let letters = client(namesrv)?.admin().dead_letters(&group, count).await?;
+            for (broker_group, m) in &letters {
+                print_message(broker_group, m);
+                println!("    reconsumed {} times", m.reconsume_times);
+            }
+            eprintln!("{} dead letter(s) in %DLQ%{group}", letters.len());
+        }
+        DlqCommand::Resend { namesrv, group, id } => {
+            let r = client(namesrv)?.admin().resend_dead_letter(&group, &id).await?;
+            println!(
+                "resent {id} as {} to {}/{}@{}",
+                r.message_id, r.broker_group, r.queue_id, r.queue_offset
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
     match cmd {
+        GroupCommand::Config {
+            namesrv,
+            group,
+            fifo,
+            max_retries,
+            retry_delays_ms,
+        } => {
+            client(namesrv)?
+                .admin()
+                .update_consumer_group(raftmq_proto::v1::ConsumerGroupConfig {
+                    name: group.clone(),
+                    fifo,
+                    max_reconsume_times: max_retries,
+                    retry_delays_ms,
+                })
+                .await?;
+            println!("consumer group {group} configured");
+        }
         GroupCommand::List(ns) => {
             for broker in client(ns)?.admin().list_consumer_groups().await? {
                 for g in broker.groups {
@@ -250,6 +316,9 @@ fn print_message(place: &str, pulled: &raftmq_proto::v1::PulledMessage) {
 /// Runs one consumer-group member until `--count` messages, `--idle-exit-ms` of
 /// silence, or Ctrl-C; then shuts it down cleanly (final offsets committed).
 pub async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    if args.pop {
+        return run_pop(args).await;
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -261,7 +330,7 @@ pub async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let arrived = Arc::new(tokio::sync::Notify::new());
     let consumer = client
         .push_consumer(&args.group, &args.topic)
-        .tag_expression(&args.tag)
+        .filter(filter(&args.tag, &args.sql))
         .start_from(start_from(&args.from)?)
         .model(if args.broadcast {
             MessageModel::Broadcasting
@@ -311,6 +380,45 @@ pub async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
     }
     consumer.shutdown().await?;
     eprintln!("consumed {} message(s)", received.load(Ordering::SeqCst).min(limit));
+    Ok(())
+}
+
+/// A POP member: receive, print, ack, until `--count`, `--idle-exit-ms` of
+/// silence, or Ctrl-C. A message is acked after it is printed, so one lost to a
+/// crash comes back to the group after its invisible time.
+async fn run_pop(args: ConsumeArgs) -> anyhow::Result<()> {
+    let consumer = client(args.namesrv)?
+        .simple_consumer(&args.group, &args.topic)
+        .filter(filter(&args.tag, &args.sql))
+        .invisible_duration(Duration::from_millis(args.invisible_ms));
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::cancel_on_signal(stop.clone());
+    let limit = args.count.unwrap_or(u64::MAX);
+    let idle = Duration::from_millis(args.idle_exit_ms);
+    let mut last = std::time::Instant::now();
+    let mut consumed = 0u64;
+    while consumed < limit && !stop.is_cancelled() {
+        if !idle.is_zero() && last.elapsed() >= idle {
+            break;
+        }
+        let want = u32::try_from(limit - consumed).unwrap_or(u32::MAX).min(32);
+        let got = tokio::select! {
+            r = consumer.receive(want, Duration::from_millis(1000)) => r?,
+            _ = stop.cancelled() => break,
+        };
+        if !got.is_empty() {
+            last = std::time::Instant::now();
+        }
+        for m in got {
+            if !args.quiet {
+                print_message(&args.topic, &m.message);
+                println!("    delivery attempt {}", m.delivery_attempt);
+            }
+            consumer.ack(&m).await?;
+            consumed += 1;
+        }
+    }
+    eprintln!("consumed {consumed} message(s)");
     Ok(())
 }
 
@@ -372,7 +480,7 @@ pub async fn run_pull(args: PullArgs) -> anyhow::Result<()> {
                 offset,
                 want,
                 Duration::from_millis(args.wait_ms),
-                &raftmq_client::Filter::Tag(args.tag.clone()),
+                &filter(&args.tag, &args.sql),
             )
             .await?;
         for pulled in &r.messages {

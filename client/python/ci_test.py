@@ -18,6 +18,14 @@ broker group of three replicas, topics auto-created with 4 queues). Steps:
   redirect  a raw Send to a follower fails FAILED_PRECONDITION with `raftmq-leader`
             metadata naming the leader; the wrapper's producer, told the follower
             is the leader, still stores the message by following the redirect
+  delayed   three delayed sends (delay_ms, deliver_at_ms, delay_level 1) to a fresh
+            topic: each result names its delivery time, and a POP receive gets
+            each no earlier than that time, carrying it as deliver_at_ms
+  pop       POP on a fresh topic (invisible_duration_ms 1000): 5 messages received
+            once each (delivery_attempt 1) and 4 acked (a second ack of one is
+            stale); the unacked one comes back after its invisible time with
+            delivery_attempt 2 and nothing else does; change_invisible_duration
+            replaces its handle (the old one is stale), and the new one acks
   chase     the leader-following decisions (raftmq.client.Chase), no cluster
   silent    a client told that a silent endpoint (TCP accepted, never answered:
             a paused leader) leads: the first send gives up on it within
@@ -279,6 +287,99 @@ def consume_two(client: raftmq.Client, route: raftmq.TopicRoute, before: int) ->
     check_committed(client, route, before + COUNT + COUNT // 2)
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def delayed(client: raftmq.Client) -> None:
+    topic = f"PyDelay_{uuid.uuid4().hex[:10]}"
+    producer = client.producer()
+    sent_at = now_ms()
+    results = {
+        "delay_ms": producer.send(topic, b"rel", properties={"kind": "delay_ms"}, delay_ms=1500),
+        "deliver_at_ms": producer.send(topic, b"abs", properties={"kind": "deliver_at_ms"}, deliver_at_ms=sent_at + 2000),
+        "delay_level": producer.send(topic, b"lvl", properties={"kind": "delay_level"}, delay_level=1),
+    }
+    expected_delay = {"delay_ms": 1500, "deliver_at_ms": 2000, "delay_level": 1000}
+    for kind, r in results.items():
+        require(r.queue_offset == 0, f"{kind}: a delayed send got queue offset {r.queue_offset}")
+        # The broker's clock counts (same machine here): allow it a little skew.
+        require(
+            r.deliver_at_ms >= sent_at + expected_delay[kind] - 50,
+            f"{kind}: due at {r.deliver_at_ms}, sooner than {expected_delay[kind]} ms after {sent_at}",
+        )
+    require(results["deliver_at_ms"].deliver_at_ms == sent_at + 2000, f"deliver_at_ms moved: {results['deliver_at_ms']}")
+    try:
+        raftmq.Producer(client).send(topic, b"x", delay_ms=10, delay_level=1)
+        raise Failure("a send with two delays was accepted")
+    except ValueError:
+        pass
+    consumer = raftmq.SimpleConsumer(client, "py_delay_group", topic)
+    by_id = {r.message_id: (kind, r) for kind, r in results.items()}
+    got: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while len(got) < len(results):
+        require(time.monotonic() < deadline, f"received {sorted(got)} of 3 delayed messages within 30 s")
+        for m in consumer.receive(max_messages=8, invisible_duration_ms=30_000, max_wait_ms=1000):
+            at = now_ms()
+            require(m.message_id in by_id, f"received {m.message_id}, which was not sent")
+            kind, r = by_id[m.message_id]
+            require(kind not in got, f"{kind} received twice")
+            require(at >= r.deliver_at_ms, f"{kind} received at {at}, before it was due at {r.deliver_at_ms}")
+            require(
+                m.message.deliver_at_ms == r.deliver_at_ms and m.message.properties.get("kind") == kind,
+                f"{kind}: received as {m.message}",
+            )
+            require(all(a.ok for a in consumer.ack(m)), f"{kind}: ack refused")
+            got[kind] = at - r.deliver_at_ms
+    print(f"     each delayed message received after its time (late by {got} ms)")
+
+
+def pop(client: raftmq.Client) -> None:
+    topic = f"PyPop_{uuid.uuid4().hex[:10]}"
+    producer = client.producer()
+    sent = {producer.send(topic, f"pop-{i}".encode(), properties={"seq": str(i)}).message_id for i in range(5)}
+    consumer = raftmq.SimpleConsumer(client, "py_pop_group", topic)
+    first: dict[str, raftmq.PopMessage] = {}
+    deadline = time.monotonic() + 30
+    while len(first) < len(sent):
+        require(time.monotonic() < deadline, f"received {len(first)} of {len(sent)} within 30 s")
+        for m in consumer.receive(max_messages=32, invisible_duration_ms=1000, max_wait_ms=500):
+            require(m.message_id in sent, f"received {m.message_id}, which was not sent")
+            if m.message_id in first:
+                # Redelivered before all arrived (a slow run): only once its time passed.
+                require(m.delivery_attempt >= 2, f"{m.message_id} handed out twice as attempt 1")
+                continue
+            require(m.delivery_attempt == 1, f"{m.message_id}: first delivery is attempt {m.delivery_attempt}")
+            first[m.message_id] = m
+    kept_id = sorted(first)[0]
+    kept = first[kept_id]
+    acked = [m for i, m in first.items() if i != kept_id]
+    results = consumer.ack(acked)
+    require(all(r.ok for r in results), f"acks refused: {[r for r in results if not r.ok]}")
+    again = consumer.ack(acked[0])[0]
+    require(not again.ok and "stale" in again.error, f"a second ack of one handle: {again}")
+    # The unacked one comes back after its invisible time, as attempt 2; nothing else does.
+    back = None
+    deadline = time.monotonic() + 15
+    while back is None:
+        require(time.monotonic() < deadline, f"{kept_id} did not come back within 15 s")
+        for m in consumer.receive(max_messages=32, invisible_duration_ms=1000, max_wait_ms=1000):
+            require(m.message_id == kept_id, f"{m.message_id} came back although it was acked")
+            if m.delivery_attempt == 2:
+                back = (m, now_ms())
+    m, at = back
+    require(at >= kept.invisible_until_ms, f"back at {at}, before its invisible time {kept.invisible_until_ms}")
+    moved = consumer.change_invisible_duration(m, 5000)
+    require(moved.receipt_handle != m.receipt_handle, "change_invisible_duration kept the handle")
+    stale = consumer.ack(m)[0]
+    require(not stale.ok and "stale" in stale.error, f"the replaced handle still acks: {stale}")
+    require(consumer.ack(moved)[0].ok, "the new handle does not ack")
+    quiet = consumer.receive(max_messages=32, invisible_duration_ms=1000, max_wait_ms=1500)
+    require(not quiet, f"received {[q.message_id for q in quiet]} after everything was acked")
+    print(f"     5 received, 4 acked, 1 back as attempt 2 after {at - kept.invisible_until_ms} ms past its time")
+
+
 def redirect(client: raftmq.Client, topic: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -404,6 +505,8 @@ def main() -> int:
         run.step("consume", lambda: consume_one(client, route, sent), needs=("send", "route"))
         run.step("rebalance", lambda: consume_two(client, route, COUNT), needs=("consume",))
         run.step("redirect", lambda: redirect(client, topic), needs=("send",))
+        run.step("delayed", lambda: delayed(client))
+        run.step("pop", lambda: pop(client))
         run.step("chase", chase)
         run.step("silent", lambda: silent(sys.argv[1], topic), needs=("send",))
     if run.failed or run.skipped:

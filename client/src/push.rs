@@ -1,7 +1,7 @@
 //! PushConsumer: consumer groups as RocketMQ users know them. Subscribe to a topic
-//! with a tag expression and a callback; the consumer finds its queues, long-polls
-//! them, calls the callback (concurrently on a pool of workers, or orderly: one
-//! message at a time per queue) and keeps the group's offsets.
+//! with a filter (tags or SQL92) and a callback; the consumer finds its queues,
+//! long-polls them, calls the callback (concurrently on a pool of workers, or
+//! orderly: one message at a time per queue) and keeps the group's offsets.
 //!
 //! * Clustering (default): each broker group's leader assigns its queues among the
 //!   group's live members (see `ConsumerService` in `proto/`). This module runs the
@@ -11,6 +11,11 @@
 //!   its in-flight messages are done, reporting the final offset. A member that
 //!   cannot reach a group's leader for the session timeout stops consuming that
 //!   group's queues: by then the leader may have given them to someone else.
+//!   A clustering member also consumes the group's retry topic `%RETRY%<group>`
+//!   ([`retry_topic`]) the same way, with the same callback, as RocketMQ
+//!   subscribes to it automatically. That topic exists on a broker group only once
+//!   a retry stored there falls due; until then the member keeps trying to
+//!   subscribe, quietly (one INFO line every few minutes, DEBUG otherwise).
 //! * Broadcasting: every member consumes every queue; offsets are kept in a local
 //!   file (`<offset_dir>/<group>@<topic>.json`, written atomically every second and
 //!   at shutdown), as RocketMQ does. Broadcasting members do not heartbeat, so the
@@ -20,12 +25,41 @@
 //! message below it was consumed), so a crash or rebalance redelivers what was in
 //! flight (at-least-once), and never skips.
 //!
-//! Failed consumption (`ConsumeResult::RetryLater`): this member calls the callback
-//! again for that message after 1 s, 2 s, ... (capped at 10 s), up to `max_retries`
-//! times (default 16), then logs it at WARN and counts it in
-//! [`ConsumerStats::skipped`]. While it waits the queue's committed offset stays
-//! below it, so a crash or rebalance redelivers it. In orderly mode the queue waits
-//! for that message. A retry topic and dead-letter queue come later.
+//! Failed consumption (`ConsumeResult::RetryLater`), as in RocketMQ:
+//! * Clustering, concurrent: the message is sent back (`SendBack`, RocketMQ's
+//!   consumerSendMsgBack) to the leader of the broker group that stored it, which
+//!   stores it for the group in `%RETRY%<group>`, due after the group's backoff
+//!   for its reconsume count (10 s, 30 s, 1 min, ... by default; set per group
+//!   with `UpdateConsumerGroup`), or, past the group's `max_reconsume_times`
+//!   (default 16), in the dead-letter topic `%DLQ%<group>` ([`dlq_topic`]). Once
+//!   the broker accepted it the message counts as consumed and the queue's offset
+//!   moves past it; it comes back through the retry topic with
+//!   `reconsume_times` + 1, the original topic in `message.topic` and the
+//!   original message id. Counted in [`ConsumerStats::sent_back`] or
+//!   [`ConsumerStats::dead_lettered`]. A send-back whose answer was lost may have
+//!   been stored anyway, so a retry can come twice (at-least-once).
+//!   If the send-back fails (after the client's leader-following retries, within
+//!   `send_deadline`), the message stays pending (its queue's committed offset
+//!   stays below it) and this member calls the callback again after
+//!   `retry_delay`, 2 x `retry_delay`, ... (capped at 10 x), sending back again
+//!   on each failure. Only when the callback and every send-back have failed
+//!   `max_retries` times is the message given up: logged at WARN and counted in
+//!   [`ConsumerStats::skipped`].
+//! * Clustering, orderly: the queue waits for the message. This member calls the
+//!   callback again after `retry_delay`, 2 x `retry_delay`, ... (capped at 10 x),
+//!   `max_retries` times (default 16); if it still fails, the message goes to the
+//!   dead-letter topic (a send-back whose `reconsume_times` is the larger of the
+//!   message's reconsume count plus the local attempts and the group's
+//!   `max_reconsume_times`, read with `GetConsumerGroup`, so the broker
+//!   dead-letters it rather than scheduling a retry that would break the order),
+//!   and the queue moves on. While that send-back fails with an error retrying may
+//!   fix (no leader, unreachable) the queue keeps waiting and it is sent again;
+//!   an error it cannot fix (e.g. the message is no longer retained) gives the
+//!   message up (WARN, [`ConsumerStats::skipped`]).
+//! * Broadcasting (either mode): RocketMQ never sends back in broadcasting, since
+//!   a retry topic is shared by the whole group. This member calls the callback
+//!   again as above, up to `max_retries` times, then gives the message up (WARN,
+//!   [`ConsumerStats::skipped`]). In orderly mode the queue waits meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,10 +74,12 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::PullConsumer;
+use crate::consumer::{Filter, PullConsumer};
 use crate::error::Error;
 use crate::leader::{Attempt, Followers, Spec, Target, follow};
 use crate::route::{Core, TopicRoute};
+
+mod retry;
 
 /// What the callback did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +126,14 @@ pub struct ConsumerStats {
     pub delivered: AtomicU64,
     /// `RetryLater` answers.
     pub retried: AtomicU64,
-    /// Messages given up on after `max_retries`.
+    /// Failed messages the brokers stored in the group's retry topic (clustering).
+    pub sent_back: AtomicU64,
+    /// Failed messages the brokers stored in the group's dead-letter topic
+    /// (clustering: past the group's `max_reconsume_times`, or orderly after
+    /// `max_retries`).
+    pub dead_lettered: AtomicU64,
+    /// Messages given up on (see the module docs: broadcasting after
+    /// `max_retries`; clustering only when sending back kept failing too).
     pub skipped: AtomicU64,
     /// Queue assignments that changed (started or stopped workers).
     pub rebalances: AtomicU64,
@@ -98,6 +141,16 @@ pub struct ConsumerStats {
 
 /// The brokers' default session timeout, assumed until a leader's answer says.
 const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The retry topic of a consumer group: `%RETRY%<group>`.
+pub fn retry_topic(group: &str) -> String {
+    format!("%RETRY%{group}")
+}
+
+/// The dead-letter topic of a consumer group: `%DLQ%<group>`.
+pub fn dlq_topic(group: &str) -> String {
+    format!("%DLQ%{group}")
+}
 
 type Listener = Arc<dyn Fn(pb::PulledMessage) -> BoxFuture<'static, ConsumeResult> + Send + Sync>;
 
@@ -107,7 +160,7 @@ pub struct PushConsumerBuilder {
     core: Arc<Core>,
     group: String,
     topic: String,
-    tag_expression: String,
+    filter: Filter,
     model: MessageModel,
     start_from: StartFrom,
     mode: ConsumeMode,
@@ -125,7 +178,7 @@ impl PushConsumerBuilder {
             core,
             group: group.to_owned(),
             topic: topic.to_owned(),
-            tag_expression: "*".into(),
+            filter: Filter::all(),
             model: MessageModel::Clustering,
             start_from: StartFrom::Last,
             mode: ConsumeMode::Concurrent { workers: 20 },
@@ -138,9 +191,20 @@ impl PushConsumerBuilder {
         }
     }
 
-    /// `"*"` (default) or `"TagA || TagB"`; filtered on the broker.
+    /// `"*"` (default) or `"TagA || TagB"`; filtered on the broker. Same as
+    /// `filter(Filter::Tag(expr))`; replaces an earlier [`Self::filter`].
     pub fn tag_expression(mut self, expr: &str) -> Self {
-        expr.clone_into(&mut self.tag_expression);
+        self.filter = Filter::Tag(expr.to_owned());
+        self
+    }
+
+    /// Which messages of the topic this member wants: a tag expression or a SQL92
+    /// one (`Filter::Sql92("region = 'eu' AND amount > 100".into())`), evaluated
+    /// by the brokers on every pull and shown by the group's description. Default:
+    /// every message. The group's retry topic is always read unfiltered (only
+    /// messages that matched were sent back).
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = filter;
         self
     }
 
@@ -166,7 +230,9 @@ impl PushConsumerBuilder {
         self
     }
 
-    /// Callback retries before a message is skipped (default 16).
+    /// Local callback retries of a failed message (default 16): before an orderly
+    /// clustering member dead-letters it, or a broadcasting member (or a
+    /// clustering one that cannot send it back) gives it up. See the module docs.
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
         self
@@ -227,9 +293,25 @@ impl PushConsumerBuilder {
             ConsumeMode::Concurrent { workers } => workers,
             ConsumeMode::Orderly => 0,
         };
+        let mut subs = vec![Arc::new(Sub {
+            topic: self.topic.clone(),
+            filter: self.filter.clone(),
+            start_from: self.start_from,
+            retry: false,
+        })];
+        if self.model == MessageModel::Clustering {
+            subs.push(Arc::new(Sub {
+                topic: retry_topic(&self.group),
+                filter: Filter::all(),
+                // Only this group's failed messages are there: all of them are due.
+                start_from: StartFrom::First,
+                retry: true,
+            }));
+        }
         let ctx = Arc::new(Ctx {
             pull: PullConsumer::from_core(self.core.clone()),
             settings: self,
+            subs,
             listener,
             permits: Arc::new(Semaphore::new(workers)),
             stats: Arc::new(ConsumerStats::default()),
@@ -273,8 +355,20 @@ impl PushConsumer {
         &self.ctx.stats
     }
 
-    /// The queues this member consumes now, as `(broker group, queue id)`.
+    /// The queues of the subscribed topic this member consumes now, as
+    /// `(broker group, queue id)`.
     pub fn assigned_queues(&self) -> Vec<(String, u32)> {
+        let topic = &self.ctx.settings.topic;
+        lock(&self.ctx.assigned)
+            .iter()
+            .filter(|(t, _, _)| t == topic)
+            .map(|(_, g, q)| (g.clone(), *q))
+            .collect()
+    }
+
+    /// Every queue this member consumes now, the group's retry topic's included,
+    /// as `(topic, broker group, queue id)`.
+    pub fn held_queues(&self) -> Vec<(String, String, u32)> {
         lock(&self.ctx.assigned).iter().cloned().collect()
     }
 
@@ -298,8 +392,21 @@ impl Drop for PushConsumer {
     }
 }
 
+/// One topic a member consumes: the subscribed one, or the group's retry topic.
+struct Sub {
+    topic: String,
+    /// Stored once, so pulls do not build one each time.
+    filter: Filter,
+    start_from: StartFrom,
+    /// The group's retry topic: absent until the first retry falls due, so its
+    /// absence is expected and logged quietly.
+    retry: bool,
+}
+
 struct Ctx {
     settings: PushConsumerBuilder,
+    /// The subscribed topic first, then (clustering) the group's retry topic.
+    subs: Vec<Arc<Sub>>,
     pull: PullConsumer,
     listener: Listener,
     /// Concurrent mode's worker pool (unused in orderly mode).
@@ -308,7 +415,8 @@ struct Ctx {
     /// A queue worker finished: heartbeat now to report its final offset.
     wake: Notify,
     offsets: Option<LocalOffsets>,
-    assigned: Mutex<BTreeSet<(String, u32)>>,
+    /// `(topic, broker group, queue)` of every running queue worker.
+    assigned: Mutex<BTreeSet<(String, String, u32)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -338,7 +446,7 @@ struct QueueWorker {
 }
 
 impl QueueWorker {
-    fn start(ctx: &Arc<Ctx>, group: &str, queue_id: u32, offset: u64) -> QueueWorker {
+    fn start(ctx: &Arc<Ctx>, sub: &Arc<Sub>, group: &str, queue_id: u32, offset: u64) -> QueueWorker {
         let stop = CancellationToken::new();
         let progress = Arc::new(Mutex::new(Progress {
             pulled_to: offset,
@@ -346,13 +454,14 @@ impl QueueWorker {
         }));
         let task = tokio::spawn(consume_queue(
             ctx.clone(),
+            sub.clone(),
             group.to_owned(),
             queue_id,
             progress.clone(),
             stop.clone(),
         ));
         ctx.stats.rebalances.fetch_add(1, Ordering::Relaxed);
-        lock(&ctx.assigned).insert((group.to_owned(), queue_id));
+        lock(&ctx.assigned).insert((sub.topic.clone(), group.to_owned(), queue_id));
         QueueWorker { stop, progress, task }
     }
 
@@ -365,6 +474,7 @@ impl QueueWorker {
 /// waits for its in-flight callbacks before finishing, so `consumed()` is final.
 async fn consume_queue(
     ctx: Arc<Ctx>,
+    sub: Arc<Sub>,
     group: String,
     queue_id: u32,
     progress: Arc<Mutex<Progress>>,
@@ -373,15 +483,14 @@ async fn consume_queue(
     let s = &ctx.settings;
     let mut in_flight = tokio::task::JoinSet::new();
     let mut failures = 0u32;
-    let skip_before = match (s.model, s.start_from) {
+    let skip_before = match (s.model, sub.start_from) {
         (MessageModel::Broadcasting, StartFrom::Timestamp(ts)) => ts,
         _ => 0,
     };
     'pull: while !stop.is_cancelled() {
         let from = lock(&progress).pulled_to;
-        let filter = crate::consumer::Filter::Tag(s.tag_expression.clone());
         let pulled = tokio::select! {
-            r = ctx.pull.pull(&s.topic, &group, queue_id, from, s.pull_batch, s.pull_wait, &filter) => r,
+            r = ctx.pull.pull(&sub.topic, &group, queue_id, from, s.pull_batch, s.pull_wait, &sub.filter) => r,
             _ = stop.cancelled() => break,
         };
         // Reap finished callbacks so the set does not grow with the queue.
@@ -393,7 +502,7 @@ async fn consume_queue(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(topic = %s.topic, group = %group, queue_id, error = %e, "pull failed; retrying");
+                tracing::warn!(topic = %sub.topic, group = %group, queue_id, error = %e, "pull failed; retrying");
                 let pause = Duration::from_millis(100 * u64::from(failures.min(20)));
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => continue,
@@ -415,7 +524,7 @@ async fn consume_queue(
             }
             match s.mode {
                 ConsumeMode::Orderly => {
-                    if !deliver(&ctx, m, &stop).await {
+                    if !retry::deliver(&ctx, &sub.topic, &group, m, &stop).await {
                         // Stopped while waiting to retry: the message stays pending.
                         break 'pull;
                     }
@@ -431,10 +540,11 @@ async fn consume_queue(
                         // to whoever consumes the queue next.
                         _ = stop.cancelled() => break 'pull,
                     };
-                    let (ctx, progress, stop) = (ctx.clone(), progress.clone(), stop.clone());
+                    let (ctx, sub, group) = (ctx.clone(), sub.clone(), group.clone());
+                    let (progress, stop) = (progress.clone(), stop.clone());
                     in_flight.spawn(async move {
                         let _permit = permit;
-                        if deliver(&ctx, m, &stop).await {
+                        if retry::deliver(&ctx, &sub.topic, &group, m, &stop).await {
                             lock(&progress).pending.remove(&offset);
                         }
                     });
@@ -443,56 +553,24 @@ async fn consume_queue(
         }
     }
     while in_flight.join_next().await.is_some() {}
-    lock(&ctx.assigned).remove(&(group, queue_id));
+    lock(&ctx.assigned).remove(&(sub.topic.clone(), group, queue_id));
     ctx.wake.notify_one();
-}
-
-/// Calls the callback until it succeeds or retries run out (true: the message
-/// is done, consumed or skipped); false if stopped while waiting to retry.
-async fn deliver(ctx: &Ctx, m: pb::PulledMessage, stop: &CancellationToken) -> bool {
-    let s = &ctx.settings;
-    let mut attempt = 0u32;
-    loop {
-        match (ctx.listener)(m.clone()).await {
-            ConsumeResult::Success => {
-                ctx.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            ConsumeResult::RetryLater => {
-                ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
-                attempt += 1;
-                if attempt > s.max_retries {
-                    ctx.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        message_id = %m.message_id,
-                        queue_id = m.queue_id,
-                        offset = m.queue_offset,
-                        attempts = attempt,
-                        "giving up on a message after its retries; it is skipped"
-                    );
-                    return true;
-                }
-                let wait = s.retry_delay * attempt.min(10);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return false,
-                }
-            }
-        }
-    }
 }
 
 /// The member's control loop: heartbeats (clustering) or queue discovery
 /// (broadcasting), worker starts and stops, and the final commit at shutdown.
 async fn run(ctx: Arc<Ctx>, stop: CancellationToken) -> Result<(), Error> {
-    let mut member = Member::default();
+    let mut members: Vec<Member> = ctx.subs.iter().map(|sub| Member::new(sub.clone())).collect();
     let mut interval = Duration::from_secs(1);
     while !stop.is_cancelled() {
-        let settle = match ctx.settings.model {
-            MessageModel::Clustering => member.heartbeat_all(&ctx, false).await,
-            MessageModel::Broadcasting => member.broadcast_round(&ctx).await,
-        };
-        if let Some(i) = member.interval {
+        let mut settle = true;
+        for member in &mut members {
+            settle &= match ctx.settings.model {
+                MessageModel::Clustering => member.heartbeat_all(&ctx, false).await,
+                MessageModel::Broadcasting => member.broadcast_round(&ctx).await,
+            };
+        }
+        if let Some(i) = members.iter().filter_map(|m| m.interval).min() {
             interval = i;
         }
         // Unsettled (a queue awaits release, or a release awaits reporting): look
@@ -509,34 +587,48 @@ async fn run(ctx: Arc<Ctx>, stop: CancellationToken) -> Result<(), Error> {
         }
     }
     // Shutdown: stop every worker, wait for in-flight callbacks, commit, leave.
-    for (_, w) in member.workers.iter() {
-        w.stop.cancel();
+    for member in &members {
+        for w in member.workers.values() {
+            w.stop.cancel();
+        }
     }
-    let stopping = std::mem::take(&mut member.workers)
-        .into_iter()
-        .chain(std::mem::take(&mut member.releasing));
-    for (key, w) in stopping {
-        let _ = w.task.await;
-        member.released.insert(key, lock(&w.progress).consumed());
+    for member in &mut members {
+        let stopping = std::mem::take(&mut member.workers)
+            .into_iter()
+            .chain(std::mem::take(&mut member.releasing));
+        for (key, w) in stopping {
+            let _ = w.task.await;
+            member.released.insert(key, lock(&w.progress).consumed());
+        }
     }
-    match ctx.settings.model {
-        MessageModel::Clustering => {
-            member.heartbeat_all(&ctx, true).await;
-            match member.last_error.take() {
-                Some(e) if !member.released.is_empty() => Err(e),
-                _ => Ok(()),
+    let mut result = Ok(());
+    for member in &mut members {
+        let r = match ctx.settings.model {
+            MessageModel::Clustering => {
+                member.heartbeat_all(&ctx, true).await;
+                match member.last_error.take() {
+                    Some(e) if !member.released.is_empty() => Err(e),
+                    _ => Ok(()),
+                }
             }
-        }
-        MessageModel::Broadcasting => {
-            let offsets = ctx.offsets.as_ref().expect("broadcasting has an offset file");
-            offsets.save(&member.released)
+            MessageModel::Broadcasting => {
+                let offsets = ctx.offsets.as_ref().expect("broadcasting has an offset file");
+                offsets.save(&member.released)
+            }
+        };
+        if result.is_ok() {
+            result = r;
         }
     }
+    result
 }
 
-/// The member's view of its queues.
-#[derive(Default)]
+/// How often the absence of the group's retry topic is logged at INFO.
+const QUIET_LOG_EVERY: Duration = Duration::from_secs(300);
+
+/// The member's view of its queues of one topic.
 struct Member {
+    sub: Arc<Sub>,
     workers: HashMap<(String, u32), QueueWorker>,
     /// Revoked, stopping: still held until their workers finish.
     releasing: HashMap<(String, u32), QueueWorker>,
@@ -547,9 +639,50 @@ struct Member {
     interval: Option<Duration>,
     session_timeout: Option<Duration>,
     last_error: Option<Error>,
+    /// When the retry topic's absence was last logged at INFO.
+    quiet_logged: Option<Instant>,
+}
+
+/// The topic (or the broker group's copy of it) does not exist (yet): for the
+/// group's retry topic, the normal state until a retry falls due there.
+fn not_there_yet(e: &Error) -> bool {
+    matches!(e, Error::NoRoute { .. } | Error::UnknownGroup { .. }) || e.code() == Some(tonic::Code::NotFound)
 }
 
 impl Member {
+    fn new(sub: Arc<Sub>) -> Member {
+        Member {
+            sub,
+            workers: HashMap::new(),
+            releasing: HashMap::new(),
+            released: BTreeMap::new(),
+            last_ok: HashMap::new(),
+            interval: None,
+            session_timeout: None,
+            last_error: None,
+            quiet_logged: None,
+        }
+    }
+
+    /// Logs a failure to reach the topic: at WARN, except the retry topic's
+    /// expected absence, at INFO every [`QUIET_LOG_EVERY`] and DEBUG otherwise.
+    fn log_failure(&mut self, broker_group: Option<&str>, e: &Error, what: &str) {
+        let topic = &self.sub.topic;
+        let group = broker_group.unwrap_or("");
+        if self.sub.retry && not_there_yet(e) {
+            if self.quiet_logged.is_none_or(|t| t.elapsed() >= QUIET_LOG_EVERY) {
+                self.quiet_logged = Some(Instant::now());
+                tracing::info!(%topic, broker_group = %group, error = %e,
+                    "the group's retry topic is not there yet (it is made when a first retry falls due); \
+                     subscribing to it as soon as it is");
+            } else {
+                tracing::debug!(%topic, broker_group = %group, error = %e, "retry topic still absent");
+            }
+        } else {
+            tracing::warn!(%topic, broker_group = %group, error = %e, "{what}");
+        }
+    }
+
     /// Moves finished releasing workers to `released`.
     fn reap(&mut self) {
         let done: Vec<_> = self
@@ -575,13 +708,16 @@ impl Member {
     async fn heartbeat_all(&mut self, ctx: &Arc<Ctx>, leaving: bool) -> bool {
         self.reap();
         let s = &ctx.settings;
-        let route = match ctx.pull_core().route(&s.topic).await {
+        let sub = self.sub.clone();
+        let route = match ctx.pull_core().route(&sub.topic).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(topic = %s.topic, error = %e, "no route for the consumer's topic");
+                self.log_failure(None, &e, "no route for the consumer's topic");
+                // The retry topic's absence is the normal state: settled.
+                let settled = sub.retry && not_there_yet(&e) && self.workers.is_empty();
                 self.last_error = Some(e);
                 self.fence_silent_groups(&[]);
-                return false;
+                return settled;
             }
         };
         let mut settled = true;
@@ -607,18 +743,19 @@ impl Member {
                     });
                 }
             }
+            let (filter_type, tag_expression) = sub.filter.to_wire();
             let req = pb::HeartbeatRequest {
                 consumer_group: s.group.clone(),
                 client_id: s.client_id.clone(),
-                topic: s.topic.clone(),
-                tag_expression: s.tag_expression.clone(),
-                filter_type: pb::FilterType::Tag as i32,
-                start_from: match s.start_from {
+                topic: sub.topic.clone(),
+                tag_expression,
+                filter_type,
+                start_from: match sub.start_from {
                     StartFrom::First => pb::StartFrom::First,
                     StartFrom::Last => pb::StartFrom::Last,
                     StartFrom::Timestamp(_) => pb::StartFrom::Timestamp,
                 } as i32,
-                start_timestamp_ms: match s.start_from {
+                start_timestamp_ms: match sub.start_from {
                     StartFrom::Timestamp(t) => t,
                     _ => 0,
                 },
@@ -626,12 +763,15 @@ impl Member {
                 leaving,
             };
             let session_timeout = self.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
-            let resp = match heartbeat(ctx, name, req, session_timeout).await {
+            let resp = match heartbeat(ctx, &sub.topic, name, req, session_timeout).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(broker_group = %name, error = %e, "consumer heartbeat failed");
+                    self.log_failure(Some(name), &e, "consumer heartbeat failed");
+                    let held_here = self.workers.keys().any(|(g, _)| g == name);
+                    if !(sub.retry && not_there_yet(&e) && !held_here) {
+                        settled = false;
+                    }
                     self.last_error = Some(e);
-                    settled = false;
                     continue;
                 }
             };
@@ -672,13 +812,13 @@ impl Member {
                     w.stop.cancel();
                     let _ = w.task.await;
                     self.workers
-                        .insert(key.clone(), QueueWorker::start(ctx, name, q, a.offset));
+                        .insert(key.clone(), QueueWorker::start(ctx, &sub, name, q, a.offset));
                     continue;
                 }
                 if !self.workers.contains_key(&key) {
-                    tracing::info!(broker_group = %name, queue_id = q, offset = a.offset, "queue assigned");
+                    tracing::info!(topic = %sub.topic, broker_group = %name, queue_id = q, offset = a.offset, "queue assigned");
                     self.workers
-                        .insert(key.clone(), QueueWorker::start(ctx, name, q, a.offset));
+                        .insert(key.clone(), QueueWorker::start(ctx, &sub, name, q, a.offset));
                 }
             }
         }
@@ -707,9 +847,9 @@ impl Member {
     /// Broadcasting: start a worker for every queue of every group in the route,
     /// and save the offsets. True (always settled).
     async fn broadcast_round(&mut self, ctx: &Arc<Ctx>) -> bool {
-        let s = &ctx.settings;
+        let sub = self.sub.clone();
         let offsets = ctx.offsets.as_ref().expect("broadcasting has an offset file");
-        match ctx.pull_core().route(&s.topic).await {
+        match ctx.pull_core().route(&sub.topic).await {
             Ok(route) => {
                 for g in &route.groups {
                     for q in 0..g.queues {
@@ -719,19 +859,19 @@ impl Member {
                         }
                         let start = match offsets.get(&key) {
                             Some(o) => o,
-                            None => match s.start_from {
+                            None => match sub.start_from {
                                 // Pull clamps 0 up to the queue's first offset.
                                 StartFrom::First | StartFrom::Timestamp(_) => 0,
                                 StartFrom::Last => match ctx
                                     .pull
                                     .pull(
-                                        &s.topic,
+                                        &sub.topic,
                                         &g.broker_group,
                                         q,
                                         u64::MAX,
                                         1,
                                         Duration::ZERO,
-                                        &crate::consumer::Filter::all(),
+                                        &Filter::all(),
                                     )
                                     .await
                                 {
@@ -744,11 +884,11 @@ impl Member {
                             },
                         };
                         self.workers
-                            .insert(key.clone(), QueueWorker::start(ctx, &g.broker_group, q, start));
+                            .insert(key.clone(), QueueWorker::start(ctx, &sub, &g.broker_group, q, start));
                     }
                 }
             }
-            Err(e) => tracing::warn!(topic = %s.topic, error = %e, "no route for the consumer's topic"),
+            Err(e) => tracing::warn!(topic = %sub.topic, error = %e, "no route for the consumer's topic"),
         }
         let now: BTreeMap<(String, u32), u64> = self.workers.iter().map(|(k, w)| (k.clone(), w.consumed())).collect();
         if let Err(e) = offsets.save(&now) {
@@ -771,12 +911,12 @@ impl Ctx {
 /// topic's other groups until this member fences itself from them.
 async fn heartbeat(
     ctx: &Ctx,
+    topic: &str,
     group: &str,
     req: pb::HeartbeatRequest,
     session_timeout: Duration,
 ) -> Result<pb::HeartbeatResponse, Error> {
     let core = ctx.pull_core();
-    let topic = ctx.settings.topic.as_str();
     let spec = Spec {
         label: topic,
         deadline: core.config.send_deadline.min(session_timeout / 2),
@@ -785,13 +925,7 @@ async fn heartbeat(
     };
     let target = Target::Topic {
         topic,
-        pick: |route: &TopicRoute| match route.group(group) {
-            Some(g) => Ok((g.clone(), ())),
-            None => Err(Error::UnknownGroup {
-                topic: topic.into(),
-                group: group.into(),
-            }),
-        },
+        pick: pick_group(topic, group),
     };
     let served = follow(core, spec, target, |a: Attempt<()>| {
         let req = req.clone();
@@ -799,6 +933,17 @@ async fn heartbeat(
     })
     .await?;
     Ok(served.value)
+}
+
+/// Picks broker group `group` in a route of `topic`.
+fn pick_group<'a>(topic: &'a str, group: &'a str) -> impl Fn(&TopicRoute) -> Result<(pb::GroupRoute, ()), Error> + 'a {
+    move |route: &TopicRoute| match route.group(group) {
+        Some(g) => Ok((g.clone(), ())),
+        None => Err(Error::UnknownGroup {
+            topic: topic.into(),
+            group: group.into(),
+        }),
+    }
 }
 
 /// A broadcasting member's offsets: `{"<broker group>/<queue>": offset}` in one

@@ -700,3 +700,139 @@ async fn pop_state_is_bounded_and_a_group_is_pop_or_clustering_not_both() -> any
     cluster.shutdown().await?;
     ns.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_consumer_retries_through_the_retry_topic_on_schedule_then_dead_letters() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+
+    use raftmq_client::push::{dlq_topic, retry_topic};
+    use raftmq_client::{ConsumeMode, ConsumeResult, StartFrom};
+
+    use super::fixtures::pull_everything;
+    const TOPIC: &str = "retry-orders";
+    const CG: &str = "rg";
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (ns, cluster, client) = start_with_client().await?;
+    create_topic(&client, TOPIC, 2).await?;
+    client
+        .admin()
+        .update_consumer_group(pb::ConsumerGroupConfig {
+            name: CG.into(),
+            fifo: false,
+            max_reconsume_times: Some(2),
+            retry_delays_ms: vec![200, 400],
+        })
+        .await?;
+    // seq 0 fails on its first two deliveries, seq 1 always, seq 2 never.
+    type Seen = Arc<Mutex<Vec<(u64, u32, String, String, Instant)>>>;
+    let seen: Seen = Arc::default();
+    let consumer = {
+        let seen = seen.clone();
+        client
+            .push_consumer(CG, TOPIC)
+            .start_from(StartFrom::First)
+            .mode(ConsumeMode::Concurrent { workers: 4 })
+            .start(move |m: pb::PulledMessage| {
+                let seen = seen.clone();
+                async move {
+                    let seq = seq_of(&m).unwrap_or(u64::MAX);
+                    let topic = m.message.as_ref().map(|m| m.topic.clone()).unwrap_or_default();
+                    lock(&seen).push((seq, m.reconsume_times, topic, m.message_id.clone(), Instant::now()));
+                    match (seq, m.reconsume_times) {
+                        (0, r) if r < 2 => ConsumeResult::RetryLater,
+                        (1, _) => ConsumeResult::RetryLater,
+                        _ => ConsumeResult::Success,
+                    }
+                }
+            })?
+    };
+    let producer = client.producer();
+    let mut ids = BTreeMap::new();
+    for seq in 0..3 {
+        ids.insert(seq, producer.send(TOPIC, message(seq, None)).await?.message_id);
+    }
+    let stats = consumer.stats();
+    eventually(
+        Duration::from_secs(30),
+        "seq 0 consumed on its second retry and seq 1 dead-lettered",
+        async || {
+            let seen = lock(&seen).clone();
+            let done = seen.iter().any(|(s, r, ..)| *s == 0 && *r == 2)
+                && seen.iter().any(|(s, ..)| *s == 2)
+                && stats.dead_lettered.load(Ordering::Relaxed) == 1;
+            Ok(if done {
+                Check::Done(())
+            } else {
+                Check::Pending(format!("{seen:?}"))
+            })
+        },
+    )
+    .await?;
+    let seen = lock(&seen).clone();
+    let of = |seq: u64| -> Vec<_> { seen.iter().filter(|(s, ..)| *s == seq).cloned().collect() };
+    for seq in [0, 1] {
+        let d = of(seq);
+        let times: Vec<u32> = d.iter().map(|(_, r, ..)| *r).collect();
+        ensure!(times == [0, 1, 2], "seq {seq} delivered with reconsume_times {times:?}");
+        ensure!(
+            d.iter().all(|(_, _, t, id, _)| t == TOPIC && *id == ids[&seq]),
+            "seq {seq}: {d:?}"
+        );
+        let gaps: Vec<Duration> = d.windows(2).map(|w| w[1].4 - w[0].4).collect();
+        ensure!(
+            gaps[0] >= Duration::from_millis(190) && gaps[1] >= Duration::from_millis(390),
+            "seq {seq}: retries came after {gaps:?}, sooner than the 200/400 ms schedule"
+        );
+        ensure!(
+            gaps.iter().all(|g| *g < Duration::from_secs(10)),
+            "seq {seq}: gaps {gaps:?}"
+        );
+    }
+    ensure!(of(2).len() == 1, "seq 2 delivered {} times", of(2).len());
+    ensure!(
+        (
+            stats.sent_back.load(Ordering::Relaxed),
+            stats.skipped.load(Ordering::Relaxed)
+        ) == (4, 0),
+        "sent back {} and skipped {}",
+        stats.sent_back.load(Ordering::Relaxed),
+        stats.skipped.load(Ordering::Relaxed)
+    );
+    ensure!(
+        consumer.held_queues().iter().any(|(t, ..)| *t == retry_topic(CG)),
+        "the retry topic is not consumed: {:?}",
+        consumer.held_queues()
+    );
+    let dlq = dlq_topic(CG);
+    let route = wait_for_known_route(&client, &dlq).await?;
+    let (dead, _) = pull_everything(&client.pull_consumer(), &route, &dlq).await?;
+    ensure!(dead.len() == 1, "dead-letter topic holds {dead:?}");
+    let m = &dead[0].2;
+    let props = &m.message.as_ref().context("no message")?.properties;
+    ensure!(seq_of(m)? == 1 && m.message_id == ids[&1], "{m:?}");
+    ensure!(
+        props.get("ORIGIN_TOPIC").map(String::as_str) == Some(TOPIC)
+            && props.get("ORIGIN_MESSAGE_ID") == Some(&ids[&1])
+            && m.reconsume_times == 3,
+        "{m:?}"
+    );
+    // Sent back counts as consumed: the group's offsets reach the end of the topic.
+    eventually(DEADLINE, "no lag on the topic", async || {
+        let d = client.admin().describe_consumer_group(CG).await?;
+        let lag: u64 = d
+            .iter()
+            .flat_map(|g| &g.queues)
+            .filter(|q| q.topic == TOPIC)
+            .map(|q| q.lag)
+            .sum();
+        Ok(if lag == 0 {
+            Check::Done(())
+        } else {
+            Check::Pending(format!("lag {lag}: {d:?}"))
+        })
+    })
+    .await?;
+    consumer.shutdown().await?;
+    cluster.shutdown().await?;
+    ns.stop().await
+}

@@ -14,8 +14,12 @@
 * Producer.send: to the broker group's leader, following ``raftmq-leader``
   redirects at once; a leader that fails or stays silent past ``rpc_timeout`` is
   skipped for a moment while its replicas are asked who leads now.
+  ``send(..., delay_ms=...)`` (or ``deliver_at_ms`` / ``delay_level``) delays
+  delivery.
 * Consumer: a clustering consumer-group member (heartbeats, assigned queues,
   release of revoked queues, offsets committed by the leader).
+* SimpleConsumer: POP consumption (receive with an invisible time, ack by
+  receipt handle, change_invisible_duration, forward_to_dead_letter).
 * RaftmqError: every failure, with the gRPC code and the server's message.
 
 The gRPC stubs are generated from proto/ into raftmq/_gen/ (client/python/
@@ -38,18 +42,22 @@ from .client import (
     error_from_rpc,
 )
 from .consumer import Consumer
+from .simple import AckResult, PopMessage, SimpleConsumer
 
 __all__ = [
     "LEADER_METADATA_KEY",
+    "AckResult",
     "Client",
     "Consumer",
     "GroupRoute",
+    "PopMessage",
     "Producer",
     "PullResult",
     "QueueOffset",
     "RaftmqError",
     "ReceivedMessage",
     "SendResult",
+    "SimpleConsumer",
     "TopicRoute",
     "error_from_rpc",
     "pb",

@@ -244,12 +244,18 @@ class SendResult:
     message_id: str
     broker_group: str
     queue_id: int
-    queue_offset: int
+    queue_offset: int  # 0 for a delayed message: its offset is assigned at delivery
+    deliver_at_ms: int = 0  # a delayed message: when it becomes visible (ms since the epoch)
 
 
 @dataclass(frozen=True, slots=True)
 class ReceivedMessage:
-    """A stored message as a pull or a consumer returns it."""
+    """A stored message as a pull or a consumer returns it.
+
+    ``reconsume_times``: how often the consumer group already failed it (0 on a
+    first delivery; read from ``%RETRY%<group>`` or ``%DLQ%<group>``, where
+    ``topic`` is the original topic). ``deliver_at_ms``: when a delayed message
+    was due (0 for an immediate one)."""
 
     topic: str
     tag: str
@@ -262,6 +268,8 @@ class ReceivedMessage:
     queue_id: int
     queue_offset: int
     store_timestamp_ms: int
+    reconsume_times: int = 0
+    deliver_at_ms: int = 0
 
     @classmethod
     def from_pb(cls, m: "pb.PulledMessage", broker_group: str) -> "ReceivedMessage":
@@ -278,6 +286,8 @@ class ReceivedMessage:
             queue_id=m.queue_id,
             queue_offset=m.queue_offset,
             store_timestamp_ms=m.store_timestamp_ms,
+            reconsume_times=m.reconsume_times,
+            deliver_at_ms=msg.deliver_at_ms,
         )
 
 
@@ -770,15 +780,32 @@ class Producer:
         *,
         broker_group: Optional[str] = None,
         deadline: Optional[float] = None,
+        deliver_at_ms: int = 0,
+        delay_ms: int = 0,
+        delay_level: int = 0,
     ) -> SendResult:
         """Stores one message and returns where it went.
 
         ``queue_id`` pins the queue (e.g. a sharding key's hash, for per-key order);
         unset, the broker picks one. ``broker_group`` pins the group (default:
         round-robin). ``deadline`` (seconds, default the client's send_deadline)
-        bounds redirects, route refreshes and backoff. Raises RaftmqError."""
+        bounds redirects, route refreshes and backoff. Raises RaftmqError.
+
+        Delayed delivery (set at most one): ``deliver_at_ms``, an absolute time in
+        ms since the epoch; ``delay_ms``, relative to the broker's receipt;
+        ``delay_level``, RocketMQ's levels 1..18 (1s 5s 10s 30s 1m 2m 3m ... 2h).
+        The message is stored at once and becomes visible to every consumer at its
+        time, never before (at most the broker's ``max_delay_ms`` ahead, default 3
+        days; a past time delivers at once). The result's ``deliver_at_ms`` says
+        when, and its ``queue_offset`` is 0 (assigned at delivery)."""
         if isinstance(body, str):
             raise TypeError("body must be bytes (encode the string first)")
+        delays = {"deliver_at_ms": deliver_at_ms, "delay_ms": delay_ms, "delay_level": delay_level}
+        for name, value in delays.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        if sum(1 for v in delays.values() if v) > 1:
+            raise ValueError(f"set at most one of deliver_at_ms, delay_ms and delay_level, not {delays}")
         msg = pb.Message(
             topic=topic,
             tag=tag,
@@ -786,6 +813,9 @@ class Producer:
             properties=dict(properties or {}),
             body=bytes(body),
             born_timestamp_ms=int(time.time() * 1000),
+            deliver_at_ms=deliver_at_ms,
+            delay_ms=delay_ms,
+            delay_level=delay_level,
         )
         req = pb.SendRequest(topic=topic, messages=[msg])
         if queue_id is not None:
@@ -805,4 +835,4 @@ class Producer:
         # A provisional route was never cached; the next send asks again and finds
         # the topic once the broker's registration reaches the NameServer.
         r = resp.results[0]
-        return SendResult(r.message_id, group, r.queue_id, r.queue_offset)
+        return SendResult(r.message_id, group, r.queue_id, r.queue_offset, r.deliver_at_ms)
