@@ -132,6 +132,9 @@ pub struct MessagingConfig {
     /// group; a receive past it is RESOURCE_EXHAUSTED. Default 100,000. Bounds
     /// the POP state every replica keeps in memory.
     pub max_inflight_per_group: usize,
+    /// Most POP consumer groups one broker group tracks; a receive for a new
+    /// group past it is RESOURCE_EXHAUSTED. Default 10,000.
+    pub max_pop_groups: usize,
 }
 
 impl Default for MessagingConfig {
@@ -151,6 +154,7 @@ impl Default for MessagingConfig {
             consumer_session_timeout: Duration::from_secs(5),
             max_delay: Duration::from_secs(3 * 24 * 3600),
             max_inflight_per_group: 100_000,
+            max_pop_groups: 10_000,
         }
     }
 }

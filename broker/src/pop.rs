@@ -188,6 +188,17 @@ impl Pop {
         }
         .min(g.config().max_pull_messages) as usize;
         g.ensure_leader()?;
+        let (known, groups) = g
+            .store()
+            .with_pop(|p| (p.groups.contains_key(&req.consumer_group), p.groups.len()));
+        if !known && groups >= g.config().max_pop_groups {
+            return Err(ApiError::ResourceExhausted(format!(
+                "broker group {} already tracks {groups} POP consumer groups (max_pop_groups); \
+                 consumer group {} cannot start",
+                g.group(),
+                req.consumer_group
+            )));
+        }
         let topic = g.topic_for_write(&req.topic).await?;
         if topic.perm & PERM_READ == 0 {
             return Err(ApiError::FailedPrecondition(format!(
@@ -198,11 +209,14 @@ impl Pop {
         let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(g.config().max_pull_wait);
         let deadline = Instant::now() + wait;
         let mut applied = g.raft().data_metrics();
-        let _serial = self.lock(&req.consumer_group).lock().await;
         loop {
-            let (messages, next_deadline) = self
-                .receive_once(&req.consumer_group, &topic.name, topic.queues, &filter, max, invisible)
-                .await?;
+            // Serialized per group for the decision and its write only, never
+            // across the long-poll wait, so members do not queue behind it.
+            let (messages, next_deadline) = {
+                let _serial = self.lock(&req.consumer_group).lock().await;
+                self.receive_once(&req.consumer_group, &topic.name, topic.queues, &filter, max, invisible)
+                    .await?
+            };
             if !messages.is_empty() || Instant::now() >= deadline {
                 return Ok(pb::ReceiveResponse {
                     broker_group: g.group().to_owned(),
