@@ -298,27 +298,7 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
             (p, "send -> ack")
         }
         Workload::Consume => {
-            let available = available(&consumers[0], &args.topic, &queues).await?;
-            if available < args.count {
-                let mut fill_args = args.clone();
-                fill_args.mode = SendMode::Async;
-                let fill = produce(
-                    &fill_args,
-                    &producers,
-                    args.count - available,
-                    bound * 10,
-                    false,
-                    "fill",
-                )
-                .await;
-                anyhow::ensure!(
-                    fill.ok >= args.count - available,
-                    "could only store {} of the {} messages to consume ({} errors)",
-                    fill.ok,
-                    args.count - available,
-                    fill.errors
-                );
-            }
+            fill(args, &producers, &consumers[0], &queues, bound).await?;
             (consume(args, &consumers, &queues, bound).await?, "pull round trip")
         }
         Workload::E2e => (
@@ -333,21 +313,7 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
             (o, "due time -> pulled (lateness)")
         }
         Workload::Pop => {
-            let available = available(&consumers[0], &args.topic, &queues).await?;
-            if available < args.count {
-                let mut fill_args = args.clone();
-                fill_args.mode = SendMode::Async;
-                let fill = produce(
-                    &fill_args,
-                    &producers,
-                    args.count - available,
-                    bound * 10,
-                    false,
-                    "fill",
-                )
-                .await;
-                anyhow::ensure!(fill.errors == 0, "filling the topic: {} errors", fill.errors);
-            }
+            fill(args, &producers, &consumers[0], &queues, bound).await?;
             let clients = (0..args.consumers)
                 .map(|_| client())
                 .collect::<anyhow::Result<Vec<_>>>()?;
@@ -389,6 +355,30 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
         never: delay_counts.as_ref().map(|c| c.never),
         pending_timers: args.pending_timers,
     })
+}
+
+/// Produces what the topic lacks of `--count` messages, for a read workload.
+async fn fill(
+    args: &BenchArgs,
+    producers: &[Producer],
+    consumer: &PullConsumer,
+    queues: &[(String, u32)],
+    bound: Duration,
+) -> anyhow::Result<()> {
+    let available = available(consumer, &args.topic, queues).await?;
+    if available < args.count {
+        let mut fill_args = args.clone();
+        fill_args.mode = SendMode::Async;
+        let fill = produce(&fill_args, producers, args.count - available, bound * 10, false, "fill").await;
+        anyhow::ensure!(
+            fill.ok >= args.count - available,
+            "could only store {} of the {} messages to read ({} errors)",
+            fill.ok,
+            args.count - available,
+            fill.errors
+        );
+    }
+    Ok(())
 }
 
 /// The sum of the broker groups' terms, as their leaders report them.

@@ -525,6 +525,11 @@ impl StateMachine {
         Ok(())
     }
 
+    /// The POP state, to change while applying.
+    fn pop_mut(&self) -> std::sync::RwLockWriteGuard<'_, PopState> {
+        self.shared.pop.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn moved_row(message: MessageRef, store_timestamp_ms: u64, applied_index: u64, reconsume_times: u32) -> CqRow {
         CqRow {
             raft_index: message.raft_index,
@@ -671,32 +676,22 @@ impl StateMachine {
                 picks,
             } => {
                 let mut dead = Vec::new();
-                let accepted = self
-                    .shared
-                    .pop
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply_receive(
-                        state,
-                        wb,
-                        raft_index,
-                        group,
-                        topic,
-                        *now_ms,
-                        *invisible_ms,
-                        picks,
-                        &mut dead,
-                    );
+                let accepted = self.pop_mut().apply_receive(
+                    state,
+                    wb,
+                    raft_index,
+                    group,
+                    topic,
+                    *now_ms,
+                    *invisible_ms,
+                    picks,
+                    &mut dead,
+                );
                 self.apply_dead_letters(state, wb, raft_index, *now_ms, dead)?;
                 Ok(Response::Popped { accepted })
             }
             Command::PopAck { group, topic, acks } => {
-                let ok = self
-                    .shared
-                    .pop
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply_ack(state, wb, group, topic, acks);
+                let ok = self.pop_mut().apply_ack(state, wb, group, topic, acks);
                 Ok(Response::PopAcked { ok })
             }
             Command::PopChangeInvisible {
@@ -707,22 +702,17 @@ impl StateMachine {
                 epoch,
                 deadline_ms,
             } => {
-                let ok = self
-                    .shared
-                    .pop
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply_change_invisible(
-                        state,
-                        wb,
-                        raft_index,
-                        group,
-                        topic,
-                        *queue_id,
-                        *offset,
-                        *epoch,
-                        *deadline_ms,
-                    );
+                let ok = self.pop_mut().apply_change_invisible(
+                    state,
+                    wb,
+                    raft_index,
+                    group,
+                    topic,
+                    *queue_id,
+                    *offset,
+                    *epoch,
+                    *deadline_ms,
+                );
                 Ok(Response::PopChanged { ok })
             }
             Command::PopDeadLetter {
@@ -735,10 +725,7 @@ impl StateMachine {
                 store_timestamp_ms,
             } => {
                 let attempt = self
-                    .shared
-                    .pop
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_mut()
                     .apply_dead_letter(state, wb, group, topic, *queue_id, *offset, *epoch);
                 let Some(attempt) = attempt else {
                     return Ok(Response::PopChanged { ok: false });
@@ -840,7 +827,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.next_offsets.clear();
         let current = self.shared.current();
         self.topics = load_topics(&current)?;
-        *self.shared.pop.write().unwrap_or_else(|p| p.into_inner()) = PopState::load(&current)?;
+        *self.pop_mut() = PopState::load(&current)?;
         Ok(())
     }
 
