@@ -72,19 +72,24 @@ pub struct CqRow {
 }
 
 impl CqRow {
-    fn encode(&self) -> Vec<u8> {
+    /// The row's bytes: the short form unless the message was moved. A fixed
+    /// buffer, not a Vec: this runs once per stored message.
+    fn encode(&self) -> EncodedRow {
+        let mut b = [0u8; CQ_MOVED_ROW_LEN];
+        b[0..8].copy_from_slice(&self.raft_index.to_le_bytes());
+        b[8..12].copy_from_slice(&self.batch_pos.to_le_bytes());
+        b[12..16].copy_from_slice(&self.size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.tag_hash.to_le_bytes());
+        b[24..32].copy_from_slice(&self.store_timestamp_ms.to_le_bytes());
         let moved = self.applied_index != self.raft_index || self.reconsume_times != 0;
-        let mut b = Vec::with_capacity(if moved { CQ_MOVED_ROW_LEN } else { CQ_ROW_LEN });
-        b.extend_from_slice(&self.raft_index.to_le_bytes());
-        b.extend_from_slice(&self.batch_pos.to_le_bytes());
-        b.extend_from_slice(&self.size.to_le_bytes());
-        b.extend_from_slice(&self.tag_hash.to_le_bytes());
-        b.extend_from_slice(&self.store_timestamp_ms.to_le_bytes());
         if moved {
-            b.extend_from_slice(&self.applied_index.to_le_bytes());
-            b.extend_from_slice(&self.reconsume_times.to_le_bytes());
+            b[32..40].copy_from_slice(&self.applied_index.to_le_bytes());
+            b[40..44].copy_from_slice(&self.reconsume_times.to_le_bytes());
         }
-        b
+        EncodedRow {
+            bytes: b,
+            len: if moved { CQ_MOVED_ROW_LEN } else { CQ_ROW_LEN },
+        }
     }
 
     fn decode(b: &[u8]) -> io::Result<CqRow> {
@@ -120,6 +125,18 @@ impl CqRow {
             size: self.size,
             tag_hash: self.tag_hash,
         }
+    }
+}
+
+/// An encoded ConsumeQueue row.
+struct EncodedRow {
+    bytes: [u8; CQ_MOVED_ROW_LEN],
+    len: usize,
+}
+
+impl AsRef<[u8]> for EncodedRow {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
