@@ -15,6 +15,10 @@
 //! members at once, except when a member is presumed dead while still running
 //! (it stops by itself after the same session timeout).
 //!
+//! The membership rules are a pure decision over an injected clock in
+//! [`crate::assignment`] (unit-tested there without a cluster); this module is
+//! the I/O around it: reading the state, Raft writes of offsets, the reply.
+//!
 //! Every heartbeat, reset and describe runs under one async lock, Raft write
 //! included: the steps above then never interleave. That caps this leader at
 //! about one membership change per Raft round trip, plenty for heartbeats once a
@@ -33,8 +37,9 @@ use tonic::{Request, Status};
 use tracing::Instrument;
 
 use crate::api_error::ApiError;
+use crate::assignment::{self, BadReport, GroupTopic};
 use crate::group::GroupHandle;
-use crate::validate::{self, TagFilter};
+use crate::validate::{self, MAX_QUEUES, TagFilter};
 
 /// Longest a heartbeat (or reset) may take, Raft write included, before it is
 /// answered UNAVAILABLE: a leader that lost its quorum must not hold members.
@@ -59,24 +64,6 @@ struct State {
     /// When this node started answering in `term` (start of the grace period).
     since: Instant,
     topics: HashMap<(String, String), GroupTopic>,
-}
-
-/// One consumer group's members on one topic.
-#[derive(Default)]
-struct GroupTopic {
-    members: BTreeMap<String, Member>,
-    /// Offsets an administrator reset while a member held the queue; the holder
-    /// hears of it on its next heartbeat, and until then its commits for the
-    /// queue are ignored so they cannot overwrite the reset.
-    pending_resets: HashMap<u32, u64>,
-}
-
-struct Member {
-    last_seen: Instant,
-    tag_expression: String,
-    /// Queues this member holds as far as the leader knows: granted to it, or
-    /// revoked but not yet reported released.
-    holds: BTreeSet<u32>,
 }
 
 /// Where a consumer group begins in a queue it never committed an offset for.
@@ -110,15 +97,6 @@ impl StartPosition {
             StartPosition::Timestamp(ts) => store.offset_for_timestamp(topic, queue_id, ts)?.min(next),
         })
     }
-}
-
-/// Member `index` of `members` (sorted ids) gets a contiguous share of the
-/// queues, sizes differing by at most one; with more members than queues some
-/// get none (RocketMQ's "averagely" strategy).
-fn share(queues: u32, members: usize, index: usize) -> std::ops::Range<u32> {
-    let (n, m, i) = (u64::from(queues), members.max(1) as u64, index as u64);
-    // Both bounds are at most `queues`, so they fit in u32.
-    (i * n / m) as u32..((i + 1) * n / m) as u32
 }
 
 impl Coordinator {
@@ -192,13 +170,23 @@ impl Coordinator {
         validate::topic_name(&req.topic)?;
         TagFilter::parse(&req.tag_expression)?;
         let start = StartPosition::from_pb(req.start_from, req.start_timestamp_ms, Some(StartPosition::Last))?;
-        let mut seen = BTreeSet::new();
-        if let Some(q) = req.queues.iter().find(|q| !seen.insert(q.queue_id)) {
+        // Bounded before the topic is known: no topic has more than MAX_QUEUES,
+        // held or just released.
+        if req.queues.len() > 2 * MAX_QUEUES as usize {
             return Err(ApiError::InvalidArgument(format!(
-                "queue {} is reported twice in one heartbeat",
-                q.queue_id
+                "heartbeat reports {} queues; a topic has at most {MAX_QUEUES} on a broker group",
+                req.queues.len()
             )));
         }
+        assignment::check_report(&req.queues, MAX_QUEUES).map_err(|e| match e {
+            BadReport::TooMany { reported, .. } => ApiError::InvalidArgument(format!(
+                "heartbeat reports {reported} queues; a topic has at most {MAX_QUEUES} on a broker group"
+            )),
+            BadReport::OutOfRange { queue_id, .. } => ApiError::InvalidArgument(format!(
+                "queue_id {queue_id} is out of range: a topic has at most {MAX_QUEUES} queues on a broker group"
+            )),
+            twice @ BadReport::Twice { .. } => ApiError::InvalidArgument(twice.to_string()),
+        })?;
         self.group.ensure_leader()?;
         if self.pop.is_pop_group(&req.consumer_group) {
             return Err(ApiError::FailedPrecondition(format!(
@@ -215,6 +203,20 @@ impl Coordinator {
                 topic.name
             )));
         }
+        assignment::check_report(&req.queues, topic.queues).map_err(|e| {
+            let group = self.group.group();
+            ApiError::InvalidArgument(match e {
+                BadReport::TooMany { reported, queues } => format!(
+                    "heartbeat reports {reported} queues: topic {:?} has {queues} queues on broker group {group}",
+                    topic.name
+                ),
+                BadReport::OutOfRange { queue_id, queues } => format!(
+                    "queue_id {queue_id} is out of range: topic {:?} has {queues} queues on broker group {group}",
+                    topic.name
+                ),
+                twice @ BadReport::Twice { .. } => twice.to_string(),
+            })
+        })?;
         match tokio::time::timeout(OPERATION_TIMEOUT, self.heartbeat_locked(req, topic.queues, start)).await {
             Ok(r) => r,
             Err(_) => Err(ApiError::Unavailable(format!(
@@ -224,6 +226,9 @@ impl Coordinator {
         }
     }
 
+    /// The I/O around [`GroupTopic::decide`]: under the lock, decide, commit the
+    /// reported offsets and the start offsets of granted queues through Raft,
+    /// settle, answer.
     async fn heartbeat_locked(
         &self,
         req: pb::HeartbeatRequest,
@@ -231,82 +236,29 @@ impl Coordinator {
         start: StartPosition,
     ) -> Result<pb::HeartbeatResponse, ApiError> {
         let mut st = self.state().await;
-        let now = Instant::now();
-        let in_grace = now < st.since + self.grace();
-        let timeout = self.session_timeout();
-        let key = (req.consumer_group.clone(), req.topic.clone());
-        let gt = st.topics.entry(key.clone()).or_default();
-        gt.members.retain(|id, m| {
-            let alive = now.duration_since(m.last_seen) < timeout;
-            if !alive {
-                tracing::info!(member = %id, queues = ?m.holds, "consumer presumed dead; its queues are free");
-            }
-            alive
-        });
-        let held_by_others: BTreeSet<u32> = gt
-            .members
-            .iter()
-            .filter(|(id, _)| **id != req.client_id)
-            .flat_map(|(_, m)| m.holds.iter().copied())
-            .collect();
-        let member = gt.members.entry(req.client_id.clone()).or_insert_with(|| {
-            tracing::info!(member = %req.client_id, group = %req.consumer_group, topic = %req.topic, "consumer joined");
-            Member {
-                last_seen: now,
-                tag_expression: String::new(),
-                holds: BTreeSet::new(),
-            }
-        });
-        member.last_seen = now;
-        member.tag_expression.clone_from(&req.tag_expression);
-        // Commits: for queues this member holds, or reports and nobody else holds
-        // (a new leader learning holds, or a member back after being presumed dead).
-        let mut commits = Vec::new();
-        for q in &req.queues {
-            if q.queue_id >= queues || gt.pending_resets.contains_key(&q.queue_id) {
-                continue;
-            }
-            if member.holds.contains(&q.queue_id) || !held_by_others.contains(&q.queue_id) {
-                commits.push((q.queue_id, q.offset));
-                if q.held {
-                    member.holds.insert(q.queue_id);
-                }
-            }
-        }
-        let still_held: BTreeSet<u32> = req.queues.iter().filter(|q| q.held).map(|q| q.queue_id).collect();
-        // Released (or never received) queues stay held until the commit below is
-        // applied, so nobody else is granted them from a stale offset.
-        let released: Vec<u32> = member.holds.difference(&still_held).copied().collect();
-        let mut granted_now = Vec::new();
-        let target: BTreeSet<u32> = if req.leaving {
-            BTreeSet::new()
-        } else {
-            let index = gt.members.keys().position(|id| *id == req.client_id).unwrap_or(0);
-            share(queues, gt.members.len(), index).collect()
+        let timing = assignment::Timing {
+            leading_since: st.since,
+            grace: self.grace(),
+            session_timeout: self.session_timeout(),
         };
-        if !req.leaving && !in_grace {
-            let all_held: BTreeSet<u32> = gt.members.values().flat_map(|m| m.holds.iter().copied()).collect();
-            let member = gt.members.get_mut(&req.client_id).expect("inserted above");
-            for &q in &target {
-                if !all_held.contains(&q) {
-                    member.holds.insert(q);
-                    granted_now.push(q);
-                }
-            }
+        let key = (req.consumer_group.clone(), req.topic.clone());
+        let heartbeat = assignment::Heartbeat {
+            client_id: &req.client_id,
+            tag_expression: &req.tag_expression,
+            queues: &req.queues,
+            leaving: req.leaving,
+        };
+        let decision = st
+            .topics
+            .entry(key.clone())
+            .or_default()
+            .decide(&heartbeat, queues, Instant::now(), &timing);
+        for (member, queues) in &decision.presumed_dead {
+            tracing::info!(%member, ?queues, "consumer presumed dead; its queues are free");
         }
-        let member = gt.members.get(&req.client_id).expect("inserted above");
-        let assigned: Vec<u32> = member
-            .holds
-            .iter()
-            .copied()
-            .filter(|q| still_held.contains(q) || granted_now.contains(q))
-            .filter(|q| in_grace || target.contains(q))
-            .collect();
-        let resets: HashMap<u32, u64> = assigned
-            .iter()
-            .filter_map(|q| gt.pending_resets.remove(q).map(|o| (*q, o)))
-            .collect();
-        let rebalancing = in_grace || assigned.iter().copied().collect::<BTreeSet<_>>() != target;
+        if decision.joined {
+            tracing::info!(member = %req.client_id, group = %req.consumer_group, topic = %req.topic, "consumer joined");
+        }
 
         // Durable part: commit offsets that moved, then start offsets of queues the
         // group never consumed.
@@ -317,18 +269,18 @@ impl Coordinator {
                 .map_err(|e| ApiError::storage("reading consumer offsets", e))
         };
         let mut changed = Vec::new();
-        for (q, offset) in commits {
+        for &(q, offset) in &decision.commits {
             if committed(q)? != Some(offset) {
                 changed.push((q, offset));
             }
         }
         let wrote = self.commit(&req.consumer_group, &req.topic, &changed).await?;
-        if !granted_now.is_empty() && !wrote {
+        if !decision.granted.is_empty() && !wrote {
             // Offsets committed under an earlier leader may not be applied here yet.
             self.group.catch_up().await?;
         }
         let mut starts = Vec::new();
-        for &q in &granted_now {
+        for &q in &decision.granted {
             if committed(q)?.is_none() {
                 let offset = start
                     .offset(store, &req.topic, q)
@@ -339,28 +291,23 @@ impl Coordinator {
         self.commit(&req.consumer_group, &req.topic, &starts).await?;
 
         let gt = st.topics.get_mut(&key).expect("present");
-        if req.leaving {
-            gt.members.remove(&req.client_id);
+        gt.settle(&req.client_id, &decision);
+        if decision.leaving {
             tracing::info!(member = %req.client_id, group = %req.consumer_group, "consumer left");
-        } else if let Some(m) = gt.members.get_mut(&req.client_id) {
-            for q in &released {
-                m.holds.remove(q);
-            }
         }
-        if gt.members.is_empty() && gt.pending_resets.is_empty() {
+        if gt.is_idle() {
             st.topics.remove(&key);
         }
-        let mut out = Vec::with_capacity(assigned.len());
-        for q in assigned {
-            let reset = resets.get(&q).copied();
-            let offset = match reset {
+        let mut out = Vec::with_capacity(decision.assigned.len());
+        for a in &decision.assigned {
+            let offset = match a.reset {
                 Some(o) => o,
-                None => committed(q)?.unwrap_or(0),
+                None => committed(a.queue_id)?.unwrap_or(0),
             };
             out.push(pb::AssignedQueue {
-                queue_id: q,
+                queue_id: a.queue_id,
                 offset,
-                reset: reset.is_some(),
+                reset: a.reset.is_some(),
             });
         }
         let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
@@ -368,8 +315,8 @@ impl Coordinator {
             broker_group: self.group.group().to_owned(),
             assigned: out,
             heartbeat_interval_ms: ms(self.group.config().consumer_heartbeat_interval),
-            session_timeout_ms: ms(timeout),
-            rebalancing,
+            session_timeout_ms: ms(timing.session_timeout),
+            rebalancing: decision.rebalancing,
         })
     }
 
@@ -400,9 +347,9 @@ impl Coordinator {
         let st = self.state().await;
         let timeout = self.session_timeout();
         let now = Instant::now();
-        st.topics.iter().any(|((g, _), gt)| {
-            g == consumer_group && gt.members.values().any(|m| now.duration_since(m.last_seen) < timeout)
-        })
+        st.topics
+            .iter()
+            .any(|((g, _), gt)| g == consumer_group && gt.has_live_member(now, timeout))
     }
 
     async fn receive(&self, req: pb::ReceiveRequest) -> Result<pb::ReceiveResponse, ApiError> {
@@ -456,7 +403,7 @@ impl Coordinator {
                 if !s.topics.contains(topic) {
                     s.topics.push(topic.clone());
                 }
-                s.live_members += gt.members.len() as u32;
+                s.live_members += gt.members().count() as u32;
             }
         }
         Ok(pb::ListConsumerGroupsResponse {
@@ -482,12 +429,12 @@ impl Coordinator {
                 if group != consumer_group {
                     continue;
                 }
-                for (id, m) in &gt.members {
+                for (id, m) in gt.members() {
                     for q in &m.holds {
-                        holders.insert((topic.clone(), *q), id.clone());
+                        holders.insert((topic.clone(), *q), id.to_owned());
                     }
                     members.push(pb::ConsumerMember {
-                        client_id: id.clone(),
+                        client_id: id.to_owned(),
                         topic: topic.clone(),
                         tag_expression: m.tag_expression.clone(),
                         queue_ids: m.holds.iter().copied().collect(),
@@ -555,12 +502,7 @@ impl Coordinator {
             // Holders jump on their next heartbeat; until then their commits for
             // these queues are ignored.
             if let Some(gt) = st.topics.get_mut(&(req.consumer_group.clone(), topic.name.clone())) {
-                let held: BTreeSet<u32> = gt.members.values().flat_map(|m| m.holds.iter().copied()).collect();
-                for &(q, o) in &offsets {
-                    if held.contains(&q) {
-                        gt.pending_resets.insert(q, o);
-                    }
-                }
+                gt.note_reset(&offsets);
             }
             tracing::info!(group = %req.consumer_group, topic = %topic.name, ?to, "consumer offsets reset");
             let mut queues = Vec::new();
@@ -692,27 +634,4 @@ fn answer<T>(result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> 
         tracing::debug!(error = %e, "refused");
     }
     result.map(tonic::Response::new).map_err(Status::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::share;
-
-    #[test]
-    fn shares_cover_every_queue_once_and_differ_by_at_most_one() {
-        for queues in 0..20u32 {
-            for members in 1..8usize {
-                let shares: Vec<_> = (0..members).map(|i| share(queues, members, i)).collect();
-                let all: Vec<u32> = shares.iter().flat_map(|r| r.clone()).collect();
-                assert_eq!(
-                    all,
-                    (0..queues).collect::<Vec<_>>(),
-                    "{queues} queues, {members} members"
-                );
-                let sizes: Vec<usize> = shares.iter().map(|r| r.len()).collect();
-                let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
-                assert!(max - min <= 1, "{queues} queues over {members} members: {sizes:?}");
-            }
-        }
-    }
 }

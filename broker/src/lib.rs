@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod api_error;
+pub mod assignment;
 pub mod config;
 pub mod consumer_group;
 pub mod convert;

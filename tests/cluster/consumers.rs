@@ -656,3 +656,50 @@ async fn bad_consumer_requests_get_a_status_that_names_the_problem() -> anyhow::
     cluster.shutdown().await?;
     ns.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_may_report_no_more_queues_than_the_topic_has() -> anyhow::Result<()> {
+    use pb::consumer_service_client::ConsumerServiceClient;
+    const TOPIC: &str = "cg-bound";
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (ns, cluster, client) = start_with_client().await?;
+    client.admin().create_topic(TOPIC, 4, pb::Permission::ReadWrite).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    let mut on_leader = ConsumerServiceClient::connect(format!("http://{}", cluster.replica(leader).addr)).await?;
+    let claiming = |ids: std::ops::Range<u32>| pb::HeartbeatRequest {
+        consumer_group: "g-bound".into(),
+        client_id: "c1".into(),
+        topic: TOPIC.into(),
+        tag_expression: "*".into(),
+        queues: ids
+            .map(|queue_id| pb::HeldQueue {
+                queue_id,
+                offset: 0,
+                held: true,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let cases = [
+        (claiming(0..20_000), "20000 queues"),
+        (claiming(0..5), "5 queues"),
+        (claiming(3..5), "queue_id 4"),
+    ];
+    for (req, says) in cases {
+        let status = on_leader.heartbeat(req).await.expect_err("refused");
+        ensure!(
+            status.code() == tonic::Code::InvalidArgument && status.message().contains(says),
+            "answered {:?} {:?}; wanted InvalidArgument mentioning {says:?}",
+            status.code(),
+            status.message()
+        );
+    }
+    // Nothing was taken from those: the group has no member, and a member
+    // reporting within the topic's queues is answered.
+    let described = client.admin().describe_consumer_group("g-bound").await?;
+    ensure!(described.is_empty(), "refused heartbeats left {described:?}");
+    let ok = on_leader.heartbeat(claiming(0..4)).await?.into_inner();
+    ensure!(ok.assigned.len() <= 4, "{ok:?}");
+    cluster.shutdown().await?;
+    ns.stop().await
+}
