@@ -3,6 +3,9 @@
 # builds the image, starts two NameServers and broker-a's three replicas, runs
 # producers (plain and keyed) and consumers while killing, pausing and isolating
 # brokers, checks the history, and tears the cluster down (volumes included).
+# Beside them run delayed messages (due 1-20 s after sending, on their own topic)
+# and a two-member POP group (SimpleConsumer, 5 s invisible time, 1 message in 20
+# deliberately left unacked once) on a third topic.
 #
 #     bash deploy/chaos.sh smoke    # ~3 min: 7 faults, 3 of them leader SIGKILLs
 #     bash deploy/chaos.sh long     # ~22 min: a fault every 30 s for 20 min (release check)
@@ -10,8 +13,12 @@
 #     bash deploy/chaos.sh silence  # ~3 min: 10 leaders paused or cut off, 14 s apart
 #     RAFTMQ_BIN=/path/to/raftmq bash deploy/chaos.sh smoke   # reuse a built binary
 #
-# Exit status: 0 when nothing acknowledged was lost, nothing unexpected was read
-# and no per-key order was broken; 1 otherwise. The JSON summary goes to
+# Exit status: 0 when nothing acknowledged was lost, nothing unexpected was read,
+# no per-key order was broken, no delayed message fired early, twice or never
+# (timers_early/_twice/_never; late ones, timers_late, are only a warning), and
+# the POP group lost nothing acknowledged (pop_lost) and got nothing back after
+# a confirmed ack (pop_redelivered_after_ack, pop_stale_ack_ok) or before its
+# invisible time (pop_redelivered_early); 1 otherwise. The JSON summary goes to
 # $CHAOS_OUT (default /tmp/raftmq-chaos-<mode>.json).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

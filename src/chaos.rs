@@ -5,6 +5,11 @@
 //! counts lost, unexpected, duplicated and out-of-order messages and measures how
 //! long each fault kept writes from succeeding.
 //!
+//! Beside them, under the same faults, run delayed messages and a POP
+//! (SimpleConsumer) group, checked for timers fired early, late, never or twice
+//! and for POP messages lost or handed out again after a confirmed ack: see
+//! `chaos_lifecycle`.
+//!
 //! Consumers read every queue by offset (pull) rather than through a consumer
 //! group, so what is checked is the broker's log itself, not a rebalance.
 
@@ -76,6 +81,18 @@ pub struct ChaosArgs {
     /// failover is under test too) or `offset` (one pull loop per queue).
     #[arg(long, value_enum, default_value = "group")]
     pub consumers: ConsumerMode,
+    /// Topic of the delayed-message workload.
+    #[arg(long, default_value = "ChaosTimerTopic")]
+    pub timer_topic: String,
+    /// Topic of the POP (SimpleConsumer) workload.
+    #[arg(long, default_value = "ChaosPopTopic")]
+    pub pop_topic: String,
+    /// Consumer group of the POP workload.
+    #[arg(long, default_value = "chaos-pop")]
+    pub pop_group: String,
+    /// Run without the delayed-message and POP workloads.
+    #[arg(long)]
+    pub no_lifecycle: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -146,6 +163,9 @@ struct Summary {
     faults: Vec<FaultEvent>,
     kill_leader_recovery_ms_median: Option<u64>,
     kill_leader_recovery_ms_max: Option<u64>,
+    /// The delayed-message and POP workloads (`timers_*`, `pop_*`).
+    #[serde(flatten)]
+    lifecycle: Option<crate::chaos_lifecycle::Summary>,
 }
 
 /// Shared state of one run.
@@ -173,6 +193,20 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let client = Client::new(ClientConfig::new(args.namesrv.clone()))?;
     let queues =
         crate::tools::create_topic_and_wait(&client, &args.topic, args.queues, Duration::from_secs(30)).await?;
+    // The delayed-message and POP workloads; the faults end after the 5 s
+    // warm-up and --duration.
+    let lifecycle = if args.no_lifecycle {
+        None
+    } else {
+        let cfg = crate::chaos_lifecycle::Config {
+            timer_topic: args.timer_topic.clone(),
+            pop_topic: args.pop_topic.clone(),
+            pop_group: args.pop_group.clone(),
+            queues: args.queues,
+            faults_end: Instant::now() + Duration::from_secs(5 + args.duration),
+        };
+        Some(crate::chaos_lifecycle::Workloads::start(&client, cfg).await?)
+    };
     let run = Arc::new(Run {
         started: Instant::now(),
         started_wall: std::time::SystemTime::now(),
@@ -251,14 +285,27 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     // Let sends continue a little on the healed cluster, then stop them.
     tokio::time::sleep(Duration::from_secs(5)).await;
     run.stop_sending.store(true, Ordering::Relaxed);
+    if let Some(w) = &lifecycle {
+        w.stop_sending();
+    }
     for p in producers {
         p.await?;
     }
-    // Final drain: consumers stop once every queue is read to its end.
-    let drained = match args.consumers {
-        ConsumerMode::Offset => drain(&client, &args.topic, &queues, &run).await,
-        ConsumerMode::Group => drain_group(&client).await,
+    // Final drain: consumers stop once every queue is read to its end; the
+    // lifecycle workloads drain (bounded) meanwhile and are checked.
+    let drain_main = async {
+        match args.consumers {
+            ConsumerMode::Offset => drain(&client, &args.topic, &queues, &run).await,
+            ConsumerMode::Group => drain_group(&client).await,
+        }
     };
+    let finish_lifecycle = async {
+        match lifecycle {
+            Some(w) => Some(w.finish().await),
+            None => None,
+        }
+    };
+    let (drained, lifecycle) = tokio::join!(drain_main, finish_lifecycle);
     run.stop_consuming.store(true, Ordering::Relaxed);
     for c in consumers {
         c.await?;
@@ -272,11 +319,15 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         eprintln!("chaos: final drain incomplete: {e:#}");
     }
 
-    let summary = check(&run, events);
+    let mut summary = check(&run, events);
+    summary.lifecycle = lifecycle;
     std::fs::write(&args.out, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
     print_summary(&summary, &args);
-    Ok(summary.lost == 0 && summary.unexpected == 0 && summary.order_violations == 0)
+    Ok(summary.lost == 0
+        && summary.unexpected == 0
+        && summary.order_violations == 0
+        && summary.lifecycle.as_ref().is_none_or(|l| l.passed()))
 }
 
 /// One producer: sends one message at a time until told to stop. A keyed producer
@@ -696,6 +747,7 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
         kill_leader_recovery_ms_median: kills.get(kills.len() / 2).copied(),
         kill_leader_recovery_ms_max: kills.last().copied(),
         faults: events,
+        lifecycle: None,
     }
 }
 
@@ -746,6 +798,10 @@ fn print_summary(s: &Summary, args: &ChaosArgs) {
     }
     for ex in &s.order_examples {
         println!("order violation: {ex}");
+    }
+    if let Some(l) = &s.lifecycle {
+        println!();
+        l.print();
     }
     println!("history summary written to {}", args.out.display());
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_lifecycle;
 mod chaos;
+mod chaos_lifecycle;
 mod failover_bench;
 mod local;
 mod tools;
