@@ -788,7 +788,10 @@ fn pop_receive(queue_id: u32, from: u64, to: u64, now_ms: u64) -> Command {
     }
 }
 
-fn pop_summary(r: &raftmq_raft_store::StoreReader) -> Vec<(u32, u64, Vec<(u64, u32, u64)>)> {
+/// Per queue: (queue, cursor, in flight as (offset, attempt, deadline)).
+type PopSummary = Vec<(u32, u64, Vec<(u64, u32, u64)>)>;
+
+fn pop_summary(r: &raftmq_raft_store::StoreReader) -> PopSummary {
     r.with_pop(|p| {
         p.groups
             .get("g")
