@@ -59,7 +59,9 @@ pub mod command;
 pub mod commitlog;
 pub mod durable;
 pub mod entry_codec;
+pub mod layout;
 pub mod pop;
+pub mod reader;
 pub mod record;
 pub mod segment;
 pub mod snapshot;
@@ -74,8 +76,10 @@ pub use command::{
     TopicConfig,
 };
 pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
+pub use layout::{DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX};
 pub use pop::{InFlight, PopGroup, PopQueue, PopState};
-pub use state_machine::{DLQ_TOPIC_PREFIX, Origin, RETRY_TOPIC_PREFIX, StateMachine, StoreReader, StoredMessage};
+pub use reader::{Origin, StoreReader, StoredMessage};
+pub use state_machine::StateMachine;
 
 /// A broker node's identity in its Raft group.
 pub type NodeId = u64;

@@ -20,8 +20,9 @@ use openraft::RaftSnapshotBuilder;
 use openraft::alias::SnapshotOf;
 use rocksdb::WriteBatch;
 
+use crate::layout::{CF_META, CFS};
 use crate::record::{self, Decoded, HEADER_LEN, Header};
-use crate::state_machine::{CF_META, CFS, SmShared, SmState, rocks_io};
+use crate::state_machine::{SmShared, SmState, rocks_io};
 use crate::{LogId, SnapshotMeta, StoredMembership, TypeConfig, durable};
 
 const MAGIC: &[u8; 8] = b"RMQSNAP1";
