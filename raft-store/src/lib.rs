@@ -54,6 +54,14 @@
 //! time), key-index rows, topic configs, consumer offsets, and the applied log id and
 //! membership. A crash therefore never leaves an entry half-applied; on restart
 //! openraft re-applies whatever the last durable batch did not cover.
+//!
+//! The message lifecycle is state-machine state too, in column families of the
+//! same RocksDB (so snapshots carry it): [`timers`] (delayed messages and retries
+//! ordered by due time), [`pop`] (POP in-flight messages, hand-out cursors,
+//! consumer-group configs). A moved message (a due timer, a retry, a dead letter)
+//! gets a ConsumeQueue row pointing at its original record. Module map:
+//! [`layout`] (keys and rows), [`state_machine`] (apply), [`reader`] (reads),
+//! [`snapshot`] (build and install).
 
 pub mod command;
 pub mod commitlog;
