@@ -39,7 +39,7 @@ use tracing::Instrument;
 use crate::api_error::ApiError;
 use crate::assignment::{self, BadReport, GroupTopic};
 use crate::group::GroupHandle;
-use crate::validate::{self, MAX_QUEUES, TagFilter};
+use crate::validate::{self, MAX_QUEUES};
 
 /// Longest a heartbeat (or reset) may take, Raft write included, before it is
 /// answered UNAVAILABLE: a leader that lost its quorum must not hold members.
@@ -168,7 +168,7 @@ impl Coordinator {
         validate::consumer_group_name(&req.consumer_group)?;
         validate::client_id(&req.client_id)?;
         validate::topic_name(&req.topic)?;
-        TagFilter::parse(&req.tag_expression)?;
+        crate::filter::MessageFilter::parse(req.filter_type, &req.tag_expression)?;
         let start = StartPosition::from_pb(req.start_from, req.start_timestamp_ms, Some(StartPosition::Last))?;
         // Bounded before the topic is known: no topic has more than MAX_QUEUES,
         // held or just released.
