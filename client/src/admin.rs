@@ -248,7 +248,13 @@ impl Admin {
                             Duration::ZERO,
                             &crate::Filter::all(),
                         )
-                        .await?;
+                        .await;
+                    let r = match r {
+                        Ok(r) => r,
+                        // This broker group has no dead letter of the group yet.
+                        Err(e) if e.code() == Some(tonic::Code::NotFound) => break,
+                        Err(e) => return Err(e),
+                    };
                     let done = r.messages.is_empty() || r.next_offset >= r.max_offset;
                     out.extend(r.messages.into_iter().map(|m| (g.broker_group.clone(), m)));
                     offset = r.next_offset;
