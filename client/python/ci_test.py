@@ -26,6 +26,11 @@ broker group of three replicas, topics auto-created with 4 queues). Steps:
             stale); the unacked one comes back after its invisible time with
             delivery_attempt 2 and nothing else does; change_invisible_duration
             replaces its handle (the old one is stale), and the new one acks
+  retry     a fresh group configured (UpdateConsumerGroup on the leader) with
+            max_reconsume_times 1 and retry_delays_ms [300]: a message polled,
+            then send_back: it comes out of poll again (from %RETRY%<group>) with
+            reconsume_times 1, its original topic and id, no earlier than 300 ms
+            later; sent back again it is dead-lettered, and nothing more comes
   chase     the leader-following decisions (raftmq.client.Chase), no cluster
   silent    a client told that a silent endpoint (TCP accepted, never answered:
             a paused leader) leads: the first send gives up on it within
@@ -335,6 +340,66 @@ def delayed(client: raftmq.Client) -> None:
     print(f"     each delayed message received after its time (late by {got} ms)")
 
 
+def configure_group(client: raftmq.Client, topic: str, config: "pb.ConsumerGroupConfig") -> None:
+    """UpdateConsumerGroup on the leader of every broker group serving ``topic``."""
+    req = pb.UpdateConsumerGroupRequest(config=config)
+    for g in client.route(topic).groups:
+        client.call_leader(
+            topic,
+            g.name,
+            lambda ep, t: pb_grpc.AdminServiceStub(client.channel(ep)).UpdateConsumerGroup(req, timeout=t),
+            deadline=client.send_deadline,
+        )
+
+
+def retry(client: raftmq.Client) -> None:
+    topic = f"PyRetry_{uuid.uuid4().hex[:10]}"
+    group = f"py_retry_{uuid.uuid4().hex[:10]}"
+    sent = client.producer().send(topic, b"fail me", tag="R", keys=["retry-1"])
+    wait_for_route(client, topic)
+    configure_group(client, topic, pb.ConsumerGroupConfig(name=group, max_reconsume_times=1, retry_delays_ms=[300]))
+
+    def next_message(consumer: raftmq.Consumer, within_s: float) -> raftmq.ReceivedMessage:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            got = consumer.poll(timeout_s=0.5)
+            if got:
+                require(len(got) == 1, f"one message expected, polled {[(m.topic, m.message_id) for m in got]}")
+                return got[0]
+        raise Failure(f"nothing polled within {within_s} s (last error {consumer.last_error})")
+
+    with raftmq.Consumer(client, group, topic) as consumer:
+        first = next_message(consumer, 30)
+        require(
+            first.message_id == sent.message_id and first.reconsume_times == 0 and first.topic == topic,
+            f"first delivery: {first}",
+        )
+        sent_back_at = now_ms()
+        require(consumer.send_back(first) is False, "the first send-back was dead-lettered (max_reconsume_times 1)")
+        again = next_message(consumer, 30)
+        at = now_ms()
+        require(
+            again.message_id == sent.message_id and again.body == b"fail me" and again.tag == "R",
+            f"the retry is not the message sent back: {again}",
+        )
+        require(again.reconsume_times == 1, f"the retry has reconsume_times {again.reconsume_times}, not 1")
+        require(again.topic == topic, f"the retry's topic is {again.topic!r}, not the original {topic!r}")
+        require(
+            again.properties.get("ORIGIN_TOPIC") == topic,
+            f"the retry's ORIGIN_TOPIC is {again.properties.get('ORIGIN_TOPIC')!r}",
+        )
+        require(at - sent_back_at >= 290, f"the retry came {at - sent_back_at} ms after the send-back, before its 300 ms")
+        require(
+            any(k[0] == again.broker_group for k in consumer.retry_assignment),
+            f"the retry member holds {consumer.retry_assignment}",
+        )
+        require(consumer.send_back(again) is True, "the second send-back was not dead-lettered (max_reconsume_times 1)")
+        extra = consumer.poll(timeout_s=1.5)
+        require(not extra, f"polled {[(m.topic, m.message_id, m.reconsume_times) for m in extra]} after dead-lettering")
+        consumer.commit()
+    print(f"     retried {at - sent_back_at} ms after send_back (reconsume_times 1), then dead-lettered")
+
+
 def pop(client: raftmq.Client) -> None:
     topic = f"PyPop_{uuid.uuid4().hex[:10]}"
     producer = client.producer()
@@ -507,6 +572,7 @@ def main() -> int:
         run.step("redirect", lambda: redirect(client, topic), needs=("send",))
         run.step("delayed", lambda: delayed(client))
         run.step("pop", lambda: pop(client))
+        run.step("retry", lambda: retry(client))
         run.step("chase", chase)
         run.step("silent", lambda: silent(sys.argv[1], topic), needs=("send",))
     if run.failed or run.skipped:

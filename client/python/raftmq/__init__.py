@@ -17,7 +17,9 @@
   ``send(..., delay_ms=...)`` (or ``deliver_at_ms`` / ``delay_level``) delays
   delivery.
 * Consumer: a clustering consumer-group member (heartbeats, assigned queues,
-  release of revoked queues, offsets committed by the leader).
+  release of revoked queues, offsets committed by the leader); ``send_back``
+  hands a failed message to ``%RETRY%<group>`` (or ``%DLQ%<group>``), whose
+  retries come out of ``poll`` again.
 * SimpleConsumer: POP consumption (receive with an invisible time, ack by
   receipt handle, change_invisible_duration, forward_to_dead_letter).
 * RaftmqError: every failure, with the gRPC code and the server's message.
@@ -41,7 +43,7 @@ from .client import (
     TopicRoute,
     error_from_rpc,
 )
-from .consumer import Consumer
+from .consumer import Consumer, dlq_topic, retry_topic
 from .simple import AckResult, PopMessage, SimpleConsumer
 
 __all__ = [
@@ -59,7 +61,9 @@ __all__ = [
     "SendResult",
     "SimpleConsumer",
     "TopicRoute",
+    "dlq_topic",
     "error_from_rpc",
     "pb",
     "pb_grpc",
+    "retry_topic",
 ]
