@@ -281,7 +281,7 @@ impl Pop {
         }
         let fresh: HashMap<u32, bool> = queues.iter().map(|(id, q)| (*id, q.is_none())).collect();
         let filter = filter.clone();
-        let (topic_owned, group_name) = (topic.to_owned(), g.group().to_owned());
+        let topic_owned = topic.to_owned();
         // Reads (and filtering) happen off the async runtime.
         let task = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let topic = topic_owned;
@@ -359,7 +359,6 @@ impl Pop {
                     picks.push(pick);
                 }
             }
-            let _ = group_name;
             Ok((picks, found))
         });
         let (picks, mut found) = task
