@@ -124,6 +124,10 @@ pub struct BenchArgs {
     /// run measures sends with that many timers pending.
     #[arg(long, default_value_t = 0)]
     pub pending_timers: u64,
+    /// Send without producer ids and sequence numbers (the client's default is
+    /// idempotent sends), to measure what idempotence costs.
+    #[arg(long)]
+    pub no_idempotence: bool,
 }
 
 /// What a run measured; `--json` prints exactly this.
@@ -273,6 +277,7 @@ async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> any
     let client = || {
         let mut config = ClientConfig::new(namesrv.clone());
         config.max_auto_batch = args.auto_batch;
+        config.idempotent = !args.no_idempotence;
         Client::new(config).context("building a client")
     };
     let admin_client = client()?;

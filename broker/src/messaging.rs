@@ -14,7 +14,7 @@ use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::messaging_service_server::{MessagingService, MessagingServiceServer};
 use raftmq_raft_store::command::{PERM_READ, PERM_WRITE};
-use raftmq_raft_store::{AppendBatch, Command, Response, TopicConfig};
+use raftmq_raft_store::{AppendBatch, Command, ProducerSeq, Response, TopicConfig};
 use tokio::time::Instant;
 use tonic::{Request, Status};
 use tracing::Instrument;
@@ -82,18 +82,46 @@ impl Messaging {
         for (i, m) in messages.iter_mut().enumerate() {
             m.deliver_at_ms = due.as_ref().map_or(0, |d| d[i]);
         }
+        let producer = (!req.producer_id.is_empty()).then_some(ProducerSeq {
+            producer_id: req.producer_id,
+            sequence: req.sequence,
+        });
         let batch = AppendBatch {
             topic: req.topic,
             queue_id,
             store_timestamp_ms,
             messages,
+            producer,
         };
         let written = g.write(Command::Append(batch)).await?;
-        match written.response {
+        let (index, response, queue_id) = match written.response {
+            // A retry of a send already stored: answer as the first attempt did.
+            Response::Duplicate {
+                raft_index,
+                queue_id,
+                first_offset,
+                count,
+                scheduled,
+            } => {
+                tracing::debug!(raft_index, "duplicate send answered from the producer's window");
+                let response = if scheduled {
+                    Response::Scheduled { count }
+                } else {
+                    Response::Appended {
+                        queue_id,
+                        first_offset,
+                        count,
+                    }
+                };
+                (raft_index, response, queue_id)
+            }
+            other => (written.index, other, queue_id),
+        };
+        match response {
             Response::Scheduled { count: n } if n as usize == count => Ok(pb::SendResponse {
                 results: (0..n)
                     .map(|pos| pb::SendResult {
-                        message_id: convert::message_id(g.group(), written.index, pos),
+                        message_id: convert::message_id(g.group(), index, pos),
                         queue_id,
                         queue_offset: 0,
                         deliver_at_ms: due.as_ref().map_or(0, |d| d[pos as usize]),
@@ -107,7 +135,7 @@ impl Messaging {
             } if n as usize == count => Ok(pb::SendResponse {
                 results: (0..n)
                     .map(|pos| pb::SendResult {
-                        message_id: convert::message_id(g.group(), written.index, pos),
+                        message_id: convert::message_id(g.group(), index, pos),
                         queue_id,
                         queue_offset: first_offset + u64::from(pos),
                         deliver_at_ms: 0,

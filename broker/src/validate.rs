@@ -122,6 +122,13 @@ fn keys(i: usize, keys: &[String]) -> Result<(), ApiError> {
 /// queue id's range are checked by the caller against the replicated state.
 pub fn send_request(req: &pb::SendRequest, limits: &MessagingConfig) -> Result<(), ApiError> {
     topic_name(&req.topic)?;
+    if req.producer_id.len() > raftmq_raft_store::dedup::MAX_PRODUCER_ID_LEN || req.producer_id.contains('\0') {
+        return Err(ApiError::InvalidArgument(format!(
+            "producer_id of {} bytes: at most {} bytes, no NUL",
+            req.producer_id.len(),
+            raftmq_raft_store::dedup::MAX_PRODUCER_ID_LEN
+        )));
+    }
     if req.messages.is_empty() {
         return Err(ApiError::InvalidArgument("send request carries no messages".into()));
     }
@@ -289,6 +296,7 @@ mod tests {
             topic: "T".into(),
             queue_id: None,
             messages,
+            ..Default::default()
         }
     }
 

@@ -31,6 +31,9 @@ broker group of three replicas, topics auto-created with 4 queues). Steps:
             then send_back: it comes out of poll again (from %RETRY%<group>) with
             reconsume_times 1, its original topic and id, no earlier than 300 ms
             later; sent back again it is dead-lettered, and nothing more comes
+  idempotent  the same (producer_id, sequence) sent twice on the leader, raw:
+            one stored copy and the same message id and offset both times; the
+            wrapper's producer carries a producer id by default
   chase     the leader-following decisions (raftmq.client.Chase), no cluster
   silent    a client told that a silent endpoint (TCP accepted, never answered:
             a paused leader) leads: the first send gives up on it within
@@ -445,6 +448,30 @@ def pop(client: raftmq.Client) -> None:
     print(f"     5 received, 4 acked, 1 back as attempt 2 after {at - kept.invisible_until_ms} ms past its time")
 
 
+def idempotent(client: raftmq.Client, topic: str) -> None:
+    group = client.route(topic, refresh=True).groups[0]
+    require(bool(group.leader), f"the route names no leader: {group}")
+    body = f"idempotent-{uuid.uuid4().hex}".encode()
+    req = pb.SendRequest(
+        topic=topic, queue_id=0, messages=[pb.Message(topic=topic, body=body)], producer_id="py-ci", sequence=7
+    )
+    with grpc.insecure_channel(group.leader) as channel:
+        stub = pb_grpc.MessagingServiceStub(channel)
+        first = stub.Send(req, timeout=5)
+        again = stub.Send(req, timeout=5)
+    require(first == again, f"a retried send was answered differently: {first} vs {again}")
+    copies = 0
+    offset = 0
+    while True:
+        r = client.pull(topic, group.name, 0, offset, max_messages=256)
+        copies += sum(1 for m in r.messages if m.body == body)
+        if not r.messages or r.next_offset >= r.max_offset:
+            break
+        offset = r.next_offset
+    require(copies == 1, f"{copies} stored copies of one idempotent send")
+    require(bool(raftmq.Producer(client).producer_id), "the producer is not idempotent by default")
+
+
 def redirect(client: raftmq.Client, topic: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -573,6 +600,7 @@ def main() -> int:
         run.step("delayed", lambda: delayed(client))
         run.step("pop", lambda: pop(client))
         run.step("retry", lambda: retry(client))
+        run.step("idempotent", lambda: idempotent(client, topic), needs=("send",))
         run.step("chase", chase)
         run.step("silent", lambda: silent(sys.argv[1], topic), needs=("send",))
     if run.failed or run.skipped:

@@ -51,6 +51,10 @@ pub struct ClientConfig {
     /// each batch taking the next queue. An idle producer sends at once: nothing
     /// waits to fill a batch. Default 128; 1 turns combining off.
     pub max_auto_batch: usize,
+    /// Idempotent sends: each producer numbers its send RPCs, and a retried RPC
+    /// (after a timeout or a failover) is answered by the broker group from its
+    /// first attempt instead of stored again. Default on.
+    pub idempotent: bool,
 }
 
 impl ClientConfig {
@@ -63,6 +67,7 @@ impl ClientConfig {
             send_deadline: Duration::from_secs(3),
             route_refresh_interval: Duration::from_secs(30),
             max_auto_batch: 128,
+            idempotent: true,
         }
     }
 

@@ -48,6 +48,10 @@ enum Pick {
 #[derive(Clone)]
 pub struct Producer {
     core: Arc<Core>,
+    /// This producer's id for idempotent sends (random per producer) and the
+    /// next sequence number; empty when idempotence is off.
+    producer_id: Arc<str>,
+    sequence: Arc<std::sync::atomic::AtomicU64>,
     next: Arc<AtomicUsize>,
     lanes: Arc<Mutex<HashMap<LaneKey, Lane>>>,
 }
@@ -83,8 +87,15 @@ struct Lane {
 
 impl Producer {
     pub(crate) fn from_core(core: Arc<Core>) -> Producer {
+        let producer_id: Arc<str> = if core.config.idempotent {
+            new_producer_id().into()
+        } else {
+            "".into()
+        };
         Producer {
             core,
+            producer_id,
+            sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             next: Arc::new(AtomicUsize::new(0)),
             lanes: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -382,12 +393,17 @@ impl Producer {
             },
         };
         let max = self.core.max_message_bytes();
+        // One sequence number for every attempt of this RPC: the broker group
+        // answers a retry of a stored send from its first attempt.
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let served = follow(&self.core, spec, target, |a: Attempt<Option<u32>>| {
             let req = pb::SendRequest {
                 topic: topic.to_owned(),
                 queue_id: a.choice,
                 // One copy per attempt: the request owns its messages.
                 messages: messages.to_vec(),
+                producer_id: self.producer_id.to_string(),
+                sequence,
             };
             async move {
                 MessagingServiceClient::new(a.channel)
@@ -405,6 +421,32 @@ impl Producer {
         }
         receipts(&served.endpoint, &served.group, served.value, messages.len())
     }
+}
+
+/// A producer id unique across processes and hosts in practice: host, process,
+/// start time in ns, and a per-process counter (two producers of one process
+/// never share one, whatever the clock does).
+fn new_producer_id() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|_| "localhost".into())
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut id = format!(
+        "{host}@{}@{nanos:x}@{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    // The broker's limit; keep the unique tail.
+    if id.len() > 128 {
+        id = id.split_off(id.len() - 128);
+    }
+    id
 }
 
 fn one(mut receipts: Vec<SendReceipt>) -> Result<SendReceipt, Error> {

@@ -22,6 +22,7 @@ fn batch(messages: usize, size: usize) -> Command {
                 deliver_at_ms: 0,
             })
             .collect(),
+        producer: None,
     })
 }
 

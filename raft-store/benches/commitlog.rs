@@ -39,6 +39,7 @@ fn entry(index: u64) -> Entry {
                 born_timestamp_ms: 0,
                 deliver_at_ms: 0,
             }],
+            producer: None,
         })),
     }
 }

@@ -13,8 +13,9 @@ use bytes::{Buf, BufMut, Bytes};
 use serde::{Deserialize, Serialize};
 
 /// Version of the command encoding written by this build. Version 2 added a
-/// message's delivery time; version 1 entries (no delivery time) still decode.
-pub const COMMAND_VERSION: u8 = 2;
+/// message's delivery time, version 3 an append's producer id and sequence;
+/// entries of earlier versions still decode.
+pub const COMMAND_VERSION: u8 = 3;
 
 /// RocketMQ's permission bits, kept so configs read the same to its users.
 pub const PERM_READ: u8 = 4;
@@ -92,6 +93,17 @@ pub struct AppendBatch {
     /// Stamped by the leader before proposing, so every replica stores the same time.
     pub store_timestamp_ms: u64,
     pub messages: Vec<Message>,
+    /// An idempotent producer's id and this send's sequence number: a retry with
+    /// the same pair is answered from the first attempt instead of stored again.
+    #[serde(default)]
+    pub producer: Option<ProducerSeq>,
+}
+
+/// Who sent an append, and which of its sends it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerSeq {
+    pub producer_id: String,
+    pub sequence: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +207,15 @@ pub enum Response {
         existed: bool,
     },
     OffsetsCommitted,
+    /// A retried append of an idempotent producer: what the first attempt
+    /// stored (at entry `raft_index`); nothing was stored this time.
+    Duplicate {
+        raft_index: u64,
+        queue_id: u32,
+        first_offset: u64,
+        count: u32,
+        scheduled: bool,
+    },
     /// An append whose messages are all delayed: stored, with a timer each.
     Scheduled {
         count: u32,
@@ -282,6 +303,14 @@ impl Command {
                 put_str(out, &b.topic);
                 put_varint(out, u64::from(b.queue_id));
                 out.put_u64_le(b.store_timestamp_ms);
+                match &b.producer {
+                    Some(p) => {
+                        out.put_u8(1);
+                        put_str(out, &p.producer_id);
+                        put_varint(out, p.sequence);
+                    }
+                    None => out.put_u8(0),
+                }
                 put_varint(out, b.messages.len() as u64);
                 for m in &b.messages {
                     put_str(out, &m.tag);
@@ -338,7 +367,7 @@ impl Command {
     pub fn decode(mut buf: Bytes) -> io::Result<Command> {
         let r = &mut buf;
         let version = get_u8(r, "command version")?;
-        if version != COMMAND_VERSION && version != 1 {
+        if !(1..=COMMAND_VERSION).contains(&version) {
             return Err(invalid(format_args!(
                 "command encoding version {version} is not supported (this build reads {COMMAND_VERSION})"
             )));
@@ -348,6 +377,18 @@ impl Command {
                 let topic = get_str(r, "topic")?;
                 let queue_id = get_u32(r, "queue id")?;
                 let store_timestamp_ms = get_u64_le(r, "store timestamp")?;
+                let producer = if version >= 3 {
+                    match get_u8(r, "producer flag")? {
+                        0 => None,
+                        1 => Some(ProducerSeq {
+                            producer_id: get_str(r, "producer id")?,
+                            sequence: get_varint(r, "sequence")?,
+                        }),
+                        other => return Err(invalid(format_args!("producer flag {other} is not 0 or 1"))),
+                    }
+                } else {
+                    None
+                };
                 let n = get_count(r, "message count")?;
                 let mut messages = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -379,6 +420,7 @@ impl Command {
                     queue_id,
                     store_timestamp_ms,
                     messages,
+                    producer,
                 })
             }
             TAG_UPSERT_TOPIC => Command::UpsertTopic(TopicConfig {
@@ -541,14 +583,18 @@ mod tests {
                 "[a-zA-Z0-9_%|-]{1,20}",
                 any::<u32>(),
                 any::<u64>(),
-                proptest::collection::vec(arb_message(), 0..5)
+                proptest::collection::vec(arb_message(), 0..5),
+                proptest::option::of(("[a-z0-9]{1,16}", any::<u64>()))
             )
-                .prop_map(|(topic, queue_id, ts, messages)| Command::Append(AppendBatch {
-                    topic,
-                    queue_id,
-                    store_timestamp_ms: ts,
-                    messages
-                })),
+                .prop_map(
+                    |(topic, queue_id, ts, messages, producer)| Command::Append(AppendBatch {
+                        topic,
+                        queue_id,
+                        store_timestamp_ms: ts,
+                        messages,
+                        producer: producer.map(|(producer_id, sequence)| ProducerSeq { producer_id, sequence }),
+                    })
+                ),
             ("[a-z]{1,10}", any::<u32>(), any::<u8>())
                 .prop_map(|(name, queues, perm)| Command::UpsertTopic(TopicConfig { name, queues, perm })),
             "[a-z]{1,10}".prop_map(|name| Command::DeleteTopic { name }),

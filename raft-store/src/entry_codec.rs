@@ -132,6 +132,7 @@ mod tests {
                     born_timestamp_ms: 1,
                     deliver_at_ms: 0,
                 }],
+                producer: None,
             })),
         };
         let bytes = encode_record(&entry).unwrap();

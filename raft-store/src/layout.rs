@@ -5,6 +5,7 @@
 use std::io;
 
 use crate::command::MessageRef;
+use crate::dedup::CF_DEDUP;
 use crate::pop::{CF_CGROUP, CF_POP};
 use crate::timers::CF_TIMER;
 
@@ -15,8 +16,8 @@ pub(crate) const CF_TOPIC: &str = "topic";
 pub(crate) const CF_OFFSET: &str = "offset";
 pub(crate) const CF_QMAX: &str = "qmax";
 /// Every column family, in the order snapshots number them (new ones go last).
-pub(crate) const CFS: [&str; 9] = [
-    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP,
+pub(crate) const CFS: [&str; 10] = [
+    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP, CF_DEDUP,
 ];
 /// Prefix of the retry topic a push consumer group's failed messages go to.
 pub const RETRY_TOPIC_PREFIX: &str = "%RETRY%";

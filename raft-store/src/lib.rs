@@ -65,6 +65,7 @@
 
 pub mod command;
 pub mod commitlog;
+pub mod dedup;
 pub mod durable;
 pub mod entry_codec;
 pub mod layout;
@@ -80,8 +81,8 @@ use std::io;
 use std::path::PathBuf;
 
 pub use command::{
-    AppendBatch, Command, ConsumerGroupConfig, Message, MessageRef, PopPick, QueueOffset, Response, TimerKey,
-    TopicConfig,
+    AppendBatch, Command, ConsumerGroupConfig, Message, MessageRef, PopPick, ProducerSeq, QueueOffset, Response,
+    TimerKey, TopicConfig,
 };
 pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
 pub use layout::{DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX};

@@ -26,6 +26,7 @@ use crate::command::{
     AppendBatch, Command, MessageRef, PERM_READ, PERM_WRITE, QueueOffset, Response, TimerKey, TopicConfig, tag_hash,
 };
 use crate::commitlog::CommitLogReader;
+use crate::dedup::{Dedup, Outcome};
 use crate::layout::*;
 use crate::pop::{DeadLetter, PopState};
 use crate::reader::StoreReader;
@@ -147,6 +148,8 @@ pub struct StateMachine {
     next_offsets: HashMap<(String, u32), u64>,
     topics: HashMap<String, TopicConfig>,
     timer_overlay: timers::Overlay,
+    /// Idempotent producers' recent sends; changed only by apply.
+    dedup: Dedup,
 }
 
 impl StateMachine {
@@ -183,6 +186,7 @@ impl StateMachine {
         let state = SmState::open(&dir.join(&current), segment_bytes)?;
         let topics = load_topics(&state).map_err(Error::io("loading topics from", &dir))?;
         let pop = PopState::load(&state).map_err(Error::io("loading POP state from", &dir))?;
+        let dedup = Dedup::load(&state).map_err(Error::io("loading idempotent-producer state from", &dir))?;
         let shared = Arc::new(SmShared {
             dir,
             segment_bytes,
@@ -196,6 +200,7 @@ impl StateMachine {
             next_offsets: HashMap::new(),
             topics,
             timer_overlay: timers::Overlay::default(),
+            dedup,
         })
     }
 
@@ -236,6 +241,57 @@ impl StateMachine {
                 ),
             });
         }
+        if let Some(p) = &batch.producer
+            && let Some(o) = self.dedup.lookup(&p.producer_id, p.sequence)
+        {
+            return Ok(Response::Duplicate {
+                raft_index: o.raft_index,
+                queue_id: o.queue_id,
+                first_offset: o.first_offset,
+                count: o.count,
+                scheduled: o.scheduled,
+            });
+        }
+        let response = self.store_append(state, wb, raft_index, batch)?;
+        if let Some(p) = &batch.producer {
+            let outcome = match response {
+                Response::Appended {
+                    queue_id,
+                    first_offset,
+                    count,
+                } => Some(Outcome {
+                    raft_index,
+                    queue_id,
+                    first_offset,
+                    count,
+                    scheduled: false,
+                }),
+                Response::Scheduled { count } => Some(Outcome {
+                    raft_index,
+                    queue_id: batch.queue_id,
+                    first_offset: 0,
+                    count,
+                    scheduled: true,
+                }),
+                _ => None,
+            };
+            if let Some(o) = outcome {
+                self.dedup
+                    .record(state, wb, &p.producer_id, p.sequence, batch.store_timestamp_ms, o);
+            }
+        }
+        Ok(response)
+    }
+
+    /// Stores an append's messages: ConsumeQueue rows, key-index rows, and timers
+    /// for the delayed ones.
+    fn store_append(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        raft_index: u64,
+        batch: &AppendBatch,
+    ) -> io::Result<Response> {
         let first = self.next_offset(state, &batch.topic, batch.queue_id)?;
         let (cq, key_cf) = (state.cf(CF_CQ), state.cf(CF_KEY));
         let mut next = first;
@@ -646,6 +702,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let current = self.shared.current();
         self.topics = load_topics(&current)?;
         *self.pop_mut() = PopState::load(&current)?;
+        self.dedup = Dedup::load(&current)?;
         Ok(())
     }
 

@@ -78,6 +78,7 @@ fn append_cmd(index: u64, per_entry: u64, body_len: usize) -> Command {
         queue_id: (index % 4) as u32,
         store_timestamp_ms: 1_800_000_000_000 + index,
         messages: (0..per_entry).map(|j| message(index * 1000 + j, body_len)).collect(),
+        producer: None,
     })
 }
 
@@ -768,6 +769,7 @@ fn delayed_cmd(seq: u64, due_ms: u64) -> Command {
         queue_id: 0,
         store_timestamp_ms: 1_800_000_000_000,
         messages: vec![m],
+        producer: None,
     })
 }
 
@@ -944,4 +946,62 @@ async fn lifecycle_state_travels_in_snapshots_survives_restart_and_fires_once() 
     let q0 = fsm.reader().read_messages(TOPIC, 0, 0, 10).unwrap();
     assert_eq!(q0.len(), 1, "fired exactly once within one apply batch: {q0:?}");
     assert_eq!(q0[0].message.deliver_at_ms, base + 5);
+}
+
+/// An idempotent producer's retried append is stored once, and the memory of it
+/// travels in snapshots and survives a restart.
+#[tokio::test]
+async fn a_retried_idempotent_append_is_stored_once_across_snapshot_install_and_restart() {
+    let with_producer = |seq: u64| {
+        let Command::Append(mut b) = append_cmd(7, 2, 32) else {
+            unreachable!("append_cmd builds appends")
+        };
+        b.queue_id = 0;
+        b.producer = Some(raftmq_raft_store::ProducerSeq {
+            producer_id: "p1".into(),
+            sequence: seq,
+        });
+        Command::Append(b)
+    };
+    let rows = |r: &raftmq_raft_store::StoreReader| r.read_messages(TOPIC, 0, 0, 100).unwrap().len();
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let entries = vec![
+        membership_entry(1),
+        normal(1, 2, topic_cmd()),
+        normal(1, 3, with_producer(1)),
+        normal(1, 4, with_producer(1)),
+        normal(1, 5, with_producer(2)),
+    ];
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    assert_eq!(rows(&sm.reader()), 4, "sequence 1 stored once, sequence 2 once");
+
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    dlog.purge(log_id(1, 5)).await.unwrap();
+    let retry = vec![normal(2, 6, with_producer(1)), normal(2, 7, with_producer(2))];
+    append(&mut dlog, retry.clone()).await.unwrap();
+    apply(&mut dsm, retry).await.unwrap();
+    assert_eq!(
+        rows(&dsm.reader()),
+        4,
+        "retries after a snapshot install are recognised"
+    );
+    dlog.shutdown().await.unwrap();
+    drop(dsm);
+
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    let more = vec![normal(2, 8, with_producer(2)), normal(2, 9, with_producer(3))];
+    append(&mut dlog, more.clone()).await.unwrap();
+    apply(&mut dsm, more).await.unwrap();
+    assert_eq!(rows(&dsm.reader()), 6, "after a restart: 2 recognised, 3 new");
 }

@@ -25,8 +25,8 @@ use raftmq_raft_store::NodeId;
 use tonic::Code;
 
 use super::fixtures::{
-    Cluster, DEADLINE, GROUP, PEER_SECRET, QUEUES, Replica, Settings, TOPIC, append, body, create_topic_via, signed,
-    signed_as,
+    Check, Cluster, DEADLINE, GROUP, PEER_SECRET, QUEUES, Replica, Settings, TOPIC, append, body, create_topic_via,
+    eventually, signed, signed_as,
 };
 
 /// A three-replica cluster whose links go through a fresh switchboard.
@@ -167,6 +167,7 @@ fn send_one(i: u64) -> pb::SendRequest {
             body: body(i).to_vec(),
             ..pb::Message::default()
         }],
+        ..Default::default()
     }
 }
 
@@ -391,6 +392,77 @@ async fn a_reply_lost_after_the_commit_leaves_the_outcome_unknown_and_a_retry_st
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_after_a_lost_reply_is_answered_from_the_first_attempt_even_after_a_failover()
+-> anyhow::Result<()> {
+    let (mut cluster, faults) = faulty_cluster(6).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    create_topic_via(&cluster, leader).await?;
+    let mut client = messaging(&cluster, leader).await?;
+    let request = || pb::SendRequest {
+        producer_id: "producer-1".into(),
+        sequence: 42,
+        ..send_one(7)
+    };
+    faults.drop_client_replies(leader, 1);
+    let mut first = tonic::Request::new(request());
+    first.set_timeout(Duration::from_millis(500));
+    let err = client.send(first).await.expect_err("the reply was dropped");
+    ensure!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "a lost reply surfaced as {err:?}"
+    );
+    let retry = client.send(request()).await.context("the retry")?.into_inner();
+    let again = client.send(request()).await.context("a second retry")?.into_inner();
+    ensure!(
+        retry == again,
+        "two retries answered differently: {retry:?} vs {again:?}"
+    );
+    let copies = |r: &Replica| -> anyhow::Result<usize> {
+        Ok(r.store()
+            .read_messages(TOPIC, 7 % QUEUES, 0, 1_000)?
+            .iter()
+            .filter(|m| m.message.body == body(7))
+            .count())
+    };
+    // Everything the three sends wrote is applied everywhere before counting.
+    let applied = cluster.replica(leader).metrics().last_applied.map_or(0, |l| l.index);
+    cluster.wait_applied(applied).await?;
+    let counts: Vec<usize> = cluster.running().map(copies).collect::<anyhow::Result<_>>()?;
+    ensure!(
+        counts.iter().all(|c| *c == 1),
+        "copies per replica {counts:?}: a retry was stored again"
+    );
+    let stored = cluster
+        .replica(leader)
+        .store()
+        .read_messages(TOPIC, 7 % QUEUES, 0, 1_000)?;
+    let original = stored.iter().find(|m| m.message.body == body(7)).context("stored")?;
+    ensure!(
+        retry.results[0].queue_offset == original.queue_offset,
+        "{retry:?} vs {original:?}"
+    );
+
+    // The window is replicated state: the new leader answers the same way.
+    cluster.replica_mut(leader).kill().await;
+    let new = cluster.wait_for_leader_other_than(Some(leader), DEADLINE).await?;
+    let mut client = messaging(&cluster, new).await?;
+    let after = eventually(DEADLINE, "the new leader to answer the retry", async || {
+        Ok(match client.send(request()).await {
+            Ok(r) => Check::Done(r.into_inner()),
+            Err(e) => Check::Pending(format!("{e:?}")),
+        })
+    })
+    .await?;
+    ensure!(after == retry, "after the failover: {after:?}, first answer {retry:?}");
+    let counts: Vec<usize> = cluster.running().map(copies).collect::<anyhow::Result<_>>()?;
+    ensure!(
+        counts.iter().all(|c| *c == 1),
+        "copies per replica after the failover {counts:?}"
+    );
     cluster.shutdown().await
 }
 

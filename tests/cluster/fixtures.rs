@@ -385,6 +385,7 @@ pub fn append(i: u64) -> Command {
             born_timestamp_ms: 1_700_000_000_000 + i,
             deliver_at_ms: 0,
         }],
+        producer: None,
     })
 }
 

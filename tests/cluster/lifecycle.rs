@@ -680,6 +680,7 @@ async fn pop_state_is_bounded_and_a_group_is_pop_or_clustering_not_both() -> any
             topic: topic.into(),
             queue_id: None,
             messages: vec![message(1, None).with_delay(Duration::from_secs(4 * 24 * 3600))],
+            ..Default::default()
         })
         .await;
     ensure!(
@@ -691,6 +692,7 @@ async fn pop_state_is_bounded_and_a_group_is_pop_or_clustering_not_both() -> any
             topic: topic.into(),
             queue_id: None,
             messages: vec![message(1, None).with_delay(Duration::from_secs(5)), message(2, None)],
+            ..Default::default()
         })
         .await;
     ensure!(

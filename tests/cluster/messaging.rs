@@ -74,6 +74,7 @@ fn send_request(topic: &str, queue_id: Option<u32>, messages: Vec<pb::Message>) 
         topic: topic.into(),
         queue_id,
         messages,
+        ..Default::default()
     }
 }
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
@@ -739,14 +740,20 @@ class Client:
 class Producer:
     """Sends messages to broker group leaders (round-robin over writable groups).
 
-    Thread-safe. A send is retried only when it surely did not happen (a follower
-    refused it, or the node was unavailable); a call that timed out is raised, not
-    retried, since it may have been stored."""
+    Thread-safe. Idempotent by default: each send carries this producer's id and
+    a sequence number, so a send that timed out is retried and the broker group
+    answers a retry of a stored send from its first attempt (same message id and
+    offset) instead of storing it twice, across failovers too. With
+    ``idempotent=False`` a send is retried only when it surely did not happen (a
+    follower refused it, or the node was unavailable); a call that timed out is
+    raised, since it may have been stored."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, idempotent: bool = True) -> None:
         self.client = client
         self._lock = threading.Lock()
         self._next = random.randrange(1 << 16)
+        self.producer_id = uuid.uuid4().hex if idempotent else ""
+        self._sequence = 0
 
     def _choose(self, queue_id: Optional[int]) -> Callable[[TopicRoute], str]:
         def choose(route: TopicRoute) -> str:
@@ -820,13 +827,18 @@ class Producer:
         req = pb.SendRequest(topic=topic, messages=[msg])
         if queue_id is not None:
             req.queue_id = queue_id
+        if self.producer_id:
+            with self._lock:
+                self._sequence += 1
+                req.producer_id, req.sequence = self.producer_id, self._sequence
         resp, group, endpoint = self.client.call_leader(
             topic,
             broker_group if broker_group is not None else self._choose(queue_id),
             lambda ep, timeout: self.client.messaging(ep).Send(req, timeout=timeout),
             deadline=self.client.send_deadline if deadline is None else deadline,
-            # Unanswered within rpc_timeout, it may have been stored: raise, not resend.
-            retry_timeouts=False,
+            # Unanswered within rpc_timeout, it may have been stored: only an
+            # idempotent send (answered from its first attempt) is resent.
+            retry_timeouts=bool(self.producer_id),
         )
         if len(resp.results) != 1:
             raise RaftmqError(
