@@ -3,9 +3,14 @@
 # builds the image, starts two NameServers and broker-a's three replicas, runs
 # producers (plain and keyed) and consumers while killing, pausing and isolating
 # brokers, checks the history, and tears the cluster down (volumes included).
-# Beside them run delayed messages (due 1-20 s after sending, on their own topic)
-# and a two-member POP group (SimpleConsumer, 5 s invisible time, 1 message in 20
-# deliberately left unacked once) on a third topic.
+# Beside them run delayed messages (due 1-20 s after sending, on their own topic),
+# a two-member POP group (SimpleConsumer, 5 s invisible time, 1 message in 20
+# deliberately left unacked once) on a third topic, and transactions on a fourth
+# (a half message, then commit for even numbers and rollback for odd ones; every
+# fifth left unknown for the brokers' check-backs, which the producer's checker
+# answers by the same rule). The brokers run with docker-compose.chaos.yml on top
+# of docker-compose.yml: transaction check-backs 2 s after a half message and
+# every 2 s after that.
 #
 #     bash deploy/chaos.sh smoke    # ~3 min: 7 faults, 3 of them leader SIGKILLs
 #     bash deploy/chaos.sh long     # ~22 min: a fault every 30 s for 20 min (release check)
@@ -18,8 +23,12 @@
 # (timers_early/_twice/_never; late ones, timers_late, are only a warning), and
 # the POP group lost nothing acknowledged (pop_lost) and got nothing back after
 # a confirmed ack (pop_redelivered_after_ack, pop_stale_ack_ok) or before its
-# invisible time (pop_redelivered_early); 1 otherwise. The JSON summary goes to
-# $CHAOS_OUT (default /tmp/raftmq-chaos-<mode>.json).
+# invisible time (pop_redelivered_early), and no transaction the rule commits is
+# missing (txn_committed_missing) nor one it rolls back present
+# (txn_rolled_back_present), no committed message is read twice
+# (txn_same_id_twice) and nothing unexpected is read (txn_unexpected); 1
+# otherwise. The JSON summary goes to $CHAOS_OUT (default
+# /tmp/raftmq-chaos-<mode>.json).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -37,10 +46,11 @@ esac
 bin="${RAFTMQ_BIN:-$(bash "$root/scripts/build-release.sh")}"
 RAFTMQ_BIN="$bin" bash "$here/build-image.sh" > /dev/null
 
+files=(-f "$here/docker-compose.yml" -f "$here/docker-compose.chaos.yml")
 if docker compose version > /dev/null 2>&1; then
-  compose=(docker compose -f "$here/docker-compose.yml")
+  compose=(docker compose "${files[@]}")
 else
-  compose=(docker-compose -f "$here/docker-compose.yml")
+  compose=(docker-compose "${files[@]}")
 fi
 down() { "${compose[@]}" down -v --remove-orphans > /dev/null 2>&1 || true; }
 trap down EXIT

@@ -69,8 +69,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Loopback only: the NameServer on 127.0.0.1, the replicas on 127.0.0.1 (dev's
-# default), every port picked free by the OS.
-"$bin" dev --data-dir "$data/cluster" --namesrv-listen 127.0.0.1:0 --broker-ports 0,0,0 >"$out" 2>"$err" &
+# default), every port picked free by the OS. Transaction checks start after 1 s
+# (not RocketMQ's 6 s) so the check-back step does not wait out the default.
+"$bin" dev --data-dir "$data/cluster" --namesrv-listen 127.0.0.1:0 --broker-ports 0,0,0 \
+  --transaction-first-check-ms 1000 --transaction-check-interval-ms 1000 >"$out" 2>"$err" &
 pid=$!
 
 # `raftmq dev` prints "  NameServer        127.0.0.1:PORT" once the group has a leader.

@@ -222,6 +222,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 auto_create_topics: false,
                 restart_delay: Duration::from_secs(1),
                 worker_threads: args.worker_threads.map(usize::from),
+                broker_args: Vec::new(),
             })
             .await?;
             let ns = cluster.namesrv.clone();

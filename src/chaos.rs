@@ -8,7 +8,9 @@
 //! Beside them, under the same faults, run delayed messages and a POP
 //! (SimpleConsumer) group, checked for timers fired early, late, never or twice
 //! and for POP messages lost or handed out again after a confirmed ack: see
-//! `chaos_lifecycle`.
+//! `chaos_lifecycle`; and transactions (half messages committed or rolled back,
+//! some left to the brokers' check-backs), checked for a commit missing or a
+//! rollback visible: see `chaos_txn`.
 //!
 //! Consumers read every queue by offset (pull) rather than through a consumer
 //! group, so what is checked is the broker's log itself, not a rebalance.
@@ -93,6 +95,15 @@ pub struct ChaosArgs {
     /// Run without the delayed-message and POP workloads.
     #[arg(long)]
     pub no_lifecycle: bool,
+    /// Topic of the transactional workload.
+    #[arg(long, default_value = "ChaosTxnTopic")]
+    pub txn_topic: String,
+    /// Producer group of the transactional workload.
+    #[arg(long, default_value = "chaos-txn")]
+    pub txn_producer_group: String,
+    /// Run without the transactional workload.
+    #[arg(long)]
+    pub no_transactions: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -166,6 +177,9 @@ struct Summary {
     /// The delayed-message and POP workloads (`timers_*`, `pop_*`).
     #[serde(flatten)]
     lifecycle: Option<crate::chaos_lifecycle::Summary>,
+    /// The transactional workload (`txn_*`).
+    #[serde(flatten)]
+    transactions: Option<crate::chaos_txn::Summary>,
 }
 
 /// Shared state of one run.
@@ -206,6 +220,16 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             faults_end: Instant::now() + Duration::from_secs(5 + args.duration),
         };
         Some(crate::chaos_lifecycle::Workloads::start(&client, cfg).await?)
+    };
+    let transactions = if args.no_transactions {
+        None
+    } else {
+        let cfg = crate::chaos_txn::Config {
+            topic: args.txn_topic.clone(),
+            producer_group: args.txn_producer_group.clone(),
+            queues: args.queues,
+        };
+        Some(crate::chaos_txn::Workload::start(&client, cfg).await?)
     };
     let run = Arc::new(Run {
         started: Instant::now(),
@@ -288,6 +312,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     if let Some(w) = &lifecycle {
         w.stop_sending();
     }
+    if let Some(w) = &transactions {
+        w.stop_sending();
+    }
     for p in producers {
         p.await?;
     }
@@ -305,7 +332,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             None => None,
         }
     };
-    let (drained, lifecycle) = tokio::join!(drain_main, finish_lifecycle);
+    let finish_transactions = async {
+        match transactions {
+            Some(w) => Some(w.finish().await),
+            None => None,
+        }
+    };
+    let (drained, lifecycle, transactions) = tokio::join!(drain_main, finish_lifecycle, finish_transactions);
     run.stop_consuming.store(true, Ordering::Relaxed);
     for c in consumers {
         c.await?;
@@ -321,13 +354,15 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
 
     let mut summary = check(&run, events);
     summary.lifecycle = lifecycle;
+    summary.transactions = transactions;
     std::fs::write(&args.out, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
     print_summary(&summary, &args);
     Ok(summary.lost == 0
         && summary.unexpected == 0
         && summary.order_violations == 0
-        && summary.lifecycle.as_ref().is_none_or(|l| l.passed()))
+        && summary.lifecycle.as_ref().is_none_or(|l| l.passed())
+        && summary.transactions.as_ref().is_none_or(|t| t.passed()))
 }
 
 /// One producer: sends one message at a time until told to stop. A keyed producer
@@ -748,6 +783,7 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
         kill_leader_recovery_ms_max: kills.last().copied(),
         faults: events,
         lifecycle: None,
+        transactions: None,
     }
 }
 
@@ -802,6 +838,10 @@ fn print_summary(s: &Summary, args: &ChaosArgs) {
     if let Some(l) = &s.lifecycle {
         println!();
         l.print();
+    }
+    if let Some(t) = &s.transactions {
+        println!();
+        t.print();
     }
     println!("history summary written to {}", args.out.display());
 }

@@ -33,6 +33,8 @@ pub struct LocalClusterOptions {
     /// Async worker threads per replica (`raftmq broker --worker-threads`); `None`
     /// splits this machine's cores among the replicas.
     pub worker_threads: Option<usize>,
+    /// More `raftmq broker` arguments for every replica (e.g. transaction check timing).
+    pub broker_args: Vec<String>,
 }
 
 /// One supervised replica.
@@ -138,7 +140,7 @@ impl LocalCluster {
         let mut replicas = Vec::new();
         for (&id, (endpoint, raft)) in &endpoints {
             let name = format!("{}-{id}", opts.group);
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "broker".into(),
                 "--group".into(),
                 opts.group.clone(),
@@ -163,6 +165,7 @@ impl LocalCluster {
                 "--worker-threads".into(),
                 workers.to_string(),
             ];
+            args.extend(opts.broker_args.iter().cloned());
             let log_file = opts.data_dir.join(format!("{name}.log"));
             let pid_file = opts.data_dir.join(format!("{name}.pid"));
             let spec = Arc::new(ChildSpec {

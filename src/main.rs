@@ -5,6 +5,7 @@ mod bench;
 mod bench_lifecycle;
 mod chaos;
 mod chaos_lifecycle;
+mod chaos_txn;
 mod failover_bench;
 mod local;
 mod tools;
@@ -122,6 +123,49 @@ struct BrokerArgs {
     /// better with the cores split among them (`raftmq dev` does that).
     #[arg(long, env = "RAFTMQ_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    transactions: TransactionTiming,
+}
+
+/// When the leader asks producers about unresolved transactions.
+#[derive(clap::Args, Clone, Default)]
+struct TransactionTiming {
+    /// First check of a transaction nobody ended, after its half message was
+    /// stored (default 6000, RocketMQ's).
+    #[arg(long, env = "RAFTMQ_TRANSACTION_FIRST_CHECK_MS")]
+    transaction_first_check_ms: Option<u64>,
+    /// Between later checks (default 30000).
+    #[arg(long, env = "RAFTMQ_TRANSACTION_CHECK_INTERVAL_MS")]
+    transaction_check_interval_ms: Option<u64>,
+    /// Checks before an unresolved transaction is rolled back and counted (default 15).
+    #[arg(long, env = "RAFTMQ_TRANSACTION_MAX_CHECKS")]
+    transaction_max_checks: Option<u32>,
+}
+
+impl TransactionTiming {
+    /// As `raftmq broker` arguments, for the replicas `raftmq dev` starts.
+    fn broker_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut push = |flag: &str, value: Option<String>| {
+            if let Some(value) = value {
+                v.push(flag.to_owned());
+                v.push(value);
+            }
+        };
+        push(
+            "--transaction-first-check-ms",
+            self.transaction_first_check_ms.map(|x| x.to_string()),
+        );
+        push(
+            "--transaction-check-interval-ms",
+            self.transaction_check_interval_ms.map(|x| x.to_string()),
+        );
+        push(
+            "--transaction-max-checks",
+            self.transaction_max_checks.map(|x| x.to_string()),
+        );
+        v
+    }
 }
 
 /// The `--config` file of `raftmq broker`.
@@ -142,6 +186,9 @@ struct BrokerFile {
     auto_create_topics: Option<bool>,
     flush: Option<String>,
     worker_threads: Option<usize>,
+    transaction_first_check_ms: Option<u64>,
+    transaction_check_interval_ms: Option<u64>,
+    transaction_max_checks: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -174,6 +221,8 @@ struct DevArgs {
     /// Async worker threads per replica (default: the cores split among the three).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
+    #[command(flatten)]
+    transactions: TransactionTiming,
 }
 
 #[derive(clap::Args)]
@@ -278,6 +327,46 @@ struct ProduceArgs {
     /// User property `name=value` on every message (repeatable).
     #[arg(long = "property", value_name = "NAME=VALUE")]
     properties: Vec<String>,
+    /// Send each message as a transactional (half) message of --producer-group,
+    /// invisible to consumers until its transaction ends as --outcome says.
+    /// With it, --key is only the message's key (indexed once committed), not a
+    /// sharding key.
+    #[arg(long, requires = "producer_group", conflicts_with_all = ["deliver_at", "delay_ms", "delay_level"])]
+    transactional: bool,
+    /// The producer group brokers ask (check back) about unresolved transactions.
+    #[arg(long, requires = "transactional")]
+    producer_group: Option<String>,
+    /// How each transaction ends: commit, rollback, or unknown (left to the
+    /// brokers' check-backs, which this command answers with --check-answer).
+    #[arg(long, value_enum, default_value = "commit", requires = "transactional")]
+    outcome: TxnAnswer,
+    /// The answer to a check-back: for transactions left unknown (or sent by
+    /// another producer of the group). A transaction whose commit or rollback
+    /// failed is answered with that decision instead.
+    #[arg(long, value_enum, default_value = "commit", requires = "transactional")]
+    check_answer: TxnAnswer,
+    /// Longest wait for check-backs to resolve the transactions left unknown
+    /// (or whose end failed) before giving up.
+    #[arg(long, default_value_t = 60, requires = "transactional")]
+    wait_secs: u64,
+}
+
+/// A transaction's outcome as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TxnAnswer {
+    Commit,
+    Rollback,
+    Unknown,
+}
+
+impl From<TxnAnswer> for raftmq_client::TransactionResolution {
+    fn from(a: TxnAnswer) -> Self {
+        match a {
+            TxnAnswer::Commit => raftmq_client::TransactionResolution::Commit,
+            TxnAnswer::Rollback => raftmq_client::TransactionResolution::Rollback,
+            TxnAnswer::Unknown => raftmq_client::TransactionResolution::Unknown,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -292,6 +381,9 @@ enum AdminCommand {
     /// A consumer group's dead-letter queue (`%DLQ%<group>`): list, resend.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Transactional messages: the pending half messages and each group's totals.
+    #[command(subcommand)]
+    Transaction(TransactionCommand),
     /// Look a message up by id (`--id`), or by key (`--topic T --key K`).
     Message {
         #[command(flatten)]
@@ -352,6 +444,22 @@ enum DlqCommand {
         /// The message id as `dlq list` shows it.
         #[arg(long)]
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TransactionCommand {
+    /// Per broker group, the pending half messages (oldest first) with their
+    /// age and check-backs, and the group's committed / rolled-back totals.
+    List {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        /// Only this producer group's pending transactions (totals stay the group's).
+        #[arg(long)]
+        producer_group: Option<String>,
+        /// At most this many pending transactions per broker group (the broker caps it at 10,000).
+        #[arg(long, default_value_t = 100)]
+        max: u32,
     },
 }
 
@@ -533,6 +641,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         auto_create_topics: true,
         restart_delay: Duration::from_secs(3),
         worker_threads: args.worker_threads.map(usize::from),
+        broker_args: args.transactions.broker_args(),
     })
     .await?;
     let token = cluster.token();
@@ -678,6 +787,16 @@ async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
     config.fast_failover.enabled = args.fast_failover.or(file.fast_failover).unwrap_or(true);
     config.nameservers = args.namesrv.or(file.namesrv).unwrap_or_default();
     config.messaging.auto_create_topics = args.auto_create_topics.or(file.auto_create_topics).unwrap_or(false);
+    let t = &args.transactions;
+    if let Some(ms) = t.transaction_first_check_ms.or(file.transaction_first_check_ms) {
+        config.messaging.transaction_first_check = Duration::from_millis(ms);
+    }
+    if let Some(ms) = t.transaction_check_interval_ms.or(file.transaction_check_interval_ms) {
+        config.messaging.transaction_check_interval = Duration::from_millis(ms);
+    }
+    if let Some(n) = t.transaction_max_checks.or(file.transaction_max_checks) {
+        config.messaging.transaction_max_checks = n;
+    }
     config.store.flush = match args.flush.or(file.flush).as_deref() {
         None | Some("sync") => FlushMode::Sync,
         Some("async") => FlushMode::Async,

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::{AdminCommand, ConsumeArgs, DlqCommand, GroupCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand};
+use crate::{
+    AdminCommand, ConsumeArgs, DlqCommand, GroupCommand, NamesrvAddr, ProduceArgs, PullArgs, TopicCommand,
+    TransactionCommand,
+};
 
 /// The filter a `--tag` / `--sql` pair asks for.
 fn filter(tag: &str, sql: &Option<String>) -> raftmq_client::Filter {
@@ -25,7 +28,6 @@ pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
 
 pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     use raftmq_client::MessageExt;
-    let producer = client(args.namesrv)?.producer();
     let mut properties = std::collections::HashMap::new();
     for p in &args.properties {
         let (k, v) = p
@@ -33,6 +35,10 @@ pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("--property {p:?} is not NAME=VALUE"))?;
         properties.insert(k.to_owned(), v.to_owned());
     }
+    if args.transactional {
+        return run_produce_transactional(args, properties).await;
+    }
+    let producer = client(args.namesrv)?.producer();
     let started = std::time::Instant::now();
     let (mut ok, mut failed) = (0u64, 0u64);
     for i in 0..args.count {
@@ -83,6 +89,303 @@ pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What `produce --transactional` knows about its transactions, shared with
+/// its checker (which runs on Tokio's blocking pool).
+#[derive(Default)]
+struct TxnDemo {
+    /// Transaction ids this run began.
+    ours: std::collections::HashSet<String>,
+    /// Decisions whose EndTransaction failed: a check-back is answered with them.
+    decided: std::collections::HashMap<String, raftmq_client::TransactionResolution>,
+    /// The last answer given to a check-back, per transaction id.
+    answered: std::collections::HashMap<String, raftmq_client::TransactionResolution>,
+}
+
+fn resolution_word(r: raftmq_client::TransactionResolution) -> &'static str {
+    match r {
+        raftmq_client::TransactionResolution::Commit => "commit",
+        raftmq_client::TransactionResolution::Rollback => "rollback",
+        raftmq_client::TransactionResolution::Unknown => "unknown",
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `produce --transactional`: each message is a half message of
+/// `--producer-group`, ended as `--outcome` says. Transactions left unknown, or
+/// whose end failed, are left to the brokers' check-backs, which this command
+/// answers (printing each) until they are all resolved or `--wait-secs` passed;
+/// then it prints how each ended.
+async fn run_produce_transactional(
+    args: ProduceArgs,
+    properties: std::collections::HashMap<String, String>,
+) -> anyhow::Result<ExitCode> {
+    use std::sync::{Arc, Mutex};
+
+    use raftmq_client::{MessageExt, TransactionResolution as R};
+    let group = args
+        .producer_group
+        .clone()
+        .context("--transactional needs --producer-group")?;
+    let client = client(args.namesrv)?;
+    let demo = Arc::new(Mutex::new(TxnDemo::default()));
+    let check_answer = R::from(args.check_answer);
+    let producer = client.transaction_producer(&group, {
+        let demo = demo.clone();
+        move |c| {
+            let m = c.message.message.as_ref();
+            let seq = m.and_then(|m| m.properties.get("seq")).map_or("?", String::as_str);
+            let topic = m.map_or("?", |m| m.topic.as_str());
+            let mut d = demo.lock().unwrap_or_else(|p| p.into_inner());
+            let (answer, why) = match d.decided.get(&c.transaction_id) {
+                Some(r) => (*r, "its local transaction's decision, whose end failed"),
+                None if d.ours.contains(&c.transaction_id) => (check_answer, "--check-answer"),
+                None => (check_answer, "--check-answer; not sent by this run"),
+            };
+            d.answered.insert(c.transaction_id.clone(), answer);
+            println!(
+                "check #{} of transaction {} ({}/{}/{} message {seq}): answering {} ({why})",
+                c.check_times,
+                c.transaction_id,
+                c.broker_group,
+                topic,
+                c.message.queue_id,
+                resolution_word(answer),
+            );
+            answer
+        }
+    })?;
+    let outcome = R::from(args.outcome);
+    let started = std::time::Instant::now();
+    let (mut ended, mut failed) = (0u64, 0u64);
+    // Transactions the check-backs are to settle: (message number, half receipt).
+    let mut waiting = Vec::new();
+    for i in 0..args.count {
+        let mut msg = raftmq_proto::v1::Message::new(vec![b'x'; args.size]);
+        msg.tag = args.tag.clone();
+        msg.properties.clone_from(&properties);
+        msg.properties.insert("seq".into(), i.to_string());
+        if let Some(k) = &args.key {
+            msg.keys = vec![k.clone()];
+        }
+        let half = match producer.begin(&args.topic, msg).await {
+            Ok(r) => r,
+            Err(e) => {
+                failed += 1;
+                if e.is_outcome_unknown() {
+                    eprintln!(
+                        "message {i}: half message maybe stored ({e}); if it was, the broker checks back and gets {}",
+                        resolution_word(check_answer)
+                    );
+                } else {
+                    eprintln!("message {i}: {e}");
+                }
+                continue;
+            }
+        };
+        let id = half.transaction_id.clone();
+        demo.lock().unwrap_or_else(|p| p.into_inner()).ours.insert(id.clone());
+        let at = format!("{}/{}", half.broker_group, half.queue_id);
+        let end = match outcome {
+            R::Commit => Some(producer.commit(&half).await),
+            R::Rollback => Some(producer.rollback(&half).await),
+            R::Unknown => None,
+        };
+        match end {
+            Some(Ok(r)) => {
+                ended += 1;
+                let again = if r.already_ended { " (already ended)" } else { "" };
+                if outcome == R::Commit {
+                    println!(
+                        "message {i}: transaction {id} committed at {}/{}@{}{again}",
+                        half.broker_group, r.queue_id, r.queue_offset
+                    );
+                } else {
+                    println!("message {i}: transaction {id} on {at} rolled back{again}");
+                }
+            }
+            Some(Err(e)) => {
+                println!(
+                    "message {i}: transaction {id} on {at}: {} failed ({e}); left to the check-backs",
+                    resolution_word(outcome)
+                );
+                demo.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .decided
+                    .insert(id, outcome);
+                waiting.push((i, half));
+            }
+            None => {
+                println!("message {i}: transaction {id} on {at} left unknown; the broker will check back");
+                waiting.push((i, half));
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let ended = match outcome {
+        R::Commit => format!("{ended} committed, "),
+        R::Rollback => format!("{ended} rolled back, "),
+        R::Unknown => String::new(),
+    };
+    println!(
+        "{} half message(s) stored, {ended}{} left to check-backs, {failed} failed in {secs:.2}s",
+        args.count - failed,
+        waiting.len()
+    );
+    let mut unresolved = 0u64;
+    if !waiting.is_empty() {
+        unresolved = settle_transactions(&client, &group, &waiting, &demo, args.wait_secs).await?;
+    }
+    producer.shutdown();
+    Ok(if failed == 0 && unresolved == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Answers check-backs (the producer's checker does) until none of `waiting`
+/// is pending on its broker group or `wait_secs` passed; then prints how each
+/// ended (a committed message can be looked up by its id; a rolled-back one
+/// cannot). Returns how many are still pending.
+async fn settle_transactions(
+    client: &raftmq_client::Client,
+    group: &str,
+    waiting: &[(u64, raftmq_client::SendReceipt)],
+    demo: &std::sync::Mutex<TxnDemo>,
+    wait_secs: u64,
+) -> anyhow::Result<u64> {
+    use raftmq_client::TransactionResolution as R;
+    println!(
+        "waiting up to {wait_secs} s for the brokers to check back on {} transaction(s)",
+        waiting.len()
+    );
+    let admin = client.admin();
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(wait_secs);
+    let mut pending: std::collections::HashSet<String>;
+    loop {
+        pending = match admin.list_transactions(group, 10_000).await {
+            Ok(groups) => groups
+                .into_iter()
+                .flat_map(|g| g.transactions)
+                .map(|t| t.transaction_id)
+                .filter(|id| waiting.iter().any(|(_, h)| h.transaction_id == *id))
+                .collect(),
+            Err(e) => {
+                eprintln!("listing pending transactions failed: {e}");
+                waiting.iter().map(|(_, h)| h.transaction_id.clone()).collect()
+            }
+        };
+        if pending.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (mut committed, mut rolled_back) = (0u64, 0u64);
+    for (i, half) in waiting {
+        let id = &half.transaction_id;
+        if pending.contains(id) {
+            println!("message {i}: transaction {id} still pending after {wait_secs} s");
+            continue;
+        }
+        let answered = demo.lock().unwrap_or_else(|p| p.into_inner()).answered.get(id).copied();
+        match admin.query_message_by_id(id).await {
+            Ok(Some(m)) => {
+                committed += 1;
+                let how = if answered == Some(R::Commit) {
+                    "by a check-back answer"
+                } else {
+                    "(not by this producer's check-back answer)"
+                };
+                println!(
+                    "message {i}: transaction {id} committed {how}, at {}/{}@{}",
+                    half.broker_group, m.queue_id, m.queue_offset
+                );
+            }
+            Ok(None) => {
+                rolled_back += 1;
+                let how = match answered {
+                    Some(R::Rollback) => "by a check-back answer",
+                    Some(R::Unknown) | None => "by the broker after its maximum checks went unanswered",
+                    Some(R::Commit) => "though this producer answered commit",
+                };
+                println!("message {i}: transaction {id} rolled back {how}");
+            }
+            Err(e) => println!("message {i}: transaction {id} resolved, but looking it up failed: {e}"),
+        }
+    }
+    println!(
+        "check-backs: {committed} committed, {rolled_back} rolled back, {} still pending after {:.1}s",
+        pending.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(pending.len() as u64)
+}
+
+/// `admin transaction list`: per broker group, its totals and pending half messages.
+async fn run_transaction(cmd: TransactionCommand) -> anyhow::Result<()> {
+    let TransactionCommand::List {
+        namesrv,
+        producer_group,
+        max,
+    } = cmd;
+    let filter = producer_group.unwrap_or_default();
+    let groups = client(namesrv)?.admin().list_transactions(&filter, max).await?;
+    let now = wall_ms();
+    let secs = |ms: u64| format!("{:.1}s", ms as f64 / 1000.0);
+    let (mut pending, mut committed, mut rolled_back, mut unresolved) = (0u64, 0u64, 0u64, 0u64);
+    for g in &groups {
+        println!(
+            "{}  pending {}  committed {}  rolled back {} (unresolved after max checks {})",
+            g.broker_group, g.pending, g.committed, g.rolled_back, g.rolled_back_unresolved
+        );
+        pending += g.pending;
+        committed += g.committed;
+        rolled_back += g.rolled_back;
+        unresolved += g.rolled_back_unresolved;
+        for t in &g.transactions {
+            let next = if t.next_check_ms > now {
+                format!("in {}", secs(t.next_check_ms - now))
+            } else {
+                format!("due ({} ago)", secs(now - t.next_check_ms))
+            };
+            println!(
+                "  {}  producer group {}  {}/{}  age {}  checks {}  next check {}{}",
+                t.transaction_id,
+                t.producer_group,
+                t.topic,
+                t.queue_id,
+                secs(now.saturating_sub(t.store_timestamp_ms)),
+                t.check_times,
+                next,
+                if t.keys.is_empty() {
+                    String::new()
+                } else {
+                    format!("  keys {:?}", t.keys)
+                }
+            );
+        }
+        let listed = g.transactions.len() as u64;
+        if filter.is_empty() && listed < g.pending {
+            println!("  ... {} more not listed (--max {max})", g.pending - listed);
+        } else if !filter.is_empty() {
+            println!("  {listed} of producer group {filter} listed (at most --max {max})");
+        }
+    }
+    if groups.len() > 1 {
+        println!(
+            "all {} broker groups  pending {pending}  committed {committed}  rolled back {rolled_back} (unresolved after max checks {unresolved})",
+            groups.len()
+        );
+    }
+    Ok(())
 }
 
 pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
@@ -136,6 +439,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Group(cmd) => run_group(cmd).await?,
         AdminCommand::Dlq(cmd) => run_dlq(cmd).await?,
+        AdminCommand::Transaction(cmd) => run_transaction(cmd).await?,
         AdminCommand::Message {
             namesrv,
             id,

@@ -22,6 +22,8 @@
 //! - `consumers`: consumer groups with push consumers.
 //! - `lifecycle`: POP, FIFO POP, retries and dead letters, timers, SQL92
 //!   filters, and all of it across a leader kill.
+//! - `transactions`: transactional messages, check-backs, and a leader kill
+//!   between a half message and its end.
 //! - `processes`: the `raftmq` binary as separate processes.
 
 #[path = "cluster/fixtures.rs"]
@@ -43,3 +45,5 @@ mod messaging;
 mod processes;
 #[path = "cluster/raft_rpc.rs"]
 mod raft_rpc;
+#[path = "cluster/transactions.rs"]
+mod transactions;

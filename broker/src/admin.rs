@@ -425,4 +425,13 @@ impl AdminService for Admin {
         let _span = self.span("GetConsumerGroup", "").entered();
         answer("GetConsumerGroup", Admin::get_consumer_group(self, req))
     }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<tonic::Response<pb::ListTransactionsResponse>, Status> {
+        let req = request.into_inner();
+        let _span = self.span("ListTransactions", "").entered();
+        answer("ListTransactions", crate::transactions::list(&self.group, req))
+    }
 }

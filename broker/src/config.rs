@@ -135,6 +135,20 @@ pub struct MessagingConfig {
     /// Most POP consumer groups one broker group tracks; a receive for a new
     /// group past it is RESOURCE_EXHAUSTED. Default 10,000.
     pub max_pop_groups: usize,
+    /// When the leader first asks a producer about a transaction nobody ended,
+    /// after its half message was stored. Default 6 s (RocketMQ's `transactionTimeOut`).
+    pub transaction_first_check: Duration,
+    /// Between later checks of the same transaction. Default 30 s (RocketMQ 5's).
+    pub transaction_check_interval: Duration,
+    /// Checks before an unresolved transaction is rolled back, logged and
+    /// counted. Default 15 (RocketMQ's `transactionCheckMax`).
+    pub transaction_max_checks: u32,
+    /// Most pending half messages per broker group; a transactional send past it
+    /// is RESOURCE_EXHAUSTED. Default 100,000: bounds the transaction state every
+    /// replica keeps in memory.
+    pub max_pending_transactions: usize,
+    /// Most TransactionChecks streams one replica holds open. Default 10,000.
+    pub max_transaction_checkers: usize,
 }
 
 impl Default for MessagingConfig {
@@ -155,6 +169,11 @@ impl Default for MessagingConfig {
             max_delay: Duration::from_secs(3 * 24 * 3600),
             max_inflight_per_group: 100_000,
             max_pop_groups: 10_000,
+            transaction_first_check: Duration::from_secs(6),
+            transaction_check_interval: Duration::from_secs(30),
+            transaction_max_checks: 15,
+            max_pending_transactions: 100_000,
+            max_transaction_checkers: 10_000,
         }
     }
 }
@@ -206,6 +225,26 @@ impl MessagingConfig {
                 "messaging.consumer_session_timeout",
                 format!("{:?}", self.consumer_session_timeout),
                 "must be at least two (non-zero) consumer heartbeat intervals and under 49 days",
+            ));
+        }
+        if self.transaction_check_interval < Duration::from_millis(100) {
+            return Err(bad(
+                "messaging.transaction_check_interval",
+                format!("{:?}", self.transaction_check_interval),
+                "must be at least 100 ms",
+            ));
+        }
+        if self.transaction_max_checks == 0 {
+            return Err(bad("messaging.transaction_max_checks", "0".into(), "must be positive"));
+        }
+        if self.max_pending_transactions == 0 || self.max_transaction_checkers == 0 {
+            return Err(bad(
+                "messaging.max_pending_transactions",
+                format!(
+                    "{} (checkers {})",
+                    self.max_pending_transactions, self.max_transaction_checkers
+                ),
+                "max_pending_transactions and max_transaction_checkers must be positive",
             ));
         }
         Ok(())

@@ -20,7 +20,8 @@
 //!   commits on the leader (`raftmq.v1.ConsumerService`); [`pop`]: POP receive,
 //!   ack, invisible time, retry and dead-letter moves; [`timers`]: the leader's
 //!   loop that fires due timers (delayed messages, retries); [`filter`] and
-//!   [`sql92`]: tag and SQL92 subscription filters.
+//!   [`sql92`]: tag and SQL92 subscription filters; [`transactions`]: ending
+//!   transactions, producers' check-back streams and the leader's check loop.
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
 //!   `raftmq.v1` client API. Input is checked in [`validate`] before anything is
 //!   proposed; the write path and leadership handling are in [`group`]; every
@@ -51,6 +52,7 @@ pub mod registration;
 pub mod service;
 pub mod sql92;
 pub mod timers;
+pub mod transactions;
 pub mod validate;
 pub mod wire;
 

@@ -1,7 +1,8 @@
 //! `raftmq.v1.MessagingService`: Send (validated at the edge, one Raft entry per
-//! request, leader only) and Pull (from this replica's applied state, with long
-//! polling and tag filtering). Consumer groups and offset commits are
-//! [`crate::consumer_group`]'s.
+//! request, leader only; a transactional send stores a half message) and Pull
+//! (from this replica's applied state, with long polling and tag filtering).
+//! EndTransaction and TransactionChecks are served by [`crate::transactions`];
+//! consumer groups and offset commits are [`crate::consumer_group`]'s.
 //!
 //! Long polling waits on openraft's data-metrics watch, which changes whenever
 //! this replica applies entries (among other things); each wake re-reads the
@@ -14,7 +15,7 @@ use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::messaging_service_server::{MessagingService, MessagingServiceServer};
 use raftmq_raft_store::command::{PERM_READ, PERM_WRITE};
-use raftmq_raft_store::{AppendBatch, Command, ProducerSeq, Response, TopicConfig};
+use raftmq_raft_store::{AppendBatch, Command, HalfSpec, ProducerSeq, Response, TopicConfig};
 use tokio::time::Instant;
 use tonic::{Request, Status};
 use tracing::Instrument;
@@ -23,6 +24,7 @@ use crate::api_error::ApiError;
 use crate::convert;
 use crate::filter::MessageFilter;
 use crate::group::GroupHandle;
+use crate::transactions::{CheckStream, Transactions};
 use crate::validate;
 
 /// Messages a Pull returns when the request leaves `max_messages` at 0.
@@ -32,11 +34,12 @@ pub const DEFAULT_PULL_MESSAGES: u32 = 32;
 #[derive(Clone)]
 pub struct Messaging {
     group: GroupHandle,
+    txns: std::sync::Arc<Transactions>,
 }
 
 impl Messaging {
-    pub fn new(group: GroupHandle) -> Self {
-        Messaging { group }
+    pub fn new(group: GroupHandle, txns: std::sync::Arc<Transactions>) -> Self {
+        Messaging { group, txns }
     }
 
     pub fn into_server(self, max_message_bytes: usize) -> MessagingServiceServer<Self> {
@@ -86,12 +89,30 @@ impl Messaging {
             producer_id: req.producer_id,
             sequence: req.sequence,
         });
+        let transaction = if req.transactional {
+            let max = g.config().max_pending_transactions;
+            let pending = g.store().with_txn(|t| t.pending_count());
+            if pending >= max {
+                return Err(ApiError::ResourceExhausted(format!(
+                    "broker group {} already holds {pending} pending half messages (max_pending_transactions {max})",
+                    g.group()
+                )));
+            }
+            let first = u64::try_from(g.config().transaction_first_check.as_millis()).unwrap_or(u64::MAX);
+            Some(HalfSpec {
+                producer_group: req.producer_group,
+                first_check_ms: store_timestamp_ms.saturating_add(first),
+            })
+        } else {
+            None
+        };
         let batch = AppendBatch {
             topic: req.topic,
             queue_id,
             store_timestamp_ms,
             messages,
             producer,
+            transaction,
         };
         let written = g.write(Command::Append(batch)).await?;
         let (index, response, queue_id) = match written.response {
@@ -102,9 +123,12 @@ impl Messaging {
                 first_offset,
                 count,
                 scheduled,
+                half,
             } => {
                 tracing::debug!(raft_index, "duplicate send answered from the producer's window");
-                let response = if scheduled {
+                let response = if half {
+                    Response::HalfStored { count }
+                } else if scheduled {
                     Response::Scheduled { count }
                 } else {
                     Response::Appended {
@@ -118,6 +142,20 @@ impl Messaging {
             other => (written.index, other, queue_id),
         };
         match response {
+            Response::HalfStored { count: n } if n as usize == count => Ok(pb::SendResponse {
+                results: (0..n)
+                    .map(|pos| {
+                        let id = convert::message_id(g.group(), index, pos);
+                        pb::SendResult {
+                            message_id: id.clone(),
+                            queue_id,
+                            queue_offset: 0,
+                            deliver_at_ms: 0,
+                            transaction_id: id,
+                        }
+                    })
+                    .collect(),
+            }),
             Response::Scheduled { count: n } if n as usize == count => Ok(pb::SendResponse {
                 results: (0..n)
                     .map(|pos| pb::SendResult {
@@ -125,6 +163,7 @@ impl Messaging {
                         queue_id,
                         queue_offset: 0,
                         deliver_at_ms: due.as_ref().map_or(0, |d| d[pos as usize]),
+                        transaction_id: String::new(),
                     })
                     .collect(),
             }),
@@ -139,6 +178,7 @@ impl Messaging {
                         queue_id,
                         queue_offset: first_offset + u64::from(pos),
                         deliver_at_ms: 0,
+                        transaction_id: String::new(),
                     })
                     .collect(),
             }),
@@ -331,5 +371,42 @@ impl MessagingService for Messaging {
         }
         .instrument(span)
         .await
+    }
+
+    async fn end_transaction(
+        &self,
+        request: Request<pb::EndTransactionRequest>,
+    ) -> Result<tonic::Response<pb::EndTransactionResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "end_transaction",
+            group = %self.group.group(),
+            transaction_id = %req.transaction_id,
+            resolution = req.resolution,
+            source = req.source
+        );
+        async {
+            let result = self.txns.end(req).await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "end transaction refused");
+            }
+            result.map(tonic::Response::new).map_err(Status::from)
+        }
+        .instrument(span)
+        .await
+    }
+
+    type TransactionChecksStream = CheckStream;
+
+    async fn transaction_checks(
+        &self,
+        request: Request<pb::TransactionChecksRequest>,
+    ) -> Result<tonic::Response<Self::TransactionChecksStream>, Status> {
+        let req = request.into_inner();
+        let _span = tracing::debug_span!("transaction_checks", group = %self.group.group(), producer_group = %req.producer_group).entered();
+        self.txns
+            .open_checks(req)
+            .map(tonic::Response::new)
+            .map_err(Status::from)
     }
 }

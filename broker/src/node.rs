@@ -137,7 +137,9 @@ impl RaftNode {
             shutdown.clone(),
         )
         .into_server(config.max_rpc_message_bytes);
-        let messaging = Messaging::new(group.clone()).into_server(config.max_rpc_message_bytes);
+        let transactions = crate::transactions::Transactions::new(group.clone());
+        transactions.spawn_checker();
+        let messaging = Messaging::new(group.clone(), transactions).into_server(config.max_rpc_message_bytes);
         if !config.nameservers.is_empty() {
             crate::registration::spawn(
                 group.clone(),

@@ -36,6 +36,11 @@ pub fn consumer_group_name(name: &str) -> Result<(), ApiError> {
     rocketmq_name("consumer group", name, MAX_CONSUMER_GROUP_LEN)
 }
 
+/// Producer groups follow the consumer-group rule.
+pub fn producer_group_name(name: &str) -> Result<(), ApiError> {
+    rocketmq_name("producer group", name, MAX_CONSUMER_GROUP_LEN)
+}
+
 /// A member's id: 1..=255 printable ASCII characters (host, pid, anything).
 pub fn client_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
@@ -131,6 +136,23 @@ pub fn send_request(req: &pb::SendRequest, limits: &MessagingConfig) -> Result<(
     }
     if req.messages.is_empty() {
         return Err(ApiError::InvalidArgument("send request carries no messages".into()));
+    }
+    if req.transactional {
+        producer_group_name(&req.producer_group)?;
+        if req.messages.len() != 1 {
+            return Err(ApiError::InvalidArgument(format!(
+                "a transactional send carries exactly one message, not {}",
+                req.messages.len()
+            )));
+        }
+        let m = &req.messages[0];
+        if m.deliver_at_ms != 0 || m.delay_ms != 0 || m.delay_level != 0 {
+            return Err(ApiError::InvalidArgument(
+                "a transactional message cannot be delayed (deliver_at_ms, delay_ms and delay_level must be 0)".into(),
+            ));
+        }
+    } else if !req.producer_group.is_empty() {
+        producer_group_name(&req.producer_group)?;
     }
     if req.messages.len() > limits.max_batch_messages {
         return Err(ApiError::ResourceExhausted(format!(

@@ -34,6 +34,14 @@ broker group of three replicas, topics auto-created with 4 queues). Steps:
   idempotent  the same (producer_id, sequence) sent twice on the leader, raw:
             one stored copy and the same message id and offset both times; the
             wrapper's producer carries a producer id by default
+  transaction  a TransactionProducer on a fresh topic, check streams open to every
+            replica: send with a local transaction answering COMMIT, ROLLBACK,
+            UNKNOWN (its checker answers COMMIT) and raising (UNKNOWN; its
+            checker answers ROLLBACK); begin + commit by hand (invisible to a pull
+            until committed, a second commit already_ended, a rollback then
+            FAILED_PRECONDITION) and begin + rollback. A consumer group gets the
+            three committed messages exactly once and none of the others, and
+            ListTransactions shows none of them pending at the end
   chase     the leader-following decisions (raftmq.client.Chase), no cluster
   silent    a client told that a silent endpoint (TCP accepted, never answered:
             a paused leader) leads: the first send gives up on it within
@@ -46,11 +54,13 @@ failed step, 0 when all passed.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
 import traceback
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
 
 import grpc
 
@@ -472,6 +482,192 @@ def idempotent(client: raftmq.Client, topic: str) -> None:
     require(bool(raftmq.Producer(client).producer_id), "the producer is not idempotent by default")
 
 
+@contextlib.contextmanager
+def captured_log(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Records logger ``name``'s warnings and errors in a list instead of printing them."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def list_transactions(
+    client: raftmq.Client, topic: str, broker_group: str, producer_group: str
+) -> "pb.ListTransactionsResponse":
+    """AdminService.ListTransactions at ``broker_group``'s leader (its applied state is the freshest)."""
+    req = pb.ListTransactionsRequest(producer_group=producer_group, max_transactions=1000)
+    resp, _, _ = client.call_leader(
+        topic,
+        broker_group,
+        lambda ep, t: pb_grpc.AdminServiceStub(client.channel(ep)).ListTransactions(req, timeout=t),
+        deadline=client.send_deadline,
+        ask_followers=True,
+    )
+    return resp
+
+
+def transaction(client: raftmq.Client) -> None:
+    topic = f"PyTx_{uuid.uuid4().hex[:10]}"
+    producer_group = f"py_tx_producer_{uuid.uuid4().hex[:10]}"
+    consumer_group = f"py_tx_consumer_{uuid.uuid4().hex[:10]}"
+    TR = raftmq.TransactionResolution
+    checks: list[raftmq.TransactionCheck] = []  # appended from the checker pool
+
+    def checker(check: raftmq.TransactionCheck) -> raftmq.TransactionResolution:
+        checks.append(check)
+        return {"commit": TR.COMMIT, "rollback": TR.ROLLBACK}.get(check.message.properties.get("check", ""), TR.UNKNOWN)
+
+    def failing(half: raftmq.HalfMessage) -> raftmq.TransactionResolution:
+        raise RuntimeError(f"the local transaction of {half.transaction_id} failed (on purpose)")
+
+    # The producer logs the failing local transaction: kept, not printed.
+    with (
+        captured_log("raftmq.transaction") as logged,
+        raftmq.TransactionProducer(client, producer_group, checker) as producer,
+    ):
+        committed = producer.send(topic, b"tx-commit", lambda h: TR.COMMIT, tag="Tx", properties={"kind": "commit"})
+        require(
+            committed.resolution == TR.COMMIT and committed.ended and committed.end_error is None,
+            f"a local COMMIT did not end the transaction: {committed}",
+        )
+        require(
+            committed.transaction_id == committed.message_id and len(committed.message_id) == 34,
+            f"transaction id {committed.transaction_id!r} vs message id {committed.message_id!r}",
+        )
+        route = wait_for_route(client, topic)
+        replicas = {ep for g in route.groups for ep in (g.leader, *g.followers) if ep}
+        deadline = time.monotonic() + 15
+        while True:
+            streams = producer.check_streams
+            if set(streams) >= replicas and all(streams[ep] for ep in replicas):
+                break
+            require(
+                time.monotonic() < deadline,
+                f"check streams to every replica {sorted(replicas)} not open within 15 s: {streams}",
+            )
+            time.sleep(0.05)
+        counts_before = {g.name: list_transactions(client, topic, g.name, producer_group) for g in route.groups}
+
+        rolled = producer.send(topic, b"tx-rollback", lambda h: TR.ROLLBACK, tag="Tx", properties={"kind": "rollback"})
+        require(rolled.resolution == TR.ROLLBACK and rolled.ended, f"a local ROLLBACK did not end it: {rolled}")
+        unknown = producer.send(
+            topic, b"tx-unknown", lambda h: TR.UNKNOWN, tag="Tx", properties={"kind": "unknown", "check": "commit"}
+        )
+        require(unknown.resolution == TR.UNKNOWN and not unknown.ended, f"a local UNKNOWN ended something: {unknown}")
+        raised = producer.send(topic, b"tx-raise", failing, tag="Tx", properties={"kind": "raise", "check": "rollback"})
+        require(
+            raised.resolution == TR.UNKNOWN and isinstance(raised.local_error, RuntimeError) and not raised.ended,
+            f"a raising local transaction: {raised}",
+        )
+        require(
+            any(raised.transaction_id in r.getMessage() and r.exc_info for r in logged),
+            f"the raising local transaction was not logged with its traceback: {[r.getMessage() for r in logged]}",
+        )
+
+        # By hand: invisible until committed, then where the commit says.
+        half = producer.begin(topic, pb.Message(body=b"tx-manual", tag="Tx", properties={"kind": "manual"}))
+        page = client.pull(topic, half.broker_group, half.queue_id, 0, max_messages=256)
+        require(
+            all(m.body != b"tx-manual" for m in page.messages),
+            f"the half message {half.transaction_id} is visible before its commit",
+        )
+        end = producer.commit(half)
+        require(not end.already_ended, f"the first commit of {half.transaction_id} says already_ended")
+        back = client.pull(topic, half.broker_group, end.queue_id, end.queue_offset, max_messages=1)
+        require(
+            bool(back.messages)
+            and back.messages[0].body == b"tx-manual"
+            and back.messages[0].queue_offset == end.queue_offset,
+            f"the committed message is not at {half.broker_group}/{end.queue_id}@{end.queue_offset}: {back.messages}",
+        )
+        require(producer.commit(half).already_ended, "a second commit is not already_ended")
+        try:
+            producer.rollback(half)
+            raise Failure(f"rolling back the committed {half.transaction_id} was accepted")
+        except raftmq.RaftmqError as e:
+            require(e.code == grpc.StatusCode.FAILED_PRECONDITION, f"rolling back a committed transaction: {e}")
+        gone = producer.begin(topic, b"tx-manual-rollback", tag="Tx", properties={"kind": "manual-rollback"})
+        require(not producer.rollback(gone).already_ended, "the first rollback says already_ended")
+        try:
+            producer.commit(gone)
+            raise Failure(f"committing the rolled-back {gone.transaction_id} was accepted")
+        except raftmq.RaftmqError as e:
+            require(e.code == grpc.StatusCode.FAILED_PRECONDITION, f"committing a rolled-back transaction: {e}")
+
+        # The committed ones, each exactly once; the check-back commits "unknown".
+        wanted = {"commit", "unknown", "manual"}
+        got: dict[str, raftmq.ReceivedMessage] = {}
+        with raftmq.Consumer(client, consumer_group, topic, start_from="first") as consumer:
+            deadline = time.monotonic() + 60
+            while set(got) != wanted:
+                require(
+                    time.monotonic() < deadline,
+                    f"consumed {sorted(got)} of {sorted(wanted)} within 60 s; checks so far "
+                    f"{[(c.transaction_id, c.check_times) for c in checks]}",
+                )
+                for m in consumer.poll(timeout_s=0.5):
+                    kind = m.properties.get("kind", "?")
+                    require(kind in wanted, f"consumed {kind!r} ({m.message_id}), which was never committed")
+                    require(kind not in got, f"{kind} consumed twice ({m.message_id})")
+                    got[kind] = m
+            check = next((c for c in checks if c.transaction_id == unknown.transaction_id), None)
+            require(check is not None, f"{unknown.transaction_id} became visible without a check")
+            require(
+                check.check_times >= 1 and check.message.body == b"tx-unknown" and check.message.topic == topic,
+                f"the check: {check}",
+            )
+            require(got["unknown"].body == b"tx-unknown", f"the checked message: {got['unknown']}")
+            # The raising one is rolled back by its check: nothing pending any more.
+            pending: list[str] = []
+            while True:
+                pending = [
+                    t.transaction_id
+                    for g in route.groups
+                    for t in list_transactions(client, topic, g.name, producer_group).transactions
+                ]
+                if not pending:
+                    break
+                require(
+                    time.monotonic() < deadline,
+                    f"still pending after 60 s: {pending}; "
+                    f"checks {[(c.transaction_id, c.check_times) for c in checks]}",
+                )
+                time.sleep(0.1)
+            require(
+                any(c.transaction_id == raised.transaction_id for c in checks),
+                f"{raised.transaction_id} stopped being pending without a check",
+            )
+            extra = consumer.poll(timeout_s=1.0)
+            require(not extra, f"consumed {[m.properties.get('kind') for m in extra]} after all three")
+        committed_n = rolled_back_n = 0
+        for g in route.groups:
+            after = list_transactions(client, topic, g.name, producer_group)
+            committed_n += after.committed - counts_before[g.name].committed
+            rolled_back_n += after.rolled_back - counts_before[g.name].rolled_back
+        # Since counts_before: unknown + manual committed; rollback, raise and manual-rollback rolled back.
+        require(
+            (committed_n, rolled_back_n) == (2, 3),
+            f"ListTransactions counted {committed_n} commits and {rolled_back_n} rollbacks, not 2 and 3",
+        )
+        sent_ids = {"commit": committed.message_id, "unknown": unknown.message_id, "manual": half.message_id}
+        for kind, sent_id in sent_ids.items():
+            require(
+                got[kind].message_id == sent_id, f"{kind} was sent as {sent_id}, consumed as {got[kind].message_id}"
+            )
+    first_check = min(c.check_times for c in checks)
+    print(
+        f"     commit, check-back commit and manual commit consumed once each, under their send ids; "
+        f"3 rollbacks never seen; {len(checks)} check(s), the first one's check_times {first_check}"
+    )
+
+
 def redirect(client: raftmq.Client, topic: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -601,6 +797,7 @@ def main() -> int:
         run.step("pop", lambda: pop(client))
         run.step("retry", lambda: retry(client))
         run.step("idempotent", lambda: idempotent(client, topic), needs=("send",))
+        run.step("transaction", lambda: transaction(client))
         run.step("chase", chase)
         run.step("silent", lambda: silent(sys.argv[1], topic), needs=("send",))
     if run.failed or run.skipped:

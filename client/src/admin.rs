@@ -221,6 +221,31 @@ impl Admin {
         Ok(out)
     }
 
+    /// Pending half messages of every broker group (optionally of one producer
+    /// group, at most `max` per broker group, oldest first), with each group's
+    /// transaction totals, as its leader sees them.
+    pub async fn list_transactions(
+        &self,
+        producer_group: &str,
+        max: u32,
+    ) -> Result<Vec<pb::ListTransactionsResponse>, Error> {
+        let mut out = Vec::new();
+        for g in self.core.list_cluster().await? {
+            let req = pb::ListTransactionsRequest {
+                producer_group: producer_group.to_owned(),
+                max_transactions: max,
+            };
+            let resp = self
+                .on_leader(&g, |mut c| {
+                    let req = req.clone();
+                    async move { c.list_transactions(req).await }
+                })
+                .await?;
+            out.push(resp);
+        }
+        Ok(out)
+    }
+
     /// Every message in consumer group `group`'s dead-letter queue
     /// (`%DLQ%<group>`), oldest first per broker group, at most `max`. Each
     /// carries ORIGIN_TOPIC and the other `ORIGIN_*` properties.

@@ -22,6 +22,7 @@ pub mod producer;
 pub mod push;
 pub mod route;
 pub mod simple;
+pub mod transaction;
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ pub use push::{ConsumeMode, ConsumeResult, ConsumerStats, MessageModel, PushCons
 pub use raftmq_proto::v1::{GroupRoute, Message, PulledMessage, QueryRouteResponse};
 pub use route::{LEADER_METADATA_KEY, TopicRoute};
 pub use simple::{Received, SimpleConsumer};
+pub use transaction::{TransactionCheck, TransactionProducer, TransactionResolution, TransactionSendResult};
 
 /// Shared state of everything built from one [`ClientConfig`]: the channel map and
 /// the route cache. Cloning is cheap and shares both, so a producer, a consumer and
@@ -54,6 +56,17 @@ impl Client {
 
     pub fn producer(&self) -> Producer {
         Producer::from_core(self.core.clone())
+    }
+
+    /// A producer of transactional messages for `producer_group`; `checker`
+    /// answers the brokers' check-backs for the group's unresolved transactions
+    /// (see [`transaction`]). Needs a Tokio runtime (it starts background tasks).
+    pub fn transaction_producer(
+        &self,
+        producer_group: &str,
+        checker: impl Fn(&TransactionCheck) -> TransactionResolution + Send + Sync + 'static,
+    ) -> Result<TransactionProducer, Error> {
+        TransactionProducer::new(self.core.clone(), producer_group, checker)
     }
 
     pub fn pull_consumer(&self) -> PullConsumer {

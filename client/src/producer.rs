@@ -32,6 +32,9 @@ pub struct SendReceipt {
     pub queue_offset: u64,
     /// A delayed message: when it becomes visible (ms since the epoch); else 0.
     pub deliver_at_ms: u64,
+    /// A transactional send's id to end it with (see
+    /// [`crate::TransactionProducer`]); empty for other sends.
+    pub transaction_id: String,
 }
 
 /// How a send chooses its queue.
@@ -137,7 +140,7 @@ impl Producer {
     /// Sends a batch as one entry: all of it lands contiguously in one queue, or
     /// none of it does. Receipts are in message order.
     pub async fn send_batch(&self, topic: &str, messages: Vec<pb::Message>) -> Result<Vec<SendReceipt>, Error> {
-        self.send_inner(topic, self.next_pick(), &messages).await
+        self.send_inner(topic, self.next_pick(), &messages, None).await
     }
 
     /// Sends to an explicit queue of an explicit broker group.
@@ -216,7 +219,9 @@ impl Producer {
         };
         let Some((key, slots)) = lane else {
             let pick = pick.unwrap_or_else(|| self.next_pick());
-            return one(self.send_inner(topic, pick, std::slice::from_ref(&message)).await?);
+            return one(self
+                .send_inner(topic, pick, std::slice::from_ref(&message), None)
+                .await?);
         };
         let mut message = Some(message);
         let mut extra_drain = false;
@@ -352,13 +357,13 @@ impl Producer {
         };
         let pick = || chosen.clone();
         let n = batch.len();
-        match self.send_inner(topic, pick(), &batch).await {
+        match self.send_inner(topic, pick(), &batch, None).await {
             Ok(receipts) => receipts.into_iter().map(Ok).collect(),
             Err(e) if n > 1 && e.code() == Some(tonic::Code::InvalidArgument) => {
                 let mut out = Vec::with_capacity(n);
                 for m in &batch {
                     out.push(
-                        self.send_inner(topic, pick(), std::slice::from_ref(m))
+                        self.send_inner(topic, pick(), std::slice::from_ref(m), None)
                             .await
                             .and_then(one),
                     );
@@ -369,10 +374,35 @@ impl Producer {
         }
     }
 
+    /// Sends a transactional (half) message for `producer_group`: stored but
+    /// invisible until its transaction is ended. Never combined with other sends.
+    pub(crate) async fn send_half(
+        &self,
+        topic: &str,
+        producer_group: &str,
+        message: pb::Message,
+    ) -> Result<SendReceipt, Error> {
+        one(self
+            .send_inner(
+                topic,
+                self.next_pick(),
+                std::slice::from_ref(&message),
+                Some(producer_group),
+            )
+            .await?)
+    }
+
     /// One send of `messages` as one entry to the queue `pick` names, following
-    /// the group's leader within `send_deadline` (see `leader`).
+    /// the group's leader within `send_deadline` (see `leader`); with a producer
+    /// group, as a transactional send.
     #[tracing::instrument(skip(self, pick, messages), fields(count = messages.len()))]
-    async fn send_inner(&self, topic: &str, pick: Pick, messages: &[pb::Message]) -> Result<Vec<SendReceipt>, Error> {
+    async fn send_inner(
+        &self,
+        topic: &str,
+        pick: Pick,
+        messages: &[pb::Message],
+        transaction: Option<&str>,
+    ) -> Result<Vec<SendReceipt>, Error> {
         let spec = Spec {
             label: topic,
             deadline: self.core.config.send_deadline,
@@ -404,6 +434,8 @@ impl Producer {
                 messages: messages.to_vec(),
                 producer_id: self.producer_id.to_string(),
                 sequence,
+                transactional: transaction.is_some(),
+                producer_group: transaction.unwrap_or_default().to_owned(),
             };
             async move {
                 MessagingServiceClient::new(a.channel)
@@ -426,7 +458,7 @@ impl Producer {
 /// A producer id unique across processes and hosts in practice: host, process,
 /// start time in ns, and a per-process counter (two producers of one process
 /// never share one, whatever the clock does).
-fn new_producer_id() -> String {
+pub(crate) fn new_producer_id() -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_else(|_| "localhost".into())
@@ -473,6 +505,7 @@ fn receipts(endpoint: &str, group: &str, resp: pb::SendResponse, sent: usize) ->
             queue_id: r.queue_id,
             queue_offset: r.queue_offset,
             deliver_at_ms: r.deliver_at_ms,
+            transaction_id: r.transaction_id,
         })
         .collect())
 }

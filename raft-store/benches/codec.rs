@@ -23,6 +23,7 @@ fn batch(messages: usize, size: usize) -> Command {
             })
             .collect(),
         producer: None,
+        transaction: None,
     })
 }
 

@@ -40,6 +40,7 @@ fn entry(index: u64) -> Entry {
                 deliver_at_ms: 0,
             }],
             producer: None,
+            transaction: None,
         })),
     }
 }

@@ -13,9 +13,10 @@ use bytes::{Buf, BufMut, Bytes};
 use serde::{Deserialize, Serialize};
 
 /// Version of the command encoding written by this build. Version 2 added a
-/// message's delivery time, version 3 an append's producer id and sequence;
-/// entries of earlier versions still decode.
-pub const COMMAND_VERSION: u8 = 3;
+/// message's delivery time, version 3 an append's producer id and sequence,
+/// version 4 an append's transaction (half message); entries of earlier
+/// versions still decode.
+pub const COMMAND_VERSION: u8 = 4;
 
 /// RocketMQ's permission bits, kept so configs read the same to its users.
 pub const PERM_READ: u8 = 4;
@@ -97,8 +98,51 @@ pub struct AppendBatch {
     /// the same pair is answered from the first attempt instead of stored again.
     #[serde(default)]
     pub producer: Option<ProducerSeq>,
+    /// A transactional send: its one message is a half message, stored but
+    /// invisible until an [`Command::EndTransactions`] commits it.
+    #[serde(default)]
+    pub transaction: Option<HalfSpec>,
 }
 
+/// What the state machine keeps for a half message's check-backs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfSpec {
+    /// The producers asked about the outcome.
+    pub producer_group: String,
+    /// When the leader first checks (ms since the epoch), as it decided.
+    pub first_check_ms: u64,
+}
+
+/// A transaction's id: the entry and batch position of its half message (what
+/// its message id names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TxnId {
+    pub raft_index: u64,
+    pub batch_pos: u32,
+}
+
+/// Who ended a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnEndSource {
+    /// The producer that sent it.
+    Client,
+    /// A producer answering a check-back.
+    Check,
+    /// The leader, after the maximum checks went unanswered (always a rollback).
+    Exhausted,
+}
+
+/// How one [`Command::EndTransactions`] item came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnEndOutcome {
+    /// Committed (with where the message landed; `None` when its topic or queue
+    /// is gone) or rolled back by this entry.
+    Ended { queue_id: u32, queue_offset: Option<u64> },
+    /// Ended earlier; `committed` says how.
+    AlreadyEnded { committed: bool, source: TxnEndSource },
+    /// Not pending and not remembered.
+    Unknown,
+}
 /// Who sent an append, and which of its sends it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerSeq {
@@ -189,6 +233,18 @@ pub enum Command {
         store_timestamp_ms: u64,
     },
     UpsertConsumerGroup(ConsumerGroupConfig),
+    /// Commits or rolls back pending half messages.
+    EndTransactions {
+        ends: Vec<(TxnId, bool)>,
+        source: TxnEndSource,
+        store_timestamp_ms: u64,
+    },
+    /// The leader checked these transactions (once more each); the next check
+    /// is due at `next_check_ms`.
+    TransactionsChecked {
+        ids: Vec<TxnId>,
+        next_check_ms: u64,
+    },
 }
 
 /// The state machine's answer to one entry.
@@ -215,6 +271,19 @@ pub enum Response {
         first_offset: u64,
         count: u32,
         scheduled: bool,
+        half: bool,
+    },
+    /// A transactional append: its message is stored as a pending half message.
+    HalfStored {
+        count: u32,
+    },
+    /// Per end in request order.
+    TransactionsEnded {
+        outcomes: Vec<TxnEndOutcome>,
+    },
+    /// The checks counted: each still-pending id with its check count now.
+    TransactionsChecked {
+        checked: Vec<(TxnId, u32)>,
     },
     /// An append whose messages are all delayed: stored, with a timer each.
     Scheduled {
@@ -275,6 +344,10 @@ impl std::fmt::Display for Command {
             Command::PopChangeInvisible { group, .. } => write!(f, "POP change invisible time (group {group})"),
             Command::PopDeadLetter { group, .. } => write!(f, "POP dead-letter a message of group {group}"),
             Command::UpsertConsumerGroup(c) => write!(f, "upsert consumer group {}", c.name),
+            Command::EndTransactions { ends, source, .. } => {
+                write!(f, "end {} transaction(s) ({source:?})", ends.len())
+            }
+            Command::TransactionsChecked { ids, .. } => write!(f, "count a check of {} transaction(s)", ids.len()),
         }
     }
 }
@@ -308,6 +381,14 @@ impl Command {
                         out.put_u8(1);
                         put_str(out, &p.producer_id);
                         put_varint(out, p.sequence);
+                    }
+                    None => out.put_u8(0),
+                }
+                match &b.transaction {
+                    Some(t) => {
+                        out.put_u8(1);
+                        put_str(out, &t.producer_group);
+                        put_varint(out, t.first_check_ms);
                     }
                     None => out.put_u8(0),
                 }
@@ -389,6 +470,18 @@ impl Command {
                 } else {
                     None
                 };
+                let transaction = if version >= 4 {
+                    match get_u8(r, "transaction flag")? {
+                        0 => None,
+                        1 => Some(HalfSpec {
+                            producer_group: get_str(r, "producer group")?,
+                            first_check_ms: get_varint(r, "first check time")?,
+                        }),
+                        other => return Err(invalid(format_args!("transaction flag {other} is not 0 or 1"))),
+                    }
+                } else {
+                    None
+                };
                 let n = get_count(r, "message count")?;
                 let mut messages = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -421,6 +514,7 @@ impl Command {
                     store_timestamp_ms,
                     messages,
                     producer,
+                    transaction,
                 })
             }
             TAG_UPSERT_TOPIC => Command::UpsertTopic(TopicConfig {
@@ -584,15 +678,20 @@ mod tests {
                 any::<u32>(),
                 any::<u64>(),
                 proptest::collection::vec(arb_message(), 0..5),
+                proptest::option::of(("[a-z0-9]{1,16}", any::<u64>())),
                 proptest::option::of(("[a-z0-9]{1,16}", any::<u64>()))
             )
                 .prop_map(
-                    |(topic, queue_id, ts, messages, producer)| Command::Append(AppendBatch {
+                    |(topic, queue_id, ts, messages, producer, txn)| Command::Append(AppendBatch {
                         topic,
                         queue_id,
                         store_timestamp_ms: ts,
                         messages,
                         producer: producer.map(|(producer_id, sequence)| ProducerSeq { producer_id, sequence }),
+                        transaction: txn.map(|(producer_group, first_check_ms)| HalfSpec {
+                            producer_group,
+                            first_check_ms
+                        }),
                     })
                 ),
             ("[a-z]{1,10}", any::<u32>(), any::<u8>())
@@ -634,6 +733,18 @@ mod tests {
                 proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)
             )
                 .prop_map(|(group, topic, acks)| Command::PopAck { group, topic, acks }),
+            (
+                proptest::collection::vec((any::<u64>(), any::<u32>(), any::<bool>()), 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(ends, ts)| Command::EndTransactions {
+                    ends: ends
+                        .into_iter()
+                        .map(|(raft_index, batch_pos, commit)| (TxnId { raft_index, batch_pos }, commit))
+                        .collect(),
+                    source: TxnEndSource::Check,
+                    store_timestamp_ms: ts,
+                }),
         ]
     }
 

@@ -4,7 +4,8 @@
 //! state-machine state: replicated, carried in snapshots, reloaded on restart, so
 //! a retry after a leader failover is recognised too.
 //!
-//! Bounded: each producer keeps its last [`DEDUP_WINDOW`] sequences; a producer
+//! Bounded: each producer keeps its last [`DEDUP_WINDOW`] sends (the most
+//! recently stored, whatever their numbers); a producer
 //! not heard from for [`DEDUP_IDLE_MS`] (by the entries' store times, so every
 //! replica forgets it at the same entry) is forgotten, and past
 //! [`MAX_PRODUCERS`] the least recently seen one is. Fixed constants rather than
@@ -39,6 +40,8 @@ pub struct Outcome {
     pub count: u32,
     /// Delayed messages: no offsets yet.
     pub scheduled: bool,
+    /// A transactional send's half message: no offsets until committed.
+    pub half: bool,
 }
 
 impl Outcome {
@@ -48,7 +51,8 @@ impl Outcome {
         b[8..12].copy_from_slice(&self.queue_id.to_le_bytes());
         b[12..20].copy_from_slice(&self.first_offset.to_le_bytes());
         b[20..24].copy_from_slice(&self.count.to_le_bytes());
-        b[24] = u8::from(self.scheduled);
+        // One kind byte: 0 appended, 1 scheduled, 2 half message.
+        b[24] = if self.half { 2 } else { u8::from(self.scheduled) };
         b
     }
 
@@ -61,7 +65,8 @@ impl Outcome {
             queue_id: u32::from_le_bytes(v[8..12].try_into().ok()?),
             first_offset: u64::from_le_bytes(v[12..20].try_into().ok()?),
             count: u32::from_le_bytes(v[20..24].try_into().ok()?),
-            scheduled: v[24] != 0,
+            scheduled: v[24] == 1,
+            half: v[24] == 2,
         })
     }
 }
@@ -70,6 +75,11 @@ impl Outcome {
 struct Window {
     last_ms: u64,
     sends: BTreeMap<u64, Outcome>,
+    /// (raft index of the outcome, sequence): the window forgets the send stored
+    /// longest ago, not the lowest number, so a "sequence" may be any 64-bit key
+    /// unique per send: the RocketMQ 5 gateway (#10) keys on a hash of the SDK's
+    /// client-made message id, which its retries repeat.
+    order: BTreeSet<(u64, u64)>,
 }
 
 /// Every remembered producer.
@@ -108,7 +118,9 @@ impl Dedup {
                     let producer = String::from_utf8(k[1..end].to_vec()).map_err(|_| bad(&k))?;
                     let seq = u64::from_be_bytes(k[end + 1..].try_into().map_err(|_| bad(&k))?);
                     let outcome = Outcome::decode(&v).ok_or_else(|| bad(&k))?;
-                    d.producers.entry(producer).or_default().sends.insert(seq, outcome);
+                    let w = d.producers.entry(producer).or_default();
+                    w.order.insert((outcome.raft_index, seq));
+                    w.sends.insert(seq, outcome);
                 }
                 Some(b'L') => {
                     let producer = String::from_utf8(k[1..].to_vec()).map_err(|_| bad(&k))?;
@@ -142,12 +154,15 @@ impl Dedup {
         w.last_ms = w.last_ms.max(now_ms);
         self.by_last.insert((w.last_ms, producer.to_owned()));
         wb.put_cf(cf, last_key(producer), w.last_ms.to_le_bytes());
-        w.sends.insert(sequence, outcome);
+        if let Some(prev) = w.sends.insert(sequence, outcome) {
+            w.order.remove(&(prev.raft_index, sequence));
+        }
+        w.order.insert((outcome.raft_index, sequence));
         wb.put_cf(cf, seq_key(producer, sequence), outcome.encode());
         while w.sends.len() > DEDUP_WINDOW {
-            if let Some((old, _)) = w.sends.pop_first() {
-                wb.delete_cf(cf, seq_key(producer, old));
-            }
+            let Some((_, old)) = w.order.pop_first() else { break };
+            w.sends.remove(&old);
+            wb.delete_cf(cf, seq_key(producer, old));
         }
         // Idle producers, then the least recently seen past the cap.
         while let Some((last, p)) = self.by_last.first().cloned() {
@@ -178,6 +193,7 @@ mod tests {
             first_offset: 77,
             count: 3,
             scheduled: false,
+            half: false,
         };
         assert_eq!(Outcome::decode(&o.encode()), Some(o));
         assert!(Outcome::decode(&[1, 2]).is_none());

@@ -133,6 +133,7 @@ mod tests {
                     deliver_at_ms: 0,
                 }],
                 producer: None,
+                transaction: None,
             })),
         };
         let bytes = encode_record(&entry).unwrap();

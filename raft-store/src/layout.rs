@@ -8,6 +8,7 @@ use crate::command::MessageRef;
 use crate::dedup::CF_DEDUP;
 use crate::pop::{CF_CGROUP, CF_POP};
 use crate::timers::CF_TIMER;
+use crate::transactions::CF_TXN;
 
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_CQ: &str = "cq";
@@ -16,8 +17,8 @@ pub(crate) const CF_TOPIC: &str = "topic";
 pub(crate) const CF_OFFSET: &str = "offset";
 pub(crate) const CF_QMAX: &str = "qmax";
 /// Every column family, in the order snapshots number them (new ones go last).
-pub(crate) const CFS: [&str; 10] = [
-    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP, CF_DEDUP,
+pub(crate) const CFS: [&str; 11] = [
+    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP, CF_DEDUP, CF_TXN,
 ];
 /// Prefix of the retry topic a push consumer group's failed messages go to.
 pub const RETRY_TOPIC_PREFIX: &str = "%RETRY%";

@@ -58,7 +58,8 @@
 //! The message lifecycle is state-machine state too, in column families of the
 //! same RocksDB (so snapshots carry it): [`timers`] (delayed messages and retries
 //! ordered by due time), [`pop`] (POP in-flight messages, hand-out cursors,
-//! consumer-group configs). A moved message (a due timer, a retry, a dead letter)
+//! consumer-group configs), [`transactions`] (pending half messages, check
+//! counts, outcomes). A moved message (a due timer, a retry, a dead letter)
 //! gets a ConsumeQueue row pointing at its original record. Module map:
 //! [`layout`] (keys and rows), [`state_machine`] (apply), [`reader`] (reads),
 //! [`snapshot`] (build and install).
@@ -76,19 +77,21 @@ pub mod segment;
 pub mod snapshot;
 pub mod state_machine;
 pub mod timers;
+pub mod transactions;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use command::{
-    AppendBatch, Command, ConsumerGroupConfig, Message, MessageRef, PopPick, ProducerSeq, QueueOffset, Response,
-    TimerKey, TopicConfig,
+    AppendBatch, Command, ConsumerGroupConfig, HalfSpec, Message, MessageRef, PopPick, ProducerSeq, QueueOffset,
+    Response, TimerKey, TopicConfig, TxnEndOutcome, TxnEndSource, TxnId,
 };
 pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
 pub use layout::{DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX};
 pub use pop::{InFlight, PopGroup, PopQueue, PopState};
 pub use reader::{Origin, StoreReader, StoredMessage};
 pub use state_machine::StateMachine;
+pub use transactions::{PendingTxn, TxnState, TxnTotals};
 
 /// A broker node's identity in its Raft group.
 pub type NodeId = u64;

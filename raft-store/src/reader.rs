@@ -1,6 +1,7 @@
 //! The read side of the state machine for the broker: topics, queue offsets,
 //! consumer offsets, messages by queue offset, id or key (ConsumeQueue row ->
-//! CommitLog or snapshot archive record -> message), due timers and POP state.
+//! CommitLog or snapshot archive record -> message), due timers, POP state and
+//! transactions.
 //! Reads never go through Raft: they see this replica's applied state.
 
 use std::io;
@@ -10,6 +11,7 @@ use crate::command::{Command, Message, MessageRef, TimerKey, TopicConfig, tag_ha
 use crate::layout::*;
 use crate::pop::PopState;
 use crate::state_machine::{SmShared, SmState, load_topics, rocks_io};
+use crate::transactions::TxnState;
 use crate::{LogId, entry_codec, timers};
 
 /// Where a moved message (retry, dead letter) was first stored.
@@ -242,7 +244,9 @@ impl StoreReader {
             return Ok(Some(offset));
         }
         let Some(first) = self.batch_first_offset(state, topic, queue_id, index)? else {
-            return Ok(None);
+            // Not among its entry's rows: a committed half message landed later,
+            // and says where like a fired timer (one more read, on this miss only).
+            return timers::fired_offset(state, index, pos);
         };
         // Delayed messages of a batch have no row there, so count the rows of
         // this entry rather than trusting the batch position.
@@ -261,6 +265,46 @@ impl StoreReader {
             at += 1;
         }
         Ok(None)
+    }
+
+    /// The message entry `index` stored at `pos` as stored, without looking for
+    /// its queue offset (0): for a half message, which has none yet.
+    pub fn message_record(&self, index: u64, pos: u32) -> io::Result<Option<StoredMessage>> {
+        let state = self.shared.current();
+        let command = match self.read_command(&state, index) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(Command::Append(batch)) = command else {
+            return Ok(None);
+        };
+        Ok(batch
+            .messages
+            .into_iter()
+            .nth(pos as usize)
+            .map(|message| StoredMessage {
+                topic: batch.topic,
+                queue_id: batch.queue_id,
+                queue_offset: 0,
+                raft_index: index,
+                batch_pos: pos,
+                store_timestamp_ms: batch.store_timestamp_ms,
+                message,
+                reconsume_times: 0,
+                origin: None,
+            }))
+    }
+
+    /// Reads the transaction state (pending half messages, outcomes, totals).
+    pub fn with_txn<R>(&self, f: impl FnOnce(&TxnState) -> R) -> R {
+        f(&self.shared.txn.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Completes after an apply stores a half message (or a snapshot replaces
+    /// the transaction state). Create it before reading, then await it.
+    pub fn txn_added(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared.txn_added.notified()
     }
 
     /// What a ConsumeQueue row of the message named by a message id holds, for

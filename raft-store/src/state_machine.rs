@@ -23,7 +23,8 @@ use openraft::{EntryPayload, OptionalSend};
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
 use crate::command::{
-    AppendBatch, Command, MessageRef, PERM_READ, PERM_WRITE, QueueOffset, Response, TimerKey, TopicConfig, tag_hash,
+    AppendBatch, Command, MessageRef, PERM_READ, PERM_WRITE, QueueOffset, Response, TimerKey, TopicConfig,
+    TxnEndOutcome, TxnEndSource, TxnId, tag_hash,
 };
 use crate::commitlog::CommitLogReader;
 use crate::dedup::{Dedup, Outcome};
@@ -33,6 +34,7 @@ use crate::reader::StoreReader;
 use crate::segment::SegmentSet;
 use crate::snapshot::{self, SnapshotBuilder};
 use crate::timers::{self, CF_TIMER, TimerTarget};
+use crate::transactions::{EndFound, PendingTxn, TxnState};
 use crate::{Error, LogId, SnapshotMeta, StoreConfig, StoredMembership, TypeConfig, durable};
 
 const KEY_APPLIED: &[u8] = b"applied";
@@ -100,6 +102,11 @@ pub(crate) struct SmShared {
     /// POP state and consumer-group configs of the live generation; the state
     /// machine changes it while applying, readers copy what they need.
     pub pop: RwLock<PopState>,
+    /// Pending half messages and transaction outcomes of the live generation.
+    pub txn: RwLock<TxnState>,
+    /// Woken when an apply stored a half message, so the leader's check loop
+    /// can re-read the earliest check time.
+    pub txn_added: tokio::sync::Notify,
     /// Woken when an apply scheduled a timer, so the leader's timer loop can
     /// re-read the earliest due time.
     pub timer_added: tokio::sync::Notify,
@@ -187,6 +194,7 @@ impl StateMachine {
         let topics = load_topics(&state).map_err(Error::io("loading topics from", &dir))?;
         let pop = PopState::load(&state).map_err(Error::io("loading POP state from", &dir))?;
         let dedup = Dedup::load(&state).map_err(Error::io("loading idempotent-producer state from", &dir))?;
+        let txn = TxnState::load(&state).map_err(Error::io("loading transactions from", &dir))?;
         let shared = Arc::new(SmShared {
             dir,
             segment_bytes,
@@ -194,6 +202,8 @@ impl StateMachine {
             log,
             pop: RwLock::new(pop),
             timer_added: tokio::sync::Notify::new(),
+            txn: RwLock::new(txn),
+            txn_added: tokio::sync::Notify::new(),
         });
         Ok(StateMachine {
             shared,
@@ -250,9 +260,14 @@ impl StateMachine {
                 first_offset: o.first_offset,
                 count: o.count,
                 scheduled: o.scheduled,
+                half: o.half,
             });
         }
-        let response = self.store_append(state, wb, raft_index, batch)?;
+        let response = if batch.transaction.is_some() {
+            self.store_half(state, wb, raft_index, batch)
+        } else {
+            self.store_append(state, wb, raft_index, batch)?
+        };
         if let Some(p) = &batch.producer {
             let outcome = match response {
                 Response::Appended {
@@ -265,13 +280,15 @@ impl StateMachine {
                     first_offset,
                     count,
                     scheduled: false,
+                    half: false,
                 }),
-                Response::Scheduled { count } => Some(Outcome {
+                Response::Scheduled { count } | Response::HalfStored { count } => Some(Outcome {
                     raft_index,
                     queue_id: batch.queue_id,
                     first_offset: 0,
                     count,
-                    scheduled: true,
+                    scheduled: matches!(response, Response::Scheduled { .. }),
+                    half: matches!(response, Response::HalfStored { .. }),
                 }),
                 _ => None,
             };
@@ -281,6 +298,105 @@ impl StateMachine {
             }
         }
         Ok(response)
+    }
+
+    /// Stores a transactional append: each message becomes a pending half
+    /// message, with no ConsumeQueue or key-index row until it is committed.
+    fn store_half(&mut self, state: &SmState, wb: &mut WriteBatch, raft_index: u64, batch: &AppendBatch) -> Response {
+        let Some(spec) = &batch.transaction else {
+            return Response::Rejected {
+                reason: "not a transactional append".into(),
+            };
+        };
+        let mut txn = self.shared.txn.write().unwrap_or_else(|p| p.into_inner());
+        for (pos, m) in batch.messages.iter().enumerate() {
+            let id = TxnId {
+                raft_index,
+                batch_pos: pos as u32,
+            };
+            let pending = PendingTxn {
+                producer_group: spec.producer_group.clone(),
+                topic: batch.topic.clone(),
+                queue_id: batch.queue_id,
+                message: MessageRef {
+                    raft_index,
+                    batch_pos: pos as u32,
+                    size: m.body.len() as u32,
+                    tag_hash: tag_hash(&m.tag),
+                },
+                keys: m.keys.clone(),
+                store_timestamp_ms: batch.store_timestamp_ms,
+                checks: 0,
+                next_check_ms: spec.first_check_ms,
+            };
+            txn.add(state, wb, id, pending);
+        }
+        self.shared.txn_added.notify_one();
+        Response::HalfStored {
+            count: batch.messages.len() as u32,
+        }
+    }
+
+    /// Commits or rolls back pending transactions. A commit writes the message's
+    /// ConsumeQueue row (pointing at the half message's record, as a fired timer
+    /// does) and its key-index rows; a rollback only forgets it.
+    fn apply_end_transactions(
+        &mut self,
+        state: &SmState,
+        wb: &mut WriteBatch,
+        index: u64,
+        ends: &[(TxnId, bool)],
+        source: TxnEndSource,
+        ts: u64,
+    ) -> io::Result<Response> {
+        let mut outcomes = Vec::with_capacity(ends.len());
+        for &(id, commit) in ends {
+            // Exhausted checks always roll back, whatever the command says.
+            let commit = commit && source != TxnEndSource::Exhausted;
+            let found = self
+                .shared
+                .txn
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .end(state, wb, id, commit, source, index);
+            let outcome = match found {
+                EndFound::Unknown => TxnEndOutcome::Unknown,
+                EndFound::AlreadyEnded(e) => TxnEndOutcome::AlreadyEnded {
+                    committed: e.committed,
+                    source: e.source,
+                },
+                EndFound::Pending(p) if !commit => TxnEndOutcome::Ended {
+                    queue_id: p.queue_id,
+                    queue_offset: None,
+                },
+                EndFound::Pending(p) => {
+                    let row = Self::moved_row(p.message, ts, index, 0);
+                    let landed = self.append_moved(state, wb, &p.topic, p.queue_id, row)?;
+                    if let Some(offset) = landed {
+                        // Where it landed, for lookups by message id (its row is
+                        // out of Raft-index order in its queue), as for a delayed message.
+                        wb.put_cf(
+                            state.cf(CF_TIMER),
+                            timers::fired_key(id.raft_index, id.batch_pos),
+                            offset.to_le_bytes(),
+                        );
+                        let key_cf = state.cf(CF_KEY);
+                        for k in &p.keys {
+                            let mut kk = key_prefix(&p.topic, k);
+                            kk.extend_from_slice(&id.raft_index.to_be_bytes());
+                            kk.extend_from_slice(&id.batch_pos.to_be_bytes());
+                            wb.put_cf(key_cf, kk, []);
+                        }
+                    }
+                    TxnEndOutcome::Ended {
+                        queue_id: p.queue_id,
+                        queue_offset: landed,
+                    }
+                }
+            };
+            outcomes.push(outcome);
+        }
+        Ok(Response::TransactionsEnded { outcomes })
     }
 
     /// Stores an append's messages: ConsumeQueue rows, key-index rows, and timers
@@ -612,6 +728,20 @@ impl StateMachine {
                 self.apply_dead_letters(state, wb, raft_index, *store_timestamp_ms, dead)?;
                 Ok(Response::PopChanged { ok: true })
             }
+            Command::EndTransactions {
+                ends,
+                source,
+                store_timestamp_ms,
+            } => self.apply_end_transactions(state, wb, raft_index, ends, *source, *store_timestamp_ms),
+            Command::TransactionsChecked { ids, next_check_ms } => {
+                let checked =
+                    self.shared
+                        .txn
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .checked(state, wb, ids, *next_check_ms);
+                Ok(Response::TransactionsChecked { checked })
+            }
             Command::UpsertConsumerGroup(c) => {
                 self.shared
                     .pop
@@ -703,6 +833,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.topics = load_topics(&current)?;
         *self.pop_mut() = PopState::load(&current)?;
         self.dedup = Dedup::load(&current)?;
+        *self.shared.txn.write().unwrap_or_else(|p| p.into_inner()) = TxnState::load(&current)?;
+        self.shared.txn_added.notify_one();
         Ok(())
     }
 

@@ -79,6 +79,7 @@ fn append_cmd(index: u64, per_entry: u64, body_len: usize) -> Command {
         store_timestamp_ms: 1_800_000_000_000 + index,
         messages: (0..per_entry).map(|j| message(index * 1000 + j, body_len)).collect(),
         producer: None,
+        transaction: None,
     })
 }
 
@@ -770,6 +771,7 @@ fn delayed_cmd(seq: u64, due_ms: u64) -> Command {
         store_timestamp_ms: 1_800_000_000_000,
         messages: vec![m],
         producer: None,
+        transaction: None,
     })
 }
 
@@ -1004,4 +1006,110 @@ async fn a_retried_idempotent_append_is_stored_once_across_snapshot_install_and_
     append(&mut dlog, more.clone()).await.unwrap();
     apply(&mut dsm, more).await.unwrap();
     assert_eq!(rows(&dsm.reader()), 6, "after a restart: 2 recognised, 3 new");
+}
+
+/// Pending half messages, their check counts and ended transactions' outcomes
+/// travel in snapshots and survive a restart; a commit after the install makes
+/// the half message visible at the next offset, a rollback never does.
+#[tokio::test]
+async fn transaction_state_travels_in_snapshots_and_survives_restart() {
+    use raftmq_raft_store::{HalfSpec, TxnEndSource, TxnId};
+    let half = |seq: u64| {
+        let Command::Append(mut b) = append_cmd(seq, 1, 32) else {
+            unreachable!("append_cmd builds appends")
+        };
+        b.queue_id = 0;
+        b.transaction = Some(HalfSpec {
+            producer_group: "pg".into(),
+            first_check_ms: 1_000,
+        });
+        Command::Append(b)
+    };
+    let id = |raft_index| TxnId {
+        raft_index,
+        batch_pos: 0,
+    };
+    let end = |i: u64, commit| Command::EndTransactions {
+        ends: vec![(id(i), commit)],
+        source: TxnEndSource::Client,
+        store_timestamp_ms: 2_000,
+    };
+    let rows = |r: &raftmq_raft_store::StoreReader| r.read_messages(TOPIC, 0, 0, 100).unwrap();
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let entries = vec![
+        membership_entry(1),
+        normal(1, 2, topic_cmd()),
+        normal(1, 3, half(1)),
+        normal(1, 4, half(2)),
+        normal(1, 5, half(3)),
+        normal(
+            1,
+            6,
+            Command::TransactionsChecked {
+                ids: vec![id(3), id(4)],
+                next_check_ms: 9_000,
+            },
+        ),
+        normal(1, 7, end(3, true)),
+    ];
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let committed = rows(&sm.reader());
+    assert_eq!(committed.len(), 1, "only the committed half message is visible");
+    assert_eq!((committed[0].raft_index, committed[0].queue_offset), (3, 0));
+
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    dlog.purge(log_id(1, 7)).await.unwrap();
+    let pending = dsm.reader().with_txn(|t| t.list(None, 10));
+    let summary: Vec<(u64, u32, u64)> = pending
+        .iter()
+        .map(|(i, p)| (i.raft_index, p.checks, p.next_check_ms))
+        .collect();
+    assert_eq!(summary, vec![(4, 1, 9_000), (5, 0, 1_000)], "pending with their checks");
+    assert!(dsm.reader().with_txn(|t| t.ended(&id(3)).is_some_and(|e| e.committed)));
+    let more = vec![
+        normal(2, 8, end(4, true)),
+        normal(2, 9, end(5, false)),
+        normal(2, 10, end(3, false)),
+    ];
+    append(&mut dlog, more.clone()).await.unwrap();
+    apply(&mut dsm, more).await.unwrap();
+    let visible: Vec<(u64, u64)> = rows(&dsm.reader())
+        .iter()
+        .map(|m| (m.raft_index, m.queue_offset))
+        .collect();
+    assert_eq!(visible, vec![(3, 0), (4, 1)], "the commit after the install lands next");
+    // Found by id at the offset it landed on, like any message.
+    let by_id = dsm
+        .reader()
+        .message_at(4, 0)
+        .unwrap()
+        .expect("committed half message by id");
+    assert_eq!(by_id.queue_offset, 1);
+    dlog.shutdown().await.unwrap();
+    drop(dsm);
+
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    let totals = dsm.reader().with_txn(|t| (t.pending_count(), t.totals()));
+    assert_eq!(totals.0, 0);
+    assert_eq!((totals.1.committed, totals.1.rolled_back), (2, 1));
+    let again = vec![normal(2, 11, end(5, true))];
+    append(&mut dlog, again.clone()).await.unwrap();
+    apply(&mut dsm, again).await.unwrap();
+    let ended = dsm.reader().with_txn(|t| t.ended(&id(5)));
+    assert!(
+        ended.is_some_and(|e| !e.committed && e.source == TxnEndSource::Client),
+        "after a restart a late commit of a rolled-back transaction changes nothing: {ended:?}"
+    );
+    assert_eq!(rows(&dsm.reader()).len(), 2);
 }

@@ -386,6 +386,7 @@ pub fn append(i: u64) -> Command {
             deliver_at_ms: 0,
         }],
         producer: None,
+        transaction: None,
     })
 }
 
@@ -522,14 +523,20 @@ impl NameServer {
 /// A NameServer, a three-node group that auto-creates topics and registers
 /// with it, and a client; returns once the NameServer names the group's leader.
 pub async fn start_with_client() -> anyhow::Result<(NameServer, Cluster, Client)> {
+    start_with_client_using(MessagingConfig {
+        auto_create_topics: true,
+        ..MessagingConfig::default()
+    })
+    .await
+}
+
+/// [`start_with_client`] with the brokers' messaging settings given.
+pub async fn start_with_client_using(messaging: MessagingConfig) -> anyhow::Result<(NameServer, Cluster, Client)> {
     let ns = NameServer::start().await?;
     let cluster = Cluster::start_with_settings(
         3,
         Settings {
-            messaging: MessagingConfig {
-                auto_create_topics: true,
-                ..MessagingConfig::default()
-            },
+            messaging,
             nameservers: vec![ns.addr.clone()],
             ..Settings::default()
         },

@@ -22,6 +22,12 @@
   retries come out of ``poll`` again.
 * SimpleConsumer: POP consumption (receive with an invisible time, ack by
   receipt handle, change_invisible_duration, forward_to_dead_letter).
+* TransactionProducer: transactional messages. ``send(topic, body,
+  local_transaction)`` stores a half message, runs the local transaction and
+  commits or rolls back as it answers (a TransactionResolution); ``begin``,
+  ``commit`` and ``rollback`` do it by hand. The brokers' check-backs about
+  transactions left UNKNOWN come over streams it keeps open to every replica and
+  are answered by its ``checker``.
 * RaftmqError: every failure, with the gRPC code and the server's message.
 
 The gRPC stubs are generated from proto/ into raftmq/_gen/ (client/python/
@@ -45,13 +51,23 @@ from .client import (
 )
 from .consumer import Consumer, dlq_topic, retry_topic
 from .simple import AckResult, PopMessage, SimpleConsumer
+from .transaction import (
+    EndTransactionResult,
+    HalfMessage,
+    TransactionCheck,
+    TransactionProducer,
+    TransactionResolution,
+    TransactionSendResult,
+)
 
 __all__ = [
     "LEADER_METADATA_KEY",
     "AckResult",
     "Client",
     "Consumer",
+    "EndTransactionResult",
     "GroupRoute",
+    "HalfMessage",
     "PopMessage",
     "Producer",
     "PullResult",
@@ -61,6 +77,10 @@ __all__ = [
     "SendResult",
     "SimpleConsumer",
     "TopicRoute",
+    "TransactionCheck",
+    "TransactionProducer",
+    "TransactionResolution",
+    "TransactionSendResult",
     "dlq_topic",
     "error_from_rpc",
     "pb",

@@ -824,9 +824,27 @@ class Producer:
             delay_ms=delay_ms,
             delay_level=delay_level,
         )
+        r, group, _ = self._send_one(topic, msg, queue_id, broker_group, deadline)
+        return SendResult(r.message_id, group, r.queue_id, r.queue_offset, r.deliver_at_ms)
+
+    def _send_one(
+        self,
+        topic: str,
+        msg: "pb.Message",
+        queue_id: Optional[int],
+        broker_group: Optional[str],
+        deadline: Optional[float],
+        *,
+        producer_group: str = "",
+    ) -> tuple["pb.SendResult", str, str]:
+        """Sends one built message to the chosen group's leader; returns (its
+        result, broker group, endpoint). ``producer_group`` makes it a
+        transactional (half) message of that producer group."""
         req = pb.SendRequest(topic=topic, messages=[msg])
         if queue_id is not None:
             req.queue_id = queue_id
+        if producer_group:
+            req.transactional, req.producer_group = True, producer_group
         if self.producer_id:
             with self._lock:
                 self._sequence += 1
@@ -846,5 +864,4 @@ class Producer:
             )
         # A provisional route was never cached; the next send asks again and finds
         # the topic once the broker's registration reaches the NameServer.
-        r = resp.results[0]
-        return SendResult(r.message_id, group, r.queue_id, r.queue_offset, r.deliver_at_ms)
+        return resp.results[0], group, endpoint
