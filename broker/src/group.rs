@@ -304,6 +304,54 @@ impl GroupHandle {
         }
     }
 
+    /// Runs `lead(term)` each time this replica becomes leader, until shutdown:
+    /// the shape of every leader-only background loop (timers, transaction
+    /// checks). `lead` should return once [`GroupHandle::leads`] turns false.
+    pub async fn while_leading<F, Fut>(&self, mut lead: F)
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut metrics = self.inner.raft.metrics();
+        let stop = self.inner.shutdown.clone();
+        loop {
+            loop {
+                if metrics.borrow_watched().state == ServerState::Leader {
+                    break;
+                }
+                tokio::select! {
+                    changed = metrics.changed() => if changed.is_err() { return },
+                    _ = stop.cancelled() => return,
+                }
+            }
+            let term = metrics.borrow_watched().current_term;
+            lead(term).await;
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Whether this replica still leads in `term`.
+    pub fn leads(&self, term: u64) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.state == ServerState::Leader && m.current_term == term
+    }
+
+    /// Completes when this replica stops leading `term` (or Raft stops). A
+    /// leader's metrics change with every replication ack: this wakes on a change
+    /// of role or term only.
+    pub async fn deposed(&self, term: u64) {
+        let mut metrics = self.inner.raft.metrics();
+        while metrics.changed().await.is_ok() {
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader || m.current_term != term {
+                return;
+            }
+        }
+    }
+
     fn leader_endpoint(&self, f: &ForwardToLeader<TypeConfig>) -> String {
         match (&f.leader_node, f.leader_id) {
             (Some(node), _) => node.addr.clone(),

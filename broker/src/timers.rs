@@ -11,8 +11,6 @@
 
 use std::time::Duration;
 
-use openraft::ServerState;
-use openraft::async_runtime::WatchReceiver;
 use raftmq_raft_store::{Command, TimerKey};
 use tracing::Instrument;
 
@@ -55,41 +53,19 @@ pub fn spawn(group: GroupHandle) {
 }
 
 async fn run(group: GroupHandle) {
-    let mut metrics = group.raft().metrics();
-    let stop = group.shutdown().clone();
-    loop {
-        // Wait to lead.
-        loop {
-            if metrics.borrow_watched().state == ServerState::Leader {
-                break;
-            }
-            tokio::select! {
-                changed = metrics.changed() => if changed.is_err() { return },
-                _ = stop.cancelled() => return,
-            }
-        }
-        let term = metrics.borrow_watched().current_term;
-        tracing::debug!(term, "leading: firing due timers");
-        lead(&group, term).await;
-        if stop.is_cancelled() {
-            return;
-        }
-    }
+    group.while_leading(|term| lead(&group, term)).await;
 }
 
 /// Fires timers until this node stops leading `term` or shuts down.
 async fn lead(group: &GroupHandle, term: u64) {
-    let mut metrics = group.raft().metrics();
+    tracing::debug!(term, "leading: firing due timers");
     let stop = group.shutdown();
     let store = group.store().clone();
     let mut from_due = 0u64;
     let mut full_scan_at = tokio::time::Instant::now() + FULL_SCAN_EVERY;
     loop {
-        {
-            let m = metrics.borrow_watched();
-            if m.state != ServerState::Leader || m.current_term != term {
-                return;
-            }
+        if !group.leads(term) {
+            return;
         }
         if tokio::time::Instant::now() >= full_scan_at {
             from_due = 0;
@@ -146,20 +122,10 @@ async fn lead(group: &GroupHandle, term: u64) {
                     .map(|due| Duration::from_millis(due.saturating_sub(now_ms())))
                     .unwrap_or(MAX_SLEEP)
                     .min(MAX_SLEEP);
-                // A leader's metrics change with every replication ack: wake on
-                // a change of role or term only, not on each of those.
-                let deposed = async {
-                    while metrics.changed().await.is_ok() {
-                        let m = metrics.borrow_watched();
-                        if m.state != ServerState::Leader || m.current_term != term {
-                            return;
-                        }
-                    }
-                };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = &mut added => {}
-                    _ = deposed => return,
+                    _ = group.deposed(term) => return,
                     _ = stop.cancelled() => return,
                 }
             }

@@ -22,8 +22,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::Stream;
-use openraft::ServerState;
-use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use raftmq_raft_store::{Command, PendingTxn, Response, TxnEndOutcome, TxnEndSource, TxnId};
 use tokio::sync::mpsc;
@@ -214,30 +212,7 @@ impl Transactions {
     }
 
     async fn run(&self) {
-        let mut metrics = self.group.raft().metrics();
-        let stop = self.group.shutdown().clone();
-        loop {
-            loop {
-                if metrics.borrow_watched().state == ServerState::Leader {
-                    break;
-                }
-                tokio::select! {
-                    changed = metrics.changed() => if changed.is_err() { return },
-                    _ = stop.cancelled() => return,
-                }
-            }
-            let term = metrics.borrow_watched().current_term;
-            self.lead(term).await;
-            if stop.is_cancelled() {
-                return;
-            }
-        }
-    }
-
-    fn still_leading(&self, term: u64) -> bool {
-        let metrics = self.group.raft().metrics();
-        let m = metrics.borrow_watched();
-        m.state == ServerState::Leader && m.current_term == term
+        self.group.while_leading(|term| self.lead(term)).await;
     }
 
     /// Checks due transactions until this node stops leading `term`.
@@ -259,9 +234,8 @@ impl Transactions {
             let checks = outstanding.into_iter().map(|(id, p)| (id, p.checks, p)).collect();
             self.send_checks(checks).await;
         }
-        let mut metrics = g.raft().metrics();
         loop {
-            if !self.still_leading(term) {
+            if !g.leads(term) {
                 return;
             }
             let added = store.txn_added();
@@ -275,18 +249,10 @@ impl Transactions {
                     .map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
                     .unwrap_or(MAX_SLEEP)
                     .min(MAX_SLEEP);
-                let deposed = async {
-                    while metrics.changed().await.is_ok() {
-                        let m = metrics.borrow_watched();
-                        if m.state != ServerState::Leader || m.current_term != term {
-                            return;
-                        }
-                    }
-                };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = &mut added => {}
-                    _ = deposed => return,
+                    _ = g.deposed(term) => return,
                     _ = stop.cancelled() => return,
                 }
                 continue;
