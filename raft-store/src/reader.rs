@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::command::{Command, Message, MessageRef, TimerKey, TopicConfig, tag_hash};
+use crate::command::{AppendBatch, Command, Message, MessageRef, TimerKey, TopicConfig, tag_hash};
 use crate::layout::*;
 use crate::pop::PopState;
 use crate::state_machine::{SmShared, SmState, load_topics, rocks_io};
@@ -198,12 +198,7 @@ impl StoreReader {
     }
 
     fn message_at_in(&self, state: &SmState, index: u64, pos: u32) -> io::Result<Option<StoredMessage>> {
-        let command = match self.read_command(state, index) {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let Some(Command::Append(batch)) = command else {
+        let Some(batch) = self.append_at(state, index)? else {
             return Ok(None);
         };
         let Some(message) = batch.messages.into_iter().nth(pos as usize) else {
@@ -271,12 +266,7 @@ impl StoreReader {
     /// its queue offset (0): for a half message, which has none yet.
     pub fn message_record(&self, index: u64, pos: u32) -> io::Result<Option<StoredMessage>> {
         let state = self.shared.current();
-        let command = match self.read_command(&state, index) {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let Some(Command::Append(batch)) = command else {
+        let Some(batch) = self.append_at(&state, index)? else {
             return Ok(None);
         };
         Ok(batch
@@ -311,12 +301,7 @@ impl StoreReader {
     /// moving it (retry, dead letter); `None` when not retained.
     pub fn message_ref(&self, index: u64, pos: u32) -> io::Result<Option<(String, MessageRef)>> {
         let state = self.shared.current();
-        let command = match self.read_command(&state, index) {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let Some(Command::Append(batch)) = command else {
+        let Some(batch) = self.append_at(&state, index)? else {
             return Ok(None);
         };
         Ok(batch.messages.get(pos as usize).map(|m| {
@@ -429,6 +414,16 @@ impl StoreReader {
             out.push(parse_offset_row(&k, &v)?);
         }
         Ok(out)
+    }
+
+    /// The append entry `index` holds; `None` when it is not retained or not an append.
+    fn append_at(&self, state: &SmState, index: u64) -> io::Result<Option<AppendBatch>> {
+        match self.read_command(state, index) {
+            Ok(Some(Command::Append(batch))) => Ok(Some(batch)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn read_command(&self, state: &SmState, index: u64) -> io::Result<Option<Command>> {
