@@ -28,6 +28,11 @@ use crate::messaging::Messaging;
 use crate::network::{ChannelSettings, GrpcNetworkFactory, PeerLink};
 use crate::service::RaftRpcService;
 
+/// How often the client port pings each connection, and how long a ping may go
+/// unanswered before the connection is closed.
+const CLIENT_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const CLIENT_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Subdirectory of the data dir where received snapshots are staged.
 const INCOMING_DIR: &str = "snapshot-incoming";
 
@@ -163,6 +168,12 @@ impl RaftNode {
         };
         let client_server = tokio::spawn(async move {
             Server::builder()
+                // Pings find clients that vanished without closing their
+                // connection (a paused or cut-off host), so their long-lived
+                // streams (transaction check-backs) end instead of swallowing
+                // what is sent to them.
+                .http2_keepalive_interval(Some(CLIENT_PING_INTERVAL))
+                .http2_keepalive_timeout(Some(CLIENT_PING_TIMEOUT))
                 .layer(faults)
                 .add_service(messaging)
                 .add_service(admin)
