@@ -1113,3 +1113,51 @@ async fn transaction_state_travels_in_snapshots_and_survives_restart() {
     );
     assert_eq!(rows(&dsm.reader()).len(), 2);
 }
+
+/// The dedup window forgets the send stored longest ago, not the lowest
+/// sequence number, so the numbers may be arbitrary keys (the RocketMQ 5
+/// gateway hashes the SDKs' client message ids into them).
+#[tokio::test]
+async fn the_dedup_window_forgets_the_oldest_send_whatever_its_number() {
+    use raftmq_raft_store::dedup::DEDUP_WINDOW;
+    let with_seq = |seq: u64| {
+        let Command::Append(mut b) = append_cmd(1, 1, 8) else {
+            unreachable!("append_cmd builds appends")
+        };
+        b.queue_id = 0;
+        b.producer = Some(raftmq_raft_store::ProducerSeq {
+            producer_id: "gateway-client".into(),
+            sequence: seq,
+        });
+        Command::Append(b)
+    };
+    // First a send numbered 5, then DEDUP_WINDOW - 1 large pseudo-random
+    // numbers, then one numbered 1: the window is full and 5 is the oldest.
+    let mut seqs = vec![5u64];
+    seqs.extend((1..DEDUP_WINDOW as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 << 40));
+    seqs.push(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let mut entries = vec![membership_entry(1), normal(1, 2, topic_cmd())];
+    let mut index = 3;
+    for s in &seqs {
+        entries.push(normal(1, index, with_seq(*s)));
+        index += 1;
+    }
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let reader = sm.reader();
+    let stored = || reader.queue_next_offset(TOPIC, 0).unwrap();
+    let before = stored();
+    assert_eq!(before, seqs.len() as u64);
+    // The retry of the newest send (numbered 1, the lowest) is recognised...
+    let retry_newest = vec![normal(1, index, with_seq(1))];
+    append(&mut log, retry_newest.clone()).await.unwrap();
+    apply(&mut sm, retry_newest).await.unwrap();
+    assert_eq!(stored(), before, "the newest send was forgotten instead of the oldest");
+    // ... and the oldest one's (numbered 5) is stored again: it left the window.
+    let retry_oldest = vec![normal(1, index + 1, with_seq(5))];
+    append(&mut log, retry_oldest.clone()).await.unwrap();
+    apply(&mut sm, retry_oldest).await.unwrap();
+    assert_eq!(stored(), before + 1, "the window holds more than DEDUP_WINDOW sends");
+}
