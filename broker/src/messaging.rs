@@ -220,6 +220,7 @@ impl Messaging {
         .min(g.config().max_pull_messages) as usize;
         let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(g.config().max_pull_wait);
         let deadline = Instant::now() + wait;
+        self.catch_up_if_behind(&req.topic, req.queue_id, req.offset).await?;
         // Subscribe before the first read, so an apply between the read and the
         // wait still wakes us.
         let mut applied = g.raft().data_metrics();
@@ -243,6 +244,30 @@ impl Messaging {
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = g.shutdown().cancelled() => return Ok(read),
             }
+        }
+    }
+
+    /// A pull past the end of the queue on a leader may be a leader that has not
+    /// applied its predecessors' last entries yet (just elected, or restarted
+    /// with the whole group): answering from that state would rewind the
+    /// consumer to this replica's shorter queue and have it read the same
+    /// messages again. So the leader first catches up with everything committed
+    /// (one ReadIndex round; only such a miss pays for it). A follower answers
+    /// from what it has, as documented.
+    async fn catch_up_if_behind(&self, topic: &str, queue_id: u32, offset: u64) -> Result<(), ApiError> {
+        let g = &self.group;
+        let max = g
+            .store()
+            .queue_next_offset(topic, queue_id)
+            .map_err(|e| ApiError::storage("reading the queue's end", e))?;
+        if offset <= max || g.ensure_leader().is_err() {
+            return Ok(());
+        }
+        match g.catch_up().await {
+            Ok(()) => Ok(()),
+            // Deposed meanwhile: answer from what this replica has.
+            Err(ApiError::NotLeader { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
