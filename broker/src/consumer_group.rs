@@ -105,11 +105,16 @@ impl Coordinator {
     pub fn new(group: GroupHandle) -> Coordinator {
         let elected = std::sync::Arc::new(std::sync::Mutex::new((0, Instant::now())));
         let watch = {
-            let (elected, mut metrics, stop) = (elected.clone(), group.raft().metrics(), group.shutdown().clone());
+            // Woken by server metrics (role, vote, membership), not by every
+            // replication ack; the term is read from the full metrics.
+            let (elected, mut metrics, stop) =
+                (elected.clone(), group.raft().server_metrics(), group.shutdown().clone());
+            let raft = group.raft().clone();
             async move {
                 loop {
                     let (term, leading) = {
-                        let m = metrics.borrow_watched();
+                        let all = raft.metrics();
+                        let m = all.borrow_watched();
                         (m.current_term, m.state == openraft::ServerState::Leader)
                     };
                     if leading {

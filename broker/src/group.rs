@@ -312,19 +312,26 @@ impl GroupHandle {
         F: FnMut(u64) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let mut metrics = self.inner.raft.metrics();
+        // Server metrics change with role, vote or membership only, not with
+        // every replication ack as the full metrics do: waiting on them costs
+        // nothing under load.
+        let mut server = self.inner.raft.server_metrics();
         let stop = self.inner.shutdown.clone();
         loop {
-            loop {
-                if metrics.borrow_watched().state == ServerState::Leader {
-                    break;
+            let term = loop {
+                let (state, term) = {
+                    let metrics = self.inner.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    (m.state, m.current_term)
+                };
+                if state == ServerState::Leader {
+                    break term;
                 }
                 tokio::select! {
-                    changed = metrics.changed() => if changed.is_err() { return },
+                    changed = server.changed() => if changed.is_err() { return },
                     _ = stop.cancelled() => return,
                 }
-            }
-            let term = metrics.borrow_watched().current_term;
+            };
             lead(term).await;
             if stop.is_cancelled() {
                 return;
@@ -339,14 +346,13 @@ impl GroupHandle {
         m.state == ServerState::Leader && m.current_term == term
     }
 
-    /// Completes when this replica stops leading `term` (or Raft stops). A
-    /// leader's metrics change with every replication ack: this wakes on a change
-    /// of role or term only.
+    /// Completes when this replica stops leading `term` (or Raft stops). Wakes
+    /// on a change of role, vote or membership only (server metrics), not on
+    /// each replication ack.
     pub async fn deposed(&self, term: u64) {
-        let mut metrics = self.inner.raft.metrics();
-        while metrics.changed().await.is_ok() {
-            let m = metrics.borrow_watched();
-            if m.state != ServerState::Leader || m.current_term != term {
+        let mut server = self.inner.raft.server_metrics();
+        while self.leads(term) {
+            if server.changed().await.is_err() {
                 return;
             }
         }

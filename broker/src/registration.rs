@@ -98,7 +98,9 @@ pub fn spawn(
         .collect();
     let tasks = group.tasks().clone();
     tasks.spawn(async move {
-        let mut metrics = group.raft().metrics();
+        // Role, term, leader and membership are server metrics: they change
+        // with those only, not with every replication ack.
+        let mut metrics = group.raft().server_metrics();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Option<RoleKey> = None;
