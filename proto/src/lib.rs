@@ -13,3 +13,17 @@ pub mod raft {
         tonic::include_proto!("raftmq.raft.v1");
     }
 }
+
+/// The RocketMQ 5 gRPC API (`apache.rocketmq.v2`, service `MessagingService`) that
+/// the official RocketMQ 5 SDKs speak. Wire format of apache/rocketmq-apis 68c2cc9;
+/// the `.proto` files are under `proto/apache/rocketmq/v2/`.
+pub mod rocketmq {
+    pub mod v2 {
+        tonic::include_proto!("apache.rocketmq.v2");
+
+        /// Encoded `google.protobuf.FileDescriptorSet` of `definition.proto` and
+        /// `service.proto` plus the google/protobuf files they import (as protoc's
+        /// `--include_imports` writes it), e.g. for gRPC reflection.
+        pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rocketmq_v2_descriptor.bin"));
+    }
+}
