@@ -145,6 +145,8 @@ struct Consumed {
     value: u64,
     key: Option<u32>,
     seq: u64,
+    /// Tells a value stored twice (two ids) from one delivered twice (one id).
+    message_id: String,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -167,7 +169,12 @@ struct Summary {
     lost: u64,
     lost_values: Vec<u64>,
     unexpected: u64,
+    /// Values stored twice: consumed under two or more message ids (a retried
+    /// send the broker did not recognise).
     duplicates: u64,
+    /// Extra deliveries of one stored message (same id): the consumer group's
+    /// at-least-once redelivery after a failover, not a second copy.
+    redelivered: u64,
     unknown_then_present: u64,
     order_violations: u64,
     order_examples: Vec<String>,
@@ -426,12 +433,14 @@ async fn consume(client: Client, topic: String, group: String, queue: u32, run: 
         {
             Ok(r) => {
                 let mut got = Vec::with_capacity(r.messages.len());
-                for m in r.messages.iter().filter_map(|m| m.message.as_ref()) {
+                for p in &r.messages {
+                    let Some(m) = p.message.as_ref() else { continue };
                     let prop = |k: &str| m.properties.get(k).and_then(|v| v.parse::<u64>().ok());
                     got.push(Consumed {
                         value: prop(VALUE).unwrap_or(0),
                         key: prop(KEY).and_then(|k| u32::try_from(k).ok()),
                         seq: prop(SEQ).unwrap_or(0),
+                        message_id: p.message_id.clone(),
                     });
                 }
                 run.consumed.lock().unwrap_or_else(|p| p.into_inner()).extend(got);
@@ -464,6 +473,7 @@ fn group_member(
                     value: prop(VALUE).unwrap_or(0),
                     key: prop(KEY).and_then(|k| u32::try_from(k).ok()),
                     seq: prop(SEQ).unwrap_or(0),
+                    message_id: pulled.message_id.clone(),
                 });
             }
             std::future::ready(raftmq_client::ConsumeResult::Success)
@@ -714,7 +724,12 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
         .collect();
     lost_values.sort_unstable();
     let unexpected = times.keys().filter(|v| !by_value.contains_key(v)).count() as u64;
-    let duplicates = times.values().map(|n| n.saturating_sub(1)).sum();
+    let mut ids: HashMap<u64, std::collections::HashSet<&str>> = HashMap::new();
+    for c in &consumed {
+        ids.entry(c.value).or_default().insert(c.message_id.as_str());
+    }
+    let duplicates: u64 = ids.values().map(|s| s.len().saturating_sub(1) as u64).sum();
+    let redelivered = times.values().map(|n| n.saturating_sub(1)).sum::<u64>() - duplicates;
     let unknown_then_present = sends
         .iter()
         .filter(|s| s.outcome != Outcome::Ok && times.contains_key(&s.value))
@@ -776,6 +791,7 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
         lost_values: lost_values.into_iter().take(50).collect(),
         unexpected,
         duplicates,
+        redelivered,
         unknown_then_present,
         order_violations,
         order_examples,
@@ -811,11 +827,11 @@ fn print_summary(s: &Summary, args: &ChaosArgs) {
     }
     println!();
     println!(
-        "| sends | acked | failed | unknown | consumed | lost | unexpected | duplicates | unknown→present | order violations | kill-leader recovery median / max ms |"
+        "| sends | acked | failed | unknown | consumed | lost | unexpected | duplicates (stored twice) | redelivered (same id) | unknown→present | order violations | kill-leader recovery median / max ms |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
         s.sends,
         s.acknowledged,
         s.failed,
@@ -824,6 +840,7 @@ fn print_summary(s: &Summary, args: &ChaosArgs) {
         s.lost,
         s.unexpected,
         s.duplicates,
+        s.redelivered,
         s.unknown_then_present,
         s.order_violations,
         s.kill_leader_recovery_ms_median.map_or("-".into(), |v| v.to_string()),
