@@ -411,7 +411,7 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum TopicCommand {
-    /// Create a topic (or update its queue count) on every broker group.
+    /// Create a topic (or update its queue count or message type) on every broker group.
     Create {
         #[command(flatten)]
         namesrv: NamesrvAddr,
@@ -419,9 +419,37 @@ enum TopicCommand {
         topic: String,
         #[arg(long, default_value_t = 4)]
         queues: u32,
+        /// Which messages RocketMQ 5 clients may send to the topic (mixed: any).
+        /// Default: normal for a new topic; an existing topic keeps its type
+        /// unless this is given, so changing --queues never changes what it accepts.
+        #[arg(long, value_enum)]
+        message_type: Option<TopicMessageTypeArg>,
     },
-    /// List topics on every broker group.
+    /// List topics on every broker group, with their queues, permission and message type.
     List(NamesrvAddr),
+}
+
+/// A topic's message type as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TopicMessageTypeArg {
+    Normal,
+    Fifo,
+    Delay,
+    Transaction,
+    Mixed,
+}
+
+impl From<TopicMessageTypeArg> for raftmq_proto::v1::MessageType {
+    fn from(t: TopicMessageTypeArg) -> Self {
+        use raftmq_proto::v1::MessageType;
+        match t {
+            TopicMessageTypeArg::Normal => MessageType::Normal,
+            TopicMessageTypeArg::Fifo => MessageType::Fifo,
+            TopicMessageTypeArg::Delay => MessageType::Delay,
+            TopicMessageTypeArg::Transaction => MessageType::Transaction,
+            TopicMessageTypeArg::Mixed => MessageType::Mixed,
+        }
+    }
 }
 
 #[derive(Subcommand)]

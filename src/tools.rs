@@ -430,12 +430,28 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             namesrv,
             timeout_ms,
         } => health(broker, namesrv, Duration::from_millis(timeout_ms)).await?,
-        AdminCommand::Topic(TopicCommand::Create { namesrv, topic, queues }) => {
+        AdminCommand::Topic(TopicCommand::Create {
+            namesrv,
+            topic,
+            queues,
+            message_type,
+        }) => {
+            // Not given: UNSPECIFIED, which the broker makes NORMAL for a new
+            // topic and leaves alone on an existing one.
+            let message_type = message_type.map_or(raftmq_proto::v1::MessageType::Unspecified, Into::into);
             client(namesrv)?
                 .admin()
-                .create_topic(&topic, queues, raftmq_proto::v1::Permission::ReadWrite)
+                .create_topic_with_type(&topic, queues, raftmq_proto::v1::Permission::ReadWrite, message_type)
                 .await?;
-            println!("topic {topic} created with {queues} queue(s) per broker group");
+            match message_type {
+                raftmq_proto::v1::MessageType::Unspecified => {
+                    println!("topic {topic} created with {queues} queue(s) per broker group")
+                }
+                t => println!(
+                    "topic {topic} created with {queues} queue(s) per broker group, message type {}",
+                    message_type_name(t)
+                ),
+            }
         }
         AdminCommand::Group(cmd) => run_group(cmd).await?,
         AdminCommand::Dlq(cmd) => run_dlq(cmd).await?,
@@ -459,11 +475,30 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Topic(TopicCommand::List(ns)) => {
             for (group, t) in client(ns)?.admin().list_topics().await? {
-                println!("{group}  {}  queues {}  perm {}", t.name, t.queues_per_group, t.perm);
+                println!(
+                    "{group}  {}  queues {}  perm {}  type {}",
+                    t.name,
+                    t.queues_per_group,
+                    t.perm,
+                    message_type_name(t.message_type())
+                );
             }
         }
     }
     Ok(())
+}
+
+/// A topic message type as RocketMQ names it ("FIFO"); UNSPECIFIED (a broker
+/// built before topics had a type, whose topics accept every type) as MIXED.
+fn message_type_name(t: raftmq_proto::v1::MessageType) -> &'static str {
+    use raftmq_proto::v1::MessageType;
+    match t {
+        MessageType::Normal => "NORMAL",
+        MessageType::Fifo => "FIFO",
+        MessageType::Delay => "DELAY",
+        MessageType::Transaction => "TRANSACTION",
+        MessageType::Mixed | MessageType::Unspecified => "MIXED",
+    }
 }
 
 /// `first`, `last` or a time in ms since the epoch, as `--from` / `--to` take it.

@@ -8,7 +8,7 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
-use raftmq_raft_store::{Command, Response, TopicConfig};
+use raftmq_raft_store::{Command, Response, TopicConfig, TopicMessageType};
 use tonic::{Request, Status};
 use tracing::Instrument;
 
@@ -118,13 +118,26 @@ impl Admin {
         validate::topic_name(&t.name)?;
         validate::queue_count(t.queues_per_group)?;
         let perm = convert::perm_from_pb(t.perm)?;
+        let given_type = convert::message_type_from_pb(t.message_type)?;
         self.group.ensure_leader()?;
+        // UNSPECIFIED keeps an existing topic's type and makes a new topic NORMAL
+        // (see CreateTopicRequest in the proto). The existing config is read on the
+        // leader, caught up if it misses the topic, like a send's auto-create.
+        let message_type = match given_type {
+            Some(given) => given,
+            None => match self.group.topic_for_write(&t.name).await {
+                Ok(existing) => existing.message_type,
+                Err(ApiError::NotFound(_)) => TopicMessageType::Normal,
+                Err(e) => return Err(e),
+            },
+        };
         let written = self
             .group
             .write(Command::UpsertTopic(TopicConfig {
                 name: t.name,
                 queues: t.queues_per_group,
                 perm,
+                message_type,
             }))
             .await?;
         self.group.topics_changed();

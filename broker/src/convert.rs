@@ -15,7 +15,7 @@
 
 use raftmq_proto::v1 as pb;
 use raftmq_raft_store::command::{PERM_READ, PERM_WRITE};
-use raftmq_raft_store::{Message, StoredMessage, TopicConfig};
+use raftmq_raft_store::{Message, StoredMessage, TopicConfig, TopicMessageType};
 
 use crate::api_error::ApiError;
 
@@ -130,11 +130,39 @@ pub fn perm_to_pb(perm: u8) -> pb::Permission {
     }
 }
 
+/// A topic message type from the wire; `None` for UNSPECIFIED, whose meaning
+/// depends on the request (see `CreateTopicRequest` in the proto).
+pub fn message_type_from_pb(message_type: i32) -> Result<Option<TopicMessageType>, ApiError> {
+    match pb::MessageType::try_from(message_type) {
+        Ok(pb::MessageType::Unspecified) => Ok(None),
+        Ok(pb::MessageType::Normal) => Ok(Some(TopicMessageType::Normal)),
+        Ok(pb::MessageType::Fifo) => Ok(Some(TopicMessageType::Fifo)),
+        Ok(pb::MessageType::Delay) => Ok(Some(TopicMessageType::Delay)),
+        Ok(pb::MessageType::Transaction) => Ok(Some(TopicMessageType::Transaction)),
+        Ok(pb::MessageType::Mixed) => Ok(Some(TopicMessageType::Mixed)),
+        Err(_) => Err(ApiError::InvalidArgument(format!(
+            "message type {message_type} is not one of NORMAL (1), FIFO (2), DELAY (3), TRANSACTION (4), \
+             MIXED (5), or UNSPECIFIED (0)"
+        ))),
+    }
+}
+
+pub fn message_type_to_pb(message_type: TopicMessageType) -> pb::MessageType {
+    match message_type {
+        TopicMessageType::Mixed => pb::MessageType::Mixed,
+        TopicMessageType::Normal => pb::MessageType::Normal,
+        TopicMessageType::Fifo => pb::MessageType::Fifo,
+        TopicMessageType::Delay => pb::MessageType::Delay,
+        TopicMessageType::Transaction => pb::MessageType::Transaction,
+    }
+}
+
 pub fn topic_to_pb(t: TopicConfig) -> pb::TopicConfig {
     pb::TopicConfig {
         name: t.name,
         queues_per_group: t.queues,
         perm: perm_to_pb(t.perm) as i32,
+        message_type: message_type_to_pb(t.message_type) as i32,
     }
 }
 
@@ -170,5 +198,18 @@ mod tests {
             assert_eq!(perm_from_pb(perm_to_pb(p) as i32).unwrap(), p);
         }
         assert!(perm_from_pb(99).is_err());
+    }
+
+    #[test]
+    fn message_types_round_trip_and_an_unknown_one_is_named() {
+        for t in TopicMessageType::ALL {
+            assert_eq!(message_type_from_pb(message_type_to_pb(t) as i32).unwrap(), Some(t));
+        }
+        assert_eq!(message_type_from_pb(0).unwrap(), None);
+        let err = message_type_from_pb(42).unwrap_err().to_string();
+        assert!(
+            err.contains("42") && err.contains("FIFO") && err.contains("MIXED"),
+            "{err}"
+        );
     }
 }

@@ -193,6 +193,10 @@ impl Messaging {
             name: name.to_owned(),
             queues: self.group.config().default_queues,
             perm: PERM_READ | PERM_WRITE,
+            // MIXED: the send that creates the topic may be of any type (`raftmq
+            // dev` auto-creates topics, and SDK users send every kind to them), so
+            // the topic accepts them all rather than only the first one's.
+            message_type: raftmq_raft_store::TopicMessageType::Mixed,
         };
         tracing::info!(topic = name, queues = config.queues, "auto-creating topic");
         self.group.write(Command::UpsertTopic(config)).await?;

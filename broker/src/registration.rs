@@ -46,6 +46,8 @@ fn request(group: &GroupHandle, cluster: &str, endpoint: &str) -> pb::RegisterBr
         .filter(|id| Some(**id) != key.leader)
         .map(|id| group.endpoint_of(*id))
         .collect();
+    // Each topic with its queue count, permission and message type: the
+    // NameServer's routes carry all three (the type for RocketMQ 5 clients).
     let topics = match group.store().topics() {
         Ok(t) => t.into_iter().map(convert::topic_to_pb).collect(),
         Err(e) => {

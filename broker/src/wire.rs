@@ -129,6 +129,7 @@ mod tests {
                 name: format!("t{index}"),
                 queues: 1,
                 perm: 6,
+                message_type: Default::default(),
             })),
         }
     }

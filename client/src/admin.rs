@@ -45,13 +45,31 @@ impl Admin {
     }
 
     /// Creates (or updates) `name` with `queues` queues on every live broker group.
-    #[tracing::instrument(skip(self))]
+    /// A new topic is NORMAL; an existing one keeps its message type (see
+    /// [`Admin::create_topic_with_type`]).
     pub async fn create_topic(&self, name: &str, queues: u32, perm: pb::Permission) -> Result<(), Error> {
+        self.create_topic_with_type(name, queues, perm, pb::MessageType::Unspecified)
+            .await
+    }
+
+    /// Creates (or updates) `name` with `queues` queues and the given message type
+    /// (which messages RocketMQ 5 clients may send to it) on every live broker
+    /// group. `MessageType::Unspecified` makes a new topic NORMAL and keeps an
+    /// existing topic's type.
+    #[tracing::instrument(skip(self))]
+    pub async fn create_topic_with_type(
+        &self,
+        name: &str,
+        queues: u32,
+        perm: pb::Permission,
+        message_type: pb::MessageType,
+    ) -> Result<(), Error> {
         for g in self.core.list_cluster().await? {
             let topic = pb::TopicConfig {
                 name: name.to_owned(),
                 queues_per_group: queues,
                 perm: perm as i32,
+                message_type: message_type as i32,
             };
             self.on_leader(&g, |mut c| {
                 let topic = topic.clone();
@@ -82,7 +100,8 @@ impl Admin {
         Ok(existed)
     }
 
-    /// Every topic of every live group, with the group that holds it.
+    /// Every topic of every live group, with the group that holds it (its
+    /// config includes its message type).
     pub async fn list_topics(&self) -> Result<Vec<(String, pb::TopicConfig)>, Error> {
         let mut out = Vec::new();
         for g in self.core.list_cluster().await? {
@@ -369,6 +388,7 @@ impl Admin {
                 .collect(),
             queues: 0,
             perm: 0,
+            message_type: 0,
         };
         let served = follow_group(&self.core, spec, route, |a| f(AdminServiceClient::new(a.channel))).await?;
         Ok(served.value)

@@ -631,6 +631,7 @@ mod tests {
             follower_endpoints: followers.iter().map(|f| (*f).to_owned()).collect(),
             queues: 1,
             perm: 6,
+            message_type: 0,
         }
     }
 

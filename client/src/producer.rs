@@ -583,6 +583,7 @@ mod tests {
                     follower_endpoints: vec![],
                     queues: *q,
                     perm: pb::Permission::ReadWrite as i32,
+                    message_type: 0,
                 })
                 .collect(),
         };

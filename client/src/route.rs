@@ -249,6 +249,7 @@ impl Core {
                     leader_endpoint: g.leader_endpoint,
                     queues: 0,
                     perm: pb::Permission::ReadWrite as i32,
+                    message_type: pb::MessageType::Unspecified as i32,
                 })
                 .collect();
             if groups.is_empty() {

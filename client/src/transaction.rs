@@ -472,5 +472,6 @@ async fn group_route(inner: &Inner, broker_group: &str) -> Result<pb::GroupRoute
         leader_endpoint: g.leader_endpoint,
         queues: 0,
         perm: 0,
+        message_type: 0,
     })
 }

@@ -1,8 +1,9 @@
 //! raftmq-namesrv: the NameServer. Broker nodes register with every NameServer at
 //! start, every few seconds and when their Raft role changes; clients ask any
 //! NameServer for a topic's route (per broker group: leader endpoint, follower
-//! endpoints, queue count, permission). NameServers are stateless and never talk
-//! to each other; a node silent past `broker_timeout` leaves the routes.
+//! endpoints, queue count, permission, message type). NameServers are stateless
+//! and never talk to each other; a node silent past `broker_timeout` leaves the
+//! routes.
 
 pub mod registry;
 
@@ -214,6 +215,7 @@ mod tests {
                 name: "orders".into(),
                 queues_per_group: 8,
                 perm: pb::Permission::ReadWrite as i32,
+                message_type: pb::MessageType::Transaction as i32,
             }],
         }
     }
@@ -235,6 +237,7 @@ mod tests {
         assert_eq!(route.groups[0].leader_endpoint, "127.0.0.1:20001");
         assert_eq!(route.groups[0].follower_endpoints.len(), 2);
         assert_eq!(route.groups[0].queues, 8);
+        assert_eq!(route.groups[0].message_type(), pb::MessageType::Transaction);
 
         let missing = client
             .query_route(pb::QueryRouteRequest { topic: "nope".into() })

@@ -135,6 +135,7 @@ impl Registry {
                     .collect(),
                 queues: cfg.queues_per_group,
                 perm: cfg.perm,
+                message_type: route_message_type(cfg.message_type),
             });
         }
         out
@@ -177,6 +178,17 @@ impl Registry {
     }
 }
 
+/// A registered topic's message type as routes give it. A broker built before
+/// topics had a type registers none (UNSPECIFIED); its topics accept every type,
+/// which routes say as MIXED. Values this NameServer does not know pass through.
+fn route_message_type(registered: i32) -> i32 {
+    if registered == pb::MessageType::Unspecified as i32 {
+        pb::MessageType::Mixed as i32
+    } else {
+        registered
+    }
+}
+
 struct GroupView<'a> {
     best: &'a pb::RegisterBrokerRequest,
     leader_id: Option<u64>,
@@ -205,9 +217,34 @@ mod tests {
                     name: (*t).into(),
                     queues_per_group: 4,
                     perm: pb::Permission::ReadWrite as i32,
+                    message_type: pb::MessageType::Fifo as i32,
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn routes_carry_the_topic_message_type_and_an_untyped_registration_is_mixed() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.register(reg("broker-a", 1, 1, Some(1), &["orders"]), now).unwrap();
+        let mut old = reg("broker-b", 2, 1, Some(2), &["orders"]);
+        // A broker built before topics had a type.
+        old.topics[0].message_type = pb::MessageType::Unspecified as i32;
+        r.register(old, now).unwrap();
+        let mut route = r.route("orders", now, TIMEOUT);
+        route.sort_by(|a, b| a.broker_group.cmp(&b.broker_group));
+        let types: Vec<_> = route
+            .iter()
+            .map(|g| (g.broker_group.as_str(), g.message_type()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("broker-a", pb::MessageType::Fifo),
+                ("broker-b", pb::MessageType::Mixed)
+            ]
+        );
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub struct ProducerSeq {
     pub sequence: u64,
 }
 
+/// A topic's replicated config. Stored as JSON (the state machine's topic rows,
+/// and so snapshots) and carried by [`Command::UpsertTopic`] as JSON, so a field
+/// added with `#[serde(default)]` reads from records written before it existed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
     pub name: String,
@@ -157,6 +160,60 @@ pub struct TopicConfig {
     pub queues: u32,
     /// `PERM_READ | PERM_WRITE` bits.
     pub perm: u8,
+    /// Which messages the topic accepts (RocketMQ 5's topic message type).
+    /// Topics stored before the field existed accepted every kind, so a missing
+    /// field reads as [`TopicMessageType::Mixed`].
+    #[serde(default)]
+    pub message_type: TopicMessageType,
+}
+
+/// RocketMQ 5's topic message type: which kind of message a topic accepts. The
+/// RocketMQ 5 gateway reports it in routes (`accept_message_types`) and refuses
+/// sends of another kind; raftmq's own API stores whatever it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum TopicMessageType {
+    /// Every kind. The default: what topics stored before types existed, and
+    /// auto-created topics, accept.
+    #[default]
+    Mixed,
+    Normal,
+    Fifo,
+    Delay,
+    Transaction,
+}
+
+impl TopicMessageType {
+    /// Every type: MIXED, then the others in the order the proto numbers them.
+    pub const ALL: [TopicMessageType; 5] = [
+        TopicMessageType::Mixed,
+        TopicMessageType::Normal,
+        TopicMessageType::Fifo,
+        TopicMessageType::Delay,
+        TopicMessageType::Transaction,
+    ];
+
+    /// Whether a topic of this type accepts a message of kind `kind`: a MIXED
+    /// topic accepts every kind, any other only its own.
+    pub fn accepts(self, kind: TopicMessageType) -> bool {
+        self == TopicMessageType::Mixed || self == kind
+    }
+
+    /// RocketMQ's name for the type ("MIXED", "NORMAL", "FIFO", "DELAY", "TRANSACTION").
+    pub fn name(self) -> &'static str {
+        match self {
+            TopicMessageType::Mixed => "MIXED",
+            TopicMessageType::Normal => "NORMAL",
+            TopicMessageType::Fifo => "FIFO",
+            TopicMessageType::Delay => "DELAY",
+            TopicMessageType::Transaction => "TRANSACTION",
+        }
+    }
+}
+
+impl std::fmt::Display for TopicMessageType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One consumer group's progress in one message queue.
@@ -326,7 +383,11 @@ impl std::fmt::Display for Command {
                 b.topic,
                 b.queue_id
             ),
-            Command::UpsertTopic(t) => write!(f, "upsert topic {} ({} queues, perm {})", t.name, t.queues, t.perm),
+            Command::UpsertTopic(t) => write!(
+                f,
+                "upsert topic {} ({} queues, perm {}, type {})",
+                t.name, t.queues, t.perm, t.message_type
+            ),
             Command::DeleteTopic { name } => write!(f, "delete topic {name}"),
             Command::CommitOffsets { group, offsets } => {
                 write!(f, "commit {} offset(s) of group {group}", offsets.len())
@@ -359,12 +420,19 @@ impl std::fmt::Display for Response {
 }
 
 const TAG_APPEND: u8 = 1;
+/// Topic upserts were hand-framed (name, queue count, permission) until topics
+/// got a message type; they are now written with [`TAG_JSON`], and entries with
+/// this tag still decode, as topics of type [`TopicMessageType::Mixed`] (what
+/// every topic accepted then). An older build reads the JSON upserts too, but
+/// drops the type it has no field for: in a group of mixed builds, such a
+/// replica keeps the topic MIXED until it is upgraded and the topic set again.
 const TAG_UPSERT_TOPIC: u8 = 2;
 const TAG_DELETE_TOPIC: u8 = 3;
 const TAG_COMMIT_OFFSETS: u8 = 4;
-/// Message-lifecycle commands (timers, POP, retry, group configs) are small and
-/// rare next to appends; they are encoded as JSON after the tag rather than
-/// hand-framed, so adding a field cannot misframe one.
+/// Message-lifecycle commands (timers, POP, retry, group configs) and topic
+/// upserts are small and rare next to appends; they are encoded as JSON after the
+/// tag rather than hand-framed, so adding a field cannot misframe one (and a
+/// field added with `#[serde(default)]` needs no new encoding version).
 const TAG_JSON: u8 = 5;
 
 impl Command {
@@ -409,12 +477,6 @@ impl Command {
                     put_varint(out, m.body.len() as u64);
                     out.put_slice(&m.body);
                 }
-            }
-            Command::UpsertTopic(t) => {
-                out.put_u8(TAG_UPSERT_TOPIC);
-                put_str(out, &t.name);
-                put_varint(out, u64::from(t.queues));
-                out.put_u8(t.perm);
             }
             Command::DeleteTopic { name } => {
                 out.put_u8(TAG_DELETE_TOPIC);
@@ -517,10 +579,12 @@ impl Command {
                     transaction,
                 })
             }
+            // Written by builds before topic message types (see the tag).
             TAG_UPSERT_TOPIC => Command::UpsertTopic(TopicConfig {
                 name: get_str(r, "topic name")?,
                 queues: get_u32(r, "queue count")?,
                 perm: get_u8(r, "permission")?,
+                message_type: TopicMessageType::Mixed,
             }),
             TAG_DELETE_TOPIC => Command::DeleteTopic {
                 name: get_str(r, "topic name")?,
@@ -694,8 +758,18 @@ mod tests {
                         }),
                     })
                 ),
-            ("[a-z]{1,10}", any::<u32>(), any::<u8>())
-                .prop_map(|(name, queues, perm)| Command::UpsertTopic(TopicConfig { name, queues, perm })),
+            (
+                "[a-z]{1,10}",
+                any::<u32>(),
+                any::<u8>(),
+                proptest::sample::select(&TopicMessageType::ALL[..])
+            )
+                .prop_map(|(name, queues, perm, message_type)| Command::UpsertTopic(TopicConfig {
+                    name,
+                    queues,
+                    perm,
+                    message_type
+                })),
             "[a-z]{1,10}".prop_map(|name| Command::DeleteTopic { name }),
             (
                 "[a-z]{1,10}",
@@ -786,6 +860,62 @@ mod tests {
         };
         assert_eq!((b.queue_id, b.messages[0].deliver_at_ms), (2, 0));
         assert_eq!(&b.messages[0].body[..], b"body");
+    }
+
+    #[test]
+    fn hand_framed_topic_upserts_of_older_builds_decode_as_mixed() {
+        // How builds before topic message types wrote an upsert (versions 1 to 4).
+        for version in 1..=4u8 {
+            let mut old = vec![version, TAG_UPSERT_TOPIC];
+            put_str(&mut old, "orders");
+            put_varint(&mut old, 8);
+            old.put_u8(PERM_READ | PERM_WRITE);
+            assert_eq!(
+                Command::decode(Bytes::from(old)).unwrap(),
+                Command::UpsertTopic(TopicConfig {
+                    name: "orders".into(),
+                    queues: 8,
+                    perm: PERM_READ | PERM_WRITE,
+                    message_type: TopicMessageType::Mixed,
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_topic_config_stored_without_a_message_type_decodes_as_mixed() {
+        // A topic row (and so a snapshot row) written before message types existed.
+        let old: TopicConfig = serde_json::from_str(r#"{"name":"orders","queues":4,"perm":6}"#).unwrap();
+        assert_eq!(old.message_type, TopicMessageType::Mixed);
+        assert_eq!((old.name.as_str(), old.queues, old.perm), ("orders", 4, 6));
+        // And a JSON-framed upsert without the field.
+        let mut entry = vec![COMMAND_VERSION, TAG_JSON];
+        entry.extend_from_slice(br#"{"UpsertTopic":{"name":"orders","queues":4,"perm":6}}"#);
+        let Command::UpsertTopic(t) = Command::decode(Bytes::from(entry)).unwrap() else {
+            panic!("not a topic upsert")
+        };
+        assert_eq!(t.message_type, TopicMessageType::Mixed);
+        // A typed config survives the round trip.
+        let fifo = TopicConfig {
+            message_type: TopicMessageType::Fifo,
+            ..old
+        };
+        let back: TopicConfig = serde_json::from_slice(&serde_json::to_vec(&fifo).unwrap()).unwrap();
+        assert_eq!(back, fifo);
+    }
+
+    #[test]
+    fn mixed_accepts_every_type_and_the_others_only_their_own() {
+        for t in TopicMessageType::ALL {
+            assert!(TopicMessageType::Mixed.accepts(t));
+            for kind in TopicMessageType::ALL {
+                if t != TopicMessageType::Mixed {
+                    assert_eq!(t.accepts(kind), t == kind, "{t} accepts {kind}");
+                }
+            }
+        }
+        let names: Vec<_> = TopicMessageType::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["MIXED", "NORMAL", "FIFO", "DELAY", "TRANSACTION"]);
     }
 
     #[test]

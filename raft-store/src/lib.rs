@@ -84,7 +84,7 @@ use std::path::PathBuf;
 
 pub use command::{
     AppendBatch, Command, ConsumerGroupConfig, HalfSpec, Message, MessageRef, PopPick, ProducerSeq, QueueOffset,
-    Response, TimerKey, TopicConfig, TxnEndOutcome, TxnEndSource, TxnId,
+    Response, TimerKey, TopicConfig, TopicMessageType, TxnEndOutcome, TxnEndSource, TxnId,
 };
 pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
 pub use layout::{DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX};

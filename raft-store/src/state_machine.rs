@@ -505,6 +505,7 @@ impl StateMachine {
             name: topic.to_owned(),
             queues: 1,
             perm: PERM_READ | PERM_WRITE,
+            message_type: crate::command::TopicMessageType::Mixed,
         };
         wb.put_cf(
             state.cf(CF_TOPIC),

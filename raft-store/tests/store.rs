@@ -67,6 +67,7 @@ fn topic_cmd() -> Command {
         name: TOPIC.into(),
         queues: 4,
         perm: 6,
+        message_type: Default::default(),
     })
 }
 

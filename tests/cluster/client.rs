@@ -1,5 +1,6 @@
 //! The Rust client (raftmq-client) against a NameServer and a three-node group:
-//! producers' routing, batching, redirects and failover, read back by a pull consumer.
+//! producers' routing, batching, redirects and failover, read back by a pull consumer;
+//! and topic administration (a topic's message type in listings and routes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -7,11 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use raftmq_client::{Client, ClientConfig, MessageExt, Producer};
 use raftmq_proto::v1 as pb;
+use raftmq_proto::v1::admin_service_client::AdminServiceClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::fixtures::{
-    DEADLINE, GROUP, message, pull_everything, raft_index_of, seq_of, start_with_client, wait_for_known_route,
+    Check, DEADLINE, GROUP, eventually, message, pull_everything, raft_index_of, seq_of, start_with_client,
+    wait_for_known_route,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,6 +363,7 @@ async fn send_through_a_route_naming_a_follower_redirects_to_the_leader() -> any
             follower_endpoints: vec![leader_addr.clone(), followers[1].clone()],
             queues: 2,
             perm: pb::Permission::ReadWrite as i32,
+            message_type: 0,
         }],
     });
     let receipt = client.producer().send(TOPIC, message(1, None)).await?;
@@ -451,6 +455,7 @@ async fn a_silent_leader_is_given_up_once_its_replicas_name_the_real_one() -> an
             follower_endpoints: followers.clone(),
             queues: 2,
             perm: pb::Permission::ReadWrite as i32,
+            message_type: 0,
         }],
     };
 
@@ -495,6 +500,116 @@ async fn a_silent_leader_is_given_up_once_its_replicas_name_the_real_one() -> an
     assert_eq!(pulled.messages.len(), 1);
     assert_eq!(pulled.messages[0].message_id, receipt.message_id);
     drop(silent);
+    cluster.shutdown().await?;
+    ns.stop().await
+}
+
+/// `topic`'s config on the test group as the admin client lists it.
+async fn listed_topic(client: &Client, topic: &str) -> anyhow::Result<pb::TopicConfig> {
+    let topics = client.admin().list_topics().await?;
+    topics
+        .iter()
+        .find(|(g, t)| g == GROUP && t.name == topic)
+        .map(|(_, t)| t.clone())
+        .with_context(|| format!("topic {topic} not listed: {topics:?}"))
+}
+
+/// Waits until a NameServer routes `topic` on the test group with message type `want`.
+async fn wait_for_routed_type(client: &Client, topic: &str, want: pb::MessageType) -> anyhow::Result<()> {
+    eventually(
+        DEADLINE,
+        &format!("the NameServer to route {topic} as {want:?}"),
+        async || {
+            Ok(match client.refresh_route(topic).await {
+                Ok(r) if !r.provisional && r.group(GROUP).is_some_and(|g| g.message_type() == want) => Check::Done(()),
+                Ok(r) => Check::Pending(format!("route {r:?}")),
+                Err(e) => Check::Pending(format!("no route: {e}")),
+            })
+        },
+    )
+    .await
+}
+
+/// Topics carry their RocketMQ 5 message type: CreateTopic sets it, an update
+/// that names none keeps it, ListTopics and DescribeTopic report it and the
+/// NameServer routes it; a created topic with no type is NORMAL, an
+/// auto-created one MIXED, and an unknown type is refused by its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_carry_their_message_type_and_auto_created_ones_are_mixed() -> anyhow::Result<()> {
+    const FIFO: &str = "client-typed-fifo";
+    const UNTYPED: &str = "client-typed-default";
+    const AUTO: &str = "client-typed-auto";
+    let (ns, cluster, client) = start_with_client().await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    let admin = client.admin();
+
+    admin
+        .create_topic_with_type(FIFO, 2, pb::Permission::ReadWrite, pb::MessageType::Fifo)
+        .await?;
+    let fifo = listed_topic(&client, FIFO).await?;
+    assert_eq!((fifo.queues_per_group, fifo.message_type()), (2, pb::MessageType::Fifo));
+    wait_for_routed_type(&client, FIFO, pb::MessageType::Fifo).await?;
+
+    // Changing only the queue count keeps the type.
+    admin.create_topic(FIFO, 3, pb::Permission::ReadWrite).await?;
+    let fifo = listed_topic(&client, FIFO).await?;
+    assert_eq!((fifo.queues_per_group, fifo.message_type()), (3, pb::MessageType::Fifo));
+    let mut leader_admin = AdminServiceClient::connect(format!("http://{}", cluster.replica(leader).addr)).await?;
+    let described = leader_admin
+        .describe_topic(pb::DescribeTopicRequest { name: FIFO.into() })
+        .await?
+        .into_inner();
+    assert_eq!(
+        described
+            .topic
+            .context("DescribeTopic without a config")?
+            .message_type(),
+        pb::MessageType::Fifo
+    );
+    assert_eq!(described.queues.len(), 3);
+
+    // Naming a type changes it.
+    admin
+        .create_topic_with_type(FIFO, 3, pb::Permission::ReadWrite, pb::MessageType::Transaction)
+        .await?;
+    assert_eq!(
+        listed_topic(&client, FIFO).await?.message_type(),
+        pb::MessageType::Transaction
+    );
+    wait_for_routed_type(&client, FIFO, pb::MessageType::Transaction).await?;
+
+    // A new topic created without a type is NORMAL, RocketMQ's default.
+    admin.create_topic(UNTYPED, 1, pb::Permission::ReadWrite).await?;
+    assert_eq!(
+        listed_topic(&client, UNTYPED).await?.message_type(),
+        pb::MessageType::Normal
+    );
+
+    let err = leader_admin
+        .create_topic(pb::CreateTopicRequest {
+            topic: Some(pb::TopicConfig {
+                name: "client-typed-bad".into(),
+                queues_per_group: 1,
+                perm: pb::Permission::ReadWrite as i32,
+                message_type: 42,
+            }),
+        })
+        .await
+        .expect_err("an unknown message type is refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    ensure!(
+        err.message().contains("42") && err.message().contains("FIFO"),
+        "the refusal names the value and the accepted ones: {:?}",
+        err.message()
+    );
+
+    // A send auto-creates a MIXED topic: it accepts every type.
+    client.producer().send(AUTO, message(1, None)).await?;
+    assert_eq!(
+        listed_topic(&client, AUTO).await?.message_type(),
+        pb::MessageType::Mixed
+    );
+    wait_for_routed_type(&client, AUTO, pb::MessageType::Mixed).await?;
     cluster.shutdown().await?;
     ns.stop().await
 }

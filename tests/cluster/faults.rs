@@ -619,6 +619,7 @@ async fn a_client_stuck_with_the_minority_gets_unavailable_then_succeeds_after_h
             follower_endpoints: vec![],
             queues: QUEUES,
             perm: pb::Permission::ReadWrite as i32,
+            message_type: 0,
         }],
     };
     client.seed_route(stale_route());

@@ -353,6 +353,7 @@ fn create_topic() -> Command {
         name: TOPIC.into(),
         queues: QUEUES,
         perm: raftmq_raft_store::command::PERM_READ | raftmq_raft_store::command::PERM_WRITE,
+        message_type: Default::default(),
     })
 }
 

@@ -37,6 +37,7 @@ async fn create_topic(r: &Replica, name: &str, queues: u32) -> anyhow::Result<()
                 name: name.into(),
                 queues_per_group: queues,
                 perm: pb::Permission::ReadWrite as i32,
+                message_type: 0,
             }),
         })
         .await
@@ -489,6 +490,7 @@ async fn each_bad_input_gets_its_own_status_and_nothing_partial_is_written() -> 
             name: name.into(),
             queues_per_group: queues,
             perm,
+            message_type: 0,
         }),
     };
     for (what, req, text) in [
