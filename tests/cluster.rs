@@ -24,6 +24,8 @@
 //!   filters, and all of it across a leader kill.
 //! - `transactions`: transactional messages, check-backs, and a leader kill
 //!   between a half message and its end.
+//! - `rocketmq`: RocketMQ 5's gRPC API as the official SDKs speak it, through a
+//!   follower, across a leader kill.
 //! - `processes`: the `raftmq` binary as separate processes.
 
 #[path = "cluster/fixtures.rs"]
@@ -45,5 +47,7 @@ mod messaging;
 mod processes;
 #[path = "cluster/raft_rpc.rs"]
 mod raft_rpc;
+#[path = "cluster/rocketmq.rs"]
+mod rocketmq;
 #[path = "cluster/transactions.rs"]
 mod transactions;

@@ -22,6 +22,9 @@
 //!   loop that fires due timers (delayed messages, retries); [`filter`] and
 //!   [`sql92`]: tag and SQL92 subscription filters; [`transactions`]: ending
 //!   transactions, producers' check-back streams and the leader's check loop.
+//! * [`rocketmq`]: RocketMQ 5's gRPC API (`apache.rocketmq.v2`) for the
+//!   official SDKs, translated onto the services below and forwarded to the
+//!   group's leader from any node.
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
 //!   `raftmq.v1` client API. Input is checked in [`validate`] before anything is
 //!   proposed; the write path and leadership handling are in [`group`]; every
@@ -49,6 +52,7 @@ pub mod node;
 pub mod peer_auth;
 pub mod pop;
 pub mod registration;
+pub mod rocketmq;
 pub mod service;
 pub mod sql92;
 pub mod timers;

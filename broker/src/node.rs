@@ -3,7 +3,8 @@
 //! (stop accepting, let in-flight RPCs finish, wait for the background tasks
 //! tracked in one `TaskTracker`, then `raft.shutdown()`, which drops the
 //! CommitLog and so flushes and closes it). The client port serves the
-//! messaging, admin and consumer-group services; the peer port serves only Raft,
+//! messaging, admin and consumer-group services and RocketMQ 5's gRPC API
+//! ([`crate::rocketmq`]); the peer port serves only Raft,
 //! to signed requests of the group's members, so a client never reaches Raft.
 
 use std::collections::BTreeMap;
@@ -144,7 +145,7 @@ impl RaftNode {
         .into_server(config.max_rpc_message_bytes);
         let transactions = crate::transactions::Transactions::new(group.clone());
         transactions.spawn_checker();
-        let messaging = Messaging::new(group.clone(), transactions).into_server(config.max_rpc_message_bytes);
+        let messaging = Messaging::new(group.clone(), transactions);
         if !config.nameservers.is_empty() {
             crate::registration::spawn(
                 group.clone(),
@@ -158,7 +159,19 @@ impl RaftNode {
         let tasks = group.tasks().clone();
         crate::timers::spawn(group.clone());
         let coordinator = crate::consumer_group::Coordinator::new(group.clone());
-        let admin = Admin::new(group, coordinator.clone()).into_server();
+        let admin = Admin::new(group.clone(), coordinator.clone());
+        // RocketMQ 5 SDKs reach the same services through the gateway, which
+        // forwards to the group's leader when this node does not lead.
+        let upstream = crate::rocketmq::upstream::Upstream::new(
+            group,
+            config.nameservers.clone(),
+            config.max_rpc_message_bytes,
+            config.connect_timeout,
+        );
+        let rocketmq = crate::rocketmq::Gateway::new(upstream, messaging.clone(), coordinator.clone(), admin.clone())
+            .into_server(config.max_rpc_message_bytes);
+        let messaging = messaging.into_server(config.max_rpc_message_bytes);
+        let admin = admin.into_server();
         let consumer = coordinator.into_server();
         let incoming = TcpIncoming::from(listeners.client).with_nodelay(Some(true));
         let stop = shutdown.clone();
@@ -178,6 +191,7 @@ impl RaftNode {
                 .add_service(messaging)
                 .add_service(admin)
                 .add_service(consumer)
+                .add_service(rocketmq)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
         });

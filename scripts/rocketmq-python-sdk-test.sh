@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The official RocketMQ 5 Python SDK (PyPI `rocketmq-python-client`, pinned) against raftmq's
+# apache.rocketmq.v2.MessagingService gateway: a venv with the SDK, a `raftmq dev` cluster on free
+# loopback ports, then
+#   1. tests/rocketmq-sdk/python/sdk_test.py   producer, simple/push consumers, FIFO, delay,
+#                                               transactions, retry + DLQ, bad input (one line per step)
+#   2. tests/rocketmq-sdk/python/failover.py   SDK producer + consumer while the group's leader is
+#                                               SIGKILLed once: nothing acknowledged lost, nothing acked
+#                                               delivered again, figures printed
+# The access point is one broker node's client port (every node serves or forwards every RPC).
+# The failover step runs even if a step before it failed; the script exits non-zero if either did.
+# About 1.5 min on a working server (sdk_test ~40 s, failover ~45 s).
+#
+#   RAFTMQ_BIN             the raftmq binary (default: $CARGO_TARGET_DIR/debug/raftmq,
+#                          CARGO_TARGET_DIR defaulting to /var/tmp/raftmq-target)
+#   RAFTMQ_SDK_PYENV       the venv, made on first use and reused (default /var/tmp/raftmq-rocketmq-sdk-pyenv)
+#   RAFTMQ_PYTHON          the interpreter that makes the venv (default python3.11, else python3)
+#   RAFTMQ_SDK_STEPS       comma-separated sdk_test.py steps to run (default: all; see its --help)
+#   RAFTMQ_SDK_FAILOVER    0 skips the failover step (default 1)
+#
+# The SDK logs to ~/logs/rocketmq_python/rocketmq_client.log, never to stdout: on failure the lines
+# this run added to it are shown (the last 40). The cluster is stopped by its PID whatever happens,
+# and its data dir removed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+SDK_VERSION=5.1.2
+
+bin="${RAFTMQ_BIN:-${CARGO_TARGET_DIR:-/var/tmp/raftmq-target}/debug/raftmq}"
+pyenv="${RAFTMQ_SDK_PYENV:-/var/tmp/raftmq-rocketmq-sdk-pyenv}"
+steps="${RAFTMQ_SDK_STEPS:-}"
+failover="${RAFTMQ_SDK_FAILOVER:-1}"
+[ -x "$bin" ] || { echo "rocketmq-python-sdk-test: no raftmq binary at $bin (build it first, or set RAFTMQ_BIN)" >&2; exit 1; }
+
+# The venv outlives the clone (like the cargo target dir). pip runs only when the pinned SDK is
+# not installed yet: a rerun asks no registry anything.
+if [ ! -x "$pyenv/bin/python" ]; then
+  python="${RAFTMQ_PYTHON:-$(command -v python3.11 || command -v python3)}"
+  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
+    || { echo "rocketmq-python-sdk-test: $python is older than 3.9" >&2; exit 1; }
+  "$python" -m venv "$pyenv"
+fi
+if ! "$pyenv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("rocketmq-python-client") != sys.argv[1])' \
+  "$SDK_VERSION" 2>/dev/null; then
+  "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check "rocketmq-python-client==$SDK_VERSION"
+fi
+py="$pyenv/bin/python"
+# Importing the SDK creates its log directory and file; note where this run's lines start.
+"$py" -c 'import rocketmq' || { echo "rocketmq-python-sdk-test: the SDK in $pyenv does not import" >&2; exit 1; }
+sdk_log="$HOME/logs/rocketmq_python/rocketmq_client.log"
+sdk_log_start=$(stat -c %s "$sdk_log" 2>/dev/null || echo 0)
+
+data=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-pysdk.XXXXXX")
+out="$data/dev.out"
+err="$data/dev.err"
+pid=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    # `raftmq dev` stops its replicas on SIGTERM; give it 30 s before SIGKILL.
+    for _ in $(seq 1 300); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "rocketmq-python-sdk-test: raftmq dev (pid $pid) ignored SIGTERM; killing it and its replicas" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      # Its replicas are processes of their own; their pids are in the data dir.
+      for f in "$data"/cluster/*.pid; do
+        [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null || true
+      done
+    fi
+    wait "$pid" 2>/dev/null || true
+  fi
+  if [ "$rc" -ne 0 ]; then
+    if [ -s "$err" ]; then
+      echo "rocketmq-python-sdk-test: last lines of raftmq dev's stderr:" >&2
+      tail -20 "$err" >&2 || true
+    fi
+    if [ -s "$sdk_log" ]; then
+      echo "rocketmq-python-sdk-test: last lines this run added to the SDK's log ($sdk_log):" >&2
+      if [ "$(stat -c %s "$sdk_log")" -ge "$sdk_log_start" ]; then
+        tail -c +"$((sdk_log_start + 1))" "$sdk_log" | tail -40 >&2 || true
+      else
+        tail -40 "$sdk_log" >&2 || true # rotated meanwhile
+      fi
+    fi
+  fi
+  rm -rf "$data"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Loopback only: the NameServer on 127.0.0.1, the replicas on 127.0.0.1 (dev's default), every
+# port picked free by the OS. Transaction checks start after 1 s (not RocketMQ's 6 s) so the
+# check-back step does not wait out the default.
+"$bin" dev --data-dir "$data/cluster" --namesrv-listen 127.0.0.1:0 --broker-ports 0,0,0 \
+  --transaction-first-check-ms 1000 --transaction-check-interval-ms 1000 >"$out" 2>"$err" &
+pid=$!
+
+# `raftmq dev` prints "  NameServer        127.0.0.1:PORT" once the group has a leader, then one
+# "  broker-a node N  HOST:PORT  pid P  log FILE  (role)" line per replica.
+namesrv=""
+nodes=0
+deadline=$((SECONDS + 60))
+while [ -z "$namesrv" ] || [ "$nodes" -lt 3 ]; do
+  namesrv=$(awk '$1 == "NameServer" { print $2; exit }' "$out" 2>/dev/null || true)
+  nodes=$(awk '$2 == "node" && $5 == "pid" { n++ } END { print n + 0 }' "$out" 2>/dev/null || echo 0)
+  [ -n "$namesrv" ] && [ "$nodes" -ge 3 ] && break
+  kill -0 "$pid" 2>/dev/null || { echo "rocketmq-python-sdk-test: raftmq dev exited before the cluster was up" >&2; exit 1; }
+  [ "$SECONDS" -lt "$deadline" ] || { echo "rocketmq-python-sdk-test: raftmq dev did not come up within 60 s" >&2; exit 1; }
+  sleep 0.1
+done
+# One "NODE_ID=HOST:PORT" per replica (and the pids for the record).
+endpoints=$(awk '$2 == "node" && $5 == "pid" { printf "%s%s=%s", sep, $3, $4; sep = "," }' "$out")
+pids=$(awk '$2 == "node" && $5 == "pid" { printf "%s%s=%s", sep, $3, $6; sep = "," }' "$out")
+access=$(awk '$2 == "node" && $5 == "pid" { print $4; exit }' "$out")
+echo "rocketmq-python-sdk-test: cluster up (pid $pid), NameServer $namesrv, nodes $endpoints (pids $pids)," \
+  "access point $access, SDK rocketmq-python-client $SDK_VERSION"
+
+cd "$root/tests/rocketmq-sdk/python"
+# Both scripts bound every wait themselves; `timeout` only stops one that hangs anyway (e.g. in
+# an SDK thread) so CI gets an answer. The failover step runs even when a step before it failed
+# (both results in one run); the script fails if either did.
+rc=0
+timeout -k 10 240 "$py" sdk_test.py --access-point "$access" --namesrv "$namesrv" --bin "$bin" \
+  --data-dir "$data/cluster" ${steps:+--steps "$steps"} || rc=$?
+if [ "$failover" != 0 ]; then
+  timeout -k 10 180 "$py" failover.py --nodes "$endpoints" --namesrv "$namesrv" --bin "$bin" \
+    --data-dir "$data/cluster" || rc=$?
+fi
+[ "$rc" -eq 0 ] || echo "rocketmq-python-sdk-test: FAILED (exit $rc)" >&2
+exit "$rc"
