@@ -51,77 +51,27 @@ py="$pyenv/bin/python"
 sdk_log="$HOME/logs/rocketmq_python/rocketmq_client.log"
 sdk_log_start=$(stat -c %s "$sdk_log" 2>/dev/null || echo 0)
 
-data=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-pysdk.XXXXXX")
-out="$data/dev.out"
-err="$data/dev.err"
-pid=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    # `raftmq dev` stops its replicas on SIGTERM; give it 30 s before SIGKILL.
-    for _ in $(seq 1 300); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      echo "rocketmq-python-sdk-test: raftmq dev (pid $pid) ignored SIGTERM; killing it and its replicas" >&2
-      kill -KILL "$pid" 2>/dev/null || true
-      # Its replicas are processes of their own; their pids are in the data dir.
-      for f in "$data"/cluster/*.pid; do
-        [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null || true
-      done
-    fi
-    wait "$pid" 2>/dev/null || true
-  fi
-  if [ "$rc" -ne 0 ]; then
-    if [ -s "$err" ]; then
-      echo "rocketmq-python-sdk-test: last lines of raftmq dev's stderr:" >&2
-      tail -20 "$err" >&2 || true
-    fi
-    if [ -s "$sdk_log" ]; then
-      echo "rocketmq-python-sdk-test: last lines this run added to the SDK's log ($sdk_log):" >&2
-      if [ "$(stat -c %s "$sdk_log")" -ge "$sdk_log_start" ]; then
-        tail -c +"$((sdk_log_start + 1))" "$sdk_log" | tail -40 >&2 || true
-      else
-        tail -40 "$sdk_log" >&2 || true # rotated meanwhile
-      fi
+LABEL=rocketmq-python-sdk-test
+# shellcheck source=scripts/dev-cluster.sh
+. "$root/scripts/dev-cluster.sh"
+dev_cluster_on_failure() {
+  if [ -s "$sdk_log" ]; then
+    echo "$LABEL: last lines this run added to the SDK's log ($sdk_log):" >&2
+    if [ "$(stat -c %s "$sdk_log")" -ge "$sdk_log_start" ]; then
+      tail -c +"$((sdk_log_start + 1))" "$sdk_log" | tail -40 >&2
+    else
+      tail -40 "$sdk_log" >&2 # rotated meanwhile
     fi
   fi
-  rm -rf "$data"
-  exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Loopback only: the NameServer on 127.0.0.1, the replicas on 127.0.0.1 (dev's default), every
-# port picked free by the OS. Transaction checks start after 1 s (not RocketMQ's 6 s) so the
-# check-back step does not wait out the default.
-"$bin" dev --data-dir "$data/cluster" --namesrv-listen 127.0.0.1:0 --broker-ports 0,0,0 \
-  --transaction-first-check-ms 1000 --transaction-check-interval-ms 1000 >"$out" 2>"$err" &
-pid=$!
-
-# `raftmq dev` prints "  NameServer        127.0.0.1:PORT" once the group has a leader, then one
-# "  broker-a node N  HOST:PORT  pid P  log FILE  (role)" line per replica.
-namesrv=""
-nodes=0
-deadline=$((SECONDS + 60))
-while [ -z "$namesrv" ] || [ "$nodes" -lt 3 ]; do
-  namesrv=$(awk '$1 == "NameServer" { print $2; exit }' "$out" 2>/dev/null || true)
-  nodes=$(awk '$2 == "node" && $5 == "pid" { n++ } END { print n + 0 }' "$out" 2>/dev/null || echo 0)
-  [ -n "$namesrv" ] && [ "$nodes" -ge 3 ] && break
-  kill -0 "$pid" 2>/dev/null || { echo "rocketmq-python-sdk-test: raftmq dev exited before the cluster was up" >&2; exit 1; }
-  [ "$SECONDS" -lt "$deadline" ] || { echo "rocketmq-python-sdk-test: raftmq dev did not come up within 60 s" >&2; exit 1; }
-  sleep 0.1
-done
-# One "NODE_ID=HOST:PORT" per replica (and the pids for the record).
-endpoints=$(awk '$2 == "node" && $5 == "pid" { printf "%s%s=%s", sep, $3, $4; sep = "," }' "$out")
-pids=$(awk '$2 == "node" && $5 == "pid" { printf "%s%s=%s", sep, $3, $6; sep = "," }' "$out")
-access=$(awk '$2 == "node" && $5 == "pid" { print $4; exit }' "$out")
-echo "rocketmq-python-sdk-test: cluster up (pid $pid), NameServer $namesrv, nodes $endpoints (pids $pids)," \
-  "access point $access, SDK rocketmq-python-client $SDK_VERSION"
+# Transaction checks start after 1 s (not RocketMQ's 6 s) so the check-back step does not
+# wait out the default.
+dev_cluster_start --transaction-first-check-ms 1000 --transaction-check-interval-ms 1000
+namesrv=$DEV_NAMESRV
+endpoints=$DEV_NODES
+access=$DEV_ACCESS
+data=$DEV_DATA
+echo "$LABEL: access point $access, SDK rocketmq-python-client $SDK_VERSION"
 
 cd "$root/tests/rocketmq-sdk/python"
 # Both scripts bound every wait themselves; `timeout` only stops one that hangs anyway (e.g. in
