@@ -309,6 +309,32 @@ async fn rocketmq5_sdk_calls_work_through_a_follower() -> anyhow::Result<()> {
         again.is_empty() && status == Code::MessageNotFound as i32,
         "acked messages came back: {again:?}"
     );
+    // A long poll longer than the client's deadline (the Rust SDK's deadline
+    // equals its long-polling timeout) ends in time, as "no message".
+    let started = std::time::Instant::now();
+    let mut r = req(v2::ReceiveMessageRequest {
+        group: res(group),
+        message_queue: Some(v2::MessageQueue {
+            topic: res(topic),
+            ..Default::default()
+        }),
+        long_polling_timeout: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
+        ..Default::default()
+    });
+    r.set_timeout(Duration::from_secs(4));
+    let mut stream = c.receive_message(r).await?.into_inner();
+    let mut first = None;
+    while let Some(m) = stream.message().await? {
+        first = first.or(m.content);
+    }
+    ensure!(
+        matches!(first, Some(v2::receive_message_response::Content::Status(ref s)) if s.code == Code::MessageNotFound as i32),
+        "a long poll past the deadline answered {first:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(4),
+        "the long poll outlived the client's deadline"
+    );
     // A second ack of the same handle is a stale handle, by its RocketMQ code.
     let first = seen.values().next().context("a message")?;
     ensure!(
