@@ -18,7 +18,9 @@ use raftmq_proto::v1 as pb;
 use tonic::transport::Channel;
 use v2::Code;
 
-use super::fixtures::{Check, Cluster, DEADLINE, eventually, start_with_client_using};
+use raftmq_client::Client;
+
+use super::fixtures::{Check, Cluster, DEADLINE, NameServer, eventually, start_with_client_using};
 
 const CLIENT_ID: &str = "test-host@1@0@rmq5";
 
@@ -176,6 +178,25 @@ fn follower_of(cluster: &Cluster, leader: u64) -> u64 {
         .expect("a follower")
 }
 
+async fn query_route(c: &mut MessagingServiceClient<Channel>, topic: &str) -> anyhow::Result<v2::QueryRouteResponse> {
+    Ok(c.query_route(req(v2::QueryRouteRequest {
+        topic: res(topic),
+        endpoints: None,
+    }))
+    .await?
+    .into_inner())
+}
+
+/// A NameServer, three replicas and an admin client, and an SDK-like client
+/// connected to a follower (returned with its node id).
+async fn setup() -> anyhow::Result<(NameServer, Cluster, Client, u64, MessagingServiceClient<Channel>)> {
+    let (ns, cluster, admin) = start_with_client_using(quick()).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    let follower = follower_of(&cluster, leader);
+    let c = connect(&cluster, follower).await?;
+    Ok((ns, cluster, admin, follower, c))
+}
+
 fn quick() -> MessagingConfig {
     MessagingConfig {
         auto_create_topics: true,
@@ -187,21 +208,12 @@ fn quick() -> MessagingConfig {
 
 #[tokio::test]
 async fn rocketmq5_sdk_calls_work_through_a_follower() -> anyhow::Result<()> {
-    let (ns, cluster, admin) = start_with_client_using(quick()).await?;
-    let leader = cluster.wait_for_leader(DEADLINE).await?;
-    let follower = follower_of(&cluster, leader);
-    let mut c = connect(&cluster, follower).await?;
+    let (ns, cluster, admin, follower, mut c) = setup().await?;
     let topic = "rmq5-normal";
 
     // A route for a new topic (auto-created, MIXED): every queue on broker id 0,
-    // all three replicas as IPv4 endpoints, every message type accepted.
-    let route = c
-        .query_route(req(v2::QueryRouteRequest {
-            topic: res(topic),
-            endpoints: None,
-        }))
-        .await?
-        .into_inner();
+    // every message type accepted.
+    let route = query_route(&mut c, topic).await?;
     ensure!(code(&route.status) == Code::Ok as i32, "route: {:?}", route.status);
     ensure!(!route.message_queues.is_empty(), "no queues");
     for q in &route.message_queues {
@@ -380,13 +392,7 @@ async fn rocketmq5_sdk_calls_work_through_a_follower() -> anyhow::Result<()> {
         .create_topic_with_type("rmq5-fifo", 4, pb::Permission::ReadWrite, pb::MessageType::Fifo)
         .await?;
     eventually(DEADLINE, "the FIFO topic on the follower", async || {
-        let r = c
-            .query_route(req(v2::QueryRouteRequest {
-                topic: res("rmq5-fifo"),
-                endpoints: None,
-            }))
-            .await?
-            .into_inner();
+        let r = query_route(&mut c, "rmq5-fifo").await?;
         Ok(match r.message_queues.first() {
             Some(q) if q.accept_message_types == vec![v2::MessageType::Fifo as i32] => Check::Done(()),
             other => Check::Pending(format!("{other:?}")),
@@ -451,18 +457,9 @@ async fn rocketmq5_sdk_calls_work_through_a_follower() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn rocketmq5_telemetry_settings_and_a_transaction_check_back() -> anyhow::Result<()> {
-    let (ns, cluster, _admin) = start_with_client_using(quick()).await?;
-    let leader = cluster.wait_for_leader(DEADLINE).await?;
-    let follower = follower_of(&cluster, leader);
-    let mut c = connect(&cluster, follower).await?;
+    let (ns, cluster, _admin, _, mut c) = setup().await?;
     let topic = "rmq5-txn";
-    let route = c
-        .query_route(req(v2::QueryRouteRequest {
-            topic: res(topic),
-            endpoints: None,
-        }))
-        .await?
-        .into_inner();
+    let route = query_route(&mut c, topic).await?;
     ensure!(code(&route.status) == Code::Ok as i32, "route: {:?}", route.status);
 
     // A producer's Settings: the answer has status OK and a max body size, or
@@ -585,10 +582,8 @@ async fn rocketmq5_telemetry_settings_and_a_transaction_check_back() -> anyhow::
 /// is delivered, once, and a handle received before the kill acks after it.
 #[tokio::test]
 async fn rocketmq5_a_leader_kill_loses_no_acknowledged_message() -> anyhow::Result<()> {
-    let (ns, mut cluster, _admin) = start_with_client_using(quick()).await?;
+    let (ns, mut cluster, _admin, _, mut c) = setup().await?;
     let leader = cluster.wait_for_leader(DEADLINE).await?;
-    let follower = follower_of(&cluster, leader);
-    let mut c = connect(&cluster, follower).await?;
     let (topic, group) = ("rmq5-kill", "rmq5-kill-group");
     let mut acked = BTreeSet::new();
     let send_sdk_like = async |c: &mut MessagingServiceClient<Channel>, n: u64| -> anyhow::Result<bool> {
