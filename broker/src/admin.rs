@@ -120,6 +120,13 @@ impl Admin {
         let perm = convert::perm_from_pb(t.perm)?;
         let given_type = convert::message_type_from_pb(t.message_type)?;
         self.group.ensure_leader()?;
+        if req.if_absent {
+            match self.group.topic_for_write(&t.name).await {
+                Ok(_) => return Ok(pb::CreateTopicResponse {}),
+                Err(ApiError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         // UNSPECIFIED keeps an existing topic's type and makes a new topic NORMAL
         // (see CreateTopicRequest in the proto). The existing config is read on the
         // leader, caught up if it misses the topic, like a send's auto-create.

@@ -73,7 +73,13 @@ impl Admin {
             };
             self.on_leader(&g, |mut c| {
                 let topic = topic.clone();
-                async move { c.create_topic(pb::CreateTopicRequest { topic: Some(topic) }).await }
+                async move {
+                    c.create_topic(pb::CreateTopicRequest {
+                        topic: Some(topic),
+                        if_absent: false,
+                    })
+                    .await
+                }
             })
             .await?;
         }

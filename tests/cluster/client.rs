@@ -593,6 +593,7 @@ async fn topics_carry_their_message_type_and_auto_created_ones_are_mixed() -> an
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: 42,
             }),
+            if_absent: false,
         })
         .await
         .expect_err("an unknown message type is refused");

@@ -39,6 +39,7 @@ async fn create_topic(r: &Replica, name: &str, queues: u32) -> anyhow::Result<()
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: 0,
             }),
+            if_absent: false,
         })
         .await
         .context("create topic")?;
@@ -492,6 +493,7 @@ async fn each_bad_input_gets_its_own_status_and_nothing_partial_is_written() -> 
             perm,
             message_type: 0,
         }),
+        if_absent: false,
     };
     for (what, req, text) in [
         ("zero queues", topic("t1", 0, 6), "queues_per_group 0"),

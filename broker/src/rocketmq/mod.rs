@@ -330,6 +330,9 @@ impl Gateway {
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: pb::MessageType::Mixed as i32,
             }),
+            // This node may not have applied a topic just created through
+            // another: never reset it (its type, its queue count).
+            if_absent: true,
         };
         let admin = self.inner.admin.clone();
         let created = self
