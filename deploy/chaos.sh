@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The chaos suite (`raftmq chaos`) against the compose cluster of this directory:
-# builds the image, starts two NameServers and broker-a's three replicas, runs
-# producers (plain and keyed) and consumers while killing, pausing and isolating
-# brokers, checks the history, and tears the cluster down (volumes included).
+# builds the image, starts two NameServers and two broker groups (broker-a and
+# broker-b, three replicas each), runs producers (plain and keyed) and consumers
+# over topics with queues on both groups while killing, pausing and isolating
+# the leaders and followers of both groups (the faults take turns over the
+# groups), checks the history across both, and tears the cluster down (volumes
+# included).
 # Beside them run delayed messages (due 1-20 s after sending, on their own topic),
 # a two-member POP group (SimpleConsumer, 5 s invisible time, 1 message in 20
 # deliberately left unacked once) on a third topic, and transactions on a fourth
@@ -12,7 +15,7 @@
 # of docker-compose.yml: transaction check-backs 2 s after a half message and
 # every 2 s after that.
 #
-#     bash deploy/chaos.sh smoke    # ~3 min: 7 faults, 3 of them leader SIGKILLs
+#     bash deploy/chaos.sh smoke    # ~3 min: 7 faults, 3 of them leader SIGKILLs (both groups)
 #     bash deploy/chaos.sh long     # ~22 min: a fault every 30 s for 20 min (release check)
 #     bash deploy/chaos.sh failover # ~4 min: 25 leader SIGKILLs, 8 s apart (kill -> first ack)
 #     bash deploy/chaos.sh silence  # ~3 min: 10 leaders paused or cut off, 14 s apart
@@ -59,9 +62,12 @@ down
 
 namesrv="172.29.53.11:9876,172.29.53.12:9876"
 deadline=$((SECONDS + 90))
-until "$bin" admin cluster --namesrv "$namesrv" 2> /dev/null | grep -q 'leader [0-9]'; do
+groups=(broker-a broker-b)
+# Every group must have a leader before the run: `admin cluster` prints one
+# "<group>  leader N ..." line per group that has one.
+until [ "$("$bin" admin cluster --namesrv "$namesrv" 2> /dev/null | grep -cE "^($(IFS='|'; echo "${groups[*]}")) .*leader [0-9]")" -ge "${#groups[@]}" ]; do
   if ((SECONDS > deadline)); then
-    echo "chaos: no leader for broker-a within 90 s" >&2
+    echo "chaos: no leader for each of ${groups[*]} within 90 s" >&2
     "${compose[@]}" ps >&2 || true
     exit 1
   fi

@@ -3,7 +3,8 @@
 # the one way they start it on free ports, wait until it is up, and stop it by its PID
 # whatever happens, so the three cannot drift apart.
 #
-# Before `dev_cluster_start [extra raftmq dev args...]`, set:
+# Before `dev_cluster_start [extra raftmq dev args...]` (e.g. `--groups 2` for two
+# broker groups; every replica's port is picked free whatever the count), set:
 #   LABEL   prefix of this script's messages (e.g. rocketmq-rust-sdk-test)
 #   bin     the raftmq binary
 # and optionally define `dev_cluster_on_failure`, called on a non-zero exit before the
@@ -13,6 +14,7 @@
 #   DEV_PID      the `raftmq dev` process
 #   DEV_NAMESRV  the NameServer's HOST:PORT
 #   DEV_NODES    "ID=HOST:PORT,..." of the broker replicas, DEV_PIDS "ID=PID,..."
+#                (with several groups, every group's; node ids repeat per group)
 #   DEV_ACCESS   the first replica's HOST:PORT (every node serves every client API)
 
 dev_cluster_cleanup() {
@@ -57,17 +59,18 @@ dev_cluster_start() {
   local out="$DEV_DATA/dev.out"
   # Loopback only: the NameServer and the replicas on 127.0.0.1 (dev's default), every
   # port picked free by the OS.
-  "$bin" dev --data-dir "$DEV_DATA/cluster" --namesrv-listen 127.0.0.1:0 --broker-ports 0,0,0 "$@" \
+  "$bin" dev --data-dir "$DEV_DATA/cluster" --namesrv-listen 127.0.0.1:0 --broker-ports 0 "$@" \
     >"$out" 2>"$DEV_DATA/dev.err" &
   DEV_PID=$!
-  # `raftmq dev` prints "  NameServer        127.0.0.1:PORT" once the group has a leader,
-  # then one "  broker-a node N  HOST:PORT  pid P  log FILE  (role)" line per replica.
+  # `raftmq dev` prints "  NameServer        127.0.0.1:PORT" once every group has a
+  # leader, then one "  broker-a node N  HOST:PORT  pid P  log FILE  (role)" line per
+  # replica, and ends with a line saying "Ctrl-C stops the cluster".
   local nodes=0 deadline=$((SECONDS + 60))
   DEV_NAMESRV=""
   while :; do
     DEV_NAMESRV=$(awk '$1 == "NameServer" { print $2; exit }' "$out" 2>/dev/null || true)
     nodes=$(awk '$2 == "node" && $5 == "pid" { n++ } END { print n + 0 }' "$out" 2>/dev/null || echo 0)
-    [ -n "$DEV_NAMESRV" ] && [ "$nodes" -ge 3 ] && break
+    [ -n "$DEV_NAMESRV" ] && [ "$nodes" -ge 3 ] && grep -q 'Ctrl-C stops the cluster' "$out" 2>/dev/null && break
     kill -0 "$DEV_PID" 2>/dev/null || { echo "$LABEL: raftmq dev exited before the cluster was up" >&2; exit 1; }
     [ "$SECONDS" -lt "$deadline" ] || { echo "$LABEL: raftmq dev did not come up within 60 s" >&2; exit 1; }
     sleep 0.1

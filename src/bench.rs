@@ -216,7 +216,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let cluster = LocalCluster::start(LocalClusterOptions {
                 data_dir: data_dir.clone(),
                 namesrv: "127.0.0.1:0".into(),
-                group: "broker-a".into(),
+                groups: vec!["broker-a".into()],
                 broker_ports: vec![0, 0, 0],
                 flush: args.flush.clone(),
                 auto_create_topics: false,

@@ -14,6 +14,13 @@
 //!
 //! Consumers read every queue by offset (pull) rather than through a consumer
 //! group, so what is checked is the broker's log itself, not a rebalance.
+//!
+//! With several broker groups (the compose cluster runs broker-a and broker-b) the
+//! topics have queues on each, and the faults take turns over the groups: the
+//! k-th fault of a kind hits group (k + the kind's first position in `--faults`)
+//! mod the number of groups, so even a short schedule kills, pauses and cuts off
+//! leaders of every group; `kill-all` kills every broker of every group. Lost
+//! messages are counted across all groups.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -25,7 +32,7 @@ use anyhow::{Context, bail};
 use raftmq_client::{Client, ClientConfig, MessageExt};
 use raftmq_proto::v1 as pb;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
     /// SIGKILL the leader's container; start it again after --hold.
@@ -135,6 +142,8 @@ struct SendOp {
     key: Option<u32>,
     seq: u64,
     outcome: Outcome,
+    /// The broker group that acknowledged it (empty unless acknowledged).
+    group: String,
     /// Milliseconds since the run started.
     start_ms: u64,
     end_ms: u64,
@@ -152,6 +161,8 @@ struct Consumed {
 #[derive(Clone, Debug, serde::Serialize)]
 struct FaultEvent {
     fault: Fault,
+    /// The broker group hit (empty for `kill-all`, which hits every group).
+    group: String,
     targets: Vec<String>,
     injected_ms: u64,
     healed_ms: u64,
@@ -163,6 +174,8 @@ struct FaultEvent {
 struct Summary {
     sends: u64,
     acknowledged: u64,
+    /// Acknowledged sends per broker group: every group must have carried traffic.
+    acknowledged_per_group: BTreeMap<String, u64>,
     failed: u64,
     unknown: u64,
     consumed: u64,
@@ -293,15 +306,21 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let end = Instant::now() + Duration::from_secs(args.duration);
     let hold = Duration::from_secs_f64(args.hold);
     let mut i = 0usize;
+    let mut per_kind: HashMap<Fault, usize> = HashMap::new();
     while Instant::now() < end {
         let fault = args.faults[i % args.faults.len()];
         i += 1;
+        let kth = per_kind.entry(fault).or_default();
+        let first = args.faults.iter().position(|f| *f == fault).unwrap_or(0);
+        let group_turn = *kth + first;
+        *kth += 1;
         let next = Instant::now() + Duration::from_secs(args.interval);
-        match inject(&docker, &client, fault, hold, &run).await {
+        match inject(&docker, &client, fault, group_turn, hold, &run).await {
             Ok(e) => {
                 eprintln!(
-                    "chaos: {:?} on {:?} at {:.1}s, held {:.1}s",
+                    "chaos: {:?} on {} {:?} at {:.1}s, held {:.1}s",
                     e.fault,
+                    if e.group.is_empty() { "every group" } else { &e.group },
                     e.targets,
                     e.injected_ms as f64 / 1000.0,
                     (e.healed_ms - e.injected_ms) as f64 / 1000.0
@@ -402,6 +421,7 @@ async fn produce(client: Client, topic: String, key: Option<u32>, run: Arc<Run>)
             key,
             seq,
             outcome,
+            group: result.as_ref().map(|r| r.broker_group.clone()).unwrap_or_default(),
             start_ms,
             end_ms: run.ms(),
         });
@@ -531,19 +551,24 @@ async fn drain(client: &Client, topic: &str, queues: &[(String, u32)], run: &Run
     }
 }
 
+/// Applies `fault` to broker group `group_turn` (mod the number of groups, in name
+/// order), holds it, heals it.
 async fn inject(
     docker: &Docker,
     client: &Client,
     fault: Fault,
+    group_turn: usize,
     hold: Duration,
     run: &Run,
 ) -> anyhow::Result<FaultEvent> {
-    let status = client
+    let mut status = client
         .admin()
         .cluster_status()
         .await
         .context("reading the cluster status")?;
-    let group = status.first().context("no broker group")?;
+    anyhow::ensure!(!status.is_empty(), "no broker group");
+    status.sort_by(|a, b| a.broker_group.cmp(&b.broker_group));
+    let group = &status[group_turn % status.len()];
     let leader_ep = group.leader_endpoint.clone();
     let followers: Vec<String> = group
         .replicas
@@ -614,6 +639,11 @@ async fn inject(
     let healed_ms = run.ms();
     Ok(FaultEvent {
         fault,
+        group: if fault == Fault::KillAll {
+            String::new()
+        } else {
+            group.broker_group.clone()
+        },
         targets,
         injected_ms,
         healed_ms,
@@ -762,17 +792,19 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
     // Recovery: the first acknowledgement after the fault was in force. A killed,
     // paused or cut-off leader can acknowledge nothing after that point, so the ack
     // came from the new leader, whether its send started before or after the fault.
-    let mut acks: Vec<u64> = sends
+    // With several groups it is the faulted group's own first ack: the others
+    // acknowledge all along.
+    let mut acks: Vec<(u64, &str)> = sends
         .iter()
         .filter(|s| s.outcome == Outcome::Ok)
-        .map(|s| s.end_ms)
+        .map(|s| (s.end_ms, s.group.as_str()))
         .collect();
     acks.sort_unstable();
     for e in &mut events {
         e.recovery_ms = acks
             .iter()
-            .find(|end| **end > e.injected_ms)
-            .map(|end| end - e.injected_ms);
+            .find(|(end, g)| *end > e.injected_ms && (e.group.is_empty() || *g == e.group))
+            .map(|(end, _)| end - e.injected_ms);
     }
     let mut kills: Vec<u64> = events
         .iter()
@@ -781,9 +813,14 @@ fn check(run: &Run, mut events: Vec<FaultEvent>) -> Summary {
         .collect();
     kills.sort_unstable();
     let count = |o: Outcome| sends.iter().filter(|s| s.outcome == o).count() as u64;
+    let mut acknowledged_per_group = BTreeMap::new();
+    for s in sends.iter().filter(|s| s.outcome == Outcome::Ok) {
+        *acknowledged_per_group.entry(s.group.clone()).or_default() += 1;
+    }
     Summary {
         sends: sends.len() as u64,
         acknowledged: count(Outcome::Ok),
+        acknowledged_per_group,
         failed: count(Outcome::Failed),
         unknown: count(Outcome::Unknown),
         consumed: consumed.len() as u64,
@@ -814,12 +851,13 @@ fn print_summary(s: &Summary, args: &ChaosArgs) {
             ConsumerMode::Offset => "pull by offset",
         }
     );
-    println!("| fault | targets | at s | recovery ms |");
-    println!("| --- | --- | --- | --- |");
+    println!("| fault | group | targets | at s | recovery ms |");
+    println!("| --- | --- | --- | --- | --- |");
     for e in &s.faults {
         println!(
-            "| {:?} | {} | {:.1} | {} |",
+            "| {:?} | {} | {} | {:.1} | {} |",
             e.fault,
+            if e.group.is_empty() { "all" } else { &e.group },
             e.targets.join(" "),
             e.injected_ms as f64 / 1000.0,
             e.recovery_ms.map_or("none".to_owned(), |r| r.to_string())
@@ -846,6 +884,7 @@ fn print_summary(s: &Summary, args: &ChaosArgs) {
         s.kill_leader_recovery_ms_median.map_or("-".into(), |v| v.to_string()),
         s.kill_leader_recovery_ms_max.map_or("-".into(), |v| v.to_string())
     );
+    println!("acknowledged per broker group: {:?}", s.acknowledged_per_group);
     if !s.lost_values.is_empty() {
         println!("lost values (first 50): {:?}", s.lost_values);
     }

@@ -1,7 +1,8 @@
-//! A local cluster on one machine: an in-process NameServer and one broker group
-//! whose replicas are separate `raftmq broker` processes, supervised and restarted
-//! when they die. `raftmq dev` runs one on fixed ports; `raftmq bench` starts one on
-//! free ports when it is given no NameServer.
+//! A local cluster on one machine: an in-process NameServer and one or more broker
+//! groups whose replicas are separate `raftmq broker` processes, supervised and
+//! restarted when they die. `raftmq dev` runs one on fixed ports (`--groups N` for
+//! several groups); `raftmq bench` starts one on free ports when it is given no
+//! NameServer.
 //!
 //! Replicas are processes, not tasks, so that the tour can `kill -9` a leader and
 //! watch the group elect another, exactly as in a real deployment.
@@ -22,8 +23,10 @@ pub struct LocalClusterOptions {
     pub data_dir: PathBuf,
     /// The NameServer's address; port 0 picks a free one.
     pub namesrv: String,
-    pub group: String,
-    /// One port per replica; 0 picks a free one.
+    /// The broker groups, in order; each gets `broker_ports.len() / groups.len()`
+    /// replicas.
+    pub groups: Vec<String>,
+    /// One port per replica, group after group; 0 picks a free one.
     pub broker_ports: Vec<u16>,
     /// `sync` or `async` (passed to `raftmq broker --flush`).
     pub flush: String,
@@ -37,8 +40,13 @@ pub struct LocalClusterOptions {
     pub broker_args: Vec<String>,
 }
 
+/// A group's replicas by node id: (client address, Raft peer address).
+type Endpoints = BTreeMap<u64, (String, String)>;
+
 /// One supervised replica.
 pub struct Replica {
+    /// Its broker group (node ids are per group: every group has a node 1).
+    pub group: String,
     pub node_id: u64,
     pub endpoint: String,
     pub log_file: PathBuf,
@@ -49,7 +57,8 @@ pub struct Replica {
 /// A running local cluster; [`LocalCluster::stop`] stops it in order.
 pub struct LocalCluster {
     pub namesrv: String,
-    pub group: String,
+    pub groups: Vec<String>,
+    /// Every group's replicas, group after group.
     pub replicas: Vec<Replica>,
     token: CancellationToken,
     namesrv_task: tokio::task::JoinHandle<Result<(), raftmq_namesrv::Error>>,
@@ -107,99 +116,121 @@ impl LocalCluster {
             token.clone(),
         ));
 
+        anyhow::ensure!(
+            !opts.groups.is_empty(),
+            "a local cluster needs at least one broker group"
+        );
+        anyhow::ensure!(
+            !opts.broker_ports.is_empty() && opts.broker_ports.len().is_multiple_of(opts.groups.len()),
+            "{} broker port(s) cannot be split evenly among {} broker group(s)",
+            opts.broker_ports.len(),
+            opts.groups.len()
+        );
+        let per_group = opts.broker_ports.len() / opts.groups.len();
         // Each replica has a client port and a Raft peer port (DLedger's offset,
-        // 10911 -> 40911; any free one when the client port is any).
-        let mut endpoints = BTreeMap::new();
-        for (id, port) in (1u64..).zip(&opts.broker_ports) {
-            let addr = free_addr("127.0.0.1", *port)
-                .with_context(|| format!("broker replica {id}'s port (is another raftmq running?)"))?;
-            let raft_port = if *port == 0 {
-                0
-            } else {
-                port.saturating_add(raftmq_raft_store::RAFT_PORT_OFFSET)
-            };
-            let raft = free_addr("127.0.0.1", raft_port)
-                .with_context(|| format!("broker replica {id}'s Raft peer port (is another raftmq running?)"))?;
-            endpoints.insert(id, (addr.to_string(), raft.to_string()));
+        // 10911 -> 40911; any free one when the client port is any). All ports are
+        // bound once up front, so a clash is reported before anything starts.
+        let mut layout: Vec<(String, Endpoints)> = Vec::new();
+        for (group, ports) in opts.groups.iter().zip(opts.broker_ports.chunks(per_group)) {
+            let mut endpoints = BTreeMap::new();
+            for (id, port) in (1u64..).zip(ports) {
+                let addr = free_addr("127.0.0.1", *port)
+                    .with_context(|| format!("{group} replica {id}'s port (is another raftmq running?)"))?;
+                let raft_port = if *port == 0 {
+                    0
+                } else {
+                    port.saturating_add(raftmq_raft_store::RAFT_PORT_OFFSET)
+                };
+                let raft = free_addr("127.0.0.1", raft_port)
+                    .with_context(|| format!("{group} replica {id}'s Raft peer port (is another raftmq running?)"))?;
+                endpoints.insert(id, (addr.to_string(), raft.to_string()));
+            }
+            layout.push((group.clone(), endpoints));
         }
-        let peers = endpoints
-            .iter()
-            .map(|(id, (a, r))| format!("{id}={a}/{r}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        // One secret for every group of this cluster: it authenticates peers of
+        // the same cluster, and each signature also names its group.
         let secret_file = peer_secret_file(&opts.data_dir)?;
         // The replicas share this machine's cores: each with a worker per core
         // wakes threads across all of them for every Raft round. Measured on 2
         // cores, one worker per replica vs two, 5 interleaved pairs: one at a time
         // p50 0.86 vs 0.90 ms on average, 256 in flight 63.3k vs 58.3k msgs/s;
-        // consume and single-message RPCs within noise.
+        // consume and single-message RPCs within noise. With several groups the
+        // cores are split among all their replicas (at least one each).
         let workers = opts.worker_threads.unwrap_or_else(|| {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / endpoints.len().max(1)).max(1)
+            (cores / opts.broker_ports.len().max(1)).max(1)
         });
         let mut replicas = Vec::new();
-        for (&id, (endpoint, raft)) in &endpoints {
-            let name = format!("{}-{id}", opts.group);
-            let mut args: Vec<String> = vec![
-                "broker".into(),
-                "--group".into(),
-                opts.group.clone(),
-                "--node-id".into(),
-                id.to_string(),
-                "--listen".into(),
-                endpoint.clone(),
-                "--raft-listen".into(),
-                raft.clone(),
-                "--peer-secret-file".into(),
-                secret_file.display().to_string(),
-                "--data-dir".into(),
-                opts.data_dir.join(&name).display().to_string(),
-                "--namesrv".into(),
-                namesrv.clone(),
-                "--peers".into(),
-                peers.clone(),
-                "--auto-create-topics".into(),
-                opts.auto_create_topics.to_string(),
-                "--flush".into(),
-                opts.flush.clone(),
-                "--worker-threads".into(),
-                workers.to_string(),
-            ];
-            args.extend(opts.broker_args.iter().cloned());
-            let log_file = opts.data_dir.join(format!("{name}.log"));
-            let pid_file = opts.data_dir.join(format!("{name}.pid"));
-            let spec = Arc::new(ChildSpec {
-                exe: exe.clone(),
-                args,
-                log_file: log_file.clone(),
-                pid_file: pid_file.clone(),
-            });
-            // The supervisor thread spawns the process itself: PR_SET_PDEATHSIG fires
-            // when the spawning *thread* ends, and this thread lives as long as the
-            // replica is supervised.
-            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let supervisor = {
-                let (token, delay, name) = (token.clone(), opts.restart_delay, name.clone());
-                std::thread::Builder::new()
-                    .name(format!("supervise-{name}"))
-                    .spawn(move || supervise(name, spec, token, delay, ready_tx))?
-            };
-            ready_rx
-                .await
-                .context("replica supervisor ended before starting it")?
-                .with_context(|| format!("starting replica {name}"))?;
-            replicas.push(Replica {
-                node_id: id,
-                endpoint: endpoint.clone(),
-                log_file,
-                pid_file,
-                supervisor,
-            });
+        for (group, endpoints) in &layout {
+            let peers = endpoints
+                .iter()
+                .map(|(id, (a, r))| format!("{id}={a}/{r}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            for (&id, (endpoint, raft)) in endpoints {
+                let name = format!("{group}-{id}");
+                let mut args: Vec<String> = vec![
+                    "broker".into(),
+                    "--group".into(),
+                    group.clone(),
+                    "--node-id".into(),
+                    id.to_string(),
+                    "--listen".into(),
+                    endpoint.clone(),
+                    "--raft-listen".into(),
+                    raft.clone(),
+                    "--peer-secret-file".into(),
+                    secret_file.display().to_string(),
+                    "--data-dir".into(),
+                    opts.data_dir.join(&name).display().to_string(),
+                    "--namesrv".into(),
+                    namesrv.clone(),
+                    "--peers".into(),
+                    peers.clone(),
+                    "--auto-create-topics".into(),
+                    opts.auto_create_topics.to_string(),
+                    "--flush".into(),
+                    opts.flush.clone(),
+                    "--worker-threads".into(),
+                    workers.to_string(),
+                ];
+                args.extend(opts.broker_args.iter().cloned());
+                let log_file = opts.data_dir.join(format!("{name}.log"));
+                let pid_file = opts.data_dir.join(format!("{name}.pid"));
+                let spec = Arc::new(ChildSpec {
+                    exe: exe.clone(),
+                    args,
+                    log_file: log_file.clone(),
+                    pid_file: pid_file.clone(),
+                });
+                // The supervisor thread spawns the process itself: PR_SET_PDEATHSIG fires
+                // when the spawning *thread* ends, and this thread lives as long as the
+                // replica is supervised.
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+                let supervisor = {
+                    let (token, delay, name) = (token.clone(), opts.restart_delay, name.clone());
+                    std::thread::Builder::new()
+                        .name(format!("supervise-{name}"))
+                        .spawn(move || supervise(name, spec, token, delay, ready_tx))?
+                };
+                ready_rx
+                    .await
+                    .context("replica supervisor ended before starting it")?
+                    .with_context(|| format!("starting replica {name}"))?;
+                replicas.push(Replica {
+                    group: group.clone(),
+                    node_id: id,
+                    endpoint: endpoint.clone(),
+                    log_file,
+                    pid_file,
+                    supervisor,
+                });
+            }
         }
         stop_on_error.disarm();
         Ok(LocalCluster {
             namesrv,
-            group: opts.group,
+            groups: opts.groups,
             replicas,
             token,
             namesrv_task,
@@ -211,30 +242,37 @@ impl LocalCluster {
         self.token.clone()
     }
 
-    /// Waits until the NameServer names a leader for the group and that leader
-    /// reports itself as such; returns the leader's node id.
-    pub async fn wait_for_leader(&self, within: Duration) -> anyhow::Result<u64> {
+    /// Waits until the NameServer names a leader for every group and that leader
+    /// reports itself as such; returns each group's leader node id.
+    pub async fn wait_for_leaders(&self, within: Duration) -> anyhow::Result<BTreeMap<String, u64>> {
         let client = raftmq_client::Client::new(raftmq_client::ClientConfig::new(vec![self.namesrv.clone()]))?;
         let admin = client.admin();
         let deadline = Instant::now() + within;
         loop {
             let last = match admin.cluster_status().await {
-                Ok(groups) => {
-                    match groups
+                Ok(status) => {
+                    let leaders: BTreeMap<String, u64> = status
                         .iter()
-                        .find(|g| g.broker_group == self.group)
-                        .and_then(|g| g.leader_id)
-                    {
-                        Some(leader) => return Ok(leader),
-                        None => "no leader yet".to_owned(),
+                        .filter(|g| self.groups.contains(&g.broker_group))
+                        .filter_map(|g| Some((g.broker_group.clone(), g.leader_id?)))
+                        .collect();
+                    if leaders.len() == self.groups.len() {
+                        return Ok(leaders);
                     }
+                    let missing: Vec<&str> = self
+                        .groups
+                        .iter()
+                        .filter(|g| !leaders.contains_key(*g))
+                        .map(String::as_str)
+                        .collect();
+                    format!("no leader yet in {}", missing.join(", "))
                 }
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
                 anyhow::bail!(
-                    "broker group {} has no leader after {within:?} ({last}); replica logs: {}",
-                    self.group,
+                    "broker groups {} have no leader after {within:?} ({last}); replica logs: {}",
+                    self.groups.join(", "),
                     self.replicas
                         .iter()
                         .map(|r| r.log_file.display().to_string())
@@ -244,6 +282,16 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// [`LocalCluster::wait_for_leaders`], returning the first group's leader (for
+    /// callers that run one group).
+    pub async fn wait_for_leader(&self, within: Duration) -> anyhow::Result<u64> {
+        let leaders = self.wait_for_leaders(within).await?;
+        self.groups
+            .first()
+            .and_then(|g| leaders.get(g).copied())
+            .context("the local cluster has no broker group")
     }
 
     /// Stops every replica (SIGTERM, then SIGKILL after a grace period) and the

@@ -8,6 +8,9 @@ mod chaos_lifecycle;
 mod chaos_txn;
 mod failover_bench;
 mod local;
+mod settings;
+#[cfg(test)]
+mod settings_tests;
 mod tools;
 
 use std::net::SocketAddr;
@@ -37,9 +40,10 @@ enum Command {
     Broker(Box<BrokerArgs>),
     /// Run a whole local cluster: a NameServer and a 3-replica broker group.
     Dev(DevArgs),
-    /// Administer a cluster: topics, cluster status, consumer groups, messages.
+    /// Administer a cluster: topics, cluster status, consumer groups, messages,
+    /// replicas and leadership.
     #[command(subcommand)]
-    Admin(AdminCommand),
+    Admin(AdminCli),
     /// Send a bounded number of messages and report what happened.
     Produce(ProduceArgs),
     /// Print messages of one queue from an offset.
@@ -56,75 +60,95 @@ enum Command {
     Store(StoreCommand),
 }
 
+/// Settings of `raftmq namesrv`: the NameServer's config struct, filled from
+/// defaults < `--config` file < `RAFTMQ_NAMESRV_*` environment < flags.
 #[derive(clap::Args)]
 struct NamesrvArgs {
-    /// Address to listen on.
-    #[arg(long, env = "RAFTMQ_NAMESRV_LISTEN", default_value = "127.0.0.1:9876")]
-    listen: SocketAddr,
-    /// A broker node silent for this long is dropped from routes.
-    #[arg(long, env = "RAFTMQ_BROKER_TIMEOUT_MS", default_value_t = 10_000)]
-    broker_timeout_ms: u64,
-    /// Heartbeat interval the NameServer asks broker nodes to keep.
-    #[arg(long, env = "RAFTMQ_HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
-    heartbeat_interval_ms: u64,
+    /// A TOML file of settings (`--print-config` lists every key with its default).
+    #[arg(long, env = "RAFTMQ_NAMESRV_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:9876).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// A broker node silent for this long is dropped from routes (default 10000).
+    #[arg(long)]
+    broker_timeout_ms: Option<u64>,
+    /// Heartbeat interval the NameServer asks broker nodes to keep (default 2000).
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// Any setting as KEY=VALUE, e.g. `--set broker_timeout=30s` (repeatable; wins over the other flags).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the effective settings as TOML (every key, defaults included) and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
-/// Settings of `raftmq broker`. Precedence: defaults < `--config` file < env < flags.
+/// Settings of `raftmq broker`: the flags for the common settings. Every setting
+/// (these and all others) lives in `RaftNodeConfig`, filled from defaults <
+/// `--config` file < `RAFTMQ_*` environment < flags (see `settings`).
 #[derive(clap::Args, Default)]
 struct BrokerArgs {
-    /// A TOML file with any of the settings below (same names, snake_case).
+    /// A TOML file of settings (`--print-config` lists every key with its default).
     #[arg(long, env = "RAFTMQ_CONFIG")]
     config: Option<PathBuf>,
     /// Broker group (Raft group) this replica belongs to, e.g. broker-a.
-    #[arg(long, env = "RAFTMQ_GROUP")]
+    #[arg(long)]
     group: Option<String>,
-    #[arg(long, env = "RAFTMQ_NODE_ID")]
+    #[arg(long)]
     node_id: Option<u64>,
     /// Address the client API listens on.
-    #[arg(long, env = "RAFTMQ_LISTEN")]
+    #[arg(long)]
     listen: Option<SocketAddr>,
     /// host:port clients dial (defaults to --listen).
-    #[arg(long, env = "RAFTMQ_ADVERTISE")]
+    #[arg(long)]
     advertise: Option<String>,
     /// Address the Raft peer port listens on (default: --listen's port + 30000,
     /// DLedger's convention: 10911 -> 40911). Only the group's replicas use it.
-    #[arg(long, env = "RAFTMQ_RAFT_LISTEN")]
+    #[arg(long)]
     raft_listen: Option<SocketAddr>,
     /// host:port peers dial for Raft (default: --advertise's host, port + 30000).
-    #[arg(long, env = "RAFTMQ_RAFT_ADVERTISE")]
+    #[arg(long)]
     raft_advertise: Option<String>,
     /// File holding the group's peer secret (at least 16 bytes; surrounding
     /// whitespace ignored), the same on every replica. Raft RPCs are signed with
     /// it. The environment variable RAFTMQ_PEER_SECRET may give the secret itself
     /// instead (never a flag: command lines are visible to every local user).
-    #[arg(long, env = "RAFTMQ_PEER_SECRET_FILE")]
+    #[arg(long)]
     peer_secret_file: Option<PathBuf>,
     /// Campaign at once when the leader's connections close and it no longer
     /// answers (default true); false leaves a dead leader to the election timeout.
-    #[arg(long, env = "RAFTMQ_FAST_FAILOVER")]
+    #[arg(long)]
     fast_failover: Option<bool>,
-    #[arg(long, env = "RAFTMQ_DATA_DIR")]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
     /// NameServers to register with, comma-separated.
-    #[arg(long, env = "RAFTMQ_NAMESRV", value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',')]
     namesrv: Option<Vec<String>>,
     /// The group's initial members as id=host:port (the client address; the Raft
     /// address is then port + 30000) or id=host:port/raft_host:raft_port,
     /// comma-separated; the lowest id forms the group on its first start.
-    #[arg(long, env = "RAFTMQ_PEERS", value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
     /// Create unknown topics on first send (off in production).
-    #[arg(long, env = "RAFTMQ_AUTO_CREATE_TOPICS")]
+    #[arg(long)]
     auto_create_topics: Option<bool>,
     /// sync: acknowledge after fdatasync (default); async: before it.
-    #[arg(long, env = "RAFTMQ_FLUSH")]
+    #[arg(long)]
     flush: Option<String>,
     /// Async worker threads (default: one per core). Replicas sharing a machine do
     /// better with the cores split among them (`raftmq dev` does that).
-    #[arg(long, env = "RAFTMQ_WORKER_THREADS")]
+    #[arg(long)]
     worker_threads: Option<usize>,
     #[command(flatten)]
     transactions: TransactionTiming,
+    /// Any setting as KEY=VALUE, e.g. `--set messaging.max_body_bytes=1048576`
+    /// (repeatable; wins over the other flags).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the effective settings as TOML (every key, defaults included) and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 /// When the leader asks producers about unresolved transactions.
@@ -132,13 +156,13 @@ struct BrokerArgs {
 struct TransactionTiming {
     /// First check of a transaction nobody ended, after its half message was
     /// stored (default 6000, RocketMQ's).
-    #[arg(long, env = "RAFTMQ_TRANSACTION_FIRST_CHECK_MS")]
+    #[arg(long)]
     transaction_first_check_ms: Option<u64>,
     /// Between later checks (default 30000).
-    #[arg(long, env = "RAFTMQ_TRANSACTION_CHECK_INTERVAL_MS")]
+    #[arg(long)]
     transaction_check_interval_ms: Option<u64>,
     /// Checks before an unresolved transaction is rolled back and counted (default 15).
-    #[arg(long, env = "RAFTMQ_TRANSACTION_MAX_CHECKS")]
+    #[arg(long)]
     transaction_max_checks: Option<u32>,
 }
 
@@ -168,29 +192,6 @@ impl TransactionTiming {
     }
 }
 
-/// The `--config` file of `raftmq broker`.
-#[derive(serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct BrokerFile {
-    group: Option<String>,
-    node_id: Option<u64>,
-    listen: Option<SocketAddr>,
-    advertise: Option<String>,
-    raft_listen: Option<SocketAddr>,
-    raft_advertise: Option<String>,
-    peer_secret_file: Option<PathBuf>,
-    fast_failover: Option<bool>,
-    data_dir: Option<PathBuf>,
-    namesrv: Option<Vec<String>>,
-    peers: Option<Vec<String>>,
-    auto_create_topics: Option<bool>,
-    flush: Option<String>,
-    worker_threads: Option<usize>,
-    transaction_first_check_ms: Option<u64>,
-    transaction_check_interval_ms: Option<u64>,
-    transaction_max_checks: Option<u32>,
-}
-
 #[derive(clap::Args)]
 struct NamesrvAddr {
     /// NameServer address(es), comma-separated.
@@ -214,11 +215,16 @@ struct DevArgs {
     /// The NameServer's address (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:9876")]
     namesrv_listen: String,
-    /// The three replicas' ports on 127.0.0.1 (0: any free port). The group's
-    /// membership is fixed on the first run: keep the ports for later runs.
-    #[arg(long, value_delimiter = ',', default_value = "10911,10912,10913")]
-    broker_ports: Vec<u16>,
-    /// Async worker threads per replica (default: the cores split among the three).
+    /// Broker groups to run (broker-a, broker-b, ...), each of three replicas.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=26))]
+    groups: u16,
+    /// The replicas' ports on 127.0.0.1, three per group, group after group
+    /// (default: group k, from 0, on 10911+10k..10913+10k); a single 0 picks free
+    /// ports for all. A group's membership is fixed on the first run: keep the
+    /// ports for later runs.
+    #[arg(long, value_delimiter = ',')]
+    broker_ports: Option<Vec<u16>>,
+    /// Async worker threads per replica (default: the cores split among all replicas).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
     #[command(flatten)]
@@ -369,6 +375,158 @@ impl From<TxnAnswer> for raftmq_client::TransactionResolution {
     }
 }
 
+/// `raftmq admin`: the commands run in `tools.rs`, and membership changes.
+#[derive(Subcommand)]
+enum AdminCli {
+    #[command(flatten)]
+    Tools(AdminCommand),
+    /// A broker group's replicas: add one (learner, catch-up, promotion), remove one.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+    /// A broker group's leadership.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Add a replica (started fresh, e.g. `raftmq broker` without --peers):
+    /// it joins as a learner, catches up, then becomes a voter.
+    Add {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        /// The broker group to grow.
+        #[arg(long)]
+        broker_group: String,
+        /// The new replica's id (`--node-id` it was started with); prefer one
+        /// the group never used.
+        #[arg(long)]
+        node_id: u64,
+        /// The new replica's client address (host:port).
+        #[arg(long)]
+        endpoint: String,
+        /// Its Raft address; default: the client port + 30000.
+        #[arg(long)]
+        raft_endpoint: Option<String>,
+        /// How long it may take to catch up before the call gives up (it stays
+        /// a learner; running the command again resumes).
+        #[arg(long, default_value_t = 60)]
+        catch_up_timeout_secs: u64,
+    },
+    /// Remove a replica (voter or learner); the leader itself may be removed.
+    Remove {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        /// The broker group to shrink.
+        #[arg(long)]
+        broker_group: String,
+        /// The replica to remove.
+        #[arg(long)]
+        node_id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeaderCommand {
+    /// Hand leadership to a voter (`--to`), or to the most caught-up other voter.
+    Transfer {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        /// The broker group whose leadership moves.
+        #[arg(long)]
+        broker_group: String,
+        /// The voter to lead next.
+        #[arg(long)]
+        to: Option<u64>,
+        /// How long to wait for the new leader.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
+}
+
+/// Prints a membership as the replica commands report it.
+fn print_membership(m: &raftmq_proto::v1::MembershipView) {
+    println!(
+        "broker group {} membership at log index {}{}:",
+        m.broker_group,
+        m.log_index,
+        if m.committed {
+            " (committed)"
+        } else {
+            " (not yet committed)"
+        }
+    );
+    for member in &m.members {
+        println!(
+            "  node {}  {}  raft {}  {}",
+            member.node_id,
+            member.endpoint,
+            member.raft_endpoint,
+            if member.voter { "voter" } else { "learner" }
+        );
+    }
+}
+
+async fn run_membership_admin(cmd: AdminCli) -> anyhow::Result<()> {
+    match cmd {
+        AdminCli::Tools(cmd) => tools::run_admin(cmd).await,
+        AdminCli::Replica(ReplicaCommand::Add {
+            namesrv,
+            broker_group,
+            node_id,
+            endpoint,
+            raft_endpoint,
+            catch_up_timeout_secs,
+        }) => {
+            let m = tools::client(namesrv)?
+                .admin()
+                .add_replica(
+                    &broker_group,
+                    node_id,
+                    &endpoint,
+                    raft_endpoint.as_deref(),
+                    Duration::from_secs(catch_up_timeout_secs),
+                )
+                .await
+                .with_context(|| format!("adding node {node_id} ({endpoint}) to broker group {broker_group}"))?;
+            println!("node {node_id} added to broker group {broker_group} as a voter");
+            print_membership(&m);
+            Ok(())
+        }
+        AdminCli::Replica(ReplicaCommand::Remove {
+            namesrv,
+            broker_group,
+            node_id,
+        }) => {
+            let m = tools::client(namesrv)?
+                .admin()
+                .remove_replica(&broker_group, node_id)
+                .await
+                .with_context(|| format!("removing node {node_id} from broker group {broker_group}"))?;
+            println!("node {node_id} removed from broker group {broker_group}; it stops serving and can be shut down");
+            print_membership(&m);
+            Ok(())
+        }
+        AdminCli::Leader(LeaderCommand::Transfer {
+            namesrv,
+            broker_group,
+            to,
+            timeout_secs,
+        }) => {
+            let r = tools::client(namesrv)?
+                .admin()
+                .transfer_leader(&broker_group, to, Duration::from_secs(timeout_secs))
+                .await
+                .with_context(|| format!("transferring the leadership of broker group {broker_group}"))?;
+            println!(
+                "broker group {broker_group} is led by node {} ({}) in term {}",
+                r.leader_id, r.leader_endpoint, r.term
+            );
+            Ok(())
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum AdminCommand {
     /// Broker groups, their leaders and replicas, as each group's leader reports them.
@@ -411,7 +569,9 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum TopicCommand {
-    /// Create a topic (or update its queue count or message type) on every broker group.
+    /// Create a topic (or update its queue count or message type) on every broker
+    /// group, or on the --groups named. Run again with a group the topic is not on
+    /// yet to extend it there (clients route to it after their next route refresh).
     Create {
         #[command(flatten)]
         namesrv: NamesrvAddr,
@@ -419,6 +579,9 @@ enum TopicCommand {
         topic: String,
         #[arg(long, default_value_t = 4)]
         queues: u32,
+        /// Broker groups to create it on, comma-separated (default: every live group).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
         /// Which messages RocketMQ 5 clients may send to the topic (mixed: any).
         /// Default: normal for a new topic; an existing topic keeps its type
         /// unless this is given, so changing --queues never changes what it accepts.
@@ -571,31 +734,43 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let command = cli.command;
-    // A broker's config file may set its worker count, which the runtime needs
-    // before anything runs; other subcommands take tokio's default (one per core).
-    let (broker_file, workers) = match &command {
+    // Server settings are read before the runtime exists: a broker's may set its
+    // worker count. Other subcommands take tokio's default (one per core).
+    let mut broker = None;
+    let mut namesrv = None;
+    let mut workers = 0;
+    match &command {
         Command::Broker(args) => {
-            let file = read_broker_file(args.config.as_deref())?;
-            let workers = args.worker_threads.or(file.worker_threads);
-            (Some(file), workers)
+            let config = broker_settings(args, &std::env::vars().collect::<Vec<_>>())?;
+            if args.print_config {
+                print!("{}", toml::to_string_pretty(&config).context("printing the settings")?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            workers = config.worker_threads;
+            broker = Some(config);
         }
-        _ => (None, None),
-    };
+        Command::Namesrv(args) => {
+            let config = namesrv_settings(args, &std::env::vars().collect::<Vec<_>>())?;
+            if args.print_config {
+                print!("{}", toml::to_string_pretty(&config).context("printing the settings")?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            namesrv = Some(config);
+        }
+        _ => {}
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        anyhow::ensure!(
-            (1..=1024).contains(&n),
-            "invalid worker_threads = {n}: must be between 1 and 1024"
-        );
-        builder.worker_threads(n);
+    if workers > 0 {
+        builder.worker_threads(workers);
     }
     let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         match command {
-            Command::Namesrv(args) => done(run_namesrv(args).await),
-            Command::Broker(args) => done(run_broker(*args, broker_file.unwrap_or_default()).await),
+            Command::Namesrv(_) => done(run_namesrv(namesrv.context("NameServer settings were not read")?).await),
+            Command::Broker(_) => done(run_broker(broker.context("broker settings were not read")?).await),
             Command::Dev(args) => done(run_dev(args).await),
-            Command::Admin(cmd) => done(tools::run_admin(cmd).await),
+            Command::Admin(AdminCli::Tools(cmd)) => done(tools::run_admin(cmd).await),
+            Command::Admin(cmd) => done(run_membership_admin(cmd).await),
             Command::Produce(args) => tools::run_produce(args).await,
             Command::Pull(args) => done(tools::run_pull(args).await),
             Command::Store(StoreCommand::Verify { data_dir }) => done(tools::verify_store(data_dir).await),
@@ -635,15 +810,46 @@ fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     });
 }
 
-async fn run_namesrv(args: NamesrvArgs) -> anyhow::Result<()> {
-    let config = raftmq_namesrv::NameServerConfig {
-        broker_timeout: Duration::from_millis(args.broker_timeout_ms),
-        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
-    };
-    config.validate()?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+/// Old NameServer keys, still read.
+const NAMESRV_LEGACY: &[(&str, settings::Legacy)] = &[
+    ("broker_timeout_ms", settings::Legacy::Millis("broker_timeout")),
+    ("heartbeat_interval_ms", settings::Legacy::Millis("heartbeat_interval")),
+];
+
+/// The NameServer's settings: defaults < `--config` < `RAFTMQ_NAMESRV_*` < flags.
+fn namesrv_settings(args: &NamesrvArgs, env: &[(String, String)]) -> anyhow::Result<raftmq_namesrv::NameServerConfig> {
+    let mut layers = settings::Layers::new(
+        &raftmq_namesrv::NameServerConfig::default(),
+        "RAFTMQ_NAMESRV_",
+        NAMESRV_LEGACY,
+    )?;
+    if let Some(path) = &args.config {
+        layers.file(path)?;
+    }
+    layers.env(env.iter().cloned(), &["config"])?;
+    if let Some(listen) = args.listen {
+        layers.flag("listen", listen.to_string(), "--listen")?;
+    }
+    if let Some(ms) = args.broker_timeout_ms {
+        layers.flag("broker_timeout", format!("{ms}ms"), "--broker-timeout-ms")?;
+    }
+    if let Some(ms) = args.heartbeat_interval_ms {
+        layers.flag("heartbeat_interval", format!("{ms}ms"), "--heartbeat-interval-ms")?;
+    }
+    for assignment in &args.set {
+        layers.set(assignment)?;
+    }
+    let config: raftmq_namesrv::NameServerConfig = layers.extract()?;
+    if !args.print_config {
+        config.validate()?;
+    }
+    Ok(config)
+}
+
+async fn run_namesrv(config: raftmq_namesrv::NameServerConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding the NameServer to {}", args.listen))?;
+        .with_context(|| format!("binding the NameServer to {}", config.listen))?;
     let token = tokio_util::sync::CancellationToken::new();
     cancel_on_signal(token.clone());
     println!("NameServer listening on {}", listener.local_addr()?);
@@ -651,19 +857,42 @@ async fn run_namesrv(args: NamesrvArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-const DEV_GROUP: &str = "broker-a";
+/// `raftmq dev`'s replicas per broker group.
+const DEV_REPLICAS: usize = 3;
+
+/// The name of `raftmq dev`'s group `k` (from 0): broker-a, broker-b, ...
+fn dev_group_name(k: u16) -> String {
+    format!("broker-{}", char::from(b'a' + (k % 26) as u8))
+}
+
+/// `raftmq dev`'s replica ports: as given (three per group, or one 0 for free
+/// ports), else group k's on 10911+10k..10913+10k.
+fn dev_broker_ports(groups: u16, given: Option<&[u16]>) -> anyhow::Result<Vec<u16>> {
+    let want = usize::from(groups) * DEV_REPLICAS;
+    match given {
+        None => Ok((0..groups)
+            .flat_map(|k| (0..DEV_REPLICAS as u16).map(move |r| 10911 + 10 * k + r))
+            .collect()),
+        Some([0]) => Ok(vec![0; want]),
+        Some(ports) => {
+            anyhow::ensure!(
+                ports.len() == want,
+                "--broker-ports needs {want} ports ({DEV_REPLICAS} per group for {groups} group(s)) or a single 0, got {}",
+                ports.len()
+            );
+            Ok(ports.to_vec())
+        }
+    }
+}
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.broker_ports.len() == 3,
-        "--broker-ports needs three ports (one per replica), got {}",
-        args.broker_ports.len()
-    );
+    let broker_ports = dev_broker_ports(args.groups, args.broker_ports.as_deref())?;
+    let groups: Vec<String> = (0..args.groups).map(dev_group_name).collect();
     let cluster = local::LocalCluster::start(local::LocalClusterOptions {
         data_dir: args.data_dir.clone(),
         namesrv: args.namesrv_listen.clone(),
-        group: DEV_GROUP.to_owned(),
-        broker_ports: args.broker_ports.clone(),
+        groups: groups.clone(),
+        broker_ports,
         flush: args.flush,
         // First contact should not need an admin step before the first send.
         auto_create_topics: true,
@@ -675,28 +904,40 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     let token = cluster.token();
     cancel_on_signal(token.clone());
     let leader = tokio::select! {
-        l = cluster.wait_for_leader(Duration::from_secs(30)) => Some(l),
+        l = cluster.wait_for_leaders(Duration::from_secs(30)) => Some(l),
         _ = token.cancelled() => None,
     };
     match leader {
-        Some(Ok(leader)) => {
+        Some(Ok(leaders)) => {
             println!("raftmq dev cluster is up (data under {}):", args.data_dir.display());
             println!("  NameServer        {}", cluster.namesrv);
             for r in &cluster.replicas {
-                let role = if r.node_id == leader { "leader" } else { "follower" };
+                let role = if leaders.get(&r.group) == Some(&r.node_id) {
+                    "leader"
+                } else {
+                    "follower"
+                };
                 let pid = std::fs::read_to_string(&r.pid_file).unwrap_or_default();
                 println!(
-                    "  {DEV_GROUP} node {}  {}  pid {:<8} log {}  ({role})",
+                    "  {} node {}  {}  pid {:<8} log {}  ({role})",
+                    r.group,
                     r.node_id,
                     r.endpoint,
                     pid.trim(),
                     r.log_file.display()
                 );
             }
+            if groups.len() > 1 {
+                println!(
+                    "Broker groups {}: topics created on first send or with `raftmq admin topic create` get queues on each.",
+                    groups.join(", ")
+                );
+            }
             println!("Topics are created on first send. A killed replica is restarted after 3 s; its pid file");
             println!(
-                "is {}/{DEV_GROUP}-N.pid. Ctrl-C stops the cluster.",
-                args.data_dir.display()
+                "is {}/<group>-N.pid (e.g. {}-1.pid). Ctrl-C stops the cluster.",
+                args.data_dir.display(),
+                groups[0]
             );
             token.cancelled().await;
         }
@@ -747,13 +988,13 @@ fn parse_peer(p: &str) -> anyhow::Result<(u64, raftmq_raft_store::BrokerNode)> {
 }
 
 /// The peer secret: RAFTMQ_PEER_SECRET, or the file's contents.
-fn read_peer_secret(file: Option<&std::path::Path>) -> anyhow::Result<raftmq_broker::PeerSecret> {
-    let secret = match (std::env::var("RAFTMQ_PEER_SECRET"), file) {
-        (Ok(value), _) => value,
-        (Err(_), Some(path)) => {
+fn read_peer_secret(env: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<raftmq_broker::PeerSecret> {
+    let secret = match (env, file) {
+        (Some(value), _) => value.to_owned(),
+        (None, Some(path)) => {
             std::fs::read_to_string(path).with_context(|| format!("reading the peer secret from {}", path.display()))?
         }
-        (Err(_), None) => anyhow::bail!(
+        (None, None) => anyhow::bail!(
             "a peer secret is required (Raft peers authenticate with it): set peer_secret_file, \
              --peer-secret-file or RAFTMQ_PEER_SECRET, the same on every replica of the group"
         ),
@@ -761,75 +1002,182 @@ fn read_peer_secret(file: Option<&std::path::Path>) -> anyhow::Result<raftmq_bro
     Ok(raftmq_broker::PeerSecret::new(secret.trim().as_bytes().to_vec()))
 }
 
-/// The broker's `--config` file, or every setting unset without one.
-fn read_broker_file(path: Option<&std::path::Path>) -> anyhow::Result<BrokerFile> {
-    match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-        }
-        None => Ok(BrokerFile::default()),
+/// Broker keys from before the settings had tables, still read.
+const BROKER_LEGACY: &[(&str, settings::Legacy)] = &[
+    (
+        "auto_create_topics",
+        settings::Legacy::Renamed("messaging.auto_create_topics"),
+    ),
+    ("flush", settings::Legacy::Renamed("store.flush")),
+    ("fast_failover", settings::Legacy::Renamed("fast_failover.enabled")),
+    (
+        "transaction_first_check_ms",
+        settings::Legacy::Millis("messaging.transaction_first_check"),
+    ),
+    (
+        "transaction_check_interval_ms",
+        settings::Legacy::Millis("messaging.transaction_check_interval"),
+    ),
+    (
+        "transaction_max_checks",
+        settings::Legacy::Renamed("messaging.transaction_max_checks"),
+    ),
+];
+
+/// A broker's settings: defaults < `--config` < `RAFTMQ_*` < flags, then the
+/// addresses derived from others and the peer secret, validated. With
+/// `--print-config` nothing is required, so the defaults can be listed.
+fn broker_settings(args: &BrokerArgs, env: &[(String, String)]) -> anyhow::Result<raftmq_broker::RaftNodeConfig> {
+    use raftmq_broker::RaftNodeConfig;
+
+    let mut layers = settings::Layers::new(&RaftNodeConfig::default(), "RAFTMQ_", BROKER_LEGACY)?;
+    if let Some(path) = &args.config {
+        layers.file(path)?;
     }
-}
-
-async fn run_broker(args: BrokerArgs, file: BrokerFile) -> anyhow::Result<()> {
-    use raftmq_broker::{RaftNode, RaftNodeConfig};
-    use raftmq_raft_store::{BrokerNode, FlushMode};
-
-    let group = args
-        .group
-        .or(file.group)
-        .context("--group (or group in the config file) is required")?;
-    let node_id = args.node_id.or(file.node_id).context("--node-id is required")?;
-    let listen = args.listen.or(file.listen).context("--listen is required")?;
-    let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.to_string());
-    let raft_listen: SocketAddr = match args.raft_listen.or(file.raft_listen) {
+    layers.env(env.iter().cloned(), &["config", "peer_secret"])?;
+    let strings = [
+        ("group", &args.group, "--group"),
+        ("advertise", &args.advertise, "--advertise"),
+        ("raft_advertise", &args.raft_advertise, "--raft-advertise"),
+        ("flush", &args.flush, "--flush"),
+    ];
+    for (key, value, flag) in strings {
+        if let Some(v) = value {
+            layers.flag(key, v.clone(), flag)?;
+        }
+    }
+    let addrs = [
+        ("listen", args.listen, "--listen"),
+        ("raft_listen", args.raft_listen, "--raft-listen"),
+    ];
+    for (key, value, flag) in addrs {
+        if let Some(v) = value {
+            layers.flag(key, v.to_string(), flag)?;
+        }
+    }
+    let paths = [
+        ("data_dir", &args.data_dir, "--data-dir"),
+        ("peer_secret_file", &args.peer_secret_file, "--peer-secret-file"),
+    ];
+    for (key, value, flag) in paths {
+        if let Some(v) = value {
+            layers.flag(key, v.display().to_string(), flag)?;
+        }
+    }
+    let lists = [
+        ("namesrv", &args.namesrv, "--namesrv"),
+        ("peers", &args.peers, "--peers"),
+    ];
+    for (key, value, flag) in lists {
+        if let Some(v) = value {
+            layers.flag(key, v.clone(), flag)?;
+        }
+    }
+    let bools = [
+        ("fast_failover", args.fast_failover, "--fast-failover"),
+        ("auto_create_topics", args.auto_create_topics, "--auto-create-topics"),
+    ];
+    for (key, value, flag) in bools {
+        if let Some(v) = value {
+            layers.flag(key, v, flag)?;
+        }
+    }
+    let to_i64 = |n: u64| i64::try_from(n).context("number out of range");
+    if let Some(id) = args.node_id {
+        layers.flag("node_id", to_i64(id)?, "--node-id")?;
+    }
+    if let Some(n) = args.worker_threads {
+        layers.flag("worker_threads", to_i64(n as u64)?, "--worker-threads")?;
+    }
+    let t = &args.transactions;
+    let timing = [
+        (
+            "transaction_first_check_ms",
+            t.transaction_first_check_ms,
+            "--transaction-first-check-ms",
+        ),
+        (
+            "transaction_check_interval_ms",
+            t.transaction_check_interval_ms,
+            "--transaction-check-interval-ms",
+        ),
+        (
+            "transaction_max_checks",
+            t.transaction_max_checks.map(u64::from),
+            "--transaction-max-checks",
+        ),
+    ];
+    for (key, value, flag) in timing {
+        if let Some(v) = value {
+            layers.flag(key, to_i64(v)?, flag)?;
+        }
+    }
+    for assignment in &args.set {
+        layers.set(assignment)?;
+    }
+    if args.print_config {
+        return layers.extract();
+    }
+    for (key, env) in [
+        ("node_id", "RAFTMQ_NODE_ID"),
+        ("group", "RAFTMQ_GROUP"),
+        ("data_dir", "RAFTMQ_DATA_DIR"),
+        ("listen", "RAFTMQ_LISTEN"),
+    ] {
+        anyhow::ensure!(
+            layers.is_set(key),
+            "setting {key} is required: give it in the config file, as {env} or as --{}",
+            key.replace('_', "-")
+        );
+    }
+    let mut config: RaftNodeConfig = layers.extract()?;
+    let listen = config.listen.context("setting listen is required")?;
+    if config.advertise_addr.is_empty() {
+        config.advertise_addr = listen.to_string();
+    }
+    let raft_listen: SocketAddr = match config.raft_listen {
         Some(addr) => addr,
         None => raft_port_of(&listen.to_string())?.parse()?,
     };
-    let raft_advertise = match args.raft_advertise.or(file.raft_advertise) {
-        Some(addr) => addr,
-        // An explicit --raft-listen with its own port is what peers dial.
-        None if args.raft_listen.or(file.raft_listen).is_some() => {
+    if config.raft_advertise_addr.is_empty() {
+        config.raft_advertise_addr = if config.raft_listen.is_some() {
+            // An explicit raft_listen with its own port is what peers dial.
+            let advertise = &config.advertise_addr;
             let host = advertise.rsplit_once(':').map_or(advertise.as_str(), |(h, _)| h);
             format!("{host}:{}", raft_listen.port())
-        }
-        None => raft_port_of(&advertise)?,
-    };
-    let peer_secret = read_peer_secret(args.peer_secret_file.or(file.peer_secret_file).as_deref())?;
-    let data_dir = args.data_dir.or(file.data_dir).context("--data-dir is required")?;
-    let peers = args
-        .peers
-        .or(file.peers)
-        .unwrap_or_default()
+        } else {
+            raft_port_of(&config.advertise_addr)?
+        };
+    }
+    config.raft_listen = Some(raft_listen);
+    let secret_env = env
         .iter()
-        .map(|p| parse_peer(p))
-        .collect::<anyhow::Result<std::collections::BTreeMap<u64, BrokerNode>>>()?;
+        .find(|(k, _)| k == "RAFTMQ_PEER_SECRET")
+        .map(|(_, v)| v.as_str());
+    config.peer_secret = read_peer_secret(secret_env, config.peer_secret_file.as_deref())?;
+    // Parsed here too so a bad entry stops the start-up before anything binds.
+    let peers = parse_peers(&config.peers)?;
     anyhow::ensure!(
-        peers.is_empty() || peers.contains_key(&node_id),
-        "--peers does not list this node ({node_id})"
+        peers.is_empty() || peers.contains_key(&config.node_id),
+        "peers does not list this node ({})",
+        config.node_id
     );
-    let mut config = RaftNodeConfig::new(node_id, group.clone(), data_dir, advertise);
-    config.raft_advertise_addr = raft_advertise;
-    config.peer_secret = peer_secret;
-    config.fast_failover.enabled = args.fast_failover.or(file.fast_failover).unwrap_or(true);
-    config.nameservers = args.namesrv.or(file.namesrv).unwrap_or_default();
-    config.messaging.auto_create_topics = args.auto_create_topics.or(file.auto_create_topics).unwrap_or(false);
-    let t = &args.transactions;
-    if let Some(ms) = t.transaction_first_check_ms.or(file.transaction_first_check_ms) {
-        config.messaging.transaction_first_check = Duration::from_millis(ms);
-    }
-    if let Some(ms) = t.transaction_check_interval_ms.or(file.transaction_check_interval_ms) {
-        config.messaging.transaction_check_interval = Duration::from_millis(ms);
-    }
-    if let Some(n) = t.transaction_max_checks.or(file.transaction_max_checks) {
-        config.messaging.transaction_max_checks = n;
-    }
-    config.store.flush = match args.flush.or(file.flush).as_deref() {
-        None | Some("sync") => FlushMode::Sync,
-        Some("async") => FlushMode::Async,
-        Some(other) => anyhow::bail!("invalid flush = {other:?}: must be sync or async"),
-    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// `peers` entries as the membership they describe.
+fn parse_peers(peers: &[String]) -> anyhow::Result<std::collections::BTreeMap<u64, raftmq_raft_store::BrokerNode>> {
+    peers.iter().map(|p| parse_peer(p)).collect()
+}
+
+async fn run_broker(config: raftmq_broker::RaftNodeConfig) -> anyhow::Result<()> {
+    use raftmq_broker::RaftNode;
+
+    let (node_id, group) = (config.node_id, config.broker_group.clone());
+    let listen = config.listen.context("setting listen is required")?;
+    let raft_listen = config.raft_listen.context("setting raft_listen was not derived")?;
+    let peers = parse_peers(&config.peers)?;
     let client = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding broker node {node_id}'s client port to {listen}"))?;

@@ -399,6 +399,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                     g.leader_id.map_or("-".to_owned(), |l| l.to_string()),
                     g.leader_endpoint
                 );
+                let storage = storage_line(&g);
                 for r in g.replicas {
                     let role = raftmq_proto::v1::ReplicaRole::try_from(r.role).unwrap_or_default();
                     // The reporting node knows its own log and applied index, and as
@@ -423,6 +424,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 if let Some(c) = g.committed_index {
                     println!("  committed through {c} (reported by node {})", g.reported_by);
                 }
+                println!("  storage (node {}): {storage}", g.reported_by);
             }
         }
         AdminCommand::Health {
@@ -434,6 +436,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             namesrv,
             topic,
             queues,
+            groups,
             message_type,
         }) => {
             // Not given: UNSPECIFIED, which the broker makes NORMAL for a new
@@ -441,14 +444,25 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             let message_type = message_type.map_or(raftmq_proto::v1::MessageType::Unspecified, Into::into);
             client(namesrv)?
                 .admin()
-                .create_topic_with_type(&topic, queues, raftmq_proto::v1::Permission::ReadWrite, message_type)
+                .create_topic_on(
+                    &topic,
+                    queues,
+                    raftmq_proto::v1::Permission::ReadWrite,
+                    message_type,
+                    &groups,
+                )
                 .await?;
+            let on = if groups.is_empty() {
+                "per broker group".to_owned()
+            } else {
+                format!("per broker group on {}", groups.join(", "))
+            };
             match message_type {
                 raftmq_proto::v1::MessageType::Unspecified => {
-                    println!("topic {topic} created with {queues} queue(s) per broker group")
+                    println!("topic {topic} created with {queues} queue(s) {on}")
                 }
                 t => println!(
-                    "topic {topic} created with {queues} queue(s) per broker group, message type {}",
+                    "topic {topic} created with {queues} queue(s) {on}, message type {}",
                     message_type_name(t)
                 ),
             }
@@ -586,11 +600,18 @@ async fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
                 let mut total = 0;
                 for q in &d.queues {
                     total += q.lag;
+                    // Retention removed messages the group had not consumed yet.
+                    let skipped = if q.skipped > 0 {
+                        format!("  SKIPPED {} (retention; resumes at min {})", q.skipped, q.min_offset)
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "  {}/{}  committed {}  max {}  lag {}  {}",
+                        "  {}/{}  committed {}  min {}  max {}  lag {}  {}{skipped}",
                         q.topic,
                         q.queue_id,
                         q.committed_offset.map_or("-".to_owned(), |o| o.to_string()),
+                        q.min_offset,
                         q.max_offset,
                         q.lag,
                         if q.client_id.is_empty() { "-" } else { &q.client_id }
@@ -838,6 +859,25 @@ pub async fn run_pull(args: PullArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node's retained data and disk, from its ClusterStatus: what `admin
+/// cluster` and `admin health` print.
+fn storage_line(g: &raftmq_proto::v1::GroupStatus) -> String {
+    let oldest = match g.oldest_message_ms {
+        Some(ms) => chrono::DateTime::<chrono::Utc>::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+            .map_or_else(|| format!("{ms} ms"), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        None => "none".to_owned(),
+    };
+    let disk = match (g.disk_used_ratio, g.disk_full) {
+        (Some(r), true) => format!("disk {:.1}% used, FULL: sends refused", r * 100.0),
+        (Some(r), false) => format!("disk {:.1}% used", r * 100.0),
+        (None, _) => "disk not measured yet".to_owned(),
+    };
+    format!(
+        "{} bytes in {} segment(s), oldest message {oldest}, retention horizon {}, {disk}",
+        g.log_bytes, g.log_segments, g.retention_horizon
+    )
+}
+
 /// One RPC to one endpoint, no retries: the answer a health check wants.
 async fn health(broker: Option<String>, namesrv: Option<String>, timeout: Duration) -> anyhow::Result<()> {
     use raftmq_proto::v1::admin_service_client::AdminServiceClient;
@@ -865,6 +905,10 @@ async fn health(broker: Option<String>, namesrv: Option<String>, timeout: Durati
                 g.map_or(0, |g| g.term),
                 g.and_then(|g| g.leader_id).map_or("none".to_owned(), |l| l.to_string())
             );
+            if let Some(g) = g {
+                // Serving reads still, so not a failed check: but say it loudly.
+                println!("  storage: {}", storage_line(g));
+            }
         } else {
             let c = NameServerServiceClient::new(channel)
                 .list_cluster(raftmq_proto::v1::ListClusterRequest::default())

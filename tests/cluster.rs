@@ -16,7 +16,10 @@
 //! - `failover`: leader loss, followers returning, snapshots, leader transfer.
 //! - `faults`: in-process network faults (partitions, pauses, losses, a reply
 //!   lost after commit) and forged Raft RPCs at the peer port.
+//! - `groups`: several broker groups under one NameServer: topics spread over
+//!   them, a group down (unkeyed sends move, keyed ones fail naming it).
 //! - `raft_rpc`: the Raft RPC service refusing bad peers' requests.
+//! - `membership`: replicas added, removed and replaced online, leader transfer.
 //! - `messaging`: the MessagingService and AdminService gRPC API.
 //! - `client`: the Rust client's producer and pull consumer.
 //! - `consumers`: consumer groups with push consumers.
@@ -26,6 +29,8 @@
 //!   between a half message and its end.
 //! - `rocketmq`: RocketMQ 5's gRPC API as the official SDKs speak it, through a
 //!   follower, across a leader kill.
+//! - `retention`: retention by size and time, a leader kill and a snapshot
+//!   catch-up after it, disk watermarks.
 //! - `processes`: the `raftmq` binary as separate processes.
 
 #[path = "cluster/fixtures.rs"]
@@ -39,14 +44,20 @@ mod consumers;
 mod failover;
 #[path = "cluster/faults.rs"]
 mod faults;
+#[path = "cluster/groups.rs"]
+mod groups;
 #[path = "cluster/lifecycle.rs"]
 mod lifecycle;
+#[path = "cluster/membership.rs"]
+mod membership;
 #[path = "cluster/messaging.rs"]
 mod messaging;
 #[path = "cluster/processes.rs"]
 mod processes;
 #[path = "cluster/raft_rpc.rs"]
 mod raft_rpc;
+#[path = "cluster/retention.rs"]
+mod retention;
 #[path = "cluster/rocketmq.rs"]
 mod rocketmq;
 #[path = "cluster/transactions.rs"]

@@ -23,6 +23,10 @@ use crate::validate;
 pub struct Admin {
     group: GroupHandle,
     coordinator: Coordinator,
+    /// Membership changes ([`crate::membership`]).
+    changes: crate::membership::Changes,
+    /// This node's disk as the retention monitor last measured it.
+    disk: crate::retention::DiskState,
 }
 
 /// Messages a key query returns when the request leaves `max_messages` at 0.
@@ -35,7 +39,19 @@ const MAX_RETRY_DELAYS: usize = 64;
 
 impl Admin {
     pub fn new(group: GroupHandle, coordinator: Coordinator) -> Self {
-        Admin { group, coordinator }
+        let changes = crate::membership::Changes::new(group.clone());
+        Admin {
+            group,
+            coordinator,
+            changes,
+            disk: Default::default(),
+        }
+    }
+
+    /// Report `disk` in the cluster status.
+    pub fn with_disk(mut self, disk: crate::retention::DiskState) -> Self {
+        self.disk = disk;
+        self
     }
 
     /// By id: the id names the broker group (crc32c of its name), the Raft entry
@@ -247,6 +263,19 @@ impl Admin {
                 }
             })
             .collect();
+        // This node's retained data: segment files still holding records above
+        // the horizon (those at or below it are being deleted).
+        let store = g.store();
+        let horizon = store.retention_horizon();
+        let kept: Vec<_> = store
+            .segments()
+            .into_iter()
+            .filter(|s| s.info.next_index > s.info.first_index && s.info.next_index - 1 > horizon)
+            .collect();
+        let oldest_message_ms = store.oldest_message_ms().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the oldest retained message failed");
+            None
+        });
         pb::ClusterStatusResponse {
             groups: vec![pb::GroupStatus {
                 broker_group: g.group().to_owned(),
@@ -256,6 +285,12 @@ impl Admin {
                 replicas,
                 reported_by: me,
                 committed_index: m.local_committed.map(|l| l.index),
+                log_bytes: kept.iter().map(|s| s.info.bytes).sum(),
+                log_segments: kept.len() as u32,
+                oldest_message_ms,
+                retention_horizon: horizon,
+                disk_used_ratio: self.disk.used_ratio(),
+                disk_full: self.disk.is_full(),
             }],
         }
     }
@@ -453,5 +488,47 @@ impl AdminService for Admin {
         let req = request.into_inner();
         let _span = self.span("ListTransactions", "").entered();
         answer("ListTransactions", crate::transactions::list(&self.group, req))
+    }
+
+    async fn add_replica(
+        &self,
+        request: Request<pb::AddReplicaRequest>,
+    ) -> Result<tonic::Response<pb::AddReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("admin", rpc = "AddReplica", group = %self.group.group(), node = req.node_id);
+        async { self.changes.add_replica(req).await.map(tonic::Response::new) }
+            .instrument(span)
+            .await
+    }
+
+    async fn remove_replica(
+        &self,
+        request: Request<pb::RemoveReplicaRequest>,
+    ) -> Result<tonic::Response<pb::RemoveReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("admin", rpc = "RemoveReplica", group = %self.group.group(), node = req.node_id);
+        async { self.changes.remove_replica(req).await.map(tonic::Response::new) }
+            .instrument(span)
+            .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<tonic::Response<pb::TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let span =
+            tracing::info_span!("admin", rpc = "TransferLeader", group = %self.group.group(), to = ?req.to_node_id);
+        async { self.changes.transfer_leader(req).await.map(tonic::Response::new) }
+            .instrument(span)
+            .await
+    }
+
+    async fn get_membership(
+        &self,
+        _request: Request<pb::GetMembershipRequest>,
+    ) -> Result<tonic::Response<pb::GetMembershipResponse>, Status> {
+        let _span = self.span("GetMembership", "").entered();
+        Ok(tonic::Response::new(self.changes.get_membership()))
     }
 }

@@ -1,9 +1,14 @@
-//! Settings of one broker node's Raft replica: identity, addresses, storage and the
-//! Raft timing, with documented defaults and a `validate()` that names the bad key.
-//! Parsing them from flags, environment or a file belongs to the binary.
+//! Settings of one broker node: identity, addresses, storage, the Raft timing and
+//! the messaging limits, with documented defaults and a `validate()` that names the
+//! bad key. These structs are the one source of truth: the binary fills them from
+//! the TOML file, `RAFTMQ_*` environment variables and flags (in that precedence)
+//! by their serde names, and `raftmq broker --print-config` prints them back.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use raftmq_raft_store::{NodeId, StoreConfig};
 
@@ -12,36 +17,71 @@ use crate::failover::FastFailover;
 use crate::faults::Faults;
 use crate::peer_auth::{MIN_SECRET_BYTES, PeerSecret};
 
-/// One replica of one broker group.
-#[derive(Debug, Clone)]
+/// One replica of one broker group. Serde names are the setting keys (TOML keys;
+/// `RAFTMQ_<KEY>` in the environment, `RAFTMQ_<TABLE>__<KEY>` for a table's key).
+/// Durations are written as `"100ms"`, `"30s"`, `"72h"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RaftNodeConfig {
+    /// This replica's id in its group's Raft membership. Required.
     pub node_id: NodeId,
-    /// The broker group (Raft group) this replica belongs to, e.g. `broker-a`.
+    /// The broker group (Raft group) this replica belongs to, e.g. `broker-a`. Required.
+    #[serde(rename = "group", alias = "broker_group")]
     pub broker_group: String,
-    /// Holds `log/` (the CommitLog), `sm/` (the state machine) and `snapshot-incoming/`.
+    /// Holds `log/` (the CommitLog), `sm/` (the state machine) and
+    /// `snapshot-incoming/`. Required.
     pub data_dir: PathBuf,
+    /// Address the client port (messaging, admin, RocketMQ 5 gRPC) listens on.
+    /// Required by `raftmq broker`, which binds it; tests bind their own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Address the Raft peer port listens on. Default: `listen`'s port + 30000
+    /// (DLedger's convention: 10911 -> 40911). Only the group's replicas use it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raft_listen: Option<SocketAddr>,
     /// `host:port` clients dial; recorded in the Raft membership and named in
     /// NOT_LEADER redirects. Differs from the listen address behind NAT or in
-    /// containers.
+    /// containers. Default: `listen`.
+    #[serde(rename = "advertise", alias = "advertise_addr")]
     pub advertise_addr: String,
     /// `host:port` of this node's Raft peer port as its peers dial it; recorded in
     /// the membership. Raft is served apart from the client port so that clients
     /// never reach it (and, with #13, so that only it needs node certificates).
+    /// Default: `advertise`'s host with `raft_listen`'s port.
+    #[serde(rename = "raft_advertise", alias = "raft_advertise_addr")]
     pub raft_advertise_addr: String,
+    /// The group's initial members, `id=host:port` (the client address; Raft is
+    /// then on port 30000 higher) or `id=host:port/raft_host:raft_port`; the
+    /// lowest id forms the group on its first start. Empty: join an existing
+    /// group when added to it (`raftmq admin replica add`).
+    pub peers: Vec<String>,
+    /// File holding the group's peer secret (read once at start; the environment
+    /// variable `RAFTMQ_PEER_SECRET` may give the secret itself instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_secret_file: Option<PathBuf>,
     /// The secret shared by the group's replicas; every Raft RPC is signed with
-    /// it. Required, at least 16 bytes. Never logged.
+    /// it. Required, at least 16 bytes. Never logged, never a setting key: it
+    /// comes from `peer_secret_file` or `RAFTMQ_PEER_SECRET`.
+    #[serde(skip)]
     pub peer_secret: PeerSecret,
     /// How far a peer signature's time may be from this node's clock. Default
     /// 30 s: well above clock skew between hosts kept by NTP.
+    #[serde(with = "humantime_serde")]
     pub peer_auth_window: Duration,
+    /// Async worker threads of the broker process. Default 0: one per core.
+    /// Replicas sharing a machine do better with the cores split among them
+    /// (`raftmq dev` does that).
+    pub worker_threads: usize,
     /// Campaigning at once when the leader's connections close and it no longer
     /// answers, instead of after the lease and an election timeout.
     pub fast_failover: FastFailover,
     /// Tests only: in-process network faults on this node's Raft transport and
     /// client API. `None` in production.
+    #[serde(skip)]
     pub faults: Option<Faults>,
     pub store: StoreConfig,
     /// Leader heartbeat period. Default 100 ms.
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// Election timeout range. openraft's followers honour the leader's lease
     /// (the max) and campaign only after the lease plus a random pick in
@@ -50,11 +90,14 @@ pub struct RaftNodeConfig {
     /// 400 ms: 0.6–0.8 s, inside the sub-second failover target, while a
     /// follower still tolerates at least 600 ms (six heartbeats) of silence
     /// before it campaigns, so a busy machine does not cause elections.
+    #[serde(with = "humantime_serde")]
     pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
     pub election_timeout_max: Duration,
     /// Idle limit while streaming a snapshot (per chunk, and for the receiver's
     /// install after the last chunk). Default 10 s: a snapshot carries the
     /// retained messages and is installed with fsyncs.
+    #[serde(with = "humantime_serde")]
     pub install_snapshot_timeout: Duration,
     /// Ask peers whether they would vote before bumping the term, so a node that
     /// was cut off cannot depose a healthy leader when it returns. Default on: the
@@ -66,6 +109,7 @@ pub struct RaftNodeConfig {
     pub enable_pre_vote: bool,
     /// TCP connect limit toward a peer. Default 1 s. Each RPC is also bounded by
     /// openraft's own per-RPC deadline, whichever is shorter.
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Largest gRPC message a node sends or accepts on the Raft service. Default
     /// 256 MiB: an AppendEntries carries up to `max_payload_entries` entries, each
@@ -73,21 +117,28 @@ pub struct RaftNodeConfig {
     /// of large batches.
     pub max_rpc_message_bytes: usize,
     /// How long shutdown lets in-flight RPCs finish before dropping them. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Limits and behaviour of the client-facing messaging and admin services.
     pub messaging: MessagingConfig,
+    /// Retention by time and size, and the disk watermarks (the `[retention]` table).
+    pub retention: crate::retention::RetentionConfig,
     /// Cluster name reported to NameServers. Default `DefaultCluster` (RocketMQ's).
     pub cluster: String,
     /// NameServer `host:port`s to register with; empty = register with none.
+    #[serde(rename = "namesrv", alias = "nameservers")]
     pub nameservers: Vec<String>,
     /// Period of NameServer registrations (changes of term, leader or membership
     /// are sent at once as well). Default 2 s, the NameServer's default heartbeat.
+    #[serde(with = "humantime_serde")]
     pub registration_interval: Duration,
 }
 
 /// Limits and behaviour of `MessagingService` / `AdminService`. Every limit is
-/// checked at the edge, before anything is proposed to Raft.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// checked at the edge, before anything is proposed to Raft. The `[messaging]`
+/// table of the settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MessagingConfig {
     /// Create an unknown topic on first send instead of answering NOT_FOUND.
     /// Default off, as in RocketMQ production configs; `raftmq dev` turns it on.
@@ -112,21 +163,26 @@ pub struct MessagingConfig {
     /// `max_body_bytes` must raise its own limit.
     pub max_pull_bytes: usize,
     /// Longest long-poll wait; larger requests are capped. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub max_pull_wait: Duration,
     /// How long a write retries while this node has just been elected and its
     /// leadership is not yet confirmed by a quorum (openraft's `LeaseExpired`)
     /// before answering UNAVAILABLE. Default 1 s: a new leader confirms its lease
     /// within one heartbeat round.
+    #[serde(with = "humantime_serde")]
     pub unconfirmed_leader_retry: Duration,
     /// How often consumer-group members heartbeat (the leader tells them).
     /// Default 1 s: a joining member gets queues within about two of these.
+    #[serde(with = "humantime_serde")]
     pub consumer_heartbeat_interval: Duration,
     /// A member silent this long is presumed dead and its queues move on; a
     /// member that could not heartbeat this long stops consuming by itself.
     /// Default 5 s. Must exceed two heartbeat intervals.
+    #[serde(with = "humantime_serde")]
     pub consumer_session_timeout: Duration,
     /// Latest delivery time a delayed message may ask for, from now. Default 3
     /// days (RocketMQ 5's `timerMaxDelaySec`).
+    #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
     /// Most messages one POP consumer group may hold in flight on this broker
     /// group; a receive past it is RESOURCE_EXHAUSTED. Default 100,000. Bounds
@@ -137,8 +193,10 @@ pub struct MessagingConfig {
     pub max_pop_groups: usize,
     /// When the leader first asks a producer about a transaction nobody ended,
     /// after its half message was stored. Default 6 s (RocketMQ's `transactionTimeOut`).
+    #[serde(with = "humantime_serde")]
     pub transaction_first_check: Duration,
     /// Between later checks of the same transaction. Default 30 s (RocketMQ 5's).
+    #[serde(with = "humantime_serde")]
     pub transaction_check_interval: Duration,
     /// Checks before an unresolved transaction is rolled back, logged and
     /// counted. Default 15 (RocketMQ's `transactionCheckMax`).
@@ -251,6 +309,14 @@ impl MessagingConfig {
     }
 }
 
+impl Default for RaftNodeConfig {
+    /// Every documented default, with no identity (id 0, no group, no data dir,
+    /// no addresses): what the settings file, environment and flags start from.
+    fn default() -> Self {
+        RaftNodeConfig::new(0, "", "", "")
+    }
+}
+
 impl RaftNodeConfig {
     /// A config with the documented defaults.
     pub fn new(
@@ -263,10 +329,15 @@ impl RaftNodeConfig {
             node_id,
             broker_group: broker_group.into(),
             data_dir: data_dir.into(),
+            listen: None,
+            raft_listen: None,
             advertise_addr: advertise_addr.into(),
             raft_advertise_addr: String::new(),
+            peers: Vec::new(),
+            peer_secret_file: None,
             peer_secret: PeerSecret::new(Vec::new()),
             peer_auth_window: Duration::from_secs(30),
+            worker_threads: 0,
             fast_failover: FastFailover::default(),
             faults: None,
             store: StoreConfig::default(),
@@ -279,6 +350,7 @@ impl RaftNodeConfig {
             max_rpc_message_bytes: 256 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
             messaging: MessagingConfig::default(),
+            retention: crate::retention::RetentionConfig::default(),
             cluster: "DefaultCluster".to_owned(),
             nameservers: Vec::new(),
             registration_interval: Duration::from_secs(2),
@@ -293,27 +365,26 @@ impl RaftNodeConfig {
             reason: reason.to_owned(),
         };
         if self.broker_group.is_empty() || self.broker_group.len() > 127 {
-            return Err(bad(
-                "broker_group",
-                self.broker_group.clone(),
-                "must be 1 to 127 characters",
-            ));
+            return Err(bad("group", self.broker_group.clone(), "must be 1 to 127 characters"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", String::new(), "is required"));
         }
         if self.advertise_addr.is_empty() || !self.advertise_addr.contains(':') {
-            return Err(bad("advertise_addr", self.advertise_addr.clone(), "must be host:port"));
+            return Err(bad("advertise", self.advertise_addr.clone(), "must be host:port"));
         }
         if !self.raft_advertise_addr.contains(':') {
             return Err(bad(
-                "raft_advertise_addr",
+                "raft_advertise",
                 self.raft_advertise_addr.clone(),
                 "must be host:port (the Raft peer port, apart from the client port)",
             ));
         }
         if self.raft_advertise_addr == self.advertise_addr {
             return Err(bad(
-                "raft_advertise_addr",
+                "raft_advertise",
                 self.raft_advertise_addr.clone(),
-                "must differ from advertise_addr: clients must not reach the Raft service",
+                "must differ from advertise: clients must not reach the Raft service",
             ));
         }
         if self.peer_secret.len() < MIN_SECRET_BYTES {
@@ -361,16 +432,34 @@ impl RaftNodeConfig {
             ));
         }
         if let Some(bad_addr) = self.nameservers.iter().find(|a| !a.contains(':')) {
-            return Err(bad("nameservers", bad_addr.clone(), "each must be host:port"));
+            return Err(bad("namesrv", bad_addr.clone(), "each must be host:port"));
+        }
+        if self.worker_threads > 1024 {
+            return Err(bad(
+                "worker_threads",
+                self.worker_threads.to_string(),
+                "must be at most 1024 (0: one per core)",
+            ));
         }
         if self.registration_interval.is_zero() {
             return Err(bad("registration_interval", "0".into(), "must be positive"));
         }
         self.messaging.validate(self.max_rpc_message_bytes)?;
-        self.store.validate().map_err(|e| Error::Config {
-            key: "store",
-            value: format!("{:?}", self.store),
-            reason: e.to_string(),
+        self.retention.validate()?;
+        self.store.validate().map_err(|e| match e {
+            raftmq_raft_store::Error::Config { key, value, reason } => Error::Config {
+                key: match key {
+                    "segment_bytes" => "store.segment_bytes",
+                    other => other,
+                },
+                value,
+                reason,
+            },
+            other => Error::Config {
+                key: "store",
+                value: format!("{:?}", self.store),
+                reason: other.to_string(),
+            },
         })
     }
 
@@ -432,7 +521,7 @@ mod tests {
         let mut c = config();
         c.raft_advertise_addr = c.advertise_addr.clone();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("raft_advertise_addr"), "{err}");
+        assert!(err.contains("raft_advertise"), "{err}");
         let mut c = config();
         c.peer_secret = PeerSecret::new(b"short".to_vec());
         let err = c.validate().unwrap_err().to_string();

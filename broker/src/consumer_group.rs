@@ -538,10 +538,10 @@ fn queue_status(
 ) -> Result<pb::ConsumerQueueStatus, ApiError> {
     let io = |e| ApiError::storage("reading queue offsets", e);
     let max_offset = store.queue_next_offset(topic, queue_id).map_err(io)?;
-    let from = match committed {
-        Some(o) => o,
-        None => store.queue_min_offset(topic, queue_id).map_err(io)?,
-    };
+    let min_offset = store.queue_min_offset(topic, queue_id).map_err(io)?.min(max_offset);
+    // Below the minimum, retention removed what the group had not consumed: it
+    // resumes at the minimum (pulls below it are served from it).
+    let from = committed.map_or(min_offset, |o| o.max(min_offset));
     Ok(pb::ConsumerQueueStatus {
         topic: topic.to_owned(),
         queue_id,
@@ -549,6 +549,8 @@ fn queue_status(
         max_offset,
         lag: max_offset.saturating_sub(from),
         client_id,
+        min_offset,
+        skipped: committed.map_or(0, |o| min_offset.saturating_sub(o)),
     })
 }
 

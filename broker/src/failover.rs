@@ -44,12 +44,14 @@ use raftmq_proto::raft::v1::raft_service_client::RaftServiceClient;
 const PROBE_REUSE: Duration = Duration::from_millis(500);
 
 /// Settings of the fast path.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct FastFailover {
     /// Off: a dead leader is noticed by the election timeout only.
     pub enabled: bool,
     /// A leader that neither accepts nor refuses a connection within this long
     /// is taken for dead (a killed container's address stops answering at all).
+    #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
     /// Delay per rank between survivors that campaign, so the first one's vote
     /// arrives before the second one campaigns. Tried instead and not kept: the
@@ -58,6 +60,7 @@ pub struct FastFailover {
     /// It took every in-process kill to 17-32 ms (this: about 25, and 80 when
     /// only one survivor sees the break), but in containers 7 to 12 of 25 kills
     /// took 230-800 ms against 2 of 25 (409-436 ms) with this stagger.
+    #[serde(with = "humantime_serde")]
     pub stagger: Duration,
 }
 

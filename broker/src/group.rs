@@ -45,6 +45,9 @@ struct Inner {
     /// Every background task of this replica (registration, election watchers,
     /// fast-failover probes): shutdown waits for them before stopping Raft.
     tasks: TaskTracker,
+    /// Set once this replica learns it was removed from the group
+    /// ([`crate::membership`]); it then serves no client request.
+    removed: std::sync::OnceLock<crate::membership::Removed>,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -73,6 +76,7 @@ impl GroupHandle {
                 round_robin: Mutex::new(HashMap::new()),
                 topics_changed: tokio::sync::Notify::new(),
                 tasks: TaskTracker::new(),
+                removed: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -101,6 +105,16 @@ impl GroupHandle {
     /// when [`GroupHandle::shutdown`] is cancelled.
     pub fn tasks(&self) -> &TaskTracker {
         &self.inner.tasks
+    }
+
+    /// Why this replica no longer serves its group, once it was removed.
+    pub fn removed(&self) -> Option<&crate::membership::Removed> {
+        self.inner.removed.get()
+    }
+
+    /// Records this replica's removal; false if it was already recorded.
+    pub fn mark_removed(&self, removed: crate::membership::Removed) -> bool {
+        self.inner.removed.set(removed).is_ok()
     }
 
     /// Completes after the next [`GroupHandle::topics_changed`] call.
@@ -319,11 +333,15 @@ impl GroupHandle {
         let stop = self.inner.shutdown.clone();
         loop {
             let term = loop {
-                let (state, term) = {
+                let (state, term, running) = {
                     let metrics = self.inner.raft.metrics();
                     let m = metrics.borrow_watched();
-                    (m.state, m.current_term)
+                    (m.state, m.current_term, m.running_state.is_ok())
                 };
+                if !running {
+                    // Stopped on a fatal error: nothing will change any more.
+                    return;
+                }
                 if state == ServerState::Leader {
                     break term;
                 }
@@ -339,11 +357,13 @@ impl GroupHandle {
         }
     }
 
-    /// Whether this replica still leads in `term`.
+    /// Whether this replica still leads in `term`. A Raft core that stopped on a
+    /// fatal error leaves its last metrics (Leader) frozen; it leads nothing, and
+    /// leader-only loops must end rather than spin on its refusals.
     pub fn leads(&self, term: u64) -> bool {
         let metrics = self.inner.raft.metrics();
         let m = metrics.borrow_watched();
-        m.state == ServerState::Leader && m.current_term == term
+        m.state == ServerState::Leader && m.current_term == term && m.running_state.is_ok()
     }
 
     /// Completes when this replica stops leading `term` (or Raft stops). Wakes

@@ -21,10 +21,14 @@
 //!   ack, invisible time, retry and dead-letter moves; [`timers`]: the leader's
 //!   loop that fires due timers (delayed messages, retries); [`filter`] and
 //!   [`sql92`]: tag and SQL92 subscription filters; [`transactions`]: ending
-//!   transactions, producers' check-back streams and the leader's check loop.
+//!   transactions, producers' check-back streams and the leader's check loop;
+//!   [`retention`]: the retention horizon (time, size, disk watermarks), freeing
+//!   the disk behind it, and refusing writes when the disk is full.
 //! * [`rocketmq`]: RocketMQ 5's gRPC API (`apache.rocketmq.v2`) for the
 //!   official SDKs, translated onto the services below and forwarded to the
 //!   group's leader from any node.
+//! * [`membership`]: online membership changes (add, remove, leader transfer)
+//!   and what a removed or not-yet-added replica answers.
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
 //!   `raftmq.v1` client API. Input is checked in [`validate`] before anything is
 //!   proposed; the write path and leadership handling are in [`group`]; every
@@ -46,12 +50,14 @@ pub mod failover;
 pub mod faults;
 pub mod filter;
 pub mod group;
+pub mod membership;
 pub mod messaging;
 pub mod network;
 pub mod node;
 pub mod peer_auth;
 pub mod pop;
 pub mod registration;
+pub mod retention;
 pub mod rocketmq;
 pub mod service;
 pub mod sql92;

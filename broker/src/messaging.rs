@@ -35,11 +35,23 @@ pub const DEFAULT_PULL_MESSAGES: u32 = 32;
 pub struct Messaging {
     group: GroupHandle,
     txns: std::sync::Arc<Transactions>,
+    /// This node's disk: sends are refused while it is past the full watermark.
+    disk: crate::retention::DiskState,
 }
 
 impl Messaging {
     pub fn new(group: GroupHandle, txns: std::sync::Arc<Transactions>) -> Self {
-        Messaging { group, txns }
+        Messaging {
+            group,
+            txns,
+            disk: Default::default(),
+        }
+    }
+
+    /// Refuse sends while `disk` says the disk is full.
+    pub fn with_disk(mut self, disk: crate::retention::DiskState) -> Self {
+        self.disk = disk;
+        self
     }
 
     pub fn into_server(self, max_message_bytes: usize) -> MessagingServiceServer<Self> {
@@ -52,6 +64,8 @@ impl Messaging {
         let g = &self.group;
         validate::send_request(&req, g.config())?;
         g.ensure_leader()?;
+        // One atomic load; the monitor computes the flag in the background.
+        self.disk.check_write()?;
         let mut topic = match g.topic_for_write(&req.topic).await {
             Ok(t) => t,
             Err(ApiError::NotFound(_)) if g.config().auto_create_topics => self.auto_create(&req.topic).await?,

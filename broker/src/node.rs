@@ -71,7 +71,14 @@ impl RaftNode {
     ) -> Result<RaftNode, Error> {
         config.validate()?;
         let node_id = config.node_id;
-        let raft_config = Arc::new(config.raft_config()?);
+        let mut raft_config = config.raft_config()?;
+        // A follower whose log went backwards (a replica restarted on a wiped
+        // disk under its old id, or `flush = async` losing a tail) is fed again
+        // from the start instead of panicking the leader's Raft core, which
+        // would take the leader down and leave its process without Raft. See
+        // crate::membership for the procedure that avoids the situation.
+        raft_config.allow_log_reversion = Some(true);
+        let raft_config = Arc::new(raft_config);
         let addr_of = |l: &TcpListener| {
             l.local_addr().map_err(|source| Error::Io {
                 action: "reading the listen address of",
@@ -145,7 +152,9 @@ impl RaftNode {
         .into_server(config.max_rpc_message_bytes);
         let transactions = crate::transactions::Transactions::new(group.clone());
         transactions.spawn_checker();
-        let messaging = Messaging::new(group.clone(), transactions);
+        // Measured by the retention task; sends refuse while the disk is full.
+        let disk = crate::retention::DiskState::default();
+        let messaging = Messaging::new(group.clone(), transactions).with_disk(disk.clone());
         if !config.nameservers.is_empty() {
             crate::registration::spawn(
                 group.clone(),
@@ -157,9 +166,17 @@ impl RaftNode {
             );
         }
         let tasks = group.tasks().clone();
+        crate::membership::spawn_removal_watch(group.clone(), config.connect_timeout);
         crate::timers::spawn(group.clone());
+        crate::retention::spawn(
+            group.clone(),
+            config.retention.clone(),
+            config.data_dir.clone(),
+            disk.clone(),
+        );
         let coordinator = crate::consumer_group::Coordinator::new(group.clone());
-        let admin = Admin::new(group.clone(), coordinator.clone());
+        let admin = Admin::new(group.clone(), coordinator.clone()).with_disk(disk);
+        let gate = crate::membership::MembershipGateLayer::new(group.clone(), admin.clone());
         // RocketMQ 5 SDKs reach the same services through the gateway, which
         // forwards to the group's leader when this node does not lead.
         let upstream = crate::rocketmq::upstream::Upstream::new(
@@ -187,6 +204,10 @@ impl RaftNode {
                 // what is sent to them.
                 .http2_keepalive_interval(Some(CLIENT_PING_INTERVAL))
                 .http2_keepalive_timeout(Some(CLIENT_PING_TIMEOUT))
+                // A removed replica, or one not yet added, answers every client
+                // request with why (see crate::membership); outermost, so peers'
+                // membership probes bypass the test fault layer.
+                .layer(gate)
                 .layer(faults)
                 .add_service(messaging)
                 .add_service(admin)

@@ -26,8 +26,9 @@ pub const MIN_SECRET_BYTES: usize = 16;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The secret shared by a broker group's replicas. Never printed.
-#[derive(Clone)]
+/// The secret shared by a broker group's replicas. Never printed. The default is
+/// empty, which `RaftNodeConfig::validate` refuses.
+#[derive(Clone, Default)]
 pub struct PeerSecret(Arc<[u8]>);
 
 impl PeerSecret {

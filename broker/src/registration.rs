@@ -3,6 +3,11 @@
 //! `registration_interval`, and at once when the term, the leader or the
 //! membership changes, or this node changes a topic, so routes follow a failover
 //! (or a new topic) within one round trip rather than one heartbeat. NameServers are independent: one being down delays nobody.
+//!
+//! A replica that is not yet a member of its group (a fresh node waiting to be
+//! added) does not register: it serves nothing routes could point at. One that
+//! was removed ([`crate::membership`]) stops registering, so the NameServers
+//! drop it after their broker timeout.
 
 use std::time::Duration;
 
@@ -120,8 +125,18 @@ pub fn spawn(
                     }
                 }
             }
+            if let Some(removed) = group.removed() {
+                tracing::info!(reason = %removed.message, "no longer registering with NameServers");
+                break;
+            }
+            let key = role_key(&group);
+            if key.members.is_empty() {
+                // Not a member yet: nothing to route to this node.
+                last = Some(key);
+                continue;
+            }
             let req = request(&group, &cluster, &endpoint);
-            last = Some(role_key(&group));
+            last = Some(key);
             let sends = clients.iter().map(|(addr, client)| {
                 let (mut client, req) = (client.clone(), req.clone());
                 async move {

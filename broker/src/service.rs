@@ -252,6 +252,25 @@ impl RaftRpcService {
         self.check_group(&req.broker_group)?;
         let mut rpc: VoteRequest<TypeConfig> = wire::from_json("vote request", &req.body).map_err(bad_input)?;
         same_sender(sender, rpc.vote.leader_id.voted_for, "vote")?;
+        // A replica with an empty log whose candidate's log is past the initial
+        // membership (index 0) was wiped, or was never part of the group: it has
+        // forgotten any vote it gave in this term, so granting one now could elect
+        // two leaders in one term. It votes again once replication has refilled it.
+        // Forming a new group is unaffected: the first candidate's log is index 0.
+        let own_last = self.raft.metrics().borrow_watched().last_log_index;
+        let candidate_last = rpc.last_log_id.as_ref().map(|l| l.index);
+        if own_last.is_none() && candidate_last.is_some_and(|i| i > 0) {
+            tracing::warn!(
+                candidate = sender,
+                candidate_last_log_index = candidate_last,
+                "refusing a vote: this replica's log is empty (new or wiped) and the group is past its first entry"
+            );
+            return Err(Status::failed_precondition(format!(
+                "node {} of broker group {} has an empty log (new or wiped); it votes only after replication refills it",
+                self.watch.node_id(),
+                self.group
+            )));
+        }
         // A vote past the leader lease is granted for a handover by the leader,
         // or for a fast failover that this node confirms: its own probe must find
         // the leader gone too, or the lease stands.

@@ -56,7 +56,6 @@ impl Admin {
     /// (which messages RocketMQ 5 clients may send to it) on every live broker
     /// group. `MessageType::Unspecified` makes a new topic NORMAL and keeps an
     /// existing topic's type.
-    #[tracing::instrument(skip(self))]
     pub async fn create_topic_with_type(
         &self,
         name: &str,
@@ -64,7 +63,55 @@ impl Admin {
         perm: pb::Permission,
         message_type: pb::MessageType,
     ) -> Result<(), Error> {
-        for g in self.core.list_cluster().await? {
+        self.create_topic_on(name, queues, perm, message_type, &[]).await
+    }
+
+    /// Creates (or updates) `name` with `queues` queues on the named broker groups
+    /// only (every live group when `groups` is empty), so a topic can live on some
+    /// groups and not others. Calling it again with a group the topic is not on yet
+    /// extends the topic there: producers and consumers see the new group's queues
+    /// after their next route refresh (`route_refresh_interval`, or at once after a
+    /// failure), and the queues it already has elsewhere are left alone. A group no
+    /// NameServer lists as live is refused with `NoRoute`, naming it, before
+    /// any group is changed.
+    #[tracing::instrument(skip(self))]
+    pub async fn create_topic_on(
+        &self,
+        name: &str,
+        queues: u32,
+        perm: pb::Permission,
+        message_type: pb::MessageType,
+        groups: &[String],
+    ) -> Result<(), Error> {
+        let live = self.core.list_cluster().await?;
+        let chosen: Vec<pb::GroupStatus> = if groups.is_empty() {
+            live
+        } else {
+            let mut chosen = Vec::with_capacity(groups.len());
+            for want in groups {
+                match live.iter().find(|g| g.broker_group == *want) {
+                    Some(g) => {
+                        if !chosen.iter().any(|c: &pb::GroupStatus| c.broker_group == *want) {
+                            chosen.push(g.clone());
+                        }
+                    }
+                    None => {
+                        return Err(Error::NoRoute {
+                            topic: name.to_owned(),
+                            reason: format!(
+                                "no live broker group is named {want:?} (live: {})",
+                                live.iter()
+                                    .map(|g| g.broker_group.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        });
+                    }
+                }
+            }
+            chosen
+        };
+        for g in chosen {
             let topic = pb::TopicConfig {
                 name: name.to_owned(),
                 queues_per_group: queues,
@@ -398,5 +445,119 @@ impl Admin {
         };
         let served = follow_group(&self.core, spec, route, |a| f(AdminServiceClient::new(a.channel))).await?;
         Ok(served.value)
+    }
+}
+
+/// Membership changes of one broker group (issue #18), each run on the group's
+/// leader (found through the NameServers, redirects followed).
+impl Admin {
+    /// The live group named `group`, as the NameServers list it.
+    async fn group_status(&self, group: &str) -> Result<pb::GroupStatus, Error> {
+        let groups = self.core.list_cluster().await?;
+        let names: Vec<String> = groups.iter().map(|g| g.broker_group.clone()).collect();
+        groups
+            .into_iter()
+            .find(|g| g.broker_group == group)
+            .ok_or_else(|| Error::Rpc {
+                endpoint: "NameServer".into(),
+                code: tonic::Code::NotFound,
+                message: format!("no live broker group named {group:?} (live groups: {names:?})"),
+                leader: None,
+            })
+    }
+
+    /// Runs `f` on `group`'s leader, letting one attempt take `wait` on top of
+    /// the usual request timeout (the server holds the call while it waits).
+    async fn on_group_leader<T, F, Fut>(&self, group: &str, wait: Duration, f: F) -> Result<T, Error>
+    where
+        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let g = self.group_status(group).await?;
+        let spec = Spec {
+            label: "",
+            deadline: self.core.config.send_deadline + wait,
+            long_poll: wait,
+            followers: Followers::Ask,
+        };
+        let route = pb::GroupRoute {
+            broker_group: g.broker_group.clone(),
+            leader_endpoint: g.leader_endpoint.clone(),
+            follower_endpoints: g
+                .replicas
+                .iter()
+                .map(|r| r.endpoint.clone())
+                .filter(|e| *e != g.leader_endpoint)
+                .collect(),
+            queues: 0,
+            perm: 0,
+            message_type: 0,
+        };
+        let served = follow_group(&self.core, spec, route, |a| f(AdminServiceClient::new(a.channel))).await?;
+        Ok(served.value)
+    }
+
+    /// Adds `node_id` (client address `endpoint`; Raft address `raft_endpoint`,
+    /// or the client port + 30000) to `group`: a learner first, a voter once it
+    /// has caught up within `catch_up`. Returns the new membership.
+    #[tracing::instrument(skip(self))]
+    pub async fn add_replica(
+        &self,
+        group: &str,
+        node_id: u64,
+        endpoint: &str,
+        raft_endpoint: Option<&str>,
+        catch_up: Duration,
+    ) -> Result<pb::MembershipView, Error> {
+        let req = pb::AddReplicaRequest {
+            node_id,
+            endpoint: endpoint.to_owned(),
+            raft_endpoint: raft_endpoint.unwrap_or_default().to_owned(),
+            catch_up_timeout_ms: u32::try_from(catch_up.as_millis()).unwrap_or(u32::MAX),
+        };
+        let resp = self
+            .on_group_leader(group, catch_up + Duration::from_secs(5), |mut c| {
+                let req = req.clone();
+                async move { c.add_replica(req).await }
+            })
+            .await?;
+        resp.membership.ok_or_else(|| Error::Protocol {
+            endpoint: group.to_owned(),
+            reason: "AddReplica answered without the membership".into(),
+        })
+    }
+
+    /// Removes `node_id` from `group`; returns the new membership.
+    #[tracing::instrument(skip(self))]
+    pub async fn remove_replica(&self, group: &str, node_id: u64) -> Result<pb::MembershipView, Error> {
+        let resp = self
+            .on_group_leader(group, Duration::from_secs(10), |mut c| async move {
+                c.remove_replica(pb::RemoveReplicaRequest { node_id }).await
+            })
+            .await?;
+        resp.membership.ok_or_else(|| Error::Protocol {
+            endpoint: group.to_owned(),
+            reason: "RemoveReplica answered without the membership".into(),
+        })
+    }
+
+    /// Hands `group`'s leadership to `to` (or the most caught-up other voter)
+    /// and waits, up to `within`, until it leads.
+    #[tracing::instrument(skip(self))]
+    pub async fn transfer_leader(
+        &self,
+        group: &str,
+        to: Option<u64>,
+        within: Duration,
+    ) -> Result<pb::TransferLeaderResponse, Error> {
+        let timeout_ms = u32::try_from(within.as_millis()).unwrap_or(u32::MAX);
+        self.on_group_leader(group, within, |mut c| async move {
+            c.transfer_leader(pb::TransferLeaderRequest {
+                to_node_id: to,
+                timeout_ms,
+            })
+            .await
+        })
+        .await
     }
 }

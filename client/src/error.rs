@@ -44,6 +44,24 @@ pub enum Error {
         #[source]
         last: Box<Error>,
     },
+    /// A send bound to one queue (by sharding key, or chosen by the caller) whose
+    /// broker group found no reachable leader within the send's deadline. Unlike
+    /// unkeyed sends it is not moved to another group: the key's messages must stay
+    /// in one queue to keep their order. `last` is why the deadline passed.
+    #[error(
+        "{}queue {queue_id} of topic {topic:?} is on broker group {group:?}, which has no reachable leader; \
+         the send was not moved to another group, since that would break the order of the queue: {last}",
+        key.as_ref().map(|k| format!("sharding key {k:?} maps to ")).unwrap_or_default()
+    )]
+    GroupUnavailable {
+        topic: String,
+        group: String,
+        queue_id: u32,
+        /// The sharding key, for a keyed send.
+        key: Option<String>,
+        #[source]
+        last: Box<Error>,
+    },
     /// A well-formed answer that breaks the API's promises.
     #[error("{endpoint} answered something unusable: {reason}")]
     Protocol { endpoint: String, reason: String },
@@ -67,7 +85,7 @@ impl Error {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Error::Rpc { code, .. } => Some(*code),
-            Error::DeadlineExceeded { last, .. } => last.code(),
+            Error::DeadlineExceeded { last, .. } | Error::GroupUnavailable { last, .. } => last.code(),
             _ => None,
         }
     }
@@ -100,6 +118,8 @@ impl Error {
                 tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted
             ),
             Error::NoRoute { .. } => true,
+            // The group may have a leader again by the time the caller retries.
+            Error::GroupUnavailable { .. } => true,
             _ => false,
         }
     }
@@ -108,7 +128,7 @@ impl Error {
     /// have reached the leader before the answer was lost).
     pub fn is_outcome_unknown(&self) -> bool {
         match self {
-            Error::DeadlineExceeded { last, .. } => last.is_outcome_unknown(),
+            Error::DeadlineExceeded { last, .. } | Error::GroupUnavailable { last, .. } => last.is_outcome_unknown(),
             Error::Timeout { .. } => true,
             Error::Rpc { code, .. } => matches!(
                 code,

@@ -29,6 +29,15 @@
 //! * Everything is bounded: each request by `request_timeout` (plus the long-poll
 //!   wait of a pull), the whole call by its deadline. Errors that retrying cannot
 //!   fix (bad input, unknown group) are returned at once and unwrapped.
+//! * A call that may use any group of the topic ([`Target::AnyGroup`]: unkeyed
+//!   sends) moves to another group when its group has no reachable leader
+//!   (every replica failed, or they answer that none leads), and the group is
+//!   isolated for [`GROUP_FAULT_FOR`] in the client's [`GroupFaults`], which
+//!   such calls' picks skip (RocketMQ's `sendLatencyFaultEnable`). If an attempt
+//!   on the group may have been stored (no answer), the call first gives the
+//!   group [`SWITCH_AFTER_UNKNOWN`] to elect a leader, which would answer the
+//!   retry from its idempotence window; moving on after that may store the
+//!   message twice (at-least-once), which is better than failing it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +65,20 @@ pub(crate) const HEDGE_AFTER: Duration = Duration::from_millis(250);
 
 /// How often the replicas of a silent endpoint are asked, per client.
 pub(crate) const HEDGE_EVERY: Duration = Duration::from_millis(50);
+
+/// How long a broker group that had no reachable leader is skipped by calls that
+/// may use any group (unkeyed sends). A few seconds: long enough that a dead
+/// group costs one failed attempt per few seconds rather than one per send, short
+/// enough that a group that recovered (an election takes about a second) gets
+/// traffic back soon. A success on the group ends it at once.
+pub(crate) const GROUP_FAULT_FOR: Duration = Duration::from_secs(3);
+
+/// After an attempt whose outcome is unknown (no answer: it may have been
+/// stored), how long a call that may use any group keeps to its group before
+/// moving on. About an election: a group that lost only its leader names a new
+/// one within it, and the retry there is deduplicated; a group that lost its
+/// majority never will.
+pub(crate) const SWITCH_AFTER_UNKNOWN: Duration = Duration::from_secs(1);
 
 /// Redirects followed back to back without a pause: two stale replicas naming
 /// each other must not spin.
@@ -100,6 +123,45 @@ impl DeadSet {
             Some(until) if *until > now => true,
             Some(_) => {
                 map.remove(endpoint);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// Broker groups that recently had no reachable leader, shared by every call of
+/// one client: calls that may use any group skip them until the mark expires or
+/// a call succeeds on the group.
+#[derive(Default)]
+pub(crate) struct GroupFaults {
+    until: Mutex<HashMap<String, Instant>>,
+}
+
+impl GroupFaults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // Plain data: a panic elsewhere cannot leave it half-updated.
+        self.until.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn isolate(&self, group: &str, now: Instant) {
+        self.lock().insert(group.to_owned(), now + GROUP_FAULT_FOR);
+    }
+
+    /// A call succeeded on it: it has a leader again.
+    pub(crate) fn clear(&self, group: &str) {
+        let mut map = self.lock();
+        if !map.is_empty() {
+            map.remove(group);
+        }
+    }
+
+    pub(crate) fn is_isolated(&self, group: &str, now: Instant) -> bool {
+        let mut map = self.lock();
+        match map.get(group) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                map.remove(group);
                 false
             }
             None => false,
@@ -210,7 +272,7 @@ pub(crate) struct Dial {
 }
 
 /// What to do after an attempt failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Verdict {
     /// Before the next attempt (zero: at once).
     pub(crate) pause: Duration,
@@ -371,6 +433,11 @@ pub(crate) enum Target<'a, P> {
     /// again for every attempt, so a refreshed route is used at once. `pick` also
     /// returns what the request needs of the choice (a producer's queue).
     Topic { topic: &'a str, pick: P },
+    /// As `Topic`, for a call that may use any group of the topic (an unkeyed
+    /// send): when the chosen group has no reachable leader it is isolated in the
+    /// client's [`GroupFaults`] and `pick` is asked again, which must then skip
+    /// isolated groups while others remain.
+    AnyGroup { topic: &'a str, pick: P },
     /// A group the caller already knows (admin calls, from `ListCluster`).
     Group(pb::GroupRoute),
 }
@@ -427,10 +494,18 @@ where
     let deadline = started + spec.deadline;
     let request_timeout = core.config.request_timeout;
     let topic = match &target {
-        Target::Topic { topic, .. } => Some(*topic),
+        Target::Topic { topic, .. } | Target::AnyGroup { topic, .. } => Some(*topic),
         Target::Group(_) => None,
     };
+    let may_move = matches!(target, Target::AnyGroup { .. });
     let mut chase = Chase::default();
+    // The group the chase is for: a chase's redirects and dead ends belong to one
+    // group, so a different pick (another group, or a refreshed route) starts a
+    // new one.
+    let mut chased: Option<String> = None;
+    // When an attempt on the chased group first ended without an answer (it may
+    // have been stored there).
+    let mut unknown_since: Option<Instant> = None;
     let mut attempts = 0u32;
     // What the last broker answered: a user given up on learns more from "the
     // node cannot reach a quorum" than from the NameServer lookups that followed.
@@ -439,19 +514,48 @@ where
         let mut from_broker = false;
         let mut abandoned = false;
         let (verdict, last) = 'attempt: {
-            let (group, choice, provisional) = match &target {
-                Target::Group(g) => (g.clone(), C::default(), false),
-                Target::Topic { topic, pick } => match core.route(topic).await.and_then(|r| {
-                    let (g, c) = pick(&r)?;
-                    Ok((g, c, r.provisional))
-                }) {
-                    Ok(chosen) => chosen,
-                    Err(e) if e.is_retriable() => {
-                        attempts += 1;
-                        break 'attempt (chase.stuck(), e);
+            let (group, choice, provisional, route) = match &target {
+                Target::Group(g) => (g.clone(), C::default(), false, None),
+                Target::Topic { topic, pick } | Target::AnyGroup { topic, pick } => {
+                    match core.route(topic).await.and_then(|r| {
+                        let (g, c) = pick(&r)?;
+                        Ok((g, c, r.provisional, Some(r)))
+                    }) {
+                        Ok(chosen) => chosen,
+                        Err(e) if e.is_retriable() => {
+                            attempts += 1;
+                            break 'attempt (chase.stuck(), e);
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                },
+                }
+            };
+            if chased.as_deref() != Some(group.broker_group.as_str()) {
+                if chased.is_some() {
+                    chase = Chase::default();
+                    unknown_since = None;
+                }
+                chased = Some(group.broker_group.clone());
+            }
+            // Moves a call that may use any group off `group`, which has no
+            // reachable leader: isolates it and, if the pick then names another
+            // group, retries there at once.
+            let move_on = |now: Instant, unknown_since: Option<Instant>| -> bool {
+                if !may_move || unknown_since.is_some_and(|t| now.duration_since(t) < SWITCH_AFTER_UNKNOWN) {
+                    return false;
+                }
+                let Target::AnyGroup { pick, .. } = &target else {
+                    return false;
+                };
+                core.faults.isolate(&group.broker_group, now);
+                let moved = route
+                    .as_ref()
+                    .and_then(|r| pick(r).ok())
+                    .is_some_and(|(g, _)| g.broker_group != group.broker_group);
+                if moved {
+                    tracing::info!(broker_group = %group.broker_group, "no reachable leader; moving the send to another broker group");
+                }
+                moved
             };
             let now = Instant::now();
             let Some(dial) = chase.next(&group, |e| core.dead.is_dead(e, now)) else {
@@ -462,6 +566,9 @@ where
                         group.broker_group
                     ),
                 };
+                if move_on(now, unknown_since) {
+                    break 'attempt (Verdict::default(), e);
+                }
                 break 'attempt (chase.stuck(), e);
             };
             attempts += 1;
@@ -514,6 +621,7 @@ where
             let e = match result {
                 Ok(value) => {
                     core.dead.revive(&dial.endpoint);
+                    core.faults.clear(&group.broker_group);
                     if let Some(topic) = topic
                         && dial.endpoint != group.leader_endpoint
                     {
@@ -554,6 +662,28 @@ where
                 core.dead.mark(&dial.endpoint, now);
             }
             from_broker = true;
+            let leaderless = match &answer {
+                Answer::Unreachable => {
+                    // A refused connection carried nothing; anything else may have
+                    // reached the leader and been stored.
+                    if !never_sent(&e) {
+                        unknown_since.get_or_insert(now);
+                    }
+                    // A group only lacks a leader when none of its replicas is
+                    // left to elect one; otherwise the chase asks them.
+                    std::iter::once(&group.leader_endpoint)
+                        .chain(&group.follower_endpoints)
+                        .all(|r| r.is_empty() || core.dead.is_dead(r, now))
+                }
+                Answer::Leaderless => true,
+                Answer::Redirect(to) => core.dead.is_dead(to, now),
+            };
+            if abandoned {
+                unknown_since.get_or_insert(now);
+            }
+            if leaderless && move_on(now, unknown_since) {
+                break 'attempt (Verdict::default(), e);
+            }
             (chase.observe(&dial, &answer, &group, |e| core.dead.is_dead(e, now)), e)
         };
         if verdict.refresh
@@ -580,6 +710,23 @@ where
         if from_broker {
             last_broker = Some(last);
         }
+    }
+}
+
+/// The request failed before reaching the server: the connection was refused or
+/// could not be made, so nothing was sent. (tonic reports connect failures as
+/// UNAVAILABLE with the connector's message.)
+fn never_sent(e: &Error) -> bool {
+    match e {
+        Error::Rpc {
+            code: tonic::Code::Unavailable,
+            message,
+            ..
+        } => {
+            let m = message.to_ascii_lowercase();
+            m.contains("connection refused") || m.contains("tcp connect error") || m.contains("error trying to connect")
+        }
+        _ => false,
     }
 }
 
@@ -758,6 +905,38 @@ mod tests {
         d.revive("a");
         assert!(!d.is_dead("a", t));
         assert!(!d.is_dead("b", t));
+    }
+
+    #[test]
+    fn an_isolated_group_is_skipped_until_the_mark_expires_or_a_call_succeeds() {
+        let f = GroupFaults::default();
+        let t = Instant::now();
+        f.isolate("b", t);
+        assert!(f.is_isolated("b", t));
+        assert!(!f.is_isolated("a", t));
+        assert!(!f.is_isolated("b", t + GROUP_FAULT_FOR));
+        f.isolate("b", t);
+        f.clear("b");
+        assert!(!f.is_isolated("b", t));
+    }
+
+    #[test]
+    fn only_a_connection_never_made_counts_as_never_sent() {
+        let unavailable = |message: &str| Error::Rpc {
+            endpoint: "e".into(),
+            code: tonic::Code::Unavailable,
+            message: message.into(),
+            leader: None,
+        };
+        assert!(never_sent(&unavailable("tcp connect error")));
+        assert!(never_sent(&unavailable("error trying to connect: Connection refused")));
+        assert!(!never_sent(&unavailable("connection reset")));
+        assert!(!never_sent(&unavailable("h2 protocol error: stream closed")));
+        let timeout = Error::Timeout {
+            endpoint: "e".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(!never_sent(&timeout), "a timed-out request may have been stored");
     }
 
     #[test]

@@ -3,6 +3,12 @@
 //! concurrent sends into batches. Finding and following the leader through
 //! failovers, within `send_deadline`, is the `leader` module's.
 //!
+//! With several broker groups, an unkeyed send whose group has no reachable leader
+//! moves to another group's queue within its deadline, and that group is skipped
+//! by unkeyed sends for a few seconds (`leader::GROUP_FAULT_FOR`). A keyed send,
+//! or one to a chosen queue, stays on its queue's group and fails with
+//! [`Error::GroupUnavailable`] naming it: moving it would break the queue's order.
+//!
 //! Delivery is at-least-once on ambiguous failures: a send that timed out or lost
 //! its connection (UNAVAILABLE, "outcome unknown") may have been stored, and the
 //! retry stores it again. Exactly-once waits for the idempotent producer
@@ -40,8 +46,13 @@ pub struct SendReceipt {
 /// How a send chooses its queue.
 #[derive(Debug, Clone)]
 enum Pick {
-    /// The n-th writable (group, queue) pair, fixed for all retries of one send.
+    /// The n-th writable (group, queue) pair of the groups not isolated for a
+    /// recent failure (see `leader::GroupFaults`): an unkeyed send, which may move
+    /// to another group when its group has no leader.
     Index(usize),
+    /// A sharding key's hash: the n-th writable (group, queue) pair of every
+    /// writable group, isolated or not, so the key keeps its queue.
+    Key { hash: usize, key: String },
     /// A caller-chosen queue, by group name: a refreshed route may list groups
     /// differently, and the caller meant this group.
     Queue { group: String, queue_id: u32 },
@@ -174,7 +185,10 @@ impl Producer {
     /// broker registration round, the broker places keyed messages and their order
     /// is not promised. Create ordered topics up front, or send once and wait.
     pub async fn send_with_key(&self, topic: &str, key: &str, message: pb::Message) -> Result<SendReceipt, Error> {
-        let pick = Pick::Index(fnv1a(key.as_bytes()) as usize);
+        let pick = Pick::Key {
+            hash: fnv1a(key.as_bytes()) as usize,
+            key: key.to_owned(),
+        };
         self.send_single(topic, Some(pick), message).await
     }
 
@@ -184,6 +198,32 @@ impl Producer {
     /// or none of it, and each sender gets its own receipt or the shared error.
     /// `pick` `None` is the rotation [`Producer::send`] describes.
     async fn send_single(&self, topic: &str, pick: Option<Pick>, message: pb::Message) -> Result<SendReceipt, Error> {
+        let key = match &pick {
+            Some(Pick::Key { key, .. }) => Some(key.clone()),
+            _ => None,
+        };
+        // A keyed send may travel in its queue's lane with other keys' messages,
+        // which knows the queue but not the key: name the key here.
+        self.send_on_lane(topic, pick, message).await.map_err(|e| match e {
+            Error::GroupUnavailable {
+                topic,
+                group,
+                queue_id,
+                key: None,
+                last,
+            } if key.is_some() => Error::GroupUnavailable {
+                topic,
+                group,
+                queue_id,
+                key,
+                last,
+            },
+            e => e,
+        })
+    }
+
+    /// [`Producer::send_single`]'s work.
+    async fn send_on_lane(&self, topic: &str, pick: Option<Pick>, message: pb::Message) -> Result<SendReceipt, Error> {
         let lane = match self.core.config.max_auto_batch {
             0 | 1 => None,
             _ => match self.core.route(topic).await {
@@ -205,7 +245,7 @@ impl Producer {
                         })
                     }
                     None => None,
-                    Some(p) => choose(&route, p).and_then(|(g, q)| {
+                    Some(p) => choose(&route, p, |_| false).and_then(|(g, q)| {
                         let slots = LaneSlots {
                             usual: LANE_PARALLELISM,
                             most: LANE_PARALLELISM,
@@ -411,16 +451,24 @@ impl Producer {
         };
         // The queue is chosen again in each attempt's route: a refreshed route may
         // list the groups differently, and `pick` names a position, not a group.
-        let target = Target::Topic {
-            topic,
-            pick: |route: &TopicRoute| {
-                choose(route, &pick)
-                    .map(|(g, q)| (g.clone(), q))
-                    .ok_or_else(|| Error::NoRoute {
-                        topic: topic.to_owned(),
-                        reason: "no writable queue in the route".into(),
-                    })
-            },
+        // Unkeyed picks skip groups isolated for a recent failure.
+        // The last choice is kept to name the group and queue if the send fails.
+        let core = &self.core;
+        let last_choice: Mutex<Option<(String, Option<u32>)>> = Mutex::new(None);
+        let choose_in = |route: &TopicRoute| {
+            let now = std::time::Instant::now();
+            let chosen = choose(route, &pick, |g| core.faults.is_isolated(g, now))
+                .map(|(g, q)| (g.clone(), q))
+                .ok_or_else(|| Error::NoRoute {
+                    topic: topic.to_owned(),
+                    reason: "no writable queue in the route".into(),
+                })?;
+            *last_choice.lock().unwrap_or_else(|p| p.into_inner()) = Some((chosen.0.broker_group.clone(), chosen.1));
+            Ok(chosen)
+        };
+        let target = match pick {
+            Pick::Index(_) => Target::AnyGroup { topic, pick: choose_in },
+            Pick::Key { .. } | Pick::Queue { .. } => Target::Topic { topic, pick: choose_in },
         };
         let max = self.core.max_message_bytes();
         // One sequence number for every attempt of this RPC: the broker group
@@ -445,13 +493,39 @@ impl Producer {
                     .await
             }
         })
-        .await?;
+        .await
+        .map_err(|e| {
+            let last = last_choice.lock().unwrap_or_else(|p| p.into_inner()).take();
+            bound_to_queue(topic, &pick, last, e)
+        })?;
         if served.provisional {
             // The broker has the topic now (it auto-created it); let the next send
             // learn its real queues.
             self.core.routes.invalidate(topic);
         }
         receipts(&served.endpoint, &served.group, served.value, messages.len())
+    }
+}
+
+/// A send bound to its queue (keyed or chosen) that ran out of time on `last`, the
+/// group and queue it was chasing: say which group holds the queue and that the
+/// send was not moved. Other failures, and unkeyed sends, are returned as they are.
+fn bound_to_queue(topic: &str, pick: &Pick, last: Option<(String, Option<u32>)>, e: Error) -> Error {
+    if !matches!(e, Error::DeadlineExceeded { .. }) || matches!(pick, Pick::Index(_)) {
+        return e;
+    }
+    let Some((group, Some(queue_id))) = last else {
+        return e;
+    };
+    Error::GroupUnavailable {
+        topic: topic.to_owned(),
+        group,
+        queue_id,
+        key: match pick {
+            Pick::Key { key, .. } => Some(key.clone()),
+            _ => None,
+        },
+        last: Box::new(e),
     }
 }
 
@@ -534,15 +608,23 @@ fn fitting(queued: &[(pb::Message, Waiter)], mut count: usize, mut bytes: usize,
 
 /// The group and queue a pick names in `route`. A provisional route (topic not yet
 /// known to any NameServer) has no queue counts, so the broker chooses the queue.
-fn choose<'r>(route: &'r TopicRoute, pick: &Pick) -> Option<(&'r pb::GroupRoute, Option<u32>)> {
-    let groups: Vec<&pb::GroupRoute> = route.groups.iter().filter(|g| writable(g)).collect();
+/// An unkeyed pick skips the groups `isolated` names while any other is writable.
+fn choose<'r>(
+    route: &'r TopicRoute,
+    pick: &Pick,
+    isolated: impl Fn(&str) -> bool,
+) -> Option<(&'r pb::GroupRoute, Option<u32>)> {
+    let mut groups: Vec<&pb::GroupRoute> = route.groups.iter().filter(|g| writable(g)).collect();
     if groups.is_empty() {
         return None;
     }
+    if matches!(pick, Pick::Index(_)) && groups.iter().any(|g| !isolated(&g.broker_group)) {
+        groups.retain(|g| !isolated(&g.broker_group));
+    }
     match pick {
         Pick::Queue { group, queue_id } => Some((route.group(group)?, Some(*queue_id))),
-        Pick::Index(n) if route.provisional => Some((groups[n % groups.len()], None)),
-        Pick::Index(n) => {
+        Pick::Index(n) | Pick::Key { hash: n, .. } if route.provisional => Some((groups[n % groups.len()], None)),
+        Pick::Index(n) | Pick::Key { hash: n, .. } => {
             let n = *n;
             let total: usize = groups.iter().map(|g| g.queues as usize).sum();
             if total == 0 {
@@ -596,7 +678,7 @@ mod tests {
         let r = route(&[("b", 2), ("a", 3)]);
         let picked: Vec<(String, Option<u32>)> = (0..6)
             .map(|n| {
-                let (g, q) = choose(&r, &Pick::Index(n)).unwrap();
+                let (g, q) = choose(&r, &Pick::Index(n), |_| false).unwrap();
                 (g.broker_group.clone(), q)
             })
             .collect();
@@ -612,6 +694,27 @@ mod tests {
                 ("a", Some(0))
             ]
         );
+    }
+
+    #[test]
+    fn unkeyed_picks_skip_isolated_groups_but_keys_keep_their_queue() {
+        let r = route(&[("a", 2), ("b", 2)]);
+        let a_down = |g: &str| g == "a";
+        for n in 0..4 {
+            let (g, _) = choose(&r, &Pick::Index(n), a_down).unwrap();
+            assert_eq!(g.broker_group, "b", "pick {n}");
+        }
+        // Every group isolated: unkeyed sends still use all of them, not none.
+        let spread: std::collections::BTreeSet<String> = (0..4)
+            .map(|n| choose(&r, &Pick::Index(n), |_| true).unwrap().0.broker_group.clone())
+            .collect();
+        assert_eq!(spread.len(), 2);
+        for hash in 0..8 {
+            let key = Pick::Key { hash, key: "k".into() };
+            let with = choose(&r, &key, a_down).map(|(g, q)| (g.broker_group.clone(), q));
+            let without = choose(&r, &key, |_| false).map(|(g, q)| (g.broker_group.clone(), q));
+            assert_eq!(with, without, "a key's queue does not depend on isolation");
+        }
     }
 
     #[test]

@@ -563,13 +563,19 @@ async fn run(ctx: Arc<Ctx>, stop: CancellationToken) -> Result<(), Error> {
     let mut members: Vec<Member> = ctx.subs.iter().map(|sub| Member::new(sub.clone())).collect();
     let mut interval = Duration::from_secs(1);
     while !stop.is_cancelled() {
-        let mut settle = true;
-        for member in &mut members {
-            settle &= match ctx.settings.model {
-                MessageModel::Clustering => member.heartbeat_all(&ctx, false).await,
-                MessageModel::Broadcasting => member.broadcast_round(&ctx).await,
-            };
-        }
+        // Subscriptions (the topic and the retry topic) are served side by side,
+        // for the same reason as a subscription's groups: a group without a
+        // leader must not delay the heartbeats every other group expects.
+        let rounds = members.iter_mut().map(|member| {
+            let ctx = &ctx;
+            async move {
+                match ctx.settings.model {
+                    MessageModel::Clustering => member.heartbeat_all(ctx, false).await,
+                    MessageModel::Broadcasting => member.broadcast_round(ctx).await,
+                }
+            }
+        });
+        let settle = futures::future::join_all(rounds).await.into_iter().all(|s| s);
         if let Some(i) = members.iter().filter_map(|m| m.interval).min() {
             interval = i;
         }
@@ -722,6 +728,11 @@ impl Member {
         };
         let mut settled = true;
         let mut answered = Vec::new();
+        // Every group is asked at once: one group without a leader holds its
+        // heartbeat until the deadline, which must not delay the others' past
+        // their session timeout (they would hand this member's queues away).
+        let session_timeout = self.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+        let mut requests = Vec::with_capacity(route.groups.len());
         for g in &route.groups {
             let name = &g.broker_group;
             let mut queues: Vec<pb::HeldQueue> = Vec::new();
@@ -762,8 +773,18 @@ impl Member {
                 queues,
                 leaving,
             };
-            let session_timeout = self.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
-            let resp = match heartbeat(ctx, &sub.topic, name, req, session_timeout).await {
+            requests.push((name.clone(), req));
+        }
+        let topic = sub.topic.as_str();
+        let answers = futures::future::join_all(
+            requests
+                .into_iter()
+                .map(|(name, req)| async move { (heartbeat(ctx, topic, &name, req, session_timeout).await, name) }),
+        )
+        .await;
+        for (answer, name) in answers {
+            let name = &name;
+            let resp = match answer {
                 Ok(r) => r,
                 Err(e) => {
                     self.log_failure(Some(name), &e, "consumer heartbeat failed");

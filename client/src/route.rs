@@ -123,6 +123,8 @@ pub(crate) struct Core {
     /// Endpoints that failed recently (see `leader`).
     pub(crate) dead: crate::leader::DeadSet,
     pub(crate) hedges: crate::leader::Hedges,
+    /// Broker groups that recently had no reachable leader (see `leader`).
+    pub(crate) faults: crate::leader::GroupFaults,
 }
 
 impl Core {
@@ -133,6 +135,7 @@ impl Core {
             routes: RouteCache::default(),
             dead: crate::leader::DeadSet::default(),
             hedges: crate::leader::Hedges::default(),
+            faults: crate::leader::GroupFaults::default(),
         }
     }
 

@@ -74,17 +74,30 @@ impl SimpleConsumer {
 
     /// Receives up to `max` messages (0 = broker default), waiting up to `wait`
     /// for the first (long polling). Broker groups serving the topic are asked in
-    /// turn, one per call.
+    /// turn, one per call; a group that has no reachable leader is skipped for a
+    /// few seconds and the call asks another one instead (as unkeyed sends do), so
+    /// one group down does not fail every n-th receive.
     #[tracing::instrument(skip(self), fields(group = %self.group, topic = %self.topic))]
     pub async fn receive(&self, max: u32, wait: Duration) -> Result<Vec<Received>, Error> {
-        let route = self.core.route(&self.topic).await?;
-        let n = route.groups.len().max(1);
-        let turn = self.next_group.fetch_add(1, Ordering::Relaxed) % n;
-        let Some(broker_group) = route.groups.get(turn).map(|g| g.broker_group.clone()) else {
-            return Err(Error::NoRoute {
-                topic: self.topic.clone(),
-                reason: "no broker group serves it".into(),
-            });
+        let turn = self.next_group.fetch_add(1, Ordering::Relaxed);
+        let core = &self.core;
+        let topic = &self.topic;
+        let target = Target::AnyGroup {
+            topic,
+            pick: move |route: &TopicRoute| {
+                let now = std::time::Instant::now();
+                let mut groups: Vec<&pb::GroupRoute> = route.groups.iter().collect();
+                if groups.iter().any(|g| !core.faults.is_isolated(&g.broker_group, now)) {
+                    groups.retain(|g| !core.faults.is_isolated(&g.broker_group, now));
+                }
+                match groups.get(turn % groups.len().max(1)) {
+                    Some(g) => Ok(((*g).clone(), ())),
+                    None => Err(Error::NoRoute {
+                        topic: topic.clone(),
+                        reason: "no broker group serves it".into(),
+                    }),
+                }
+            },
         };
         let (filter_type, filter_expression) = self.filter.to_wire();
         let spec = Spec {
@@ -94,7 +107,7 @@ impl SimpleConsumer {
             followers: Followers::Redirect,
         };
         let max_bytes = self.core.max_message_bytes();
-        let served = follow(&self.core, spec, self.target(&broker_group), |a: Attempt<()>| {
+        let served = follow(&self.core, spec, target, |a: Attempt<()>| {
             let req = pb::ReceiveRequest {
                 consumer_group: self.group.clone(),
                 topic: self.topic.clone(),

@@ -21,19 +21,27 @@ use tonic::{Request, Response, Status};
 
 pub use registry::Registry;
 
-/// NameServer settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// NameServer settings: the one struct that `raftmq namesrv`'s TOML file,
+/// `RAFTMQ_NAMESRV_*` environment variables and flags fill (by these serde names).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct NameServerConfig {
+    /// Address to listen on. Default 127.0.0.1:9876 (RocketMQ's port); a
+    /// NameServer other hosts reach must listen on their network.
+    pub listen: std::net::SocketAddr,
     /// A broker node not heard from for this long is dropped from routes.
     /// Default 10 s: five missed heartbeats at the default interval.
+    #[serde(with = "humantime_serde")]
     pub broker_timeout: Duration,
     /// How often brokers are told to heartbeat. Default 2 s.
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
 }
 
 impl Default for NameServerConfig {
     fn default() -> Self {
         NameServerConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9876)),
             broker_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
         }
@@ -275,6 +283,7 @@ mod tests {
         let bad = NameServerConfig {
             broker_timeout: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(2),
+            ..NameServerConfig::default()
         };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("broker_timeout"), "{err}");

@@ -172,6 +172,8 @@ impl Registry {
                         .collect(),
                     reported_by: view.best.node_id,
                     committed_index: None,
+                    // Storage figures come from the broker's own ClusterStatus.
+                    ..Default::default()
                 }
             })
             .collect()

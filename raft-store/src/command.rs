@@ -302,6 +302,17 @@ pub enum Command {
         ids: Vec<TxnId>,
         next_check_ms: u64,
     },
+    /// Retention: every message stored by an entry at index <= `upto` is gone
+    /// (the leader decided the horizon from whole segments). Each replica drops
+    /// the ConsumeQueue rows, timers, POP and transaction state referring to them
+    /// and records the horizon; freeing the disk follows off the apply path. A
+    /// horizon at or below the current one changes nothing.
+    Retain {
+        upto: u64,
+        /// Why the leader moved the horizon (time, size, disk), for logs.
+        #[serde(default)]
+        reason: String,
+    },
 }
 
 /// The state machine's answer to one entry.
@@ -366,6 +377,12 @@ pub enum Response {
         ok: bool,
     },
     ConsumerGroupUpserted,
+    /// The retention horizon after a [`Command::Retain`]; `advanced` is false
+    /// when it was already at or past `upto`.
+    Retained {
+        horizon: u64,
+        advanced: bool,
+    },
     /// The command was valid when proposed but not when applied (e.g. its topic was
     /// deleted in between). Every replica refuses it the same way.
     Rejected {
@@ -409,6 +426,23 @@ impl std::fmt::Display for Command {
                 write!(f, "end {} transaction(s) ({source:?})", ends.len())
             }
             Command::TransactionsChecked { ids, .. } => write!(f, "count a check of {} transaction(s)", ids.len()),
+            Command::Retain { upto, reason } => write!(f, "retain entries after index {upto} ({reason})"),
+        }
+    }
+}
+
+impl Command {
+    /// The leader's clock stamped into the command, if it carries one: what
+    /// time-based retention reads as a record's store time.
+    pub fn store_time_ms(&self) -> Option<u64> {
+        match self {
+            Command::Append(b) => Some(b.store_timestamp_ms),
+            Command::FireTimers { store_timestamp_ms, .. }
+            | Command::SendBack { store_timestamp_ms, .. }
+            | Command::PopDeadLetter { store_timestamp_ms, .. }
+            | Command::EndTransactions { store_timestamp_ms, .. } => Some(*store_timestamp_ms),
+            Command::PopReceive { now_ms, .. } => Some(*now_ms),
+            _ => None,
         }
     }
 }
@@ -429,8 +463,8 @@ const TAG_APPEND: u8 = 1;
 const TAG_UPSERT_TOPIC: u8 = 2;
 const TAG_DELETE_TOPIC: u8 = 3;
 const TAG_COMMIT_OFFSETS: u8 = 4;
-/// Message-lifecycle commands (timers, POP, retry, group configs) and topic
-/// upserts are small and rare next to appends; they are encoded as JSON after the
+/// Message-lifecycle commands (timers, POP, retry, group configs), retention
+/// and topic upserts are small and rare next to appends; they are encoded as JSON after the
 /// tag rather than hand-framed, so adding a field cannot misframe one (and a
 /// field added with `#[serde(default)]` needs no new encoding version).
 const TAG_JSON: u8 = 5;
@@ -916,6 +950,25 @@ mod tests {
         }
         let names: Vec<_> = TopicMessageType::ALL.iter().map(|t| t.name()).collect();
         assert_eq!(names, ["MIXED", "NORMAL", "FIFO", "DELAY", "TRANSACTION"]);
+    }
+
+    #[test]
+    fn retain_round_trips_and_an_old_form_without_reason_decodes() {
+        let cmd = Command::Retain {
+            upto: 4096,
+            reason: "size".into(),
+        };
+        assert_eq!(Command::decode(Bytes::from(cmd.encode())).unwrap(), cmd);
+        let mut entry = vec![COMMAND_VERSION, TAG_JSON];
+        entry.extend_from_slice(br#"{"Retain":{"upto":7}}"#);
+        assert_eq!(
+            Command::decode(Bytes::from(entry)).unwrap(),
+            Command::Retain {
+                upto: 7,
+                reason: String::new()
+            }
+        );
+        assert_eq!(cmd.store_time_ms(), None);
     }
 
     #[test]

@@ -186,15 +186,8 @@ impl CommitLog {
     /// but never above the purge point (entries openraft may still replicate from
     /// the log). Returns how many segments were deleted.
     pub async fn apply_retention(&self, upto: u64) -> io::Result<usize> {
-        let limit = match &self.shared.meta().purged {
-            Some(p) => p.index.min(upto),
-            None => return Ok(0),
-        };
         self.sync().await?;
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.segments_write().remove_through(limit))
-            .await
-            .map_err(io::Error::other)?
+        self.reader().apply_retention(upto).await
     }
 
     /// Flushes outstanding writes and stops the flusher thread.
@@ -320,6 +313,34 @@ impl CommitLogReader {
             segs.read_range(start, end, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Retention from a read handle (the broker holds no `CommitLog`, openraft
+    /// owns it): deletes whole segments whose records all have index <= `upto`,
+    /// never above the purge point. Returns how many were deleted.
+    ///
+    /// No flush first, unlike [`CommitLog::apply_retention`]: a segment can only
+    /// qualify when every record in it is at or below the purge point, and a
+    /// purged record was applied, so flushed long ago (sealed segments are
+    /// fsynced when they roll; a queued fsync of a deleted file is harmless).
+    pub async fn apply_retention(&self, upto: u64) -> io::Result<usize> {
+        let limit = match &self.shared.meta().purged {
+            Some(p) => p.index.min(upto),
+            None => return Ok(0),
+        };
+        let shared = self.shared.clone();
+        let removed = tokio::task::spawn_blocking(move || shared.segments_write().remove_through(limit))
+            .await
+            .map_err(io::Error::other)??;
+        if removed > 0 {
+            tracing::info!(upto = limit, segments = removed, "retention deleted CommitLog segments");
+        }
+        Ok(removed)
+    }
+
+    /// Every segment's extent, oldest first; the last is the one being written.
+    pub fn segment_infos(&self) -> Vec<crate::segment::SegmentInfo> {
+        self.shared.segments_read().infos()
     }
 
     /// (first, last) index physically held.

@@ -16,10 +16,16 @@ pub(crate) const CF_KEY: &str = "key";
 pub(crate) const CF_TOPIC: &str = "topic";
 pub(crate) const CF_OFFSET: &str = "offset";
 pub(crate) const CF_QMAX: &str = "qmax";
+/// Per queue, the lowest offset retention left (`queue_key` -> le64); absent
+/// means 0. Reads start from it, so they never walk the deleted rows' tombstones.
+pub(crate) const CF_QMIN: &str = "qmin";
 /// Every column family, in the order snapshots number them (new ones go last).
-pub(crate) const CFS: [&str; 11] = [
-    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP, CF_DEDUP, CF_TXN,
+pub(crate) const CFS: [&str; 12] = [
+    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP, CF_DEDUP, CF_TXN, CF_QMIN,
 ];
+/// Meta row holding the retention horizon (le64): every entry at or below it
+/// is gone from this group's retained data.
+pub(crate) const KEY_HORIZON: &[u8] = b"horizon";
 /// Prefix of the retry topic a push consumer group's failed messages go to.
 pub const RETRY_TOPIC_PREFIX: &str = "%RETRY%";
 /// Prefix of a consumer group's dead-letter queue.
@@ -128,6 +134,12 @@ pub(crate) fn cq_key(topic: &str, queue_id: u32, offset: u64) -> Vec<u8> {
     let mut k = queue_key(topic, queue_id);
     k.extend_from_slice(&offset.to_be_bytes());
     k
+}
+
+/// The Raft index a key-index row names (its last 12 bytes are index, position).
+pub(crate) fn key_row_index(k: &[u8]) -> Option<u64> {
+    let at = k.len().checked_sub(12)?;
+    Some(u64::from_be_bytes(k[at..at + 8].try_into().ok()?))
 }
 
 pub(crate) fn key_prefix(topic: &str, key: &str) -> Vec<u8> {

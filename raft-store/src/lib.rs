@@ -63,10 +63,23 @@
 //! gets a ConsumeQueue row pointing at its original record. Module map:
 //! [`layout`] (keys and rows), [`state_machine`] (apply), [`reader`] (reads),
 //! [`snapshot`] (build and install).
+//!
+//! # Retention
+//!
+//! The broker leader decides a horizon from whole segments (by age, total size
+//! or disk pressure) and proposes [`Command::Retain`]. Applying it, every
+//! replica drops the ConsumeQueue prefix written at or below it (recording each
+//! queue's new minimum), pending timers and half messages whose record is gone,
+//! and POP deliveries of dropped rows; reads skip anything at or below the
+//! horizon at once, and key-index rows are dropped by a compaction filter. Then,
+//! off the apply path, the replica snapshots at or past the horizon (snapshots
+//! carry only records above it), purges the Raft log up to it and deletes whole
+//! segments of the log and the archive ([`StoreReader::free_through`]).
 
 pub mod command;
 pub mod commitlog;
 pub mod dedup;
+pub mod disk;
 pub mod durable;
 pub mod entry_codec;
 pub mod layout;
@@ -89,7 +102,8 @@ pub use command::{
 pub use commitlog::{CommitLog, CommitLogReader, FlushStats};
 pub use layout::{DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX};
 pub use pop::{InFlight, PopGroup, PopQueue, PopState};
-pub use reader::{Origin, StoreReader, StoredMessage};
+pub use reader::{Origin, StoreReader, StoredMessage, StoredSegment};
+pub use segment::SegmentInfo;
 pub use state_machine::StateMachine;
 pub use transactions::{PendingTxn, TxnState, TxnTotals};
 
@@ -199,8 +213,9 @@ pub enum FlushMode {
     Async,
 }
 
-/// Storage settings of one replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Storage settings of one replica (the `[store]` table of a broker's settings).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StoreConfig {
     /// Segment files roll when the next record would exceed this many bytes.
     pub segment_bytes: u64,

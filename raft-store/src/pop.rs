@@ -398,6 +398,35 @@ impl PopState {
         Some(attempt)
     }
 
+    /// Retention: in each queue whose rows below `mins[(topic, queue)]` were
+    /// dropped, forgets deliveries of those offsets and moves the hand-out
+    /// cursor up to the new minimum. Returns how many deliveries were dropped.
+    pub(crate) fn retain(&mut self, state: &SmState, wb: &mut WriteBatch, mins: &HashMap<(String, u32), u64>) -> u64 {
+        let mut dropped = 0;
+        for (group, g) in &mut self.groups {
+            for ((topic, queue), q) in &mut g.queues {
+                let Some(&min) = mins.get(&(topic.clone(), *queue)) else {
+                    continue;
+                };
+                let keep = q.inflight.split_off(&min);
+                for &offset in q.inflight.keys() {
+                    Self::delete_inflight(state, wb, group, topic, *queue, offset);
+                    dropped += 1;
+                }
+                q.inflight = keep;
+                if q.cursor < min {
+                    q.cursor = min;
+                    wb.put_cf(
+                        state.cf(CF_POP),
+                        queue_prefix(b'C', group, topic, *queue),
+                        q.cursor.to_le_bytes(),
+                    );
+                }
+            }
+        }
+        dropped
+    }
+
     /// Forgets a deleted topic's POP state.
     pub(crate) fn delete_topic(&mut self, state: &SmState, wb: &mut WriteBatch, topic: &str) {
         for (group, g) in &mut self.groups {

@@ -39,6 +39,16 @@ pub struct StoredMessage {
     pub origin: Option<Origin>,
 }
 
+/// One segment file of a replica's retained records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredSegment {
+    pub info: crate::segment::SegmentInfo,
+    /// In the snapshot archive (received in a snapshot), not the CommitLog.
+    pub archive: bool,
+    /// The CommitLog segment being written: never deleted.
+    pub active: bool,
+}
+
 /// A cloneable read handle for the broker (pull, admin, queries).
 #[derive(Clone)]
 pub struct StoreReader {
@@ -81,14 +91,21 @@ impl StoreReader {
 
     /// The lowest offset the queue still holds (its next offset when empty).
     /// Not read in one snapshot with [`Self::queue_next_offset`]: a caller that
-    /// wants both reads the next offset first and caps this by it.
+    /// wants both reads the next offset first and caps this by it. The scan
+    /// starts at the minimum retention recorded, so it never walks the
+    /// tombstones of trimmed rows.
     pub fn queue_min_offset(&self, topic: &str, queue_id: u32) -> io::Result<u64> {
         let first = {
             let state = self.shared.current();
             let prefix = queue_key(topic, queue_id);
+            let trimmed_to = match state.get(CF_QMIN, &prefix)? {
+                Some(v) => u64_value(&v)?,
+                None => 0,
+            };
+            let start = cq_key(topic, queue_id, trimmed_to);
             let mut iter = state.db.iterator_cf(
                 state.cf(CF_CQ),
-                rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+                rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
             );
             match iter.next() {
                 Some(item) => {
@@ -146,6 +163,7 @@ impl StoreReader {
         let state = self.shared.current();
         let start = cq_key(topic, queue_id, offset);
         let prefix = queue_key(topic, queue_id);
+        let horizon = state.horizon();
         let mut rows = Vec::new();
         let mut scanned_to = offset;
         let iter = state.db.iterator_cf(
@@ -160,7 +178,9 @@ impl StoreReader {
             let off = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
             scanned_to = off + 1;
             let row = CqRow::decode(&v)?;
-            if tag_hashes.is_none_or(|h| h.contains(&row.tag_hash)) {
+            // A moved row (a retry) whose original record retention removed
+            // names nothing any more: skipped like a filtered one.
+            if row.raft_index > horizon && tag_hashes.is_none_or(|h| h.contains(&row.tag_hash)) {
                 rows.push((off, row));
             }
         }
@@ -171,6 +191,7 @@ impl StoreReader {
     pub fn messages_by_key(&self, topic: &str, key: &str, max: usize) -> io::Result<Vec<StoredMessage>> {
         let state = self.shared.current();
         let prefix = key_prefix(topic, key);
+        let horizon = state.horizon();
         let mut found = Vec::new();
         let iter = state.db.prefix_iterator_cf(state.cf(CF_KEY), &prefix);
         for item in iter {
@@ -180,7 +201,10 @@ impl StoreReader {
             }
             let index = u64::from_be_bytes(k[prefix.len()..prefix.len() + 8].try_into().expect("8 bytes"));
             let pos = u32::from_be_bytes(k[prefix.len() + 8..].try_into().expect("4 bytes"));
-            found.push((index, pos));
+            // Rows of trimmed entries wait for compaction to drop them.
+            if index > horizon {
+                found.push((index, pos));
+            }
         }
         let mut out = Vec::with_capacity(found.len());
         for (index, pos) in found {
@@ -345,6 +369,118 @@ impl StoreReader {
         f(&self.shared.pop.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The applied retention horizon: every entry at or below it is trimmed
+    /// (0 when nothing ever was).
+    pub fn retention_horizon(&self) -> u64 {
+        self.shared.current().horizon()
+    }
+
+    /// The retention horizon the current snapshot honours: it carries no
+    /// record at or below it (0 when there is no snapshot).
+    pub fn snapshot_horizon(&self) -> u64 {
+        self.shared.snapshot_horizon.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Follows the applied retention horizon, for the task that frees the disk
+    /// after it moves (and finishes an interrupted cleanup after a restart).
+    pub fn horizon_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.horizon.subscribe()
+    }
+
+    /// Every segment file holding this replica's retained records, oldest
+    /// first: the snapshot archive's, then the CommitLog's (whose last one is
+    /// being written). The two may overlap in index after a snapshot install.
+    pub fn segments(&self) -> Vec<StoredSegment> {
+        let state = self.shared.current();
+        let mut out: Vec<StoredSegment> = state
+            .archive()
+            .infos()
+            .into_iter()
+            .map(|i| StoredSegment {
+                info: i,
+                archive: true,
+                active: false,
+            })
+            .collect();
+        let log = self.shared.log.segment_infos();
+        let n = log.len();
+        out.extend(log.into_iter().enumerate().map(|(at, i)| StoredSegment {
+            info: i,
+            archive: false,
+            active: at + 1 == n,
+        }));
+        out
+    }
+
+    /// The store time of the newest record in `first..next` that has one
+    /// (appends, timer firings and other stamped commands), looking back at most
+    /// 1024 records from the end; `None` when none does.
+    pub fn newest_store_ms(&self, first: u64, next: u64) -> io::Result<Option<u64>> {
+        let state = self.shared.current();
+        let mut end = next;
+        while end > first && next - end < 1024 {
+            let start = end.saturating_sub(64).max(first);
+            let recs = self.shared.read_records(&state, start, end)?;
+            for (h, payload) in recs.into_iter().rev() {
+                if let Some(ms) = entry_codec::decode_command(&h, payload)?.and_then(|c| c.store_time_ms()) {
+                    return Ok(Some(ms));
+                }
+            }
+            end = start;
+        }
+        Ok(None)
+    }
+
+    /// The store time of the oldest retained message: of the first append
+    /// above the horizon, looking at most 1024 entries ahead.
+    pub fn oldest_message_ms(&self) -> io::Result<Option<u64>> {
+        let state = self.shared.current();
+        let archive_first = state.archive().first_index();
+        let Some(held) = archive_first.or(self.shared.log.physical_range().map(|(f, _)| f)) else {
+            return Ok(None);
+        };
+        let start = held.max(state.horizon().saturating_add(1));
+        // Small chunks: the first entry is almost always an append.
+        for from in (start..start + 1024).step_by(16) {
+            let chunk = self.shared.read_records(&state, from, from + 16)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (h, payload) in chunk {
+                if let Some(Command::Append(b)) = entry_codec::decode_command(&h, payload)? {
+                    return Ok(Some(b.store_timestamp_ms));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Frees the disk below the applied horizon `upto` (at most the applied
+    /// one): deletes whole CommitLog segments at or below it, never above the
+    /// log's purge point, and whole archive segments at or below it. Makes the
+    /// applied state durable first, so a power loss cannot bring back a state
+    /// machine that still needs what is deleted. Returns the segments deleted
+    /// (log, archive).
+    pub async fn free_through(&self, upto: u64) -> io::Result<(usize, usize)> {
+        let state = self.shared.current();
+        let upto = upto.min(state.horizon());
+        if upto == 0 {
+            return Ok((0, 0));
+        }
+        let flushed = state.clone();
+        tokio::task::spawn_blocking(move || flushed.db.flush_wal(true).map_err(rocks_io("flush WAL")))
+            .await
+            .map_err(io::Error::other)??;
+        let log = self.shared.log.apply_retention(upto).await?;
+        let archive = tokio::task::spawn_blocking(move || state.archive_mut().remove_through(upto))
+            .await
+            .map_err(io::Error::other)??;
+        if archive > 0 {
+            tracing::info!(upto, segments = archive, "retention deleted snapshot-archive segments");
+        }
+        Ok((log, archive))
+    }
+
     fn cq_row(&self, state: &SmState, topic: &str, queue_id: u32, offset: u64) -> io::Result<Option<CqRow>> {
         state
             .get(CF_CQ, &cq_key(topic, queue_id, offset))?
@@ -418,6 +554,10 @@ impl StoreReader {
 
     /// The append entry `index` holds; `None` when it is not retained or not an append.
     fn append_at(&self, state: &SmState, index: u64) -> io::Result<Option<AppendBatch>> {
+        if index <= state.horizon() {
+            // Trimmed by retention, whether or not its segment is deleted yet.
+            return Ok(None);
+        }
         match self.read_command(state, index) {
             Ok(Some(Command::Append(batch))) => Ok(Some(batch)),
             Ok(_) => Ok(None),

@@ -60,6 +60,16 @@ impl Segment {
     }
 }
 
+/// One segment file's extent, for retention and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub first_index: u64,
+    /// One past its last record (`first_index` when it holds none).
+    pub next_index: u64,
+    /// Bytes of records in the file.
+    pub bytes: u64,
+}
+
 /// A directory of segments with contiguous indexes.
 pub struct SegmentSet {
     dir: PathBuf,
@@ -388,6 +398,18 @@ impl SegmentSet {
         self.segments
             .iter()
             .map(|s| (s.first_index, s.next_index(), s.file.clone()))
+            .collect()
+    }
+
+    /// Every segment's extent, oldest first (the last one is the active one).
+    pub fn infos(&self) -> Vec<SegmentInfo> {
+        self.segments
+            .iter()
+            .map(|s| SegmentInfo {
+                first_index: s.first_index,
+                next_index: s.next_index(),
+                bytes: s.len,
+            })
             .collect()
     }
 

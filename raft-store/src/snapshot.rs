@@ -20,7 +20,7 @@ use openraft::RaftSnapshotBuilder;
 use openraft::alias::SnapshotOf;
 use rocksdb::WriteBatch;
 
-use crate::layout::{CF_META, CFS};
+use crate::layout::{CF_META, CFS, KEY_HORIZON, u64_value};
 use crate::record::{self, Decoded, HEADER_LEN, Header};
 use crate::state_machine::{SmShared, SmState, rocks_io};
 use crate::{LogId, SnapshotMeta, StoredMembership, TypeConfig, durable};
@@ -144,11 +144,19 @@ fn build(shared: &SmShared) -> io::Result<SnapshotOf<TypeConfig, File>> {
         Some(b) => serde_json::from_slice(&b).map_err(bad)?,
         None => StoredMembership::default(),
     };
+    // Records at or below the retention horizon are gone from the state these
+    // rows describe: the snapshot carries only what is retained.
+    let horizon = match parse(KEY_HORIZON)? {
+        Some(v) => u64_value(&v)?,
+        None => 0,
+    };
     let meta = SnapshotMeta {
         last_log_id: applied,
         last_membership: membership,
     };
-    let snapshot_id = snapshot_name(&meta);
+    // The horizon is in the file's name, so a restarted replica knows which
+    // horizon its snapshot honours without reading it (see `file_horizon`).
+    let snapshot_id = format!("{}-h{horizon}", snapshot_name(&meta));
 
     let dir = snapshot_dir(shared);
     fs::create_dir_all(&dir)?;
@@ -174,8 +182,14 @@ fn build(shared: &SmShared) -> io::Result<SnapshotOf<TypeConfig, File>> {
         // Retained records start where the archive starts (data received in an
         // earlier snapshot), else where the CommitLog physically starts.
         let log_range = shared.log.physical_range();
-        let first = state.archive.first_index().or(log_range.map(|(f, _)| f));
-        let held_last = state.archive.last_index().max(log_range.map(|(_, l)| l));
+        let (archive_first, archive_last) = {
+            let archive = state.archive();
+            (archive.first_index(), archive.last_index())
+        };
+        let first = archive_first
+            .or(log_range.map(|(f, _)| f))
+            .map(|f| f.max(horizon.saturating_add(1)));
+        let held_last = archive_last.max(log_range.map(|(_, l)| l));
         // Records above what is held cannot be carried: that happens only when a
         // crash tore entries off the log after the state machine applied them,
         // and those messages are unreadable here already.
@@ -223,7 +237,10 @@ fn build(shared: &SmShared) -> io::Result<SnapshotOf<TypeConfig, File>> {
     fs::rename(&tmp, &path)?;
     durable::fsync_dir(&dir)?;
     remove_other_snapshots(shared, &path)?;
-    tracing::info!(snapshot_id, rows, records, "built snapshot");
+    shared
+        .snapshot_horizon
+        .store(horizon, std::sync::atomic::Ordering::Release);
+    tracing::info!(snapshot_id, rows, records, horizon, "built snapshot");
     Ok(SnapshotOf::<TypeConfig, File> {
         meta,
         snapshot: File::open(&path)?,
@@ -238,6 +255,30 @@ fn remove_other_snapshots(shared: &SmShared, keep: &std::path::Path) -> io::Resu
         }
     }
     Ok(())
+}
+
+/// The retention horizon the latest snapshot on disk was built under (from
+/// its name; 0 for none, or one named before horizons existed).
+pub(crate) fn file_horizon(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir.join(SNAPSHOT_DIR)) else {
+        return 0;
+    };
+    let mut latest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == SNAPSHOT_EXT)
+            && let Ok(t) = entry.metadata().and_then(|m| m.modified())
+            && latest.as_ref().is_none_or(|(lt, _)| t > *lt)
+        {
+            latest = Some((t, p));
+        }
+    }
+    latest
+        .and_then(|(_, p)| {
+            let stem = p.file_stem()?.to_str()?.to_owned();
+            stem.rsplit_once("-h")?.1.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// The latest snapshot on disk, if any.
@@ -298,17 +339,21 @@ pub(crate) fn install(shared: &SmShared, meta: &SnapshotMeta, mut file: File) ->
         let _ = fs::remove_dir_all(&new_dir);
         return Err(e);
     }
+    staged.load_horizon()?;
     staged.db.flush_wal(true).map_err(rocks_io("flush WAL"))?;
-    for (_, _, f) in staged.archive.files() {
-        f.sync_data()?;
+    {
+        let archive = staged.archive();
+        for (_, _, f) in archive.files() {
+            f.sync_data()?;
+        }
+        durable::fsync_dir(archive.dir())?;
     }
-    durable::fsync_dir(staged.archive.dir())?;
     durable::fsync_dir(&new_dir)?;
 
     // Keep the installed snapshot as the current one, so this replica can serve it on.
     let snap_dir = snapshot_dir(shared);
     fs::create_dir_all(&snap_dir)?;
-    let dst = snap_dir.join(format!("{}.{SNAPSHOT_EXT}", snapshot_name(meta)));
+    let dst = snap_dir.join(format!("{}-h{}.{SNAPSHOT_EXT}", snapshot_name(meta), staged.horizon()));
     let tmp = dst.with_extension("tmp");
     {
         let mut src = copy;
@@ -322,6 +367,9 @@ pub(crate) fn install(shared: &SmShared, meta: &SnapshotMeta, mut file: File) ->
     remove_other_snapshots(shared, &dst)?;
 
     durable::write_atomic(&shared.dir, "CURRENT", format!("state-{generation}").as_bytes())?;
+    shared
+        .snapshot_horizon
+        .store(staged.horizon(), std::sync::atomic::Ordering::Release);
     shared.replace(staged);
     // The old generation's directory is removed at the next open: readers may still
     // hold it, and RocksDB opens table files lazily.
@@ -334,7 +382,7 @@ fn fill(staged: &mut SmState, r: &mut CrcReader) -> io::Result<()> {
     let mut pending: Vec<(Header, Vec<u8>)> = Vec::new();
     let flush_records = |staged: &mut SmState, pending: &mut Vec<(Header, Vec<u8>)>| -> io::Result<()> {
         staged
-            .archive
+            .archive_mut()
             .append(pending.iter().map(|(h, p)| (h.term, h.index, p.as_slice())))?;
         pending.clear();
         Ok(())

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -47,8 +48,14 @@ pub(crate) fn rocks_io(action: &str) -> impl FnOnce(rocksdb::Error) -> io::Error
 /// One generation of state: a RocksDB instance plus the snapshot archive.
 pub(crate) struct SmState {
     pub db: DB,
-    pub archive: SegmentSet,
+    /// Retained records received in a snapshot. Locked because retention
+    /// deletes its old segments while readers use it.
+    pub archive: RwLock<SegmentSet>,
     pub dir: PathBuf,
+    /// The retention horizon as applied (the meta row's value once written):
+    /// reads skip what it covers, and the key index's compaction filter drops
+    /// rows naming entries at or below it.
+    horizon: Arc<AtomicU64>,
 }
 
 impl SmState {
@@ -58,7 +65,24 @@ impl SmState {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
-        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let horizon = Arc::new(AtomicU64::new(0));
+        let cfs = CFS.iter().map(|n| {
+            let mut cf_opts = Options::default();
+            if *n == CF_KEY {
+                // Key rows are ordered by key, not by entry, so retention cannot
+                // delete them by range without scanning the whole index inside
+                // apply. Reads already ignore rows at or below the horizon
+                // (they name nothing retained); compaction drops them for good.
+                let horizon = horizon.clone();
+                cf_opts.set_compaction_filter("raftmq-retention", move |_level: u32, key: &[u8], _value: &[u8]| {
+                    match key_row_index(key) {
+                        Some(i) if i <= horizon.load(Ordering::Relaxed) => rocksdb::compaction_filter::Decision::Remove,
+                        _ => rocksdb::compaction_filter::Decision::Keep,
+                    }
+                });
+            }
+            ColumnFamilyDescriptor::new(*n, cf_opts)
+        });
         let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|source| Error::Rocks {
             action: "open",
             path: db_path.clone(),
@@ -66,11 +90,39 @@ impl SmState {
         })?;
         let archive_dir = dir.join("archive");
         let archive = SegmentSet::open(&archive_dir, segment_bytes).map_err(Error::io("opening", &archive_dir))?;
-        Ok(SmState {
+        let state = SmState {
             db,
-            archive,
+            archive: RwLock::new(archive),
             dir: dir.to_path_buf(),
-        })
+            horizon,
+        };
+        state
+            .load_horizon()
+            .map_err(Error::io("reading the retention horizon in", dir))?;
+        Ok(state)
+    }
+
+    /// The applied retention horizon (0: nothing was ever trimmed).
+    pub fn horizon(&self) -> u64 {
+        self.horizon.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the horizon from the meta row (at open, after a snapshot fill).
+    pub(crate) fn load_horizon(&self) -> io::Result<u64> {
+        let h = match self.get(CF_META, KEY_HORIZON)? {
+            Some(v) => u64_value(&v)?,
+            None => 0,
+        };
+        self.horizon.store(h, Ordering::Release);
+        Ok(h)
+    }
+
+    pub(crate) fn archive(&self) -> std::sync::RwLockReadGuard<'_, SegmentSet> {
+        self.archive.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn archive_mut(&self) -> std::sync::RwLockWriteGuard<'_, SegmentSet> {
+        self.archive.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -110,6 +162,12 @@ pub(crate) struct SmShared {
     /// Woken when an apply scheduled a timer, so the leader's timer loop can
     /// re-read the earliest due time.
     pub timer_added: tokio::sync::Notify,
+    /// The applied retention horizon, for the task that frees disk after it
+    /// (snapshot, purge, segment deletion) off the apply path.
+    pub horizon: tokio::sync::watch::Sender<u64>,
+    /// The horizon the current snapshot was built under: records at or below
+    /// it are not in it. Retention rebuilds a snapshot older than its horizon.
+    pub snapshot_horizon: AtomicU64,
 }
 
 impl SmShared {
@@ -131,16 +189,18 @@ impl SmShared {
     ) -> io::Result<Vec<(crate::record::Header, Bytes)>> {
         let mut out = Vec::new();
         let mut next = start;
-        if let (Some(af), Some(al)) = (state.archive.first_index(), state.archive.last_index())
+        let archive = state.archive();
+        if let (Some(af), Some(al)) = (archive.first_index(), archive.last_index())
             && next <= al
         {
             let from = next.max(af);
             let to = end.min(al + 1);
             if from < to {
-                state.archive.read_range(from, to, &mut out)?;
+                archive.read_range(from, to, &mut out)?;
             }
             next = to;
         }
+        drop(archive);
         if next < end {
             out.extend(self.log.read_records(next, end)?);
         }
@@ -157,6 +217,9 @@ pub struct StateMachine {
     timer_overlay: timers::Overlay,
     /// Idempotent producers' recent sends; changed only by apply.
     dedup: Dedup,
+    /// The retention horizon as of the entries applied so far (ahead of the
+    /// state's, which moves when the batch is written).
+    horizon: u64,
 }
 
 impl StateMachine {
@@ -195,6 +258,8 @@ impl StateMachine {
         let pop = PopState::load(&state).map_err(Error::io("loading POP state from", &dir))?;
         let dedup = Dedup::load(&state).map_err(Error::io("loading idempotent-producer state from", &dir))?;
         let txn = TxnState::load(&state).map_err(Error::io("loading transactions from", &dir))?;
+        let horizon = state.horizon();
+        let snapshot_horizon = snapshot::file_horizon(&dir);
         let shared = Arc::new(SmShared {
             dir,
             segment_bytes,
@@ -204,6 +269,8 @@ impl StateMachine {
             timer_added: tokio::sync::Notify::new(),
             txn: RwLock::new(txn),
             txn_added: tokio::sync::Notify::new(),
+            horizon: tokio::sync::watch::Sender::new(horizon),
+            snapshot_horizon: AtomicU64::new(snapshot_horizon),
         });
         Ok(StateMachine {
             shared,
@@ -211,6 +278,7 @@ impl StateMachine {
             topics,
             timer_overlay: timers::Overlay::default(),
             dedup,
+            horizon,
         })
     }
 
@@ -483,6 +551,10 @@ impl StateMachine {
         queue_id: u32,
         row: CqRow,
     ) -> io::Result<Option<u64>> {
+        if row.raft_index <= self.horizon {
+            // Its record is past retention: a row would name nothing.
+            return Ok(None);
+        }
         self.ensure_system_topic(state, wb, topic)?;
         match self.topics.get(topic) {
             Some(t) if queue_id < t.queues => {}
@@ -594,7 +666,7 @@ impl StateMachine {
                 let existed = self.topics.remove(name).is_some();
                 wb.delete_cf(state.cf(CF_TOPIC), name.as_bytes());
                 let (from, to) = topic_range(name);
-                for cf in [CF_CQ, CF_KEY, CF_QMAX] {
+                for cf in [CF_CQ, CF_KEY, CF_QMAX, CF_QMIN] {
                     wb.delete_range_cf(state.cf(cf), &from, &to);
                 }
                 self.next_offsets.retain(|(t, _), _| t != name);
@@ -751,8 +823,125 @@ impl StateMachine {
                     .upsert_config(state, wb, c)?;
                 Ok(Response::ConsumerGroupUpserted)
             }
+            Command::Retain { upto, reason } => self.apply_retain(state, wb, *upto, reason),
         }
     }
+
+    /// Moves the retention horizon to `upto`: drops each queue's rows written by
+    /// entries at or below it (a prefix, rows being in that order) and records
+    /// the queue's new minimum, drops pending timers and half messages whose
+    /// record is gone and POP deliveries of dropped rows. Reads the
+    /// ConsumeQueues from RocksDB, so the caller has written every earlier
+    /// entry of the batch first. Moved rows above the prefix whose original
+    /// record is gone (a retry of an old message) stay until a later horizon
+    /// covers them; reads skip them meanwhile.
+    fn apply_retain(&mut self, state: &SmState, wb: &mut WriteBatch, upto: u64, reason: &str) -> io::Result<Response> {
+        if upto <= self.horizon {
+            return Ok(Response::Retained {
+                horizon: self.horizon,
+                advanced: false,
+            });
+        }
+        let (cq, qmin) = (state.cf(CF_CQ), state.cf(CF_QMIN));
+        let mut queues = Vec::new();
+        for item in state.db.iterator_cf(state.cf(CF_QMAX), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(rocks_io("scan queue ends"))?;
+            queues.push((k.to_vec(), u64_value(&v)?));
+        }
+        let mut mins: HashMap<(String, u32), u64> = HashMap::new();
+        let mut rows_dropped = 0u64;
+        for (qk, next) in queues {
+            let Some((topic, queue_id)) = split_queue_key(&qk) else {
+                continue;
+            };
+            let min = match state.get(CF_QMIN, &qk)? {
+                Some(v) => u64_value(&v)?,
+                None => 0,
+            };
+            let row_at = |offset: u64| -> io::Result<Option<CqRow>> {
+                state
+                    .get(CF_CQ, &cq_key(&topic, queue_id, offset))?
+                    .map(|v| CqRow::decode(&v))
+                    .transpose()
+            };
+            // The first row written after the horizon: rows are in the order of
+            // the entries that wrote them.
+            let (mut lo, mut hi) = (min, next.max(min));
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                match row_at(mid)? {
+                    Some(r) if r.applied_index > upto => hi = mid,
+                    _ => lo = mid + 1,
+                }
+            }
+            if lo > min {
+                wb.delete_range_cf(cq, cq_key(&topic, queue_id, min), cq_key(&topic, queue_id, lo));
+                wb.put_cf(qmin, &qk, lo.to_le_bytes());
+                rows_dropped += lo - min;
+                mins.insert((topic, queue_id), lo);
+            }
+        }
+        let timers_dropped = timers::drop_through(state, wb, upto)?;
+        let inflight_dropped = self.pop_mut().retain(state, wb, &mins);
+        let halves_dropped = self
+            .shared
+            .txn
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drop_through(state, wb, upto);
+        wb.put_cf(state.cf(CF_META), KEY_HORIZON, upto.to_le_bytes());
+        tracing::info!(
+            upto,
+            reason,
+            rows_dropped,
+            queues_trimmed = mins.len(),
+            timers_dropped,
+            inflight_dropped,
+            halves_dropped,
+            "retention horizon moved"
+        );
+        self.horizon = upto;
+        Ok(Response::Retained {
+            horizon: upto,
+            advanced: true,
+        })
+    }
+
+    /// Writes an apply batch with the id of its last entry (and a membership
+    /// it changed), atomically through RocksDB's WAL.
+    fn write_applied(
+        state: &SmState,
+        mut wb: WriteBatch,
+        last: LogId,
+        membership: Option<StoredMembership>,
+    ) -> io::Result<()> {
+        let meta = state.cf(CF_META);
+        wb.put_cf(
+            meta,
+            KEY_APPLIED,
+            serde_json::to_vec(&Some(last)).map_err(io::Error::other)?,
+        );
+        if let Some(m) = &membership {
+            wb.put_cf(meta, KEY_MEMBERSHIP, serde_json::to_vec(m).map_err(io::Error::other)?);
+        }
+        // No fsync: the batch is atomic through RocksDB's WAL, and whatever a crash
+        // loses is re-applied from the (fsynced) CommitLog on restart.
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        state.db.write_opt(wb, &opts).map_err(rocks_io("apply write"))
+    }
+}
+
+/// `(topic, queue)` of a `queue_key`.
+fn split_queue_key(k: &[u8]) -> Option<(String, u32)> {
+    let (topic, q) = k.split_at(k.len().checked_sub(5)?);
+    if q[0] != 0 {
+        return None;
+    }
+    Some((
+        String::from_utf8(topic.to_vec()).ok()?,
+        u32::from_be_bytes(q[1..].try_into().ok()?),
+    ))
 }
 
 pub(crate) fn load_topics(state: &SmState) -> io::Result<HashMap<String, TopicConfig>> {
@@ -783,8 +972,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut replies = Vec::new();
         let mut last = None;
         let mut membership = None;
+        let horizon_before = self.horizon;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            if let (EntryPayload::Normal(Command::Retain { .. }), Some(done)) = (&entry.payload, last) {
+                // Retention reads the ConsumeQueues from RocksDB: write what this
+                // batch applied so far first, with its own applied id, so the
+                // split is as atomic as two batches.
+                Self::write_applied(&state, std::mem::take(&mut wb), done, membership.take())?;
+                self.timer_overlay.clear();
+            }
             let response = match &entry.payload {
                 EntryPayload::Blank => Response::Empty,
                 EntryPayload::Normal(cmd) => self.apply_command(&state, &mut wb, entry.log_id.index, cmd)?,
@@ -797,20 +994,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             replies.push((responder, response));
         }
         let Some(last) = last else { return Ok(()) };
-        let meta = state.cf(CF_META);
-        wb.put_cf(
-            meta,
-            KEY_APPLIED,
-            serde_json::to_vec(&Some(last)).map_err(io::Error::other)?,
-        );
-        if let Some(m) = &membership {
-            wb.put_cf(meta, KEY_MEMBERSHIP, serde_json::to_vec(m).map_err(io::Error::other)?);
+        Self::write_applied(&state, wb, last, membership)?;
+        if self.horizon != horizon_before {
+            state.horizon.store(self.horizon, Ordering::Release);
+            self.shared.horizon.send_replace(self.horizon);
         }
-        // No fsync: the batch is atomic through RocksDB's WAL, and whatever a crash
-        // loses is re-applied from the (fsynced) CommitLog on restart.
-        let mut opts = WriteOptions::default();
-        opts.set_sync(false);
-        state.db.write_opt(wb, &opts).map_err(rocks_io("apply write"))?;
         for (responder, response) in replies {
             if let Some(r) = responder {
                 r.send(response);
@@ -836,6 +1024,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.dedup = Dedup::load(&current)?;
         *self.shared.txn.write().unwrap_or_else(|p| p.into_inner()) = TxnState::load(&current)?;
         self.shared.txn_added.notify_one();
+        self.horizon = current.horizon();
+        self.shared.horizon.send_replace(self.horizon);
         Ok(())
     }
 

@@ -169,6 +169,37 @@ pub(crate) fn next_due(state: &SmState, from_due_ms: u64) -> io::Result<Option<u
     Ok(due(state, from_due_ms, u64::MAX, 1)?.first().map(|t| t.due_ms))
 }
 
+/// Retention: deletes pending timers whose message's record is at or below
+/// `upto` (their message is gone) and the landing offsets of delayed messages
+/// stored there. Scans the pending timers, which the broker bounds; the landing
+/// rows go by one range, being keyed by the message's entry. Returns how many
+/// timers were dropped.
+pub(crate) fn drop_through(state: &SmState, wb: &mut WriteBatch, upto: u64) -> io::Result<u64> {
+    let cf = state.cf(CF_TIMER);
+    let mut dropped = 0;
+    let iter = state
+        .db
+        .iterator_cf(cf, rocksdb::IteratorMode::From(&[PENDING], rocksdb::Direction::Forward));
+    for item in iter {
+        let (k, v) = item.map_err(rocks_io("scan timers"))?;
+        if parse_key(&k).is_none() {
+            break;
+        }
+        // The target's message entry: bytes 4..12 (see `TimerTarget::encode`).
+        let index = v
+            .get(4..12)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("timer row of {} bytes", v.len())))?;
+        if index <= upto {
+            wb.delete_cf(cf, &k);
+            dropped += 1;
+        }
+    }
+    wb.delete_range_cf(cf, fired_key(0, 0), fired_key(upto.saturating_add(1), 0));
+    Ok(dropped)
+}
+
 /// Where a fired delayed message landed in its queue.
 pub(crate) fn fired_offset(state: &SmState, raft_index: u64, batch_pos: u32) -> io::Result<Option<u64>> {
     match state

@@ -215,6 +215,21 @@ impl TxnState {
         out
     }
 
+    /// Retention: forgets pending half messages stored at or below `upto`
+    /// (their record is gone, so they can never be committed). Returns how many.
+    pub(crate) fn drop_through(&mut self, state: &SmState, wb: &mut WriteBatch, upto: u64) -> u64 {
+        let keep = self.pending.split_off(&TxnId {
+            raft_index: upto.saturating_add(1),
+            batch_pos: 0,
+        });
+        let gone = std::mem::replace(&mut self.pending, keep);
+        for (id, p) in &gone {
+            self.by_check.remove(&(p.next_check_ms, *id));
+            wb.delete_cf(state.cf(CF_TXN), key(PENDING, *id));
+        }
+        gone.len() as u64
+    }
+
     pub fn pending_count(&self) -> usize {
         self.pending.len()
     }

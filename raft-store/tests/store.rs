@@ -1162,3 +1162,152 @@ async fn the_dedup_window_forgets_the_oldest_send_whatever_its_number() {
     apply(&mut sm, retry_oldest).await.unwrap();
     assert_eq!(stored(), before + 1, "the window holds more than DEDUP_WINDOW sends");
 }
+
+// ------------------------------------------------ retention
+
+/// Entries 1..=200 (membership, topic, appends of two messages), a delayed
+/// message at 60 and a POP delivery of queue 0's first rows, then `Retain` up
+/// to 100 and four more appends.
+fn retention_workload() -> Vec<Entry> {
+    let mut entries = workload(200, 2, 512);
+    entries[59] = normal(1, 60, delayed_cmd(60_000, u64::MAX / 2));
+    entries[99] = normal(1, 100, pop_receive(0, 0, 4, 1_800_000_000_000));
+    entries.push(normal(
+        1,
+        201,
+        Command::Retain {
+            upto: 100,
+            reason: "test".into(),
+        },
+    ));
+    entries.extend((202..=205).map(|i| normal(1, i, append_cmd(i, 2, 512))));
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_trims_every_replica_alike_and_snapshots_carry_only_what_is_retained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let entries = retention_workload();
+    append(&mut log, entries.clone()).await.unwrap();
+    let r = sm.reader();
+    let mut horizons = r.horizon_watch();
+    let rest = entries[100..].to_vec();
+    apply(&mut sm, entries[..100].to_vec()).await.unwrap();
+    assert_eq!(
+        r.next_timer_due(0).unwrap(),
+        Some(u64::MAX / 2),
+        "the delayed message waits"
+    );
+    assert_eq!(r.with_pop(|p| p.groups.get("g").map(|g| g.inflight())), Some(4));
+    // Entries 101..=200 are in the batch with the retention.
+    apply(&mut sm, rest).await.unwrap();
+    assert_eq!(r.retention_horizon(), 100);
+    assert!(horizons.has_changed().unwrap() && *horizons.borrow_and_update() == 100);
+
+    let check = |r: &raftmq_raft_store::StoreReader, who: &str| {
+        for q in 0..4u32 {
+            let rows = r.read_messages(TOPIC, q, 0, 10_000).unwrap();
+            let min = r.queue_min_offset(TOPIC, q).unwrap();
+            assert_eq!(
+                rows.first().map(|m| m.queue_offset),
+                Some(min),
+                "{who} queue {q} starts at its min"
+            );
+            assert!(
+                rows.iter().all(|m| m.raft_index > 100),
+                "{who} queue {q} serves trimmed entries"
+            );
+            // Entries 101..=200 and 202..=205 of this queue, two messages each.
+            let want = (101..=200u64)
+                .chain(202..=205)
+                .filter(|i| i % 4 == u64::from(q))
+                .count()
+                * 2;
+            assert_eq!(rows.len(), want, "{who} queue {q}");
+            assert!(min > 0, "{who} queue {q} min {min}");
+        }
+        assert!(r.message_at(50, 0).unwrap().is_none(), "{who}: a trimmed message by id");
+        assert!(
+            r.messages_by_key(TOPIC, "key-50000", 8).unwrap().is_empty(),
+            "{who}: by key"
+        );
+        assert_eq!(
+            r.messages_by_key(TOPIC, "key-150000", 8).unwrap().len(),
+            1,
+            "{who}: retained by key"
+        );
+        assert_eq!(
+            r.next_timer_due(0).unwrap(),
+            None,
+            "{who}: the trimmed delayed message's timer"
+        );
+        let pop = r.with_pop(|p| p.groups.get("g").map(|g| g.inflight()));
+        assert_eq!(pop, Some(0), "{who}: deliveries of trimmed rows are forgotten");
+    };
+    check(&r, "source");
+
+    // A horizon at or below the current one changes nothing.
+    let stale = vec![normal(
+        1,
+        206,
+        Command::Retain {
+            upto: 50,
+            reason: "stale".into(),
+        },
+    )];
+    append(&mut log, stale.clone()).await.unwrap();
+    apply(&mut sm, stale).await.unwrap();
+    assert_eq!(r.retention_horizon(), 100);
+
+    // A snapshot carries the trimmed state and only records above the horizon.
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(r.snapshot_horizon(), 100, "the snapshot says which horizon it honours");
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    assert_eq!(dsm.reader().snapshot_horizon(), 0);
+    dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    dlog.purge(log_id(1, 206)).await.unwrap();
+    let d = dsm.reader();
+    assert_eq!(d.retention_horizon(), 100);
+    assert_eq!(d.snapshot_horizon(), 100);
+    check(&d, "installed");
+    let archived: Vec<_> = d.segments().into_iter().filter(|s| s.archive).collect();
+    assert!(!archived.is_empty());
+    assert_eq!(
+        archived[0].info.first_index, 101,
+        "the archive starts above the horizon"
+    );
+
+    // Freeing the disk deletes whole segments at or below the horizon, never
+    // above the purge point; reads are unchanged.
+    assert_eq!(r.free_through(100).await.unwrap(), (0, 0), "nothing is purged yet");
+    log.purge(log_id(1, 150)).await.unwrap();
+    let (deleted, _) = r.free_through(100).await.unwrap();
+    assert!(deleted > 0, "no segment deleted");
+    let left = r.segments();
+    assert!(
+        left.iter().all(|s| s.info.next_index - 1 > 100),
+        "a segment wholly below the horizon is left: {left:?}"
+    );
+    assert!(
+        left.iter().any(|s| s.info.first_index <= 101),
+        "the segment straddling the horizon is kept"
+    );
+    check(&r, "source after deletion");
+    log.shutdown().await.unwrap();
+    drop((sm, r, horizons));
+
+    // The horizon and the trimmed state are durable.
+    let (_log, sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let r = sm.reader();
+    assert_eq!(r.retention_horizon(), 100);
+    assert_eq!(r.snapshot_horizon(), 100, "known again after a restart");
+    check(&r, "reopened");
+}

@@ -96,6 +96,13 @@ pub struct Settings {
     pub nameservers: Vec<String>,
     /// In-process network faults shared by every replica.
     pub faults: Option<raftmq_broker::faults::Faults>,
+    /// Retention and disk watermarks (tests/cluster/retention.rs). `None`: the
+    /// defaults, but on a fake, nearly empty disk, so that no test depends on
+    /// how full the host's disk is (past 75% the leader would trim early), and
+    /// keeping messages for ten years (`append`'s are stamped in 2023).
+    pub retention: Option<raftmq_broker::retention::RetentionConfig>,
+    /// CommitLog segment size; `None` keeps the default.
+    pub segment_bytes: Option<u64>,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -121,6 +128,8 @@ pub fn signed_as<T>(node: NodeId, rpc: &str, msg: T) -> tonic::Request<T> {
 /// One replica and the runtime that runs it.
 pub struct Replica {
     pub id: NodeId,
+    /// The broker group it belongs to (`GROUP` unless started by `Cluster::start_group`).
+    group: String,
     dir: PathBuf,
     settings: Settings,
     pub addr: SocketAddr,
@@ -133,6 +142,7 @@ impl Replica {
     /// Starts a replica on `bind` (client and Raft ports; port 0 for a fresh one,
     /// its old addresses when restarting, so the membership's addresses stay right).
     async fn start(
+        group: &str,
         id: NodeId,
         dir: &Path,
         bind: (SocketAddr, SocketAddr),
@@ -140,11 +150,12 @@ impl Replica {
     ) -> anyhow::Result<Replica> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name(format!("node-{id}"))
+            .thread_name(format!("{group}-{id}"))
             .enable_all()
             .build()?;
         let data_dir = dir.to_path_buf();
         let node_settings = settings.clone();
+        let group_name = group.to_owned();
         let started = rt
             .spawn(async move {
                 let client = TcpListener::bind(bind.0)
@@ -153,12 +164,26 @@ impl Replica {
                 let raft = TcpListener::bind(bind.1)
                     .await
                     .with_context(|| format!("binding {}", bind.1))?;
-                let mut config = RaftNodeConfig::new(id, GROUP, data_dir, client.local_addr()?.to_string());
+                let mut config = RaftNodeConfig::new(id, &group_name, data_dir, client.local_addr()?.to_string());
                 config.raft_advertise_addr = raft.local_addr()?.to_string();
                 config.peer_secret = raftmq_broker::PeerSecret::new(PEER_SECRET.to_vec());
                 config.messaging = node_settings.messaging;
                 config.nameservers = node_settings.nameservers;
                 config.faults = node_settings.faults;
+                config.retention = node_settings.retention.unwrap_or_else(|| {
+                    use raftmq_broker::retention::{DiskUsageSource, RetentionConfig};
+                    RetentionConfig {
+                        disk_usage: DiskUsageSource::new(|_| Ok((0, 1 << 40))),
+                        // `append` stamps its entries in 2023: past the default
+                        // 72 h they would be trimmed (once archived by a snapshot
+                        // install) under tests that are not about retention.
+                        file_reserved_time: Duration::from_secs(10 * 365 * 24 * 3600),
+                        ..RetentionConfig::default()
+                    }
+                });
+                if let Some(bytes) = node_settings.segment_bytes {
+                    config.store.segment_bytes = bytes;
+                }
                 // Fast rounds so route tests need not wait seconds.
                 config.registration_interval = Duration::from_millis(200);
                 let listeners = raftmq_broker::Listeners { client, raft };
@@ -171,11 +196,12 @@ impl Replica {
             Ok(node) => node,
             Err(e) => {
                 rt.shutdown_background();
-                return Err(e.context(format!("starting node {id}")));
+                return Err(e.context(format!("starting {group} node {id}")));
             }
         };
         Ok(Replica {
             id,
+            group: group.to_owned(),
             dir: dir.to_path_buf(),
             settings,
             addr: node.local_addr(),
@@ -209,7 +235,8 @@ impl Replica {
 
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         ensure!(self.node.is_none(), "node {} is still running", self.id);
-        *self = Replica::start(self.id, &self.dir, (self.addr, self.raft_addr), self.settings.clone()).await?;
+        let bind = (self.addr, self.raft_addr);
+        *self = Replica::start(&self.group, self.id, &self.dir, bind, self.settings.clone()).await?;
         Ok(())
     }
 
@@ -258,24 +285,7 @@ impl Cluster {
     }
 
     pub async fn start_with_settings(n: u64, settings: Settings) -> anyhow::Result<Cluster> {
-        init_tracing();
-        let dir = tempfile::tempdir()?;
-        let mut replicas = Vec::new();
-        for id in 1..=n {
-            let any_port: SocketAddr = "127.0.0.1:0".parse()?;
-            replicas.push(
-                Replica::start(
-                    id,
-                    &dir.path().join(format!("node-{id}")),
-                    (any_port, any_port),
-                    settings.clone(),
-                )
-                .await?,
-            );
-        }
-        let members: BTreeMap<NodeId, BrokerNode> = replicas.iter().map(|r| (r.id, r.node().broker_node())).collect();
-        replicas[0].node().initialize(members).await?;
-        Ok(Cluster { _dir: dir, replicas })
+        Cluster::start_group(GROUP, n, settings).await
     }
 
     pub fn replica(&self, id: NodeId) -> &Replica {
@@ -508,6 +518,7 @@ impl NameServer {
             raftmq_namesrv::NameServerConfig {
                 broker_timeout: Duration::from_secs(1),
                 heartbeat_interval: Duration::from_millis(200),
+                ..Default::default()
             },
             listener,
             stop.clone(),
@@ -632,4 +643,74 @@ pub async fn pull_everything(
         }
     }
     Ok((out, endpoints))
+}
+
+// ---- Membership changes (tests/cluster/membership.rs) ----
+
+impl Cluster {
+    /// Starts replica `id`, which must be the next id (the cluster indexes
+    /// replicas by id), fresh and outside the membership: it serves Raft only
+    /// and waits to be added. With `at`, it binds those client and Raft
+    /// addresses (a replacement on a dead replica's endpoints), else new ports.
+    pub async fn start_joiner(&mut self, id: NodeId, at: Option<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
+        ensure!(
+            id == self.replicas.len() as NodeId + 1,
+            "replica ids are consecutive: the next one is {}, not {id}",
+            self.replicas.len() + 1
+        );
+        let any_port: SocketAddr = "127.0.0.1:0".parse()?;
+        let settings = self.replicas.first().map(|r| r.settings.clone()).unwrap_or_default();
+        let dir = self._dir.path().join(format!("node-{id}"));
+        let group = self.replicas.first().map_or(GROUP.to_owned(), |r| r.group.clone());
+        let replica = Replica::start(&group, id, &dir, at.unwrap_or((any_port, any_port)), settings).await?;
+        self.replicas.push(replica);
+        Ok(())
+    }
+
+    /// Kills replica `id` and deletes its data directory: a lost disk.
+    pub async fn kill_and_wipe(&mut self, id: NodeId) -> anyhow::Result<()> {
+        let r = self.replica_mut(id);
+        r.kill().await;
+        let dir = r.dir.clone();
+        tokio::fs::remove_dir_all(&dir)
+            .await
+            .with_context(|| format!("wiping {}", dir.display()))?;
+        Ok(())
+    }
+
+    /// Stops replica `id` cleanly (it no longer counts as running).
+    pub async fn stop_replica(&mut self, id: NodeId) -> anyhow::Result<()> {
+        self.replica_mut(id).shutdown().await
+    }
+}
+
+// ---- Several broker groups (tests/cluster/groups.rs) ----
+//
+// `Cluster::start*` run group `GROUP` through this; tests of several groups
+// name their own, so that several groups register with one NameServer.
+
+impl Cluster {
+    /// `n` replicas forming broker group `group`, registering with the
+    /// NameServers `settings` names.
+    pub async fn start_group(group: &str, n: u64, settings: Settings) -> anyhow::Result<Cluster> {
+        init_tracing();
+        let dir = tempfile::tempdir()?;
+        let mut replicas = Vec::new();
+        for id in 1..=n {
+            let any_port: SocketAddr = "127.0.0.1:0".parse()?;
+            replicas.push(
+                Replica::start(
+                    group,
+                    id,
+                    &dir.path().join(format!("node-{id}")),
+                    (any_port, any_port),
+                    settings.clone(),
+                )
+                .await?,
+            );
+        }
+        let members: BTreeMap<NodeId, BrokerNode> = replicas.iter().map(|r| (r.id, r.node().broker_node())).collect();
+        replicas[0].node().initialize(members).await?;
+        Ok(Cluster { _dir: dir, replicas })
+    }
 }

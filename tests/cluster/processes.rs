@@ -310,10 +310,11 @@ async fn bench_ping_times_each_route_lookup_against_a_nameserver() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_refuses_zero_worker_threads_from_flag_and_config_file() -> anyhow::Result<()> {
+async fn broker_refuses_a_bad_worker_thread_count_from_flag_file_and_environment() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("broker.toml");
-    std::fs::write(&file, "worker_threads = 0\n")?;
+    // 0 means one per core; more than 1024 is refused, wherever it was set.
+    std::fs::write(&file, "worker_threads = 5000\n")?;
     let common = [
         "broker",
         "--group",
@@ -322,26 +323,39 @@ async fn broker_refuses_zero_worker_threads_from_flag_and_config_file() -> anyho
         "1",
         "--listen",
         "127.0.0.1:0",
+        // Advertised only (never bound): with port 0 both would be 127.0.0.1:0.
+        "--advertise",
+        "127.0.0.1:10911",
+        "--raft-advertise",
+        "127.0.0.1:40911",
     ];
-    for extra in [
-        vec!["--worker-threads".to_owned(), "0".to_owned()],
-        vec!["--config".to_owned(), file.display().to_string()],
+    for (extra, env) in [
+        (vec!["--worker-threads".to_owned(), "5000".to_owned()], None),
+        (vec!["--config".to_owned(), file.display().to_string()], None),
+        (vec![], Some("5000")),
     ] {
         let mut cmd = Command::new(BIN);
+        if let Some(n) = env {
+            cmd.env("RAFTMQ_WORKER_THREADS", n);
+        }
         cmd.args(common)
             .args(&extra)
+            .env("RAFTMQ_PEER_SECRET", "0123456789abcdef0123")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let child = cmd.spawn().context("spawning raftmq broker")?;
-        let out = output_within(child, Duration::from_secs(30), "raftmq broker with no workers").await?;
+        let out = output_within(child, Duration::from_secs(30), "raftmq broker with 5000 workers").await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(!out.status.success(), "{extra:?}: a broker with no workers started");
         ensure!(
-            stderr.contains("worker_threads = 0"),
-            "{extra:?}: the error does not name the setting: {stderr}"
+            !out.status.success(),
+            "{extra:?} {env:?}: a broker with 5000 workers started"
+        );
+        ensure!(
+            stderr.contains("worker_threads = 5000") && stderr.contains("at most 1024"),
+            "{extra:?} {env:?}: the error does not name the setting: {stderr}"
         );
     }
     Ok(())

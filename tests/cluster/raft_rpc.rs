@@ -116,3 +116,50 @@ async fn raft_service_refuses_wrong_group_and_bad_input_and_keeps_serving() -> a
     create_topic_via(&cluster, leader).await?;
     cluster.shutdown().await
 }
+
+/// A replica with an empty log (new, or restarted on a wiped disk under its old
+/// id) has forgotten any vote it gave: it refuses to vote for a candidate whose
+/// log is past the group's first entry, and votes again once replication has
+/// refilled it. A candidate at index 0 (a group being formed) still gets its vote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_log_refuses_votes_until_refilled() -> anyhow::Result<()> {
+    use raftmq_proto::raft::v1 as pb;
+    use raftmq_proto::raft::v1::raft_service_client::RaftServiceClient;
+
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader(DEADLINE).await?;
+    create_topic_via(&cluster, leader).await?;
+    // The replica with an empty log: a fourth node, not yet a member.
+    cluster.start_joiner(4, None).await?;
+    let mut client = RaftServiceClient::connect(format!("http://{}", cluster.replica(4).raft_addr)).await?;
+    let metrics = cluster.replica(leader).metrics();
+    let last_index = metrics.last_log_index.expect("the leader has a log");
+    ensure!(last_index > 0, "the group is past its first entry");
+    let last = raftmq_raft_store::log_id(metrics.current_term, last_index);
+    let higher = openraft::Vote::new(metrics.current_term + 1, leader);
+    let vote = |last_log_id| -> anyhow::Result<pb::VoteRequest> {
+        let v = openraft::raft::VoteRequest::<raftmq_raft_store::TypeConfig>::new(higher, last_log_id);
+        Ok(pb::VoteRequest {
+            broker_group: GROUP.into(),
+            body: serde_json::to_vec(&v)?,
+            leader_unreachable: false,
+        })
+    };
+    let err = client
+        .vote(signed_as(leader, "vote", vote(Some(last))?))
+        .await
+        .expect_err("an empty log must not vote for a candidate past index 0");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("empty log"), "{err}");
+    ensure!(
+        cluster.replica(4).metrics().vote.leader_id.term < higher.leader_id.term,
+        "the refused vote must not raise the empty replica's term"
+    );
+    // Forming a group: the candidate's log is the initial membership at index 0.
+    let first = raftmq_raft_store::log_id(0, 0);
+    let granted = client.vote(signed_as(leader, "vote", vote(Some(first))?)).await?;
+    let granted: openraft::raft::VoteResponse<raftmq_raft_store::TypeConfig> =
+        serde_json::from_slice(&granted.into_inner().body)?;
+    ensure!(granted.vote_granted, "a forming group's first candidate gets the vote");
+    cluster.shutdown().await
+}
