@@ -111,7 +111,10 @@ fn bad_settings_name_the_key_and_where_it_came_from() {
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "[retention]\nfile_reserve_time = \"1h\"\n").unwrap();
     let e = err(&["--config", typo.to_str().unwrap()], &[SECRET]);
-    assert!(e.contains("unknown setting retention.file_reserve_time") && e.contains("typo.toml"), "{e}");
+    assert!(
+        e.contains("unknown setting retention.file_reserve_time") && e.contains("typo.toml"),
+        "{e}"
+    );
     let e = err(&["--set", "retention.disk_full_watermark=1.5"], &[SECRET]);
     assert!(e.contains("retention.disk_full_watermark"), "{e}");
     let e = err(&["--set", "election_timeout_max=100ms"], &[SECRET]);
