@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Issue #6's backlog run (not part of CI: it writes ~3 x 10 GiB and takes minutes).
-# Starts `raftmq dev` on fixed loopback ports with its data under $DATA_DIR, stores
-# $COUNT 1 KiB messages with `raftmq bench produce` (1024 in flight), then compares
-# the produce rate of the first and last ten seconds, restarts the whole cluster on
-# that backlog, and times how long until a send succeeds again. Deletes $DATA_DIR
-# at the end unless KEEP=1.
+# The backlog run of issues #6 and #18 (not part of CI: it writes gigabytes and takes
+# minutes to an hour). Starts `raftmq dev` on fixed loopback ports with its data under
+# $DATA_DIR, stores $COUNT messages of $SIZE bytes with `raftmq bench produce`
+# ($INFLIGHT in flight), then compares the produce rate of the first and last ten
+# seconds, prints each replica's RSS and the groups' storage (bytes, segments, oldest
+# message, retention horizon), restarts the whole cluster on that backlog, and times
+# how long until a send succeeds again. Deletes $DATA_DIR at the end unless KEEP=1.
+#   COUNT=100000000 SIZE=128 RETENTION_MAX_BYTES=8589934592 bash scripts/backlog-run.sh
+# is #18's 10^8-message run: RETENTION_MAX_BYTES caps each group's retained log (the
+# brokers read it as RAFTMQ_RETENTION__MAX_BYTES), so the disk holds what is retained,
+# not all 10^8 messages, and retention runs under the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count="${COUNT:-10000000}"
+size="${SIZE:-1024}"
+inflight="${INFLIGHT:-1024}"
+if [ -n "${RETENTION_MAX_BYTES:-}" ]; then
+  export RAFTMQ_RETENTION__MAX_BYTES="$RETENTION_MAX_BYTES"
+  # Look often: at this rate a segment (128 MiB) fills in seconds.
+  export RAFTMQ_RETENTION__CHECK_INTERVAL="${RETENTION_CHECK_INTERVAL:-2s}"
+fi
 dir="${DATA_DIR:-/var/tmp/raftmq-backlog}"
 ns=127.0.0.1:19890
 ports=19891,19892,19893
@@ -37,8 +49,8 @@ serving() { "$bin" produce --namesrv "$ns" --topic Backlog --count 1 --size 1024
 start
 for _ in $(seq 1 600); do serving && break; sleep 0.1; done
 "$bin" admin topic create --namesrv "$ns" --topic Backlog --queues 8 >/dev/null
-"$bin" bench produce --namesrv "$ns" --topic Backlog --count "$count" --size 1024 --inflight 1024 \
-  --duration 3600 2>"$dir/progress.log" | tail -4
+"$bin" bench produce --namesrv "$ns" --topic Backlog --count "$count" --size "$size" --inflight "$inflight" \
+  --duration 7200 2>"$dir/progress.log" | tail -4
 # Progress lines: "[produce   12.0s]   123456 ok     45678 msgs/s  0 errors".
 awk '/msgs\/s/ { for (i = 1; i <= NF; i++) if ($(i+1) == "msgs/s") r[n++] = $i }
   END {
@@ -47,6 +59,11 @@ awk '/msgs\/s/ { for (i = 1; i <= NF; i++) if ($(i+1) == "msgs/s") r[n++] = $i }
     printf "produce rate, seconds 2-11: %.0f msgs/s; last ten full seconds: %.0f msgs/s (%+.1f%%)\n", a / 10, b / 10, (b - a) * 100 / a
   }' "$dir/progress.log"
 du -sh "$dir/cluster" | awk '{ print "data on disk (3 replicas): " $1 }'
+for f in "$dir"/cluster/*.pid; do
+  p=$(cat "$f")
+  echo "$(basename "$f" .pid): RSS $(awk '/^VmRSS/ { printf "%.0f MiB", $2 / 1024 }' "/proc/$p/status" 2>/dev/null || echo '?')"
+done
+"$bin" admin cluster --namesrv "$ns" | grep -i "storage" || true
 stop
 t0=$(date +%s.%N)
 start

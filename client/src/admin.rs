@@ -424,10 +424,21 @@ impl Admin {
         F: Fn(AdminServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.on_leader_waiting(group, Duration::ZERO, f).await
+    }
+
+    /// [`Admin::on_leader`], letting one attempt take `wait` on top of the usual
+    /// deadline (the server holds the call while it waits, e.g. for a new
+    /// replica to catch up).
+    async fn on_leader_waiting<T, F, Fut>(&self, group: &pb::GroupStatus, wait: Duration, f: F) -> Result<T, Error>
+    where
+        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let spec = Spec {
             label: "",
-            deadline: self.core.config.send_deadline,
-            long_poll: Duration::ZERO,
+            deadline: self.core.config.send_deadline + wait,
+            long_poll: wait,
             followers: Followers::Ask,
         };
         let route = pb::GroupRoute {
@@ -474,27 +485,7 @@ impl Admin {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let g = self.group_status(group).await?;
-        let spec = Spec {
-            label: "",
-            deadline: self.core.config.send_deadline + wait,
-            long_poll: wait,
-            followers: Followers::Ask,
-        };
-        let route = pb::GroupRoute {
-            broker_group: g.broker_group.clone(),
-            leader_endpoint: g.leader_endpoint.clone(),
-            follower_endpoints: g
-                .replicas
-                .iter()
-                .map(|r| r.endpoint.clone())
-                .filter(|e| *e != g.leader_endpoint)
-                .collect(),
-            queues: 0,
-            perm: 0,
-            message_type: 0,
-        };
-        let served = follow_group(&self.core, spec, route, |a| f(AdminServiceClient::new(a.channel))).await?;
-        Ok(served.value)
+        self.on_leader_waiting(&g, wait, f).await
     }
 
     /// Adds `node_id` (client address `endpoint`; Raft address `raft_endpoint`,
