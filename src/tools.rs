@@ -937,6 +937,17 @@ pub async fn create_topic_and_wait(
     queues: u32,
     within: Duration,
 ) -> anyhow::Result<Vec<(String, u32)>> {
+    // Every live group gets the topic; wait until the route lists each of them,
+    // not just the first to register it: a reader that took a one-group route
+    // would never read what producers send to the other groups.
+    let live: Vec<String> = client
+        .admin()
+        .list_cluster()
+        .await
+        .context("listing the broker groups")?
+        .into_iter()
+        .map(|g| g.broker_group)
+        .collect();
     client
         .admin()
         .create_topic(topic, queues, raftmq_proto::v1::Permission::ReadWrite)
@@ -944,8 +955,14 @@ pub async fn create_topic_and_wait(
         .with_context(|| format!("creating topic {topic}"))?;
     let deadline = std::time::Instant::now() + within;
     loop {
+        let complete = |r: &raftmq_client::TopicRoute| {
+            !r.provisional
+                && !r.groups.is_empty()
+                && r.groups.iter().all(|g| g.queues == queues)
+                && live.iter().all(|name| r.groups.iter().any(|g| &g.broker_group == name))
+        };
         let last = match client.refresh_route(topic).await {
-            Ok(r) if !r.provisional && !r.groups.is_empty() && r.groups.iter().all(|g| g.queues == queues) => {
+            Ok(r) if complete(&r) => {
                 return Ok(r
                     .groups
                     .iter()
@@ -953,7 +970,8 @@ pub async fn create_topic_and_wait(
                     .collect());
             }
             Ok(r) => format!(
-                "routed with queue counts {:?}",
+                "routed on {:?} with queue counts {:?} (live groups {live:?})",
+                r.groups.iter().map(|g| g.broker_group.as_str()).collect::<Vec<_>>(),
                 r.groups.iter().map(|g| g.queues).collect::<Vec<_>>()
             ),
             Err(e) => e.to_string(),
