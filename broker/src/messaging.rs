@@ -238,13 +238,15 @@ impl Messaging {
         .min(g.config().max_pull_messages) as usize;
         let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(g.config().max_pull_wait);
         let deadline = Instant::now() + wait;
-        self.catch_up_if_behind(&req.topic, req.queue_id, req.offset).await?;
+        let authoritative = self.catch_up_if_behind(&req.topic, req.queue_id, req.offset).await?;
         // Subscribe before the first read, so an apply between the read and the
         // wait still wakes us.
         let mut applied = g.raft().data_metrics();
         let mut offset = req.offset;
         loop {
-            let read = self.read(&req.topic, req.queue_id, offset, max, &filter).await?;
+            let read = self
+                .read(&req.topic, req.queue_id, offset, max, &filter, authoritative)
+                .await?;
             if !read.messages.is_empty() || Instant::now() >= deadline {
                 return Ok(read);
             }
@@ -272,19 +274,27 @@ impl Messaging {
     /// messages again. So the leader first catches up with everything committed
     /// (one ReadIndex round; only such a miss pays for it). A follower answers
     /// from what it has, as documented.
-    async fn catch_up_if_behind(&self, topic: &str, queue_id: u32, offset: u64) -> Result<(), ApiError> {
+    ///
+    /// Returns whether this replica's queue end is authoritative: true on a
+    /// leader (caught up when the pull was past its end), false on a follower
+    /// or a leader deposed meanwhile, which cannot tell a consumer ahead of it
+    /// from one past the group's end.
+    async fn catch_up_if_behind(&self, topic: &str, queue_id: u32, offset: u64) -> Result<bool, ApiError> {
         let g = &self.group;
         let max = g
             .store()
             .queue_next_offset(topic, queue_id)
             .map_err(|e| ApiError::storage("reading the queue's end", e))?;
-        if offset <= max || g.ensure_leader().is_err() {
-            return Ok(());
+        if g.ensure_leader().is_err() {
+            return Ok(false);
+        }
+        if offset <= max {
+            return Ok(true);
         }
         match g.catch_up().await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             // Deposed meanwhile: answer from what this replica has.
-            Err(ApiError::NotLeader { .. }) => Ok(()),
+            Err(ApiError::NotLeader { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -293,6 +303,14 @@ impl Messaging {
     /// queue's minimum start at the minimum; at or past its maximum the answer is
     /// empty with `next_offset` = the maximum, so a consumer with a stale offset
     /// resumes at the head. Filtered-out messages still advance `next_offset`.
+    ///
+    /// Only an `authoritative` (leader) end may pull a consumer back: a replica
+    /// that is behind (a follower, or a deposed leader a client still takes for
+    /// the leader, seen after a whole-group restart in the chaos run) would
+    /// rewind the consumer to its shorter queue and have it read the same
+    /// messages twice. It answers empty with `next_offset` = the asked offset,
+    /// as a RocketMQ slave answers OFFSET_OVERFLOW_BADLY with a retry rather
+    /// than OFFSET_MOVED.
     async fn read(
         &self,
         topic: &str,
@@ -300,6 +318,7 @@ impl Messaging {
         offset: u64,
         max: usize,
         filter: &MessageFilter,
+        authoritative: bool,
     ) -> Result<pb::PullResponse, ApiError> {
         let store = self.group.store().clone();
         let (topic, filter) = (topic.to_owned(), filter.clone());
@@ -316,6 +335,14 @@ impl Messaging {
             // never read, and the consumer would skip that message.
             let max_offset = store.queue_next_offset(&topic, queue_id)?;
             let min_offset = store.queue_min_offset(&topic, queue_id)?.min(max_offset);
+            if offset > max_offset && !authoritative {
+                return Ok(pb::PullResponse {
+                    messages: Vec::new(),
+                    next_offset: offset,
+                    min_offset,
+                    max_offset,
+                });
+            }
             let start = offset.clamp(min_offset, max_offset);
             let mut next = start;
             let mut messages = Vec::new();

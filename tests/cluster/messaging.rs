@@ -263,6 +263,15 @@ async fn follower_redirects_writes_to_the_leader_and_serves_applied_reads() -> a
     let ids: Vec<_> = pulled.messages.iter().map(|m| m.message_id.clone()).collect();
     let sent_ids: Vec<_> = sent.results.iter().map(|r| r.message_id.clone()).collect();
     assert_eq!(ids, sent_ids);
+    // Past the follower's end it cannot tell a consumer ahead of it (it may be
+    // behind the group) from a stale one, so it never pulls the offset back: a
+    // rewind there made the chaos run read delayed messages twice.
+    let ahead = to_follower
+        .pull(pull_request(TOPIC, 1, 25, 100, 0, ""))
+        .await?
+        .into_inner();
+    assert!(ahead.messages.is_empty());
+    assert_eq!((ahead.next_offset, ahead.max_offset), (25, 20));
 
     let status = admin(follower)
         .await?
