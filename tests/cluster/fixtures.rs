@@ -103,6 +103,9 @@ pub struct Settings {
     pub retention: Option<raftmq_broker::retention::RetentionConfig>,
     /// CommitLog segment size; `None` keeps the default.
     pub segment_bytes: Option<u64>,
+    /// Where the replicas' data directories go (a small filesystem in the
+    /// watermark test); `None`: the system's temp dir.
+    pub data_root: Option<PathBuf>,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -694,7 +697,10 @@ impl Cluster {
     /// NameServers `settings` names.
     pub async fn start_group(group: &str, n: u64, settings: Settings) -> anyhow::Result<Cluster> {
         init_tracing();
-        let dir = tempfile::tempdir()?;
+        let dir = match &settings.data_root {
+            Some(root) => tempfile::tempdir_in(root)?,
+            None => tempfile::tempdir()?,
+        };
         let mut replicas = Vec::new();
         for id in 1..=n {
             let any_port: SocketAddr = "127.0.0.1:0".parse()?;

@@ -2,7 +2,8 @@
 //! topic's queues spread over the groups, unkeyed sends move to a live group when
 //! one has no leader (and come back when it returns), keyed sends stay on their
 //! queue's group and fail naming it, consumers keep consuming the live groups, and
-//! a topic can be created on chosen groups and extended to another later.
+//! a topic can be created on chosen groups and extended to another later, including
+//! a group that joins the running cluster, whose queues a running consumer picks up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,7 @@ use super::fixtures::{Check, Cluster, DEADLINE, NameServer, ONE_AT_A_TIME, Setti
 
 const A: &str = "broker-a";
 const B: &str = "broker-b";
+const C: &str = "broker-c";
 
 /// A NameServer, groups broker-a and broker-b (three replicas each, topics created
 /// explicitly) registered with it, and a client; returns once the NameServer
@@ -406,7 +408,71 @@ async fn a_topic_on_a_chosen_group_is_routed_there_only_and_extends_to_another()
         spread.get(B).copied().unwrap_or(0) >= 5 && spread.get(A).copied().unwrap_or(0) >= 5,
         "after extending the topic to {B}, sends should spread over both: {spread:?}"
     );
+
+    // A consumer group consuming the topic while a third group joins the
+    // running cluster and the topic is extended onto it: the member picks up
+    // the new group's queues with no restart.
+    let consumed: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let log = consumed.clone();
+    let consumer = client
+        .push_consumer("chosen-consumers", topic)
+        .start_from(StartFrom::First)
+        .start(move |m: pb::PulledMessage| {
+            let log = log.clone();
+            async move {
+                if let Ok(seq) = seq_of(&m) {
+                    log.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(seq);
+                }
+                ConsumeResult::Success
+            }
+        })?;
+    let c = Cluster::start_group(
+        C,
+        3,
+        Settings {
+            nameservers: vec![ns.addr.clone()],
+            ..Settings::default()
+        },
+    )
+    .await?;
+    c.wait_for_leader(DEADLINE).await?;
+    admin
+        .create_topic_on(topic, 2, pb::Permission::ReadWrite, unspecified, &[C.to_owned()])
+        .await?;
+    wait_for_groups(&client, topic, &[A, B, C], 2).await?;
+    let mut receipts = Vec::new();
+    for seq in 30..60 {
+        receipts.push(producer.send(topic, message(seq, None)).await?);
+    }
+    let spread = per_group(&receipts);
+    ensure!(
+        [A, B, C].iter().all(|g| spread.get(*g).copied().unwrap_or(0) >= 3),
+        "after a third group joined, sends should spread over all three: {spread:?}"
+    );
+    let on_c: BTreeSet<u64> = receipts
+        .iter()
+        .zip(30..60)
+        .filter(|(r, _)| r.broker_group == C)
+        .map(|(_, seq)| seq)
+        .collect();
+    eventually(DEADLINE, "the running consumer to consume every message", async || {
+        let got = consumed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let missing: Vec<u64> = (0..60).filter(|s| !got.contains(s)).collect();
+        Ok(if missing.is_empty() {
+            Check::Done(())
+        } else {
+            Check::Pending(format!("missing {missing:?} (sent to {C}: {on_c:?})"))
+        })
+    })
+    .await?;
+    consumer.shutdown().await?;
     a.shutdown().await?;
     b.shutdown().await?;
+    c.shutdown().await?;
     ns.stop().await
 }

@@ -692,3 +692,163 @@ async fn a_restart_finishes_a_cleanup_that_could_not_complete() -> anyhow::Resul
     holds_exactly_the_retained(cluster.replica(stuck).store(), &sent, "the restarted replica")?;
     cluster.shutdown().await
 }
+
+/// A tmpfs of a few MiB mounted on a temp dir: a real small filesystem, whose
+/// `statvfs` the brokers read as they would a real disk. Unmounted on drop
+/// (lazily, so a failed test that left a file open still unmounts).
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// `None` when this process may not mount (not root, or no
+    /// `CAP_SYS_ADMIN`): the caller says it skipped.
+    fn mount(mib: u64) -> anyhow::Result<Option<SmallFs>> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let dir = tempfile::tempdir()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "raftmq-test-fs"])
+            .arg(dir.path())
+            .output()
+            .context("running mount")?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("permission denied") || err.contains("not permitted") {
+                return Ok(None);
+            }
+            anyhow::bail!("mount -t tmpfs on {}: {}: {err}", dir.path().display(), out.status);
+        }
+        Ok(Some(SmallFs { dir }))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// `(used, capacity)` as the brokers see it.
+    fn usage(&self) -> anyhow::Result<(u64, u64)> {
+        Ok(raftmq_raft_store::disk::usage(self.path())?)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Another program's file on the small filesystem, grown until the
+/// filesystem is `ratio` full.
+fn fill_to(fs: &SmallFs, filler: &mut std::fs::File, ratio: f64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let chunk = vec![0xA5u8; 256 * 1024];
+    loop {
+        let (used, total) = fs.usage()?;
+        if used as f64 >= ratio * total as f64 {
+            return Ok(());
+        }
+        filler.write_all(&chunk).context("writing the filler file")?;
+    }
+}
+
+/// The watermarks against a real filesystem (a 512 MiB tmpfs holding the three
+/// replicas), not an injected usage figure: another program's file pushes the
+/// disk past the clean watermark and the leader deletes whole segments early;
+/// past the full watermark sends are refused with the real figures and path;
+/// once the file is deleted sends are accepted again. (Three fresh replicas
+/// already take ~87 MB there, most of it RocksDB's preallocated write-ahead
+/// logs, hence 512 MiB rather than a few.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermarks_hold_on_a_real_small_filesystem() -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(fs) = SmallFs::mount(512)? else {
+        eprintln!("skipped: mounting a tmpfs needs root (CAP_SYS_ADMIN); the injected-usage test still runs");
+        return Ok(());
+    };
+    let retention = RetentionConfig {
+        check_interval: Duration::from_millis(100),
+        // Only disk pressure trims here.
+        file_reserved_time: Duration::from_secs(10 * 365 * 24 * 3600),
+        ..RetentionConfig::default()
+    };
+    let (cluster, leader) = start(Settings {
+        data_root: Some(fs.path().to_path_buf()),
+        ..settings(retention)
+    })
+    .await?;
+    let (used, total) = fs.usage()?;
+    ensure!(
+        (used as f64) < 0.5 * total as f64,
+        "three fresh replicas already use {used} of {total} bytes: the test's filesystem is too small"
+    );
+    let mut sent = Sent::new();
+    send(&cluster, leader, 0..300, &mut sent).await?;
+    settle(&cluster, leader).await?;
+    ensure!(
+        cluster.running().all(|r| r.store().retention_horizon() == 0),
+        "retention trimmed on a disk below its clean watermark ({:?})",
+        fs.usage()?
+    );
+
+    // Past the clean watermark (0.75) the leader trims young segments early.
+    let filler_path = fs.path().join("someone-elses-file");
+    let mut filler = std::fs::File::create(&filler_path)?;
+    fill_to(&fs, &mut filler, 0.80)?;
+    wait_trimmed_everywhere(&cluster, 0).await?;
+    send(&cluster, leader, 300..310, &mut sent).await?;
+    for r in cluster.running() {
+        holds_exactly_the_retained(r.store(), &sent, &format!("node {}", r.id))?;
+    }
+
+    // Past the full watermark (0.90) sends are refused, naming the real figures.
+    fill_to(&fs, &mut filler, 0.95)?;
+    let refusal = eventually(DEADLINE, "sends to be refused", async || {
+        let mut scratch = Sent::new();
+        Ok(match send(&cluster, leader, 10_000..10_001, &mut scratch).await {
+            Err(s) if s.code() == Code::ResourceExhausted => Check::Done(s.message().to_owned()),
+            Err(s) => Check::Pending(format!("{s:?}")),
+            Ok(()) => Check::Pending(format!("accepted at {:?}", fs.usage())),
+        })
+    })
+    .await?;
+    ensure!(
+        refusal.starts_with("disk full:")
+            && refusal.contains(&fs.path().display().to_string())
+            && refusal.contains("retention.disk_full_watermark 90.0%"),
+        "refusal: {refusal}"
+    );
+    let g = admin(cluster.replica(leader))
+        .await?
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner()
+        .groups
+        .into_iter()
+        .next()
+        .context("no group in the status")?;
+    ensure!(
+        g.disk_full && g.disk_used_ratio.is_some_and(|r| r >= 0.90),
+        "status {g:?}"
+    );
+
+    // The other program's file goes: sends are accepted again.
+    drop(filler);
+    std::fs::remove_file(&filler_path)?;
+    let mut more = Sent::new();
+    eventually(DEADLINE, "sends to be accepted again", async || {
+        Ok(match send(&cluster, leader, 20_000..20_001, &mut more).await {
+            Ok(()) => Check::Done(()),
+            Err(s) => Check::Pending(format!("{s:?}")),
+        })
+    })
+    .await?;
+    cluster.shutdown().await?;
+    drop(fs);
+    Ok(())
+}
