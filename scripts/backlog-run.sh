@@ -49,6 +49,14 @@ serving() { "$bin" produce --namesrv "$ns" --topic Backlog --count 1 --size 1024
 start
 for _ in $(seq 1 600); do serving && break; sleep 0.1; done
 "$bin" admin topic create --namesrv "$ns" --topic Backlog --queues 8 >/dev/null
+# SAMPLE=DIR: record what the machine does each second (dirty pages, disk writes,
+# RocksDB background CPU; scripts/backlog-sample.py) next to the produce rate, in DIR.
+sampler=""
+if [ -n "${SAMPLE:-}" ]; then
+  mkdir -p "$SAMPLE"
+  python3 scripts/backlog-sample.py "$dir"/cluster/*.pid >"$SAMPLE/sample.tsv" &
+  sampler=$!
+fi
 "$bin" bench produce --namesrv "$ns" --topic Backlog --count "$count" --size "$size" --inflight "$inflight" \
   --duration 7200 2>"$dir/progress.log" | tail -4
 # Progress lines: "[produce   12.0s]   123456 ok     45678 msgs/s  0 errors".
@@ -64,6 +72,11 @@ awk '/msgs\/s/ { for (i = 1; i <= NF; i++) if ($(i+1) == "msgs/s") r[n++] = $i }
       printf "produce rate, seconds 2-61: %.0f msgs/s; last sixty full seconds: %.0f msgs/s (%+.1f%%)\n", c / 60, d / 60, (d - c) * 100 / c
     }
   }' "$dir/progress.log"
+if [ -n "$sampler" ]; then
+  kill "$sampler" 2>/dev/null || true
+  cp "$dir/progress.log" "$SAMPLE/progress.log"
+  echo "backlog-run: per-second samples in $SAMPLE/sample.tsv, produce progress in $SAMPLE/progress.log"
+fi
 du -sh "$dir/cluster" | awk '{ print "data on disk (3 replicas): " $1 }'
 for f in "$dir"/cluster/*.pid; do
   p=$(cat "$f")
