@@ -8,7 +8,9 @@
 //! Layout: `sm/CURRENT` names the live `sm/state-N/` directory, which holds `db/`
 //! (RocksDB) and `archive/` (retained records received in a snapshot). Installing a
 //! snapshot builds `state-N+1` beside the live one and switches `CURRENT`
-//! atomically, so a crash mid-install leaves the old state intact.
+//! atomically, so a crash mid-install leaves the old state intact. Snapshots
+//! live beside the generations in `sm/snapshots/` (see [`crate::snapshot`]):
+//! they hard-link a generation's files, so removing a generation never breaks one.
 
 use std::collections::HashMap;
 use std::io;
