@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::SeekFrom;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,8 +26,7 @@ use openraft::raft::{
 use openraft::{RaftNetworkFactory, RaftNetworkV2};
 use raftmq_proto::raft::v1 as pb;
 use raftmq_proto::raft::v1::raft_service_client::RaftServiceClient;
-use raftmq_raft_store::{BrokerNode, NodeId, TypeConfig, Vote};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use raftmq_raft_store::{BrokerNode, NodeId, SnapshotData, TypeConfig, Vote};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -266,7 +264,7 @@ impl GrpcNetwork {
 }
 
 impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
-    type SnapshotData = std::fs::File;
+    type SnapshotData = SnapshotData;
 
     /// Replication and heartbeats: one bidi gRPC stream per replication session,
     /// requests sent as openraft produces them, replies consumed in order. An
@@ -449,13 +447,14 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         .await
     }
 
-    /// Streams the snapshot file in chunks. `soft_ttl` bounds each idle period (no
+    /// Streams the snapshot in the wire format, generated chunk by chunk from the
+    /// snapshot directory by a blocking task. `soft_ttl` bounds each idle period (no
     /// chunk taken by the transport, or no reply after the last one), not the whole
     /// transfer, whose length grows with the retained messages.
     async fn full_snapshot(
         &mut self,
         vote: Vote,
-        snapshot: openraft::alias::SnapshotOf<TypeConfig, std::fs::File>,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotData>,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
@@ -477,8 +476,7 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
         let chunks = snapshot_chunks(
             self.group.to_string(),
             header,
-            tokio::fs::File::from_std(snapshot.snapshot),
-            chunk_size,
+            snapshot.snapshot.into_chunks(chunk_size),
             progress.clone(),
             read_error.clone(),
         );
@@ -518,69 +516,59 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
     }
 }
 
+type Chunks = tokio::sync::mpsc::Receiver<std::io::Result<Option<Vec<u8>>>>;
+
 enum ChunkState {
-    Header(String, Vec<u8>, tokio::fs::File),
-    Data(tokio::fs::File),
+    Header(String, Vec<u8>, Chunks),
+    Data(Chunks),
     Done,
 }
 
-/// The request stream of `InstallSnapshot`: the header chunk, the file's bytes,
-/// then an empty chunk with `done`. A read error ends the stream without `done`
-/// (so the receiver discards the transfer) and is left in `error`.
+/// The request stream of `InstallSnapshot`: the header chunk, the snapshot's
+/// bytes as [`SnapshotData::into_chunks`] produces them, then an empty chunk
+/// with `done`. A read error ends the stream without `done` (so the receiver
+/// discards the transfer) and is left in `error`.
 fn snapshot_chunks(
     group: String,
     header: Vec<u8>,
-    file: tokio::fs::File,
-    chunk_size: usize,
+    chunks: Chunks,
     progress: Arc<AtomicU64>,
     error: Arc<std::sync::Mutex<Option<std::io::Error>>>,
 ) -> impl futures::Stream<Item = pb::SnapshotChunk> + Send + 'static {
-    futures::stream::unfold(ChunkState::Header(group, header, file), move |state| {
+    futures::stream::unfold(ChunkState::Header(group, header, chunks), move |state| {
         let (progress, error) = (progress.clone(), error.clone());
         async move {
             progress.fetch_add(1, Ordering::Relaxed);
+            let chunk = |data: Vec<u8>, done: bool| pb::SnapshotChunk {
+                broker_group: String::new(),
+                header: Vec::new(),
+                data,
+                done,
+            };
             match state {
-                ChunkState::Header(broker_group, header, mut file) => {
-                    // The snapshot may have been read before (an earlier attempt).
-                    if let Err(e) = file.seek(SeekFrom::Start(0)).await {
-                        if let Ok(mut g) = error.lock() {
-                            *g = Some(e);
-                        }
-                        return None;
-                    }
-                    let chunk = pb::SnapshotChunk {
+                ChunkState::Header(broker_group, header, chunks) => {
+                    let first = pb::SnapshotChunk {
                         broker_group,
                         header,
                         data: Vec::new(),
                         done: false,
                     };
-                    Some((chunk, ChunkState::Data(file)))
+                    Some((first, ChunkState::Data(chunks)))
                 }
-                ChunkState::Data(mut file) => {
-                    let mut data = vec![0u8; chunk_size];
-                    let mut filled = 0;
-                    while filled < chunk_size {
-                        match file.read(&mut data[filled..]).await {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) => {
-                                if let Ok(mut g) = error.lock() {
-                                    *g = Some(e);
-                                }
-                                return None;
-                            }
+                ChunkState::Data(mut chunks) => match chunks.recv().await {
+                    Some(Ok(Some(data))) => Some((chunk(data, false), ChunkState::Data(chunks))),
+                    Some(Ok(None)) => Some((chunk(Vec::new(), true), ChunkState::Done)),
+                    failed => {
+                        let e = match failed {
+                            Some(Err(e)) => e,
+                            _ => std::io::Error::other("the snapshot reader stopped before the end"),
+                        };
+                        if let Ok(mut g) = error.lock() {
+                            *g = Some(e);
                         }
+                        None
                     }
-                    data.truncate(filled);
-                    let done = filled < chunk_size;
-                    let chunk = pb::SnapshotChunk {
-                        broker_group: String::new(),
-                        header: Vec::new(),
-                        data,
-                        done,
-                    };
-                    Some((chunk, if done { ChunkState::Done } else { ChunkState::Data(file) }))
-                }
+                },
                 ChunkState::Done => None,
             }
         }

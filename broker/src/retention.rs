@@ -102,8 +102,9 @@ pub struct RetentionConfig {
     pub disk_clean_watermark: f64,
     /// At or past this fraction in use, the node refuses client writes that add
     /// data (RESOURCE_EXHAUSTED "disk full: ..."), until usage is back below.
-    /// Default 0.90, RocketMQ's forced-clean ratio: above it, a snapshot (which
-    /// copies the retained records) could no longer be written.
+    /// Default 0.90, RocketMQ's forced-clean ratio: the headroom above it is
+    /// for RocksDB's flushes and compactions and for a snapshot received from
+    /// the leader (a replica installing one writes its records into its archive).
     pub disk_full_watermark: f64,
     /// Tests only: where disk usage comes from. Default `statvfs`.
     #[serde(skip)]
@@ -559,26 +560,10 @@ async fn free_through(ctx: &Ctx, h: u64) -> Result<(), String> {
     let covers = |m: &openraft::RaftMetrics<raftmq_raft_store::TypeConfig>| {
         index_of(&m.snapshot) >= h && store.snapshot_horizon() >= h
     };
-    if !covers(&raft.metrics().borrow_watched()) {
-        // A snapshot copies every retained record, and openraft stops this
-        // replica's Raft if building one fails: never start one that cannot fit.
-        let need: u64 = store
-            .segments()
-            .iter()
-            .filter(|s| s.info.next_index > s.info.first_index && s.info.next_index - 1 > h)
-            .map(|s| s.info.bytes)
-            .sum();
-        let need = need + need / 8 + (1 << 20);
-        if let Ok((used, total)) = ctx.usage()
-            && total.saturating_sub(used) < need
-        {
-            return Err(format!(
-                "not building the snapshot retention needs: it takes about {need} bytes and {} are free on {}",
-                total.saturating_sub(used),
-                ctx.data_dir.display()
-            ));
-        }
-    }
+    // No free-space check before asking for one: a snapshot is a RocksDB
+    // checkpoint and hard links of the retained segments (see raft-store's
+    // `snapshot` module), so it takes a memtable flush's worth of disk, not a
+    // copy of the retained records.
     let give_up = tokio::time::Instant::now() + SNAPSHOT_WAIT;
     while !covers(&raft.metrics().borrow_watched()) {
         if tokio::time::Instant::now() >= give_up {

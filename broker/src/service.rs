@@ -342,9 +342,9 @@ impl RaftRpcService {
         file.flush().await.map_err(io_err("writing"))?;
         file.seek(SeekFrom::Start(0)).await.map_err(io_err("rewinding"))?;
         let file = file.into_std().await;
-        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, std::fs::File> {
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, raftmq_raft_store::SnapshotData> {
             meta: header.meta,
-            snapshot: file,
+            snapshot: raftmq_raft_store::SnapshotData::Stream(file),
         };
         let resp = self
             .raft

@@ -338,6 +338,19 @@ impl CommitLogReader {
         Ok(removed)
     }
 
+    /// Hard-links the segments holding records `start..end` into `dst` (see
+    /// [`SegmentSet::link_range`]), under the segment table's lock so no
+    /// retention or truncation runs meanwhile.
+    pub(crate) fn link_range(
+        &self,
+        start: u64,
+        end: u64,
+        dst: &Path,
+        prefix: &str,
+    ) -> io::Result<(Vec<crate::segment::LinkedSegment>, Option<Arc<File>>)> {
+        self.shared.segments_read().link_range(start, end, dst, prefix)
+    }
+
     /// Every segment's extent, oldest first; the last is the one being written.
     pub fn segment_infos(&self) -> Vec<crate::segment::SegmentInfo> {
         self.shared.segments_read().infos()

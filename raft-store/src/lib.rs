@@ -41,11 +41,19 @@
 //! its own (see [`recommended_raft_config`]).
 //!
 //! A snapshot (see [`snapshot`]) carries the state machine's rows *and every retained
-//! message record* up to its last log id. A replica that installs one, being new or
+//! message record* up to its last log id. On disk it is a directory under
+//! `sm/snapshots/`: a RocksDB checkpoint (hard links of the SST files) and hard links
+//! of the segment files holding the retained records, with a manifest naming the
+//! records and bytes of each. Building one therefore costs a memtable flush and a
+//! link per file, not a copy of the retained log, and retention deleting a segment
+//! leaves the snapshot's link (and data) in place until a newer snapshot replaces it.
+//! On the wire it is one stream (`RMQSNAP1`: meta, rows, records, checksum) generated
+//! from that directory as it is sent. A replica that installs one, being new or
 //! behind the purge point, stores those records in its state machine's `archive/`
 //! (same segment format) and reads messages from there below the snapshot index and
 //! from the CommitLog above it. So it ends up with every retained message even though
-//! openraft then purges its own log up to the snapshot.
+//! openraft then purges its own log up to the snapshot; its own snapshot of the
+//! installed state links that archive, so it can serve the snapshot on.
 //!
 //! # State machine
 //!
@@ -74,7 +82,9 @@
 //! horizon at once, and key-index rows are dropped by a compaction filter. Then,
 //! off the apply path, the replica snapshots at or past the horizon (snapshots
 //! carry only records above it), purges the Raft log up to it and deletes whole
-//! segments of the log and the archive ([`StoreReader::free_through`]).
+//! segments of the log and the archive ([`StoreReader::free_through`]). Deleting
+//! removes the log's name for a segment only: an older snapshot still being
+//! streamed keeps its own hard link, so the data goes when that snapshot does.
 
 pub mod command;
 pub mod commitlog;
@@ -104,6 +114,7 @@ pub use layout::{DLQ_TOPIC_PREFIX, RETRY_TOPIC_PREFIX};
 pub use pop::{InFlight, PopGroup, PopQueue, PopState};
 pub use reader::{Origin, StoreReader, StoredMessage, StoredSegment};
 pub use segment::SegmentInfo;
+pub use snapshot::{LocalSnapshot, SnapshotData};
 pub use state_machine::StateMachine;
 pub use transactions::{PendingTxn, TxnState, TxnTotals};
 

@@ -70,6 +70,20 @@ pub struct SegmentInfo {
     pub bytes: u64,
 }
 
+/// A segment hard-linked into a snapshot: which records of it the snapshot
+/// holds and the bytes they occupy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LinkedSegment {
+    /// File name inside the snapshot directory.
+    pub name: String,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// Byte offset of record `first_index` in the file.
+    pub start: u64,
+    /// Byte offset just past record `last_index`.
+    pub end: u64,
+}
+
 /// A directory of segments with contiguous indexes.
 pub struct SegmentSet {
     dir: PathBuf,
@@ -399,6 +413,60 @@ impl SegmentSet {
             .iter()
             .map(|s| (s.first_index, s.next_index(), s.file.clone()))
             .collect()
+    }
+
+    /// Hard-links into `dst` every segment holding records `start..end` (all must
+    /// be held), named `prefix` + the segment's name, and describes for each the
+    /// byte range those records occupy in it. Returns the descriptions and the
+    /// last linked file when it is the segment still being written, which the
+    /// caller must fsync before relying on the link (sealed segments were fsynced
+    /// when they rolled).
+    ///
+    /// Linking under the caller's lock is what makes this safe: no segment can be
+    /// deleted or truncated meanwhile. Afterwards deleting a segment removes only
+    /// its name here, and a truncation only ever cuts records above `end`
+    /// (uncommitted ones), outside the described range.
+    pub(crate) fn link_range(
+        &self,
+        start: u64,
+        end: u64,
+        dst: &Path,
+        prefix: &str,
+    ) -> io::Result<(Vec<LinkedSegment>, Option<Arc<File>>)> {
+        let mut out = Vec::new();
+        let mut active = None;
+        let mut next = start;
+        while next < end {
+            let seg = self.segment_for(next)?;
+            let first = (next - seg.first_index) as usize;
+            let last_index = end.min(seg.next_index()) - 1;
+            let last = (last_index - seg.first_index) as usize;
+            let file_name = seg
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| io::Error::other(format!("segment {} has no UTF-8 name", seg.path.display())))?;
+            let name = format!("{prefix}{file_name}");
+            let link = dst.join(&name);
+            fs::hard_link(&seg.path, &link).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("hard-linking {} to {}: {e}", seg.path.display(), link.display()),
+                )
+            })?;
+            if std::ptr::eq(seg, self.segments.last().expect("segment_for found one")) {
+                active = Some(seg.file.clone());
+            }
+            out.push(LinkedSegment {
+                name,
+                first_index: next,
+                last_index,
+                start: u64::from(seg.offsets[first]),
+                end: seg.end_of(last),
+            });
+            next = last_index + 1;
+        }
+        Ok((out, active))
     }
 
     /// Every segment's extent, oldest first (the last one is the active one).

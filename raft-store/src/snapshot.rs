@@ -1,27 +1,63 @@
-//! Snapshots: building one from the live state, installing a received one, and the
-//! file format they share.
+//! Snapshots: building one from the live state, streaming it to a peer,
+//! installing a received one, and the wire format they share.
 //!
-//! A snapshot is a single file: `RMQSNAP1`, the JSON `SnapshotMeta`, then items —
-//! every RocksDB row (column family, key, value) read from one consistent RocksDB
-//! snapshot, then every retained CommitLog record up to the snapshot's last log id
-//! in the CommitLog's own framing — and an end marker with a crc32c of everything
-//! before it. Carrying the records is what makes "the log is the data" hold for a
-//! replica that installs a snapshot: its ConsumeQueue rows point at those records,
-//! which it keeps in `archive/` (see the crate docs). Installing stages a new state
-//! generation and switches to it only after the checksum held and everything was
-//! fsynced.
+//! # On disk: a directory of hard links
+//!
+//! A snapshot is a directory `sm/snapshots/snap-<seq>-<term>-<index>-h<horizon>/`:
+//!
+//! * `db/`: a RocksDB checkpoint of the state machine (hard links of its SST
+//!   files plus the live WAL tail), taken at one consistent point. The
+//!   snapshot's last log id, membership and retention horizon are read back
+//!   from this checkpoint, so they describe exactly the rows it holds even
+//!   though apply keeps running while it is taken.
+//! * `archive-<segment>` / `log-<segment>`: hard links of every segment file
+//!   (of the state's `archive/` and of the CommitLog) holding a retained record,
+//!   i.e. one in (horizon, last log id]. The segment still being written is linked
+//!   too, with the byte length of its records up to the last log id recorded and
+//!   fsynced: those records are committed, so no truncation ever cuts them (it
+//!   cuts only uncommitted entries after them) and appends land past that length.
+//! * `manifest.json`: the meta, the horizon, the record range and, per linked
+//!   file, which records and which bytes of it belong to the snapshot.
+//!
+//! Building costs a memtable flush, one hard link per file and one fsync of the
+//! active segment: nothing grows with the retained messages. It happens in
+//! `snap-<seq>.tmp/`, which is fsynced and then renamed into place; a crash
+//! mid-build leaves only a `.tmp` directory, which the next open removes, and the
+//! newest complete directory (highest `<seq>`, with a manifest) is the current
+//! snapshot. Retention deleting a segment removes only the CommitLog's name for
+//! it; the snapshot's link keeps the data until the snapshot itself is replaced.
+//! A replaced snapshot is removed once nothing streams it any more.
+//!
+//! # On the wire: `RMQSNAP1`
+//!
+//! A snapshot travels as one byte stream: `RMQSNAP1`, the JSON `SnapshotMeta`, then
+//! items — every RocksDB row (column family, key, value) in `CFS` order, then every
+//! retained CommitLog record in the CommitLog's own framing — and an end marker with
+//! a crc32c of everything before it. The sender generates it from the snapshot
+//! directory as it goes ([`SnapshotData::write_wire`]: the checkpoint opened
+//! read-only, records read from the linked files with every checksum verified).
+//! Carrying the records is what makes "the log is the data" hold for a replica
+//! that installs a snapshot: its ConsumeQueue rows point at those records, which
+//! it keeps in `archive/` (see the crate docs). Installing stages a new state
+//! generation, and switches to it only after the checksum held and everything was
+//! fsynced; it then takes a directory snapshot of the installed state (checkpoint
+//! plus links of its archive), so the replica can serve the snapshot on.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::RaftSnapshotBuilder;
 use openraft::alias::SnapshotOf;
 use rocksdb::WriteBatch;
 
+use crate::commitlog::CommitLogReader;
 use crate::layout::{CF_META, CFS, KEY_HORIZON, u64_value};
 use crate::record::{self, Decoded, HEADER_LEN, Header};
+use crate::segment::LinkedSegment;
 use crate::state_machine::{SmShared, SmState, rocks_io};
 use crate::{LogId, SnapshotMeta, StoredMembership, TypeConfig, durable};
 
@@ -30,12 +66,477 @@ const ITEM_ROW: u8 = 1;
 const ITEM_RECORD: u8 = 2;
 const ITEM_END: u8 = 0xFF;
 const SNAPSHOT_DIR: &str = "snapshots";
-const SNAPSHOT_EXT: &str = "snap";
-/// Records read from the log per chunk while building.
-const RECORD_CHUNK: u64 = 1024;
+/// Single-file snapshots written before snapshots were directories: still
+/// served (as a stream) until the first directory snapshot replaces them.
+const LEGACY_EXT: &str = "snap";
+const MANIFEST: &str = "manifest.json";
+const CHECKPOINT_DIR: &str = "db";
+const MANIFEST_VERSION: u32 = 1;
 
 fn bad(what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot file: {what}"))
+    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {what}"))
+}
+
+/// Adds the path an I/O step worked on to its error.
+fn at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |e| io::Error::new(e.kind(), format!("{action} {}: {e}", path.display()))
+}
+
+/// What openraft moves around as a snapshot's data.
+#[derive(Debug)]
+pub enum SnapshotData {
+    /// One of this replica's snapshot directories (see the module docs); the
+    /// wire format is generated from it when it is sent.
+    Local(Arc<LocalSnapshot>),
+    /// A snapshot in the wire format: received from a leader and about to be
+    /// installed, or a single-file snapshot of an older version.
+    Stream(File),
+}
+
+impl From<File> for SnapshotData {
+    fn from(f: File) -> Self {
+        SnapshotData::Stream(f)
+    }
+}
+
+impl SnapshotData {
+    /// Writes the snapshot in the wire format to `w`. Blocking: it reads
+    /// RocksDB and segment files; call it from a blocking thread.
+    pub fn write_wire(&self, w: &mut dyn Write) -> io::Result<u64> {
+        match self {
+            SnapshotData::Local(local) => local.write_wire(w),
+            SnapshotData::Stream(file) => {
+                // Positioned reads: the handle's offset may be shared with clones.
+                let mut buf = vec![0u8; 1 << 20];
+                let mut pos = 0u64;
+                loop {
+                    let n = file.read_at(&mut buf, pos)?;
+                    if n == 0 {
+                        return Ok(pos);
+                    }
+                    w.write_all(&buf[..n])?;
+                    pos += n as u64;
+                }
+            }
+        }
+    }
+
+    /// The wire format in chunks of `chunk_size` bytes, generated by a blocking
+    /// task (so the runtime never waits on the disk): `Ok(Some(bytes))` per
+    /// chunk, then `Ok(None)` once all were sent, or an `Err` if generating
+    /// failed. A channel that closes without `Ok(None)` also means failure.
+    /// Dropping the receiver stops the generation.
+    pub fn into_chunks(self, chunk_size: usize) -> tokio::sync::mpsc::Receiver<io::Result<Option<Vec<u8>>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(chunk_size.max(1)),
+                chunk_size: chunk_size.max(1),
+            };
+            let result = self.write_wire(&mut w).and_then(|_| w.send_buffered());
+            // A failed send means the receiver went away: nobody to tell.
+            let _ = tx.blocking_send(result.map(|()| None));
+        });
+        rx
+    }
+
+    /// The snapshot directory, for a local snapshot.
+    pub fn local_dir(&self) -> Option<&Path> {
+        match self {
+            SnapshotData::Local(l) => Some(&l.dir),
+            SnapshotData::Stream(_) => None,
+        }
+    }
+}
+
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<io::Result<Option<Vec<u8>>>>,
+    buf: Vec<u8>,
+    chunk_size: usize,
+}
+
+impl ChunkWriter {
+    fn send(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        self.tx
+            .blocking_send(Ok(Some(chunk)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the snapshot's receiver went away"))
+    }
+
+    fn send_buffered(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk_size));
+        self.send(chunk)
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = b.len().min(self.chunk_size - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        if self.buf.len() == self.chunk_size {
+            self.send_buffered()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a snapshot directory holds, as written in its `manifest.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Manifest {
+    version: u32,
+    meta: SnapshotMeta,
+    /// The retention horizon of the checkpointed state: no record at or below
+    /// it is in the snapshot.
+    horizon: u64,
+    /// First and last index of the records carried (none when none are).
+    records: Option<(u64, u64)>,
+    /// The linked segment files, in index order, covering `records` exactly.
+    files: Vec<LinkedSegment>,
+}
+
+/// A complete snapshot directory of this replica.
+#[derive(Debug)]
+pub struct LocalSnapshot {
+    dir: PathBuf,
+    seq: u64,
+    manifest: Manifest,
+    /// Set once a newer snapshot replaced this one: the directory goes when
+    /// the last handle (a transfer still streaming it) is dropped.
+    retired: AtomicBool,
+}
+
+impl LocalSnapshot {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.manifest.meta
+    }
+
+    /// The retention horizon it honours.
+    pub fn horizon(&self) -> u64 {
+        self.manifest.horizon
+    }
+
+    fn load(dir: PathBuf, seq: u64) -> io::Result<LocalSnapshot> {
+        let path = dir.join(MANIFEST);
+        let bytes = fs::read(&path).map_err(at("reading", &path))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format_args!("{}: {e}", path.display())))?;
+        if manifest.version != MANIFEST_VERSION {
+            return Err(bad(format_args!(
+                "{}: manifest version {} is not {MANIFEST_VERSION}",
+                path.display(),
+                manifest.version
+            )));
+        }
+        Ok(LocalSnapshot {
+            dir,
+            seq,
+            manifest,
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    /// Writes the wire format, generated from the checkpoint and the linked
+    /// segment files.
+    fn write_wire(&self, out: &mut dyn Write) -> io::Result<u64> {
+        let m = &self.manifest;
+        check_coverage(m).map_err(|e| bad(format_args!("{}: {e}", self.dir.display())))?;
+        let mut w = CrcWriter {
+            w: BufWriter::with_capacity(256 << 10, out),
+            crc: 0,
+            bytes: 0,
+        };
+        w.put(MAGIC)?;
+        w.put_bytes(&serde_json::to_vec(&m.meta).map_err(io::Error::other)?)?;
+        let db_path = self.dir.join(CHECKPOINT_DIR);
+        {
+            let db = open_checkpoint(&db_path)?;
+            for (cf_id, cf) in CFS.iter().enumerate() {
+                let handle = db
+                    .cf_handle(cf)
+                    .ok_or_else(|| bad(format_args!("{} lacks column family {cf}", db_path.display())))?;
+                for item in db.iterator_cf(handle, rocksdb::IteratorMode::Start) {
+                    let (k, v) = item.map_err(|e| io::Error::other(format!("reading {}: {e}", db_path.display())))?;
+                    w.put(&[ITEM_ROW, cf_id as u8])?;
+                    w.put_bytes(&k)?;
+                    w.put_bytes(&v)?;
+                }
+            }
+        }
+        let mut payload = Vec::new();
+        for f in &m.files {
+            let path = self.dir.join(&f.name);
+            let mut file = File::open(&path).map_err(at("opening", &path))?;
+            file.seek(io::SeekFrom::Start(f.start))
+                .map_err(at("seeking in", &path))?;
+            let mut r = BufReader::with_capacity(1 << 20, file.take(f.end - f.start));
+            let mut pos = f.start;
+            for index in f.first_index..=f.last_index {
+                let mut head = [0u8; HEADER_LEN];
+                r.read_exact(&mut head)
+                    .map_err(|e| durable::corrupt(&path, pos, format_args!("record {index} cut short: {e}")))?;
+                let h = Header::parse(&head);
+                if h.index != index || h.len as usize > record::MAX_PAYLOAD_LEN {
+                    return Err(durable::corrupt(
+                        &path,
+                        pos,
+                        format_args!(
+                            "record header names index {} ({} bytes) where {index} was expected",
+                            h.index, h.len
+                        ),
+                    ));
+                }
+                payload.resize(h.len as usize, 0);
+                r.read_exact(&mut payload)
+                    .map_err(|e| durable::corrupt(&path, pos, format_args!("record {index} cut short: {e}")))?;
+                if !h.matches(&payload) {
+                    return Err(durable::corrupt(
+                        &path,
+                        pos,
+                        format_args!("checksum mismatch in record {index}"),
+                    ));
+                }
+                w.put(&[ITEM_RECORD])?;
+                w.put(&head)?;
+                w.put(&payload)?;
+                pos += h.record_len();
+            }
+            if pos != f.end {
+                return Err(durable::corrupt(
+                    &path,
+                    pos,
+                    format_args!("records {}..={} end before byte {}", f.first_index, f.last_index, f.end),
+                ));
+            }
+        }
+        let crc = w.crc;
+        w.put(&[ITEM_END])?;
+        w.w.write_all(&crc.to_le_bytes())?;
+        w.w.flush()?;
+        Ok(w.bytes + 4)
+    }
+}
+
+impl Drop for LocalSnapshot {
+    fn drop(&mut self) {
+        if self.retired.load(Ordering::Acquire)
+            && let Err(e) = fs::remove_dir_all(&self.dir)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            // Harmless but for the space: the next open removes it.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a replaced snapshot failed");
+        }
+    }
+}
+
+/// The linked files must hold exactly the manifest's record range, in order.
+fn check_coverage(m: &Manifest) -> Result<(), String> {
+    let mut next = m.records.map(|(first, _)| first);
+    for f in &m.files {
+        if Some(f.first_index) != next || f.last_index < f.first_index || f.end < f.start {
+            return Err(format!(
+                "manifest lists {} with records {}..={} where record {next:?} was expected",
+                f.name, f.first_index, f.last_index
+            ));
+        }
+        next = Some(f.last_index + 1);
+    }
+    match (m.records, next) {
+        (None, None) => Ok(()),
+        (Some((_, last)), Some(n)) if n == last + 1 => Ok(()),
+        _ => Err(format!("manifest's files do not cover records {:?}", m.records)),
+    }
+}
+
+fn open_checkpoint(path: &Path) -> io::Result<rocksdb::DB> {
+    let opts = rocksdb::Options::default();
+    rocksdb::DB::open_cf_for_read_only(&opts, path, CFS, false).map_err(|e| {
+        io::Error::other(format!(
+            "opening the snapshot checkpoint {} read-only: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The snapshot meta and horizon of a checkpoint, read from its own meta rows.
+fn checkpoint_meta(path: &Path) -> io::Result<(SnapshotMeta, u64)> {
+    let db = open_checkpoint(path)?;
+    let cf = db
+        .cf_handle(CF_META)
+        .ok_or_else(|| bad(format_args!("{} lacks column family {CF_META}", path.display())))?;
+    let get = |key: &[u8]| {
+        db.get_cf(cf, key)
+            .map_err(|e| io::Error::other(format!("reading {}: {e}", path.display())))
+    };
+    let applied: Option<LogId> = match get(b"applied")? {
+        Some(b) => serde_json::from_slice(&b).map_err(bad)?,
+        None => None,
+    };
+    let membership: StoredMembership = match get(b"membership")? {
+        Some(b) => serde_json::from_slice(&b).map_err(bad)?,
+        None => StoredMembership::default(),
+    };
+    let horizon = match get(KEY_HORIZON)? {
+        Some(v) => u64_value(&v)?,
+        None => 0,
+    };
+    Ok((
+        SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+        },
+        horizon,
+    ))
+}
+
+/// The current snapshot as found on disk or last built.
+#[derive(Debug)]
+enum Current {
+    Local(Arc<LocalSnapshot>),
+    Legacy(PathBuf),
+}
+
+/// A replica's snapshots: where they live, which one is current, the next
+/// sequence number.
+pub(crate) struct Snapshots {
+    dir: PathBuf,
+    current: Mutex<Option<Current>>,
+    next_seq: AtomicU64,
+}
+
+impl Snapshots {
+    /// Finds the current snapshot under `sm_dir` and removes everything else
+    /// there: `.tmp` directories of interrupted builds, older snapshots (nothing
+    /// streams them at start-up), directories without a readable manifest.
+    /// Returns the registry and the horizon the current snapshot honours.
+    pub fn open(sm_dir: &Path) -> io::Result<(Snapshots, u64)> {
+        let dir = sm_dir.join(SNAPSHOT_DIR);
+        let mut locals: Vec<(u64, PathBuf)> = Vec::new();
+        let mut legacy: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        let mut max_seq = 0u64;
+        if dir.exists() {
+            for entry in fs::read_dir(&dir).map_err(at("listing", &dir))? {
+                let entry = entry.map_err(at("listing", &dir))?;
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_dir = entry.file_type().map_err(at("inspecting", &path))?.is_dir();
+                if name.ends_with(".tmp") {
+                    remove_any(&path, is_dir)?;
+                    continue;
+                }
+                if is_dir && let Some(seq) = parse_seq(&name) {
+                    max_seq = max_seq.max(seq);
+                    locals.push((seq, path));
+                } else if !is_dir && path.extension().is_some_and(|e| e == LEGACY_EXT) {
+                    let t = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .map_err(at("inspecting", &path))?;
+                    legacy.push((t, path));
+                } else {
+                    tracing::warn!(path = %path.display(), "removing an unexpected entry among the snapshots");
+                    remove_any(&path, is_dir)?;
+                }
+            }
+        }
+        locals.sort();
+        let mut current = None;
+        while let Some((seq, path)) = locals.pop() {
+            if current.is_some() {
+                fs::remove_dir_all(&path).map_err(at("removing", &path))?;
+                continue;
+            }
+            match LocalSnapshot::load(path.clone(), seq) {
+                Ok(s) => current = Some(Current::Local(Arc::new(s))),
+                Err(e) => {
+                    // Only complete builds are renamed into place, so this is
+                    // damage, not a crash; an older snapshot may still serve.
+                    tracing::warn!(dir = %path.display(), error = %e, "removing an unreadable snapshot");
+                    fs::remove_dir_all(&path).map_err(at("removing", &path))?;
+                }
+            }
+        }
+        legacy.sort();
+        while let Some((_, path)) = legacy.pop() {
+            if current.is_some() {
+                fs::remove_file(&path).map_err(at("removing", &path))?;
+            } else {
+                current = Some(Current::Legacy(path));
+            }
+        }
+        let horizon = match &current {
+            Some(Current::Local(l)) => l.horizon(),
+            Some(Current::Legacy(p)) => legacy_horizon(p),
+            None => 0,
+        };
+        Ok((
+            Snapshots {
+                dir,
+                current: Mutex::new(current),
+                next_seq: AtomicU64::new(max_seq + 1),
+            },
+            horizon,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `new` the current snapshot and retires the previous one. A build
+    /// that finishes after a newer snapshot was installed is retired at once
+    /// instead (unless `force`).
+    fn set_current(&self, new: &Arc<LocalSnapshot>, force: bool) {
+        let mut cur = self.lock();
+        let newer = match &*cur {
+            Some(Current::Local(c)) => force || (new.meta().last_log_id, new.seq) >= (c.meta().last_log_id, c.seq),
+            _ => true,
+        };
+        if !newer {
+            new.retired.store(true, Ordering::Release);
+            return;
+        }
+        match cur.replace(Current::Local(new.clone())) {
+            Some(Current::Local(old)) => old.retired.store(true, Ordering::Release),
+            Some(Current::Legacy(p)) => {
+                if let Err(e) = fs::remove_file(&p) {
+                    tracing::warn!(path = %p.display(), error = %e, "removing a replaced snapshot file failed");
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+fn remove_any(path: &Path, is_dir: bool) -> io::Result<()> {
+    if is_dir {
+        fs::remove_dir_all(path).map_err(at("removing", path))
+    } else {
+        fs::remove_file(path).map_err(at("removing", path))
+    }
+}
+
+/// `<seq>` of a directory named `snap-<seq>-...`.
+fn parse_seq(name: &str) -> Option<u64> {
+    name.strip_prefix("snap-")?.split('-').next()?.parse().ok()
+}
+
+fn legacy_horizon(path: &Path) -> u64 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.rsplit_once("-h"))
+        .and_then(|(_, h)| h.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Builds snapshots of the state machine for openraft.
@@ -50,9 +551,9 @@ impl SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = File;
+    type SnapshotData = SnapshotData;
 
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, File>, io::Error> {
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || build(&shared))
             .await
@@ -60,14 +561,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-struct CrcWriter {
-    w: BufWriter<File>,
+struct CrcWriter<W: Write> {
+    w: W,
     crc: u32,
+    bytes: u64,
 }
 
-impl CrcWriter {
+impl<W: Write> CrcWriter<W> {
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
         self.crc = crc32c::crc32c_append(self.crc, b);
+        self.bytes += b.len() as u64;
         self.w.write_all(b)
     }
 
@@ -127,61 +630,73 @@ fn snapshot_name(meta: &SnapshotMeta) -> String {
     }
 }
 
-fn snapshot_dir(shared: &SmShared) -> PathBuf {
-    shared.dir.join(SNAPSHOT_DIR)
+/// Builds a snapshot of the live state and makes it the current one.
+fn build(shared: &SmShared) -> io::Result<SnapshotOf<TypeConfig, SnapshotData>> {
+    let state = shared.current();
+    let snap = build_local(&shared.snapshots, &state, Some(&shared.log))?;
+    shared.snapshots.set_current(&snap, false);
+    shared.snapshot_horizon.store(snap.horizon(), Ordering::Release);
+    Ok(SnapshotOf::<TypeConfig, SnapshotData> {
+        meta: snap.meta().clone(),
+        snapshot: SnapshotData::Local(snap),
+    })
 }
 
-fn build(shared: &SmShared) -> io::Result<SnapshotOf<TypeConfig, File>> {
-    let state = shared.current();
-    let snap = state.db.snapshot();
-    let meta_cf = state.cf(CF_META);
-    let parse = |key: &[u8]| -> io::Result<Option<Vec<u8>>> { snap.get_cf(meta_cf, key).map_err(rocks_io("read")) };
-    let applied: Option<LogId> = match parse(b"applied")? {
-        Some(b) => serde_json::from_slice(&b).map_err(bad)?,
-        None => None,
-    };
-    let membership: StoredMembership = match parse(b"membership")? {
-        Some(b) => serde_json::from_slice(&b).map_err(bad)?,
-        None => StoredMembership::default(),
-    };
-    // Records at or below the retention horizon are gone from the state these
-    // rows describe: the snapshot carries only what is retained.
-    let horizon = match parse(KEY_HORIZON)? {
-        Some(v) => u64_value(&v)?,
-        None => 0,
-    };
-    let meta = SnapshotMeta {
-        last_log_id: applied,
-        last_membership: membership,
-    };
-    // The horizon is in the file's name, so a restarted replica knows which
-    // horizon its snapshot honours without reading it (see `file_horizon`).
-    let snapshot_id = format!("{}-h{horizon}", snapshot_name(&meta));
-
-    let dir = snapshot_dir(shared);
-    fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!("{snapshot_id}.{SNAPSHOT_EXT}.tmp"));
-    let mut w = CrcWriter {
-        w: BufWriter::with_capacity(1 << 20, File::create(&tmp)?),
-        crc: 0,
-    };
-    w.put(MAGIC)?;
-    w.put_bytes(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
-    let mut rows = 0u64;
-    for (cf_id, cf) in CFS.iter().enumerate() {
-        for item in snap.iterator_cf(state.cf(cf), rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(rocks_io("snapshot scan"))?;
-            w.put(&[ITEM_ROW, cf_id as u8])?;
-            w.put_bytes(&k)?;
-            w.put_bytes(&v)?;
-            rows += 1;
-        }
+/// Builds a snapshot directory of `state` (whose records above the archive
+/// are in `log`, when given): checkpoint, links, manifest, in a temp directory
+/// renamed into place once durable.
+fn build_local(snaps: &Snapshots, state: &SmState, log: Option<&CommitLogReader>) -> io::Result<Arc<LocalSnapshot>> {
+    let started = std::time::Instant::now();
+    fs::create_dir_all(&snaps.dir).map_err(at("creating", &snaps.dir))?;
+    let seq = snaps.next_seq.fetch_add(1, Ordering::Relaxed);
+    let tmp = snaps.dir.join(format!("snap-{seq:010}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(at("removing", &tmp))?;
     }
-    let mut records = 0u64;
-    if let Some(applied) = &applied {
+    fs::create_dir(&tmp).map_err(at("creating", &tmp))?;
+    let manifest = match fill_dir(&tmp, state, log) {
+        Ok(m) => m,
+        Err(e) => {
+            if let Err(e) = fs::remove_dir_all(&tmp) {
+                tracing::warn!(dir = %tmp.display(), error = %e, "removing a failed snapshot build");
+            }
+            return Err(e);
+        }
+    };
+    let name = format!("snap-{seq:010}-{}-h{}", snapshot_name(&manifest.meta), manifest.horizon);
+    let path = snaps.dir.join(&name);
+    fs::rename(&tmp, &path).map_err(at("renaming the snapshot built in", &tmp))?;
+    durable::fsync_dir(&snaps.dir).map_err(at("syncing", &snaps.dir))?;
+    tracing::info!(
+        snapshot = name,
+        records = ?manifest.records,
+        files = manifest.files.len(),
+        horizon = manifest.horizon,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "built snapshot"
+    );
+    Ok(Arc::new(LocalSnapshot {
+        dir: path,
+        seq,
+        manifest,
+        retired: AtomicBool::new(false),
+    }))
+}
+
+fn fill_dir(tmp: &Path, state: &SmState, log: Option<&CommitLogReader>) -> io::Result<Manifest> {
+    let db_path = tmp.join(CHECKPOINT_DIR);
+    rocksdb::checkpoint::Checkpoint::new(&state.db)
+        .and_then(|c| c.create_checkpoint(&db_path))
+        .map_err(|e| io::Error::other(format!("RocksDB checkpoint into {}: {e}", db_path.display())))?;
+    // Apply keeps running: the checkpoint, not the live state, says what the
+    // snapshot holds.
+    let (meta, horizon) = checkpoint_meta(&db_path)?;
+    let mut files = Vec::new();
+    let mut records = None;
+    if let Some(applied) = &meta.last_log_id {
         // Retained records start where the archive starts (data received in an
         // earlier snapshot), else where the CommitLog physically starts.
-        let log_range = shared.log.physical_range();
+        let log_range = log.and_then(|l| l.physical_range());
         let (archive_first, archive_last) = {
             let archive = state.archive();
             (archive.first_index(), archive.last_index())
@@ -204,114 +719,107 @@ fn build(shared: &SmShared) -> io::Result<SnapshotOf<TypeConfig, File>> {
             }
             _ => applied.index,
         };
-        if let Some(first) = first {
+        if let Some(first) = first.filter(|f| *f <= last) {
+            let mut to_sync = Vec::new();
             let mut next = first;
-            let mut buf = Vec::new();
-            while next <= last {
-                let end = (next + RECORD_CHUNK).min(last + 1);
-                let chunk = shared.read_records(&state, next, end)?;
-                if chunk.len() as u64 != end - next {
-                    return Err(bad(format_args!(
-                        "retained records {next}..{end} are not all present ({} found)",
-                        chunk.len()
-                    )));
-                }
-                for (h, payload) in chunk {
-                    buf.clear();
-                    record::encode_into(&mut buf, h.term, h.index, &payload);
-                    w.put(&[ITEM_RECORD])?;
-                    w.put(&buf)?;
-                    records += 1;
-                }
+            if let Some(al) = archive_last.filter(|al| *al >= first) {
+                let end = al.min(last) + 1;
+                let (linked, active) = state.archive().link_range(first, end, tmp, "archive-")?;
+                files.extend(linked);
+                to_sync.extend(active);
                 next = end;
             }
-        }
-    }
-    let crc = w.crc;
-    w.put(&[ITEM_END])?;
-    w.w.write_all(&crc.to_le_bytes())?;
-    let file = w.w.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    drop(file);
-    let path = dir.join(format!("{snapshot_id}.{SNAPSHOT_EXT}"));
-    fs::rename(&tmp, &path)?;
-    durable::fsync_dir(&dir)?;
-    remove_other_snapshots(shared, &path)?;
-    shared
-        .snapshot_horizon
-        .store(horizon, std::sync::atomic::Ordering::Release);
-    tracing::info!(snapshot_id, rows, records, horizon, "built snapshot");
-    Ok(SnapshotOf::<TypeConfig, File> {
-        meta,
-        snapshot: File::open(&path)?,
-    })
-}
-
-fn remove_other_snapshots(shared: &SmShared, keep: &std::path::Path) -> io::Result<()> {
-    for entry in fs::read_dir(snapshot_dir(shared))? {
-        let p = entry?.path();
-        if p != keep {
-            fs::remove_file(&p)?;
-        }
-    }
-    Ok(())
-}
-
-/// The retention horizon the latest snapshot on disk was built under (from
-/// its name; 0 for none, or one named before horizons existed).
-pub(crate) fn file_horizon(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = fs::read_dir(dir.join(SNAPSHOT_DIR)) else {
-        return 0;
-    };
-    let mut latest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for entry in entries.flatten() {
-        let p = entry.path();
-        if p.extension().is_some_and(|e| e == SNAPSHOT_EXT)
-            && let Ok(t) = entry.metadata().and_then(|m| m.modified())
-            && latest.as_ref().is_none_or(|(lt, _)| t > *lt)
-        {
-            latest = Some((t, p));
-        }
-    }
-    latest
-        .and_then(|(_, p)| {
-            let stem = p.file_stem()?.to_str()?.to_owned();
-            stem.rsplit_once("-h")?.1.parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-/// The latest snapshot on disk, if any.
-pub(crate) fn current(shared: &SmShared) -> io::Result<Option<SnapshotOf<TypeConfig, File>>> {
-    let dir = snapshot_dir(shared);
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Ok(None);
-    };
-    let mut latest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for entry in entries {
-        let entry = entry?;
-        let p = entry.path();
-        if p.extension().is_some_and(|e| e == SNAPSHOT_EXT) {
-            let t = entry.metadata()?.modified()?;
-            if latest.as_ref().is_none_or(|(lt, _)| t > *lt) {
-                latest = Some((t, p));
+            if next <= last {
+                let log = log.ok_or_else(|| {
+                    bad(format_args!(
+                        "records {next}..={last} are neither in the archive nor in a log"
+                    ))
+                })?;
+                let (linked, active) = log.link_range(next, last + 1, tmp, "log-")?;
+                files.extend(linked);
+                to_sync.extend(active);
             }
+            // The segment being written may hold records the flusher has not
+            // synced yet (flush = async): the snapshot relies on them now.
+            for f in to_sync {
+                f.sync_data()
+                    .map_err(|e| io::Error::new(e.kind(), format!("syncing a linked segment: {e}")))?;
+            }
+            records = Some((first, last));
         }
     }
-    let Some((_, path)) = latest else { return Ok(None) };
-    let (meta, _) = read_header(File::open(&path)?)?;
-    Ok(Some(SnapshotOf::<TypeConfig, File> {
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
         meta,
-        snapshot: File::open(&path)?,
-    }))
+        horizon,
+        records,
+        files,
+    };
+    check_coverage(&manifest).map_err(|e| bad(format_args!("built in {}: {e}", tmp.display())))?;
+    let path = tmp.join(MANIFEST);
+    {
+        let mut f = File::create(&path).map_err(at("creating", &path))?;
+        f.write_all(&serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?)
+            .map_err(at("writing", &path))?;
+        f.sync_all().map_err(at("syncing", &path))?;
+    }
+    // RocksDB syncs the checkpoint's files; the directories' entries (and the
+    // segment links) are made durable here.
+    durable::fsync_dir(&db_path).map_err(at("syncing", &db_path))?;
+    durable::fsync_dir(tmp).map_err(at("syncing", tmp))?;
+    Ok(manifest)
+}
+
+/// The current snapshot, if any: cheap (no stream is generated here), since
+/// openraft asks at start-up and before each transfer.
+pub(crate) fn current(shared: &SmShared) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
+    let cur = shared.snapshots.lock();
+    match &*cur {
+        None => Ok(None),
+        Some(Current::Local(l)) => Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
+            meta: l.meta().clone(),
+            snapshot: SnapshotData::Local(l.clone()),
+        })),
+        Some(Current::Legacy(path)) => {
+            let file = File::open(path).map_err(at("opening", path))?;
+            let (meta, _) = read_header(file.try_clone()?)?;
+            Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
+                meta,
+                snapshot: SnapshotData::Stream(file),
+            }))
+        }
+    }
+}
+
+/// Installs `data`: a received stream as it is, a local snapshot (another
+/// replica's directory, in tests) through its wire format in a temp file.
+pub(crate) fn install_data(shared: &SmShared, meta: &SnapshotMeta, data: SnapshotData) -> io::Result<()> {
+    match data {
+        SnapshotData::Stream(file) => install(shared, meta, file),
+        local @ SnapshotData::Local(_) => {
+            let path = shared.dir.join(format!(
+                "incoming-{}.tmp",
+                shared.snapshots.next_seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(at("creating", &path))?;
+            // Unnamed from here on: the file goes with its last handle.
+            fs::remove_file(&path).map_err(at("removing", &path))?;
+            local.write_wire(&mut file)?;
+            file.rewind()?;
+            install(shared, meta, file)
+        }
+    }
 }
 
 /// Installs `file` as the new state: stages a new generation, verifies the whole
 /// file, makes it durable, then switches `CURRENT` to it.
-pub(crate) fn install(shared: &SmShared, meta: &SnapshotMeta, mut file: File) -> io::Result<()> {
-    use std::io::Seek;
+fn install(shared: &SmShared, meta: &SnapshotMeta, mut file: File) -> io::Result<()> {
     file.rewind()?;
-    let copy = file.try_clone()?;
     let (file_meta, mut r) = read_header(file)?;
     if file_meta.last_log_id != meta.last_log_id {
         return Err(bad(format_args!(
@@ -350,26 +858,20 @@ pub(crate) fn install(shared: &SmShared, meta: &SnapshotMeta, mut file: File) ->
     }
     durable::fsync_dir(&new_dir)?;
 
-    // Keep the installed snapshot as the current one, so this replica can serve it on.
-    let snap_dir = snapshot_dir(shared);
-    fs::create_dir_all(&snap_dir)?;
-    let dst = snap_dir.join(format!("{}-h{}.{SNAPSHOT_EXT}", snapshot_name(meta), staged.horizon()));
-    let tmp = dst.with_extension("tmp");
-    {
-        let mut src = copy;
-        src.rewind()?;
-        let mut out = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        io::copy(&mut src, &mut out)?;
-        out.sync_all()?;
-    }
-    fs::rename(&tmp, &dst)?;
-    durable::fsync_dir(&snap_dir)?;
-    remove_other_snapshots(shared, &dst)?;
+    // A snapshot of the installed state (its checkpoint and archive links),
+    // durable before the switch, so this replica can serve it on.
+    let snap = match build_local(&shared.snapshots, &staged, None) {
+        Ok(s) => s,
+        Err(e) => {
+            drop(staged);
+            let _ = fs::remove_dir_all(&new_dir);
+            return Err(e);
+        }
+    };
 
     durable::write_atomic(&shared.dir, "CURRENT", format!("state-{generation}").as_bytes())?;
-    shared
-        .snapshot_horizon
-        .store(staged.horizon(), std::sync::atomic::Ordering::Release);
+    shared.snapshots.set_current(&snap, true);
+    shared.snapshot_horizon.store(staged.horizon(), Ordering::Release);
     shared.replace(staged);
     // The old generation's directory is removed at the next open: readers may still
     // hold it, and RocksDB opens table files lazily.

@@ -8,10 +8,11 @@
 //! Layout: `sm/CURRENT` names the live `sm/state-N/` directory, which holds `db/`
 //! (RocksDB) and `archive/` (retained records received in a snapshot). Installing a
 //! snapshot builds `state-N+1` beside the live one and switches `CURRENT`
-//! atomically, so a crash mid-install leaves the old state intact.
+//! atomically, so a crash mid-install leaves the old state intact. Snapshots
+//! live beside the generations in `sm/snapshots/` (see [`crate::snapshot`]):
+//! they hard-link a generation's files, so removing a generation never breaks one.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +34,7 @@ use crate::layout::*;
 use crate::pop::{DeadLetter, PopState};
 use crate::reader::StoreReader;
 use crate::segment::SegmentSet;
-use crate::snapshot::{self, SnapshotBuilder};
+use crate::snapshot::{self, SnapshotBuilder, SnapshotData, Snapshots};
 use crate::timers::{self, CF_TIMER, TimerTarget};
 use crate::transactions::{EndFound, PendingTxn, TxnState};
 use crate::{Error, LogId, SnapshotMeta, StoreConfig, StoredMembership, TypeConfig, durable};
@@ -168,6 +169,8 @@ pub(crate) struct SmShared {
     /// The horizon the current snapshot was built under: records at or below
     /// it are not in it. Retention rebuilds a snapshot older than its horizon.
     pub snapshot_horizon: AtomicU64,
+    /// The snapshot directories and which one is current.
+    pub snapshots: Snapshots,
 }
 
 impl SmShared {
@@ -251,6 +254,10 @@ impl StateMachine {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("state-") && name != current {
                 std::fs::remove_dir_all(entry.path()).map_err(Error::io("removing", entry.path()))?;
+            } else if name.starts_with("incoming-") && name.ends_with(".tmp") {
+                // A local snapshot's stream staged for install (normally unlinked
+                // as soon as it is created).
+                std::fs::remove_file(entry.path()).map_err(Error::io("removing", entry.path()))?;
             }
         }
         let state = SmState::open(&dir.join(&current), segment_bytes)?;
@@ -259,7 +266,8 @@ impl StateMachine {
         let dedup = Dedup::load(&state).map_err(Error::io("loading idempotent-producer state from", &dir))?;
         let txn = TxnState::load(&state).map_err(Error::io("loading transactions from", &dir))?;
         let horizon = state.horizon();
-        let snapshot_horizon = snapshot::file_horizon(&dir);
+        let (snapshots, snapshot_horizon) =
+            Snapshots::open(&dir).map_err(Error::io("opening the snapshots of", &dir))?;
         let shared = Arc::new(SmShared {
             dir,
             segment_bytes,
@@ -271,6 +279,7 @@ impl StateMachine {
             txn_added: tokio::sync::Notify::new(),
             horizon: tokio::sync::watch::Sender::new(horizon),
             snapshot_horizon: AtomicU64::new(snapshot_horizon),
+            snapshots,
         });
         Ok(StateMachine {
             shared,
@@ -955,7 +964,7 @@ pub(crate) fn load_topics(state: &SmState) -> io::Result<HashMap<String, TopicCo
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = File;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -1011,10 +1020,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder::new(self.shared.clone())
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: File) -> Result<(), io::Error> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
         let shared = self.shared.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || snapshot::install(&shared, &meta, snapshot))
+        tokio::task::spawn_blocking(move || snapshot::install_data(&shared, &meta, snapshot))
             .await
             .map_err(io::Error::other)??;
         self.next_offsets.clear();
@@ -1031,10 +1040,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, File>>, io::Error> {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || snapshot::current(&shared))
-            .await
-            .map_err(io::Error::other)?
+    ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
+        // A lookup in memory: the snapshot was found at open or built since.
+        snapshot::current(&self.shared)
     }
 }

@@ -594,19 +594,276 @@ async fn corrupt_snapshot_is_refused_and_leaves_state_alone() {
         .await
         .unwrap();
 
-    let path = std::fs::read_dir(src_dir.path().join("sm/snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .next()
-        .unwrap();
-    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    // The wire format, as a leader would stream it, with one bit flipped.
+    let staged = tempfile::tempdir().unwrap();
+    let path = staged.path().join("stream");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let len = snap.snapshot.write_wire(&mut out).unwrap() as usize;
+    drop(out);
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, len);
     flip_bit(&path, len - 40);
 
     let dst_dir = tempfile::tempdir().unwrap();
     let (_dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
-    let file = std::fs::File::open(&path).unwrap();
+    let file = raftmq_raft_store::SnapshotData::Stream(std::fs::File::open(&path).unwrap());
     assert!(dsm.install_snapshot(&snap.meta, file).await.is_err());
     assert_eq!(dsm.applied_state().await.unwrap().0, None, "nothing was installed");
+}
+
+/// The last index of the `n`-th segment file (0-based) of the CommitLog under `dir`.
+fn segment_last_index(reader: &raftmq_raft_store::StoreReader, n: usize) -> u64 {
+    let log: Vec<_> = reader.segments().into_iter().filter(|s| !s.archive).collect();
+    log[n].info.next_index - 1
+}
+
+fn retain(index: u64, upto: u64) -> Entry {
+    normal(
+        1,
+        index,
+        Command::Retain {
+            upto,
+            reason: "test".into(),
+        },
+    )
+}
+
+/// Streams `data` in the wire format into a file under `dir`, as a receiver stages it.
+fn stream_to_file(data: &raftmq_raft_store::SnapshotData, dir: &Path) -> raftmq_raft_store::SnapshotData {
+    let path = dir.join("received");
+    let mut out = std::fs::File::create(&path).unwrap();
+    data.write_wire(&mut out).unwrap();
+    out.sync_all().unwrap();
+    raftmq_raft_store::SnapshotData::Stream(std::fs::File::open(&path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_hard_links_the_segments_and_streams_exactly_the_retained_records() {
+    use std::os::unix::fs::MetadataExt;
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(300, 2, 512);
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let src = sm.reader();
+    let horizon = segment_last_index(&src, 1);
+    let mut more = vec![retain(301, horizon)];
+    more.extend((302..=310).map(|i| normal(1, i, append_cmd(i, 2, 512))));
+    append(&mut log, more.clone()).await.unwrap();
+    apply(&mut sm, more).await.unwrap();
+    // Appended but not applied: the snapshot must stop at 310 inside the
+    // segment being written.
+    let unapplied: Vec<Entry> = (311..=315).map(|i| normal(1, i, append_cmd(i, 2, 512))).collect();
+    append(&mut log, unapplied).await.unwrap();
+    assert!(src.segments().len() >= 5, "the log spans many segments");
+
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(log_id(1, 310)));
+    assert_eq!(src.snapshot_horizon(), horizon);
+    let snap_dir = snap
+        .snapshot
+        .local_dir()
+        .expect("a local snapshot directory")
+        .to_owned();
+    assert!(snap_dir.join("manifest.json").is_file());
+    assert!(snap_dir.join("db").is_dir(), "the rows are a RocksDB checkpoint");
+
+    // Every retained segment is linked (same inode), and none wholly at or below
+    // the horizon is.
+    let seg_dir = src_dir.path().join("log/segments");
+    let mut linked = 0;
+    for s in src.segments() {
+        let name = format!("{:020}.log", s.info.first_index);
+        let link = snap_dir.join(format!("log-{name}"));
+        if s.info.next_index - 1 <= horizon {
+            assert!(!link.exists(), "{name} lies wholly at or below the horizon");
+            continue;
+        }
+        let (a, b) = (
+            std::fs::metadata(seg_dir.join(&name)).unwrap(),
+            std::fs::metadata(&link).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino(), "{name} is a hard link, not a copy");
+        assert_eq!(a.dev(), b.dev());
+        assert!(a.nlink() >= 2);
+        linked += 1;
+    }
+    assert!(linked >= 3, "only {linked} segments linked");
+
+    // The wire format installs on a fresh store with exactly (horizon, 310].
+    let staged = tempfile::tempdir().unwrap();
+    let received = stream_to_file(&snap.snapshot, staged.path());
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    dsm.install_snapshot(&snap.meta, received).await.unwrap();
+    dlog.purge(log_id(1, 310)).await.unwrap();
+    let dst = dsm.reader();
+    let archived: Vec<_> = dst.segments().into_iter().filter(|s| s.archive).collect();
+    assert_eq!(archived.first().map(|s| s.info.first_index), Some(horizon + 1));
+    assert_eq!(archived.last().map(|s| s.info.next_index), Some(311));
+    for q in 0..4 {
+        let a = src.read_messages(TOPIC, q, 0, 10_000).unwrap();
+        let b = dst.read_messages(TOPIC, q, 0, 10_000).unwrap();
+        assert!(a.iter().all(|m| m.raft_index > horizon && m.raft_index <= 310));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "queue {q} after install");
+    }
+    assert_eq!(dst.retention_horizon(), horizon);
+    assert_eq!(dst.snapshot_horizon(), horizon);
+
+    // The installed replica serves a snapshot of its own, linking its archive.
+    let served = dsm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("the installed state has a snapshot");
+    assert_eq!(served.meta.last_log_id, Some(log_id(1, 310)));
+    let served_dir = served.snapshot.local_dir().expect("a local snapshot").to_owned();
+    let archive_link = std::fs::read_dir(&served_dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name().to_string_lossy().starts_with("archive-"))
+        .expect("the archive is linked");
+    let name = archive_link.file_name().to_string_lossy()["archive-".len()..].to_owned();
+    let state_dir = std::fs::read_dir(dst_dir.path().join("sm"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("archive").join(&name).exists())
+        .expect("the archive segment");
+    assert_eq!(
+        archive_link.metadata().unwrap().ino(),
+        std::fs::metadata(state_dir.join("archive").join(&name)).unwrap().ino()
+    );
+    // And what it serves installs again with the same messages.
+    let third_dir = tempfile::tempdir().unwrap();
+    let (_tlog, mut tsm) = open(third_dir.path(), SMALL_SEGMENTS).await;
+    let again = stream_to_file(&served.snapshot, staged.path());
+    tsm.install_snapshot(&served.meta, again).await.unwrap();
+    for q in 0..4 {
+        assert_eq!(
+            src.read_messages(TOPIC, q, 0, 10_000).unwrap(),
+            tsm.reader().read_messages(TOPIC, q, 0, 10_000).unwrap(),
+            "queue {q} after a second hop"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_streams_after_retention_deleted_the_segments_it_links() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(src_dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(300, 2, 512);
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let src = sm.reader();
+    let before: Vec<_> = (0..4)
+        .map(|q| src.read_messages(TOPIC, q, 0, 10_000).unwrap())
+        .collect();
+    let old = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    let old_dir = old.snapshot.local_dir().unwrap().to_owned();
+
+    // Retention moves past three segments and deletes them.
+    let horizon = segment_last_index(&src, 2);
+    let gone: Vec<PathBuf> = src
+        .segments()
+        .iter()
+        .filter(|s| s.info.next_index - 1 <= horizon)
+        .map(|s| {
+            src_dir
+                .path()
+                .join(format!("log/segments/{:020}.log", s.info.first_index))
+        })
+        .collect();
+    assert_eq!(gone.len(), 3);
+    let more = vec![retain(301, horizon)];
+    append(&mut log, more.clone()).await.unwrap();
+    apply(&mut sm, more).await.unwrap();
+    log.purge(log_id(1, 301)).await.unwrap();
+    let (deleted, _) = src.free_through(horizon).await.unwrap();
+    assert_eq!(deleted, 3);
+    assert!(gone.iter().all(|p| !p.exists()), "the segments are deleted");
+
+    // A newer snapshot replaces the old one, which a transfer still holds.
+    let newer = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(newer.meta.last_log_id, Some(log_id(1, 301)));
+    assert!(old_dir.exists(), "a snapshot being streamed stays");
+
+    // The old snapshot still streams every record it was built with.
+    let staged = tempfile::tempdir().unwrap();
+    let received = stream_to_file(&old.snapshot, staged.path());
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    dsm.install_snapshot(&old.meta, received).await.unwrap();
+    dlog.purge(log_id(1, 300)).await.unwrap();
+    let dst = dsm.reader();
+    for (q, want) in before.iter().enumerate() {
+        assert_eq!(
+            &dst.read_messages(TOPIC, q as u32, 0, 10_000).unwrap(),
+            want,
+            "queue {q}"
+        );
+    }
+    let archived: Vec<_> = dst.segments().into_iter().filter(|s| s.archive).collect();
+    assert_eq!(archived.first().map(|s| s.info.first_index), Some(1));
+
+    // Once the transfer is done the replaced snapshot goes.
+    drop(old);
+    assert!(!old_dir.exists(), "the replaced snapshot is removed after its last use");
+    let left: Vec<_> = std::fs::read_dir(src_dir.path().join("sm/snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![newer.snapshot.local_dir().unwrap().to_owned()]);
+}
+
+#[tokio::test]
+async fn an_interrupted_snapshot_build_is_removed_and_the_complete_one_stays_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let entries = workload(50, 1, 100);
+    append(&mut log, entries.clone()).await.unwrap();
+    apply(&mut sm, entries).await.unwrap();
+    let snap = sm
+        .try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap();
+    let good = snap.snapshot.local_dir().unwrap().to_owned();
+    drop(snap);
+    log.shutdown().await.unwrap();
+    drop(sm);
+    // What crashes leave: a build's temp directory, and (damage) a directory
+    // with a later number but no manifest.
+    let snaps = dir.path().join("sm/snapshots");
+    std::fs::create_dir_all(snaps.join("snap-0000000099.tmp/db")).unwrap();
+    std::fs::write(snaps.join("snap-0000000099.tmp/log-x.log"), b"partial").unwrap();
+    std::fs::create_dir_all(snaps.join("snap-0000000098-1-50-h0")).unwrap();
+
+    let (_log, mut sm) = open(dir.path(), SMALL_SEGMENTS).await;
+    let current = sm.get_current_snapshot().await.unwrap().expect("the complete snapshot");
+    assert_eq!(current.meta.last_log_id, Some(log_id(1, 50)));
+    assert_eq!(current.snapshot.local_dir(), Some(good.as_path()));
+    let left: Vec<_> = std::fs::read_dir(&snaps).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(left, vec![good]);
 }
 
 // ---------------------------------------------------------------- real Raft
@@ -626,7 +883,7 @@ mod single_node {
     }
 
     impl RaftNetworkV2<TypeConfig> for NoNetwork {
-        type SnapshotData = std::fs::File;
+        type SnapshotData = raftmq_raft_store::SnapshotData;
 
         async fn append_entries(
             &mut self,
@@ -647,7 +904,7 @@ mod single_node {
         async fn full_snapshot(
             &mut self,
             _vote: raftmq_raft_store::Vote,
-            _snapshot: openraft::alias::SnapshotOf<TypeConfig, std::fs::File>,
+            _snapshot: openraft::alias::SnapshotOf<TypeConfig, raftmq_raft_store::SnapshotData>,
             _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
             _option: RPCOption,
         ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
