@@ -802,6 +802,7 @@ async fn watermarks_hold_on_a_real_small_filesystem() -> anyhow::Result<()> {
     fill_to(&fs, &mut filler, 0.80)?;
     wait_trimmed_everywhere(&cluster, 0).await?;
     send(&cluster, leader, 300..310, &mut sent).await?;
+    settle(&cluster, leader).await?;
     for r in cluster.running() {
         holds_exactly_the_retained(r.store(), &sent, &format!("node {}", r.id))?;
     }
