@@ -431,10 +431,23 @@ async fn a_thousand_timers_due_over_ten_seconds_each_fire_once_and_never_early()
     let base = now_ms() + 2_000;
     let producer = client.producer();
     let mut due = HashMap::new();
-    for s in 0..1000u64 {
+    // 32 sends in flight: one at a time, a loaded machine (a CI run beside a
+    // release build) took over 10 ms a send, so the last timers were already
+    // due when sent and were stored as plain messages.
+    use futures::StreamExt;
+    let sends = futures::stream::iter(0..1000u64).map(|s| {
         let at = base + s * 10;
-        let r = producer.send(topic, message(s, None).with_deliver_at(at)).await?;
-        ensure!(r.deliver_at_ms == at && r.queue_offset == 0, "{r:?}");
+        let producer = &producer;
+        async move { (s, at, producer.send(topic, message(s, None).with_deliver_at(at)).await) }
+    });
+    let mut sends = std::pin::pin!(sends.buffer_unordered(32));
+    while let Some((s, at, r)) = sends.next().await {
+        let r = r?;
+        ensure!(
+            r.deliver_at_ms == at && r.queue_offset == 0,
+            "timer {s} due at {at} (sent by {}): {r:?}",
+            now_ms()
+        );
         due.insert(s, at);
     }
     let mut offsets = HashMap::new();
