@@ -66,6 +66,18 @@ impl SmState {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // Compactions (RocksDB's LOW thread pool) run at the lowest CPU priority:
+        // under a long produce run their bursts took over a core for ~10 s at a
+        // time and halved the send rate (scripts/backlog-run.sh SAMPLE=DIR shows
+        // it). Flushes (HIGH pool) keep normal priority, so memtables never back
+        // up; compactions use the CPU the request path leaves idle.
+        let mut env = rocksdb::Env::new().map_err(|source| Error::Rocks {
+            action: "create the environment of",
+            path: db_path.clone(),
+            source,
+        })?;
+        env.lower_thread_pool_cpu_priority();
+        opts.set_env(&env);
         let horizon = Arc::new(AtomicU64::new(0));
         let cfs = CFS.iter().map(|n| {
             let mut cf_opts = Options::default();
