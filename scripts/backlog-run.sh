@@ -65,7 +65,7 @@ awk '/msgs\/s/ { for (i = 1; i <= NF; i++) if ($(i+1) == "msgs/s") r[n++] = $i }
     if (n < 25) { print "backlog-run: too few progress lines (" n ")"; exit 1 }
     for (i = 1; i <= 10; i++) a += r[i]; for (i = n - 11; i < n - 1; i++) b += r[i]
     printf "produce rate, seconds 2-11: %.0f msgs/s; last ten full seconds: %.0f msgs/s (%+.1f%%)\n", a / 10, b / 10, (b - a) * 100 / a
-    # Ten seconds can fall into one of the periodic writeback dips (every 30-60 s at
+    # Ten seconds can fall into one of the periodic RocksDB compaction dips (every 30-60 s at
     # this rate); a minute at each end averages over them.
     if (n >= 130) {
       for (i = 1; i <= 60; i++) c += r[i]; for (i = n - 61; i < n - 1; i++) d += r[i]
