@@ -713,6 +713,7 @@ fn main() -> ExitCode {
     // write to a connection a killed peer left behind must be an error to retry,
     // not a signal that kills the broker or the client. (Restoring the default
     // action for `raftmq admin cluster | head` killed `raftmq chaos` mid-run.)
+    quiet_on_closed_stdout();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
     // Colour only on a terminal: container logs and log files get plain text.
@@ -729,6 +730,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// With SIGPIPE ignored, `println!` panics once stdout is a pipe its reader
+/// closed (`raftmq admin cluster | head -5`), printing a backtrace. The reader
+/// took what it wanted: end quietly and successfully instead, so a `set -o
+/// pipefail` script reading the head of the output goes on. Every other panic
+/// is reported as before.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -360,3 +360,24 @@ async fn broker_refuses_a_bad_worker_thread_count_from_flag_file_and_environment
     }
     Ok(())
 }
+
+/// `raftmq ... | head` must not end in a panic and a backtrace when `head`
+/// closes the pipe: the output's reader is gone before the first write here
+/// (a pipe whose read end was dropped), so every write fails with EPIPE.
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() -> anyhow::Result<()> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = std::process::Command::new(BIN)
+        .args(["broker", "--print-config"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success() && !stderr.contains("panicked"),
+        "exit {}, stderr: {stderr}",
+        out.status
+    );
+    Ok(())
+}
