@@ -15,8 +15,8 @@ use openraft::type_config::TypeConfigExt;
 use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, StorageError};
 use raftmq_raft_store::record::{self, Decoded};
 use raftmq_raft_store::{
-    AppendBatch, BrokerNode, Command, CommitLog, Entry, Message, QueueOffset, StateMachine, StoreConfig, TopicConfig,
-    TypeConfig, log_id,
+    AppendBatch, BrokerNode, Command, CommitLog, Entry, Message, QueueOffset, SnapshotData, StateMachine, StoreConfig,
+    TopicConfig, TypeConfig, log_id,
 };
 use tempfile::TempDir;
 
@@ -104,6 +104,16 @@ async fn append(log: &mut CommitLog, entries: Vec<Entry>) -> io::Result<()> {
 async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) -> io::Result<()> {
     sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
         .await
+}
+
+/// A snapshot of `sm` as it stands, built as openraft's trigger builds one.
+async fn build_snapshot(sm: &mut StateMachine) -> openraft::alias::SnapshotOf<TypeConfig, SnapshotData> {
+    sm.try_create_snapshot_builder(true)
+        .await
+        .expect("builder")
+        .build_snapshot()
+        .await
+        .unwrap()
 }
 
 async fn open(dir: &Path, segment_bytes: u64) -> (CommitLog, StateMachine) {
@@ -519,13 +529,7 @@ async fn snapshot_brings_a_new_replica_every_retained_message() {
     let entries = workload(200, 2, 512);
     append(&mut log, entries.clone()).await.unwrap();
     apply(&mut sm, entries.clone()).await.unwrap();
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     assert_eq!(snap.meta.last_log_id, Some(log_id(1, 200)));
     let src = sm.reader();
 
@@ -569,13 +573,7 @@ async fn snapshot_brings_a_new_replica_every_retained_message() {
         .unwrap()
         .expect("installed snapshot is kept");
     assert_eq!(again.meta.last_log_id, Some(log_id(1, 200)));
-    let rebuilt = dsm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let rebuilt = build_snapshot(&mut dsm).await;
     assert_eq!(rebuilt.meta.last_log_id, Some(log_id(1, 210)));
 }
 
@@ -586,13 +584,7 @@ async fn corrupt_snapshot_is_refused_and_leaves_state_alone() {
     let entries = workload(20, 1, 100);
     append(&mut log, entries.clone()).await.unwrap();
     apply(&mut sm, entries).await.unwrap();
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
 
     // The wire format, as a leader would stream it, with one bit flipped.
     let staged = tempfile::tempdir().unwrap();
@@ -656,13 +648,7 @@ async fn a_snapshot_hard_links_the_segments_and_streams_exactly_the_retained_rec
     append(&mut log, unapplied).await.unwrap();
     assert!(src.segments().len() >= 5, "the log spans many segments");
 
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     assert_eq!(snap.meta.last_log_id, Some(log_id(1, 310)));
     assert_eq!(src.snapshot_horizon(), horizon);
     let snap_dir = snap
@@ -764,13 +750,7 @@ async fn a_snapshot_streams_after_retention_deleted_the_segments_it_links() {
     let before: Vec<_> = (0..4)
         .map(|q| src.read_messages(TOPIC, q, 0, 10_000).unwrap())
         .collect();
-    let old = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let old = build_snapshot(&mut sm).await;
     let old_dir = old.snapshot.local_dir().unwrap().to_owned();
 
     // Retention moves past three segments and deletes them.
@@ -795,13 +775,7 @@ async fn a_snapshot_streams_after_retention_deleted_the_segments_it_links() {
     assert!(gone.iter().all(|p| !p.exists()), "the segments are deleted");
 
     // A newer snapshot replaces the old one, which a transfer still holds.
-    let newer = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let newer = build_snapshot(&mut sm).await;
     assert_eq!(newer.meta.last_log_id, Some(log_id(1, 301)));
     assert!(old_dir.exists(), "a snapshot being streamed stays");
 
@@ -840,13 +814,7 @@ async fn an_interrupted_snapshot_build_is_removed_and_the_complete_one_stays_cur
     let entries = workload(50, 1, 100);
     append(&mut log, entries.clone()).await.unwrap();
     apply(&mut sm, entries).await.unwrap();
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     let good = snap.snapshot.local_dir().unwrap().to_owned();
     drop(snap);
     log.shutdown().await.unwrap();
@@ -1127,13 +1095,7 @@ async fn lifecycle_state_travels_in_snapshots_survives_restart_and_fires_once() 
     );
     assert_eq!(src.next_timer_due(0).unwrap(), Some(base + 5_000));
 
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     let dst_dir = tempfile::tempdir().unwrap();
     let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
     dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
@@ -1237,13 +1199,7 @@ async fn a_retried_idempotent_append_is_stored_once_across_snapshot_install_and_
     apply(&mut sm, entries).await.unwrap();
     assert_eq!(rows(&sm.reader()), 4, "sequence 1 stored once, sequence 2 once");
 
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     let dst_dir = tempfile::tempdir().unwrap();
     let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
     dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
@@ -1317,13 +1273,7 @@ async fn transaction_state_travels_in_snapshots_and_survives_restart() {
     assert_eq!(committed.len(), 1, "only the committed half message is visible");
     assert_eq!((committed[0].raft_index, committed[0].queue_offset), (3, 0));
 
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     let dst_dir = tempfile::tempdir().unwrap();
     let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
     dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
@@ -1518,13 +1468,7 @@ async fn retain_trims_every_replica_alike_and_snapshots_carry_only_what_is_retai
     assert_eq!(r.retention_horizon(), 100);
 
     // A snapshot carries the trimmed state and only records above the horizon.
-    let snap = sm
-        .try_create_snapshot_builder(true)
-        .await
-        .expect("builder")
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut sm).await;
     assert_eq!(r.snapshot_horizon(), 100, "the snapshot says which horizon it honours");
     let dst_dir = tempfile::tempdir().unwrap();
     let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;

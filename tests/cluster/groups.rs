@@ -98,6 +98,34 @@ async fn key_on(client: &Client, topic: &str, group: &str) -> anyhow::Result<Str
     bail!("no key of 64 maps to a queue of {group}")
 }
 
+/// A push-consumer member of `group` on `topic`, from the first message, and
+/// the sequence numbers it has consumed so far.
+#[allow(clippy::type_complexity)]
+fn consume_seqs(
+    client: &Client,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<(raftmq_client::PushConsumer, Arc<Mutex<BTreeSet<u64>>>)> {
+    let consumed: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let log = consumed.clone();
+    let consumer =
+        client
+            .push_consumer(group, topic)
+            .start_from(StartFrom::First)
+            .start(move |m: pb::PulledMessage| {
+                let log = log.clone();
+                async move {
+                    if let Ok(seq) = seq_of(&m) {
+                        log.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(seq);
+                    }
+                    ConsumeResult::Success
+                }
+            })?;
+    Ok((consumer, consumed))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_spread_over_two_groups_takes_unkeyed_sends_on_both() -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -155,22 +183,7 @@ async fn with_one_group_down_unkeyed_sends_move_keyed_fail_naming_it_and_consume
     let key_b = key_on(&client, topic, B).await?;
 
     // A consumer group member, consuming from the start.
-    let consumed: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
-    let log = consumed.clone();
-    let consumer = client
-        .push_consumer("two-groups-consumers", topic)
-        .start_from(StartFrom::First)
-        .start(move |m: pb::PulledMessage| {
-            let log = log.clone();
-            async move {
-                if let Ok(seq) = seq_of(&m) {
-                    log.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(seq);
-                }
-                ConsumeResult::Success
-            }
-        })?;
+    let (consumer, consumed) = consume_seqs(&client, "two-groups-consumers", topic)?;
 
     // Producers send unkeyed messages one at a time, before, during and after
     // the fault; no send may fail.
@@ -412,22 +425,7 @@ async fn a_topic_on_a_chosen_group_is_routed_there_only_and_extends_to_another()
     // A consumer group consuming the topic while a third group joins the
     // running cluster and the topic is extended onto it: the member picks up
     // the new group's queues with no restart.
-    let consumed: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
-    let log = consumed.clone();
-    let consumer = client
-        .push_consumer("chosen-consumers", topic)
-        .start_from(StartFrom::First)
-        .start(move |m: pb::PulledMessage| {
-            let log = log.clone();
-            async move {
-                if let Ok(seq) = seq_of(&m) {
-                    log.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(seq);
-                }
-                ConsumeResult::Success
-            }
-        })?;
+    let (consumer, consumed) = consume_seqs(&client, "chosen-consumers", topic)?;
     let c = Cluster::start_group(
         C,
         3,
