@@ -26,15 +26,14 @@ def meminfo():
 
 
 def sectors_written():
+    # Whole disks only (/sys/block lists no partitions), so nothing counts twice.
+    disks = {d for d in os.listdir("/sys/block") if not d.startswith(("loop", "ram", "dm-"))}
     total = 0
     with open("/proc/diskstats") as f:
         for line in f:
             p = line.split()
-            # Whole disks only (vda, sda, nvme0n1), not their partitions.
-            name = p[2]
-            if name.startswith(("loop", "ram", "dm-")) or name[-1].isdigit() and not name.startswith("nvme"):
-                continue
-            total += int(p[9])
+            if p[2] in disks:
+                total += int(p[9])
     return total
 
 
