@@ -713,7 +713,6 @@ fn main() -> ExitCode {
     // write to a connection a killed peer left behind must be an error to retry,
     // not a signal that kills the broker or the client. (Restoring the default
     // action for `raftmq admin cluster | head` killed `raftmq chaos` mid-run.)
-    quiet_on_closed_stdout();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
     // Colour only on a terminal: container logs and log files get plain text.
@@ -736,7 +735,9 @@ fn main() -> ExitCode {
 /// closed (`raftmq admin cluster | head -5`), printing a backtrace. The reader
 /// took what it wanted: end quietly and successfully instead, so a `set -o
 /// pipefail` script reading the head of the output goes on. Every other panic
-/// is reported as before.
+/// is reported as before. Only for commands that hold nothing to clean up
+/// (`exit` skips destructors): not for servers, `dev`'s child processes,
+/// `bench`, `chaos`'s containers or a consumer group member.
 fn quiet_on_closed_stdout() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -756,6 +757,15 @@ fn quiet_on_closed_stdout() {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let command = cli.command;
+    let holds_resources = match &command {
+        Command::Broker(args) => !args.print_config,
+        Command::Namesrv(args) => !args.print_config,
+        Command::Dev(_) | Command::Bench(_) | Command::Chaos(_) | Command::Consume(_) => true,
+        Command::Admin(_) | Command::Produce(_) | Command::Pull(_) | Command::Store(_) => false,
+    };
+    if !holds_resources {
+        quiet_on_closed_stdout();
+    }
     // Server settings are read before the runtime exists: a broker's may set its
     // worker count. Other subcommands take tokio's default (one per core).
     let mut broker = None;
