@@ -11,7 +11,15 @@ use crate::timers::CF_TIMER;
 use crate::transactions::CF_TXN;
 
 pub(crate) const CF_META: &str = "meta";
-pub(crate) const CF_CQ: &str = "cq";
+/// The ConsumeQueue rows of the layout before epochs (`queue, offset -> row`):
+/// only read to move them into [`CF_CQ_ROWS`] (`cq::migrate_queue_first_rows`).
+pub(crate) const CF_CQ_QUEUE_FIRST: &str = "cq";
+/// ConsumeQueue rows, `epoch, queue, offset -> row` (see `cq.rs` for why).
+pub(crate) const CF_CQ_ROWS: &str = "cq_rows";
+/// Per queue, the first offset of each epoch's run of rows -> the epoch.
+pub(crate) const CF_CQ_RUNS: &str = "cq_runs";
+/// The index of the entry that opened each ConsumeQueue epoch -> the epoch.
+pub(crate) const CF_CQ_EPOCHS: &str = "cq_epochs";
 pub(crate) const CF_KEY: &str = "key";
 pub(crate) const CF_TOPIC: &str = "topic";
 pub(crate) const CF_OFFSET: &str = "offset";
@@ -20,8 +28,22 @@ pub(crate) const CF_QMAX: &str = "qmax";
 /// means 0. Reads start from it, so they never walk the deleted rows' tombstones.
 pub(crate) const CF_QMIN: &str = "qmin";
 /// Every column family, in the order snapshots number them (new ones go last).
-pub(crate) const CFS: [&str; 12] = [
-    CF_META, CF_CQ, CF_KEY, CF_TOPIC, CF_OFFSET, CF_QMAX, CF_TIMER, CF_POP, CF_CGROUP, CF_DEDUP, CF_TXN, CF_QMIN,
+pub(crate) const CFS: [&str; 15] = [
+    CF_META,
+    CF_CQ_QUEUE_FIRST,
+    CF_KEY,
+    CF_TOPIC,
+    CF_OFFSET,
+    CF_QMAX,
+    CF_TIMER,
+    CF_POP,
+    CF_CGROUP,
+    CF_DEDUP,
+    CF_TXN,
+    CF_QMIN,
+    CF_CQ_ROWS,
+    CF_CQ_RUNS,
+    CF_CQ_EPOCHS,
 ];
 /// Meta row holding the retention horizon (le64): every entry at or below it
 /// is gone from this group's retained data.
@@ -127,12 +149,6 @@ pub(crate) fn queue_key(topic: &str, queue_id: u32) -> Vec<u8> {
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
     k.extend_from_slice(&queue_id.to_be_bytes());
-    k
-}
-
-pub(crate) fn cq_key(topic: &str, queue_id: u32, offset: u64) -> Vec<u8> {
-    let mut k = queue_key(topic, queue_id);
-    k.extend_from_slice(&offset.to_be_bytes());
     k
 }
 

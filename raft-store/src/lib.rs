@@ -88,6 +88,7 @@
 
 pub mod command;
 pub mod commitlog;
+pub(crate) mod cq;
 pub mod dedup;
 pub mod disk;
 pub mod durable;

@@ -12,7 +12,7 @@ use crate::layout::*;
 use crate::pop::PopState;
 use crate::state_machine::{SmShared, SmState, load_topics, rocks_io};
 use crate::transactions::TxnState;
-use crate::{LogId, entry_codec, timers};
+use crate::{LogId, cq, entry_codec, timers};
 
 /// Where a moved message (retry, dead letter) was first stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,19 +102,12 @@ impl StoreReader {
                 Some(v) => u64_value(&v)?,
                 None => 0,
             };
-            let start = cq_key(topic, queue_id, trimmed_to);
-            let mut iter = state.db.iterator_cf(
-                state.cf(CF_CQ),
-                rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-            );
-            match iter.next() {
-                Some(item) => {
-                    let (k, _) = item.map_err(rocks_io("scan ConsumeQueue"))?;
-                    (k.starts_with(&prefix) && k.len() == prefix.len() + 8)
-                        .then(|| u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes")))
-                }
-                None => None,
-            }
+            let mut first = None;
+            cq::scan(&state, topic, queue_id, trimmed_to, 1, |offset, _| {
+                first = Some(offset);
+                Ok(false)
+            })?;
+            first
         };
         match first {
             Some(offset) => Ok(offset),
@@ -126,7 +119,7 @@ impl StoreReader {
     pub fn consume_queue_rows(&self) -> io::Result<u64> {
         let state = self.shared.current();
         let mut n = 0;
-        for item in state.db.iterator_cf(state.cf(CF_CQ), rocksdb::IteratorMode::Start) {
+        for item in state.db.iterator_cf(state.cf(CF_CQ_ROWS), rocksdb::IteratorMode::Start) {
             item.map_err(rocks_io("scan ConsumeQueue"))?;
             n += 1;
         }
@@ -161,29 +154,19 @@ impl StoreReader {
         tag_hashes: Option<&[u64]>,
     ) -> io::Result<(Vec<StoredMessage>, u64)> {
         let state = self.shared.current();
-        let start = cq_key(topic, queue_id, offset);
-        let prefix = queue_key(topic, queue_id);
         let horizon = state.horizon();
         let mut rows = Vec::new();
         let mut scanned_to = offset;
-        let iter = state.db.iterator_cf(
-            state.cf(CF_CQ),
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
-        for item in iter.take(max_rows) {
-            let (k, v) = item.map_err(rocks_io("scan ConsumeQueue"))?;
-            if !k.starts_with(&prefix) || k.len() != prefix.len() + 8 {
-                break;
-            }
-            let off = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
+        cq::scan(&state, topic, queue_id, offset, max_rows, |off, v| {
             scanned_to = off + 1;
-            let row = CqRow::decode(&v)?;
+            let row = CqRow::decode(v)?;
             // A moved row (a retry) whose original record retention removed
             // names nothing any more: skipped like a filtered one.
             if row.raft_index > horizon && tag_hashes.is_none_or(|h| h.contains(&row.tag_hash)) {
                 rows.push((off, row));
             }
-        }
+            Ok(true)
+        })?;
         Ok((self.resolve(&state, topic, queue_id, rows)?, scanned_to))
     }
 
@@ -482,10 +465,7 @@ impl StoreReader {
     }
 
     fn cq_row(&self, state: &SmState, topic: &str, queue_id: u32, offset: u64) -> io::Result<Option<CqRow>> {
-        state
-            .get(CF_CQ, &cq_key(topic, queue_id, offset))?
-            .map(|v| CqRow::decode(&v))
-            .transpose()
+        cq::get(state, topic, queue_id, offset)
     }
 
     /// The lowest offset in `[min, next)` whose row satisfies `after`, which must

@@ -262,9 +262,10 @@ impl LocalSnapshot {
         {
             let db = open_checkpoint(&db_path)?;
             for (cf_id, cf) in CFS.iter().enumerate() {
-                let handle = db
-                    .cf_handle(cf)
-                    .ok_or_else(|| bad(format_args!("{} lacks column family {cf}", db_path.display())))?;
+                // A checkpoint taken before a column family existed has no rows of it.
+                let Some(handle) = db.cf_handle(cf) else {
+                    continue;
+                };
                 for item in db.iterator_cf(handle, rocksdb::IteratorMode::Start) {
                     let (k, v) = item.map_err(|e| io::Error::other(format!("reading {}: {e}", db_path.display())))?;
                     w.put(&[ITEM_ROW, cf_id as u8])?;
@@ -360,7 +361,14 @@ fn check_coverage(m: &Manifest) -> Result<(), String> {
 
 fn open_checkpoint(path: &Path) -> io::Result<rocksdb::DB> {
     let opts = rocksdb::Options::default();
-    rocksdb::DB::open_cf_for_read_only(&opts, path, CFS, false).map_err(|e| {
+    // The column families it has: one taken by an earlier version lacks newer ones.
+    let cfs = rocksdb::DB::list_cf(&opts, path).map_err(|e| {
+        io::Error::other(format!(
+            "listing the column families of the snapshot checkpoint {}: {e}",
+            path.display()
+        ))
+    })?;
+    rocksdb::DB::open_cf_for_read_only(&opts, path, cfs, false).map_err(|e| {
         io::Error::other(format!(
             "opening the snapshot checkpoint {} read-only: {e}",
             path.display()
@@ -848,6 +856,8 @@ fn install(shared: &SmShared, meta: &SnapshotMeta, mut file: File) -> io::Result
         return Err(e);
     }
     staged.load_horizon()?;
+    // A snapshot from a replica that still runs the queue-first layout.
+    crate::cq::migrate_queue_first_rows(&staged)?;
     staged.db.flush_wal(true).map_err(rocks_io("flush WAL"))?;
     {
         let archive = staged.archive();

@@ -37,7 +37,7 @@ use crate::segment::SegmentSet;
 use crate::snapshot::{self, SnapshotBuilder, SnapshotData, Snapshots};
 use crate::timers::{self, CF_TIMER, TimerTarget};
 use crate::transactions::{EndFound, PendingTxn, TxnState};
-use crate::{Error, LogId, SnapshotMeta, StoreConfig, StoredMembership, TypeConfig, durable};
+use crate::{Error, LogId, SnapshotMeta, StoreConfig, StoredMembership, TypeConfig, cq, durable};
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
@@ -112,6 +112,7 @@ impl SmState {
         state
             .load_horizon()
             .map_err(Error::io("reading the retention horizon in", dir))?;
+        cq::migrate_queue_first_rows(&state).map_err(Error::io("moving the ConsumeQueue rows of", dir))?;
         Ok(state)
     }
 
@@ -228,6 +229,11 @@ pub struct StateMachine {
     shared: Arc<SmShared>,
     /// Next queue offset per (topic, queue); loaded lazily from `qmax`.
     next_offsets: HashMap<(String, u32), u64>,
+    /// Each queue's newest ConsumeQueue epoch and the count of rows stored.
+    cq_runs: cq::RunCache,
+    /// ConsumeQueue epochs below this were dropped by the batch being applied:
+    /// their files are deleted once it is written.
+    cq_files_below: Option<u64>,
     topics: HashMap<String, TopicConfig>,
     timer_overlay: timers::Overlay,
     /// Idempotent producers' recent sends; changed only by apply.
@@ -296,6 +302,8 @@ impl StateMachine {
         Ok(StateMachine {
             shared,
             next_offsets: HashMap::new(),
+            cq_runs: cq::RunCache::default(),
+            cq_files_below: None,
             topics,
             timer_overlay: timers::Overlay::default(),
             dedup,
@@ -498,7 +506,8 @@ impl StateMachine {
         batch: &AppendBatch,
     ) -> io::Result<Response> {
         let first = self.next_offset(state, &batch.topic, batch.queue_id)?;
-        let (cq, key_cf) = (state.cf(CF_CQ), state.cf(CF_KEY));
+        let key_cf = state.cf(CF_KEY);
+        let qk = queue_key(&batch.topic, batch.queue_id);
         let mut next = first;
         let mut scheduled = 0u32;
         for (pos, m) in batch.messages.iter().enumerate() {
@@ -531,7 +540,7 @@ impl StateMachine {
                 );
                 scheduled += 1;
             } else {
-                wb.put_cf(cq, cq_key(&batch.topic, batch.queue_id, next), row.encode());
+                self.cq_runs.put(state, wb, &qk, next, &row)?;
                 next += 1;
             }
             for k in &m.keys {
@@ -582,7 +591,7 @@ impl StateMachine {
             _ => return Ok(None),
         }
         let at = self.next_offset(state, topic, queue_id)?;
-        wb.put_cf(state.cf(CF_CQ), cq_key(topic, queue_id, at), row.encode());
+        self.cq_runs.put(state, wb, &queue_key(topic, queue_id), at, &row)?;
         wb.put_cf(state.cf(CF_QMAX), queue_key(topic, queue_id), (at + 1).to_le_bytes());
         self.next_offsets.insert((topic.to_owned(), queue_id), at + 1);
         Ok(Some(at))
@@ -687,9 +696,11 @@ impl StateMachine {
                 let existed = self.topics.remove(name).is_some();
                 wb.delete_cf(state.cf(CF_TOPIC), name.as_bytes());
                 let (from, to) = topic_range(name);
-                for cf in [CF_CQ, CF_KEY, CF_QMAX, CF_QMIN] {
+                for cf in [CF_KEY, CF_QMAX, CF_QMIN] {
                     wb.delete_range_cf(state.cf(cf), &from, &to);
                 }
+                cq::delete_topic(state, wb, name)?;
+                self.cq_runs.forget_topic(name);
                 self.next_offsets.retain(|(t, _), _| t != name);
                 self.shared
                     .pop
@@ -863,7 +874,7 @@ impl StateMachine {
                 advanced: false,
             });
         }
-        let (cq, qmin) = (state.cf(CF_CQ), state.cf(CF_QMIN));
+        let qmin = state.cf(CF_QMIN);
         let mut queues = Vec::new();
         for item in state.db.iterator_cf(state.cf(CF_QMAX), rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(rocks_io("scan queue ends"))?;
@@ -879,12 +890,7 @@ impl StateMachine {
                 Some(v) => u64_value(&v)?,
                 None => 0,
             };
-            let row_at = |offset: u64| -> io::Result<Option<CqRow>> {
-                state
-                    .get(CF_CQ, &cq_key(&topic, queue_id, offset))?
-                    .map(|v| CqRow::decode(&v))
-                    .transpose()
-            };
+            let row_at = |offset: u64| cq::get(state, &topic, queue_id, offset);
             // The first row written after the horizon: rows are in the order of
             // the entries that wrote them.
             let (mut lo, mut hi) = (min, next.max(min));
@@ -896,11 +902,14 @@ impl StateMachine {
                 }
             }
             if lo > min {
-                wb.delete_range_cf(cq, cq_key(&topic, queue_id, min), cq_key(&topic, queue_id, lo));
+                cq::trim(state, wb, &topic, queue_id, min, lo)?;
                 wb.put_cf(qmin, &qk, lo.to_le_bytes());
                 rows_dropped += lo - min;
                 mins.insert((topic, queue_id), lo);
             }
+        }
+        if let Some(boundary) = cq::drop_epochs_at_or_below(state, wb, upto)? {
+            self.cq_files_below = Some(boundary);
         }
         let timers_dropped = timers::drop_through(state, wb, upto)?;
         let inflight_dropped = self.pop_mut().retain(state, wb, &mins);
@@ -1000,6 +1009,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 // Retention reads the ConsumeQueues from RocksDB: write what this
                 // batch applied so far first, with its own applied id, so the
                 // split is as atomic as two batches.
+                self.cq_runs.persist(&state, &mut wb);
                 Self::write_applied(&state, std::mem::take(&mut wb), done, membership.take())?;
                 self.timer_overlay.clear();
             }
@@ -1015,7 +1025,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             replies.push((responder, response));
         }
         let Some(last) = last else { return Ok(()) };
+        self.cq_runs.persist(&state, &mut wb);
         Self::write_applied(&state, wb, last, membership)?;
+        if let Some(boundary) = self.cq_files_below.take() {
+            cq::delete_files_below(&state, boundary);
+        }
         if self.horizon != horizon_before {
             state.horizon.store(self.horizon, Ordering::Release);
             self.shared.horizon.send_replace(self.horizon);
@@ -1039,6 +1053,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(io::Error::other)??;
         self.next_offsets.clear();
+        self.cq_runs.clear();
         let current = self.shared.current();
         self.topics = load_topics(&current)?;
         *self.pop_mut() = PopState::load(&current)?;
