@@ -1008,16 +1008,16 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             if let Some(ca) = &cluster.tls_ca_file {
                 println!("Every port serves TLS (Raft peers: mutual TLS). Clients trust the throwaway CA:");
                 println!(
-                    "  raftmq produce --tls-ca-file {} --namesrv {} --topic T",
-                    ca.display(),
+                    "  ./raftmq produce --tls-ca-file {ca} --namesrv {ns} --topic TopicTest   (or export RAFTMQ_TLS_CA_FILE={ca})",
+                    ca = ca.display(),
+                    ns = cluster.namesrv
+                );
+                println!(
+                    "  Rust: ClientConfig::new(vec![\"{}\".into()]).with_tls_ca_file(...)",
                     cluster.namesrv
                 );
                 println!(
-                    "  (or export RAFTMQ_TLS_CA_FILE={}; Rust: ClientConfig::with_tls_ca_file;",
-                    ca.display()
-                );
-                println!(
-                    "   Python: raftmq.Producer([\"{}\"], tls_ca_file=\"{}\"))",
+                    "  Python: raftmq.Client([\"{}\"], tls_ca_file=\"{}\")",
                     cluster.namesrv,
                     ca.display()
                 );

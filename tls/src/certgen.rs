@@ -70,7 +70,13 @@ pub fn generate(hosts: &[String]) -> Result<Generated, GenError> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    // From January 1st of this year to January 1st two years on: rcgen's default
+    // (1975 to 4096) would make a forgotten throwaway key good forever.
+    let year = this_year();
+    let (not_before, not_after) = (rcgen::date_time_ymd(year, 1, 1), rcgen::date_time_ymd(year + 2, 1, 1));
     let mut ca_params = CertificateParams::default();
+    ca_params.not_before = not_before;
+    ca_params.not_after = not_after;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params
         .distinguished_name
@@ -82,6 +88,8 @@ pub fn generate(hosts: &[String]) -> Result<Generated, GenError> {
     ];
     let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(wrap)?;
     let mut params = CertificateParams::new(hosts.to_vec()).map_err(wrap)?;
+    params.not_before = not_before;
+    params.not_after = not_after;
     params.distinguished_name.push(DnType::CommonName, "raftmq node");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // One certificate serves a broker's ports and its dials to its peers.
@@ -93,6 +101,15 @@ pub fn generate(hosts: &[String]) -> Result<Generated, GenError> {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// The current year (UTC). A day's error at New Year is harmless: certificates
+/// start on January 1st either way.
+fn this_year() -> i32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    1970 + i32::try_from(secs / 31_556_952).unwrap_or(0)
 }
 
 /// Generates a set and writes it into `dir` (created if absent) as `ca.pem`,
