@@ -111,6 +111,14 @@ pub struct BenchArgs {
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The local cluster serves TLS (throwaway certificates under its data dir);
+    /// the bench's clients connect over it. Ignored with --namesrv (give
+    /// --tls-ca-file instead).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --namesrv: connect over TLS, trusting this PEM CA file.
+    #[arg(long, env = "RAFTMQ_TLS_CA_FILE", requires = "namesrv")]
+    pub tls_ca_file: Option<PathBuf>,
     /// failover: how many times the leader is hit.
     #[arg(long, default_value_t = 20)]
     pub kills: usize,
@@ -174,6 +182,10 @@ impl BenchArgs {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.count > 0, "--count must be positive");
         anyhow::ensure!(
+            !(self.tls && self.workload == Workload::Failover),
+            "bench failover runs plaintext only (its probes dial replicas directly)"
+        );
+        anyhow::ensure!(
             self.duration.is_finite() && self.duration > 0.0,
             "--duration must be a positive number of seconds"
         );
@@ -198,6 +210,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     let mut temp = None;
     let mut local = None;
+    let mut tls_ca_file = args.tls_ca_file.clone();
     let (namesrv, cluster_desc) = match &args.namesrv {
         Some(ns) => (ns.clone(), format!("namesrv {}", ns.join(","))),
         None => {
@@ -223,16 +236,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 restart_delay: Duration::from_secs(1),
                 worker_threads: args.worker_threads.map(usize::from),
                 broker_args: Vec::new(),
+                tls: args.tls,
             })
             .await?;
             let ns = cluster.namesrv.clone();
+            let transport = if args.tls { ", TLS" } else { "" };
             eprintln!(
-                "bench: local cluster (NameServer {ns}, 3 replicas, flush {}) under {}",
+                "bench: local cluster (NameServer {ns}, 3 replicas, flush {}{transport}) under {}",
                 args.flush,
                 data_dir.display()
             );
+            tls_ca_file = cluster.tls_ca_file.clone();
             local = Some(cluster);
-            (vec![ns], format!("local 3 replicas, flush {}", args.flush))
+            (vec![ns], format!("local 3 replicas, flush {}{transport}", args.flush))
         }
     };
     let result = async {
@@ -256,7 +272,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             return Ok(None);
         }
-        measure(&args, namesrv, cluster_desc).await.map(Some)
+        measure(&args, namesrv, tls_ca_file.as_deref(), cluster_desc)
+            .await
+            .map(Some)
     }
     .await;
     if let Some(c) = local {
@@ -274,9 +292,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(args: &BenchArgs, namesrv: Vec<String>, cluster: String) -> anyhow::Result<Report> {
+async fn measure(
+    args: &BenchArgs,
+    namesrv: Vec<String>,
+    tls_ca_file: Option<&std::path::Path>,
+    cluster: String,
+) -> anyhow::Result<Report> {
     let client = || {
         let mut config = ClientConfig::new(namesrv.clone());
+        if let Some(ca) = tls_ca_file {
+            config = config.with_tls_ca_file(ca)?;
+        }
         config.max_auto_batch = args.auto_batch;
         config.idempotent = !args.no_idempotence;
         Client::new(config).context("building a client")

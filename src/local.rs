@@ -4,6 +4,9 @@
 //! several groups); `raftmq bench` starts one on free ports when it is given no
 //! NameServer.
 //!
+//! With `tls`, a throwaway CA and node certificate are made under the data dir
+//! (`tls/`, once, then reused like the peer secret) and every port serves TLS.
+//!
 //! Replicas are processes, not tasks, so that the tour can `kill -9` a leader and
 //! watch the group elect another, exactly as in a real deployment.
 
@@ -38,6 +41,8 @@ pub struct LocalClusterOptions {
     pub worker_threads: Option<usize>,
     /// More `raftmq broker` arguments for every replica (e.g. transaction check timing).
     pub broker_args: Vec<String>,
+    /// TLS on every port, with certificates made under `data_dir/tls`.
+    pub tls: bool,
 }
 
 /// A group's replicas by node id: (client address, Raft peer address).
@@ -60,6 +65,8 @@ pub struct LocalCluster {
     pub groups: Vec<String>,
     /// Every group's replicas, group after group.
     pub replicas: Vec<Replica>,
+    /// The CA clients must trust when the cluster runs TLS.
+    pub tls_ca_file: Option<PathBuf>,
     token: CancellationToken,
     namesrv_task: tokio::task::JoinHandle<Result<(), raftmq_namesrv::Error>>,
 }
@@ -88,6 +95,28 @@ fn peer_secret_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The throwaway certificates under the data dir: made on the first TLS run,
+/// reused after (a client keeps trusting the same `ca.pem`), made again if a
+/// file is missing. Valid for 127.0.0.1 and localhost: dev binds loopback only.
+fn tls_files(data_dir: &Path) -> anyhow::Result<raftmq_tls::certgen::Files> {
+    use raftmq_tls::certgen::{CA_FILE, CERT_FILE, KEY_FILE};
+    let dir = data_dir.join("tls");
+    let files = raftmq_tls::certgen::Files {
+        ca_file: dir.join(CA_FILE),
+        cert_file: dir.join(CERT_FILE),
+        key_file: dir.join(KEY_FILE),
+    };
+    if [&files.ca_file, &files.cert_file, &files.key_file]
+        .iter()
+        .all(|p| p.exists())
+    {
+        return Ok(files);
+    }
+    let hosts = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    raftmq_tls::certgen::write(&dir, &hosts)
+        .with_context(|| format!("making throwaway TLS certificates in {}", dir.display()))
+}
+
 /// Binds `host:port`, or a free port when `port` is 0, and returns the bound address.
 /// For replicas the socket is closed again and the child binds the same port: a free
 /// port could in principle be taken in between, which start-up then reports.
@@ -110,8 +139,22 @@ impl LocalCluster {
             )
         })?;
         let namesrv = ns_listener.local_addr()?.to_string();
+        let tls = if opts.tls {
+            Some(tls_files(&opts.data_dir)?)
+        } else {
+            None
+        };
+        let tls_config = raftmq_tls::TlsConfig {
+            enabled: tls.is_some(),
+            cert_file: tls.as_ref().map(|f| f.cert_file.clone()),
+            key_file: tls.as_ref().map(|f| f.key_file.clone()),
+            ca_file: tls.as_ref().map(|f| f.ca_file.clone()),
+        };
         let namesrv_task = tokio::spawn(raftmq_namesrv::serve(
-            raftmq_namesrv::NameServerConfig::default(),
+            raftmq_namesrv::NameServerConfig {
+                tls: tls_config,
+                ..raftmq_namesrv::NameServerConfig::default()
+            },
             ns_listener,
             token.clone(),
         ));
@@ -194,6 +237,18 @@ impl LocalCluster {
                     "--worker-threads".into(),
                     workers.to_string(),
                 ];
+                if let Some(files) = &tls {
+                    for (key, path) in [
+                        ("cert_file", &files.cert_file),
+                        ("key_file", &files.key_file),
+                        ("ca_file", &files.ca_file),
+                    ] {
+                        args.push("--set".into());
+                        args.push(format!("tls.{key}={}", path.display()));
+                    }
+                    args.push("--set".into());
+                    args.push("tls.enabled=true".into());
+                }
                 args.extend(opts.broker_args.iter().cloned());
                 let log_file = opts.data_dir.join(format!("{name}.log"));
                 let pid_file = opts.data_dir.join(format!("{name}.pid"));
@@ -232,8 +287,18 @@ impl LocalCluster {
             namesrv,
             groups: opts.groups,
             replicas,
+            tls_ca_file: tls.map(|f| f.ca_file),
             token,
             namesrv_task,
+        })
+    }
+
+    /// A client configuration for this cluster (TLS when it runs TLS).
+    pub fn client_config(&self) -> anyhow::Result<raftmq_client::ClientConfig> {
+        let config = raftmq_client::ClientConfig::new(vec![self.namesrv.clone()]);
+        Ok(match &self.tls_ca_file {
+            Some(ca) => config.with_tls_ca_file(ca)?,
+            None => config,
         })
     }
 
@@ -245,7 +310,7 @@ impl LocalCluster {
     /// Waits until the NameServer names a leader for every group and that leader
     /// reports itself as such; returns each group's leader node id.
     pub async fn wait_for_leaders(&self, within: Duration) -> anyhow::Result<BTreeMap<String, u64>> {
-        let client = raftmq_client::Client::new(raftmq_client::ClientConfig::new(vec![self.namesrv.clone()]))?;
+        let client = raftmq_client::Client::new(self.client_config()?)?;
         let admin = client.admin();
         let deadline = Instant::now() + within;
         loop {

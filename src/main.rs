@@ -58,6 +58,27 @@ enum Command {
     /// Inspect a replica's on-disk store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// TLS certificates.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Make a throwaway CA and one node certificate it signs (serverAuth and
+    /// clientAuth, so brokers and NameServers can share it) for the given hosts:
+    /// writes ca.pem, node.pem and node.key (mode 0600) into --out. The CA's key
+    /// is not kept; run again (and restart every node) to add a host.
+    Gen {
+        /// Directory to write into (created if missing; an earlier set is replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// IP addresses and DNS names the certificate is valid for, comma-separated
+        /// (every address clients and peers dial: advertised hosts, 127.0.0.1 for
+        /// health checks).
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
 }
 
 /// Settings of `raftmq namesrv`: the NameServer's config struct, filled from
@@ -202,6 +223,10 @@ struct NamesrvAddr {
         value_delimiter = ','
     )]
     namesrv: Vec<String>,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file
+    /// (`raftmq dev --tls` prints it); without it, plaintext.
+    #[arg(long, env = "RAFTMQ_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -229,6 +254,10 @@ struct DevArgs {
     worker_threads: Option<u16>,
     #[command(flatten)]
     transactions: TransactionTiming,
+    /// Serve every port over TLS (Raft peers with mutual TLS), with a throwaway
+    /// CA and node certificate made under <data-dir>/tls (made once, then reused).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(clap::Args)]
@@ -564,6 +593,9 @@ enum AdminCommand {
         namesrv: Option<String>,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Connect over TLS, trusting this PEM CA file.
+        #[arg(long, env = "RAFTMQ_TLS_CA_FILE")]
+        tls_ca_file: Option<PathBuf>,
     },
 }
 
@@ -761,7 +793,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Broker(args) => !args.print_config,
         Command::Namesrv(args) => !args.print_config,
         Command::Dev(_) | Command::Bench(_) | Command::Chaos(_) | Command::Consume(_) => true,
-        Command::Admin(_) | Command::Produce(_) | Command::Pull(_) | Command::Store(_) => false,
+        Command::Admin(_) | Command::Produce(_) | Command::Pull(_) | Command::Store(_) | Command::Tls(_) => false,
     };
     if !holds_resources {
         quiet_on_closed_stdout();
@@ -813,6 +845,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }),
             Command::Consume(args) => done(tools::run_consume(args).await),
+            Command::Tls(TlsCommand::Gen { out, hosts }) => {
+                let files = raftmq_tls::certgen::write(&out, &hosts)?;
+                println!("CA (give clients --tls-ca-file):   {}", files.ca_file.display());
+                println!("node certificate (tls.cert_file): {}", files.cert_file.display());
+                println!("node key (tls.key_file):          {}", files.key_file.display());
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }
@@ -931,6 +970,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         restart_delay: Duration::from_secs(3),
         worker_threads: args.worker_threads.map(usize::from),
         broker_args: args.transactions.broker_args(),
+        tls: args.tls,
     })
     .await?;
     let token = cluster.token();
@@ -963,6 +1003,23 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
                 println!(
                     "Broker groups {}: topics created on first send or with `raftmq admin topic create` get queues on each.",
                     groups.join(", ")
+                );
+            }
+            if let Some(ca) = &cluster.tls_ca_file {
+                println!("Every port serves TLS (Raft peers: mutual TLS). Clients trust the throwaway CA:");
+                println!(
+                    "  ./raftmq produce --tls-ca-file {ca} --namesrv {ns} --topic TopicTest   (or export RAFTMQ_TLS_CA_FILE={ca})",
+                    ca = ca.display(),
+                    ns = cluster.namesrv
+                );
+                println!(
+                    "  Rust: ClientConfig::new(vec![\"{}\".into()]).with_tls_ca_file(...)",
+                    cluster.namesrv
+                );
+                println!(
+                    "  Python: raftmq.Client([\"{}\"], tls_ca_file=\"{}\")",
+                    cluster.namesrv,
+                    ca.display()
                 );
             }
             println!("Topics are created on first send. A killed replica is restarted after 3 s; its pid file");

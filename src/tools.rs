@@ -21,9 +21,16 @@ fn filter(tag: &str, sql: &Option<String>) -> raftmq_client::Filter {
 }
 
 pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
-    Ok(raftmq_client::Client::new(raftmq_client::ClientConfig::new(
-        namesrv.namesrv,
-    ))?)
+    Ok(raftmq_client::Client::new(client_config(namesrv)?)?)
+}
+
+/// The client settings the CLI's `--namesrv` and `--tls-ca-file` describe.
+pub fn client_config(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::ClientConfig> {
+    let config = raftmq_client::ClientConfig::new(namesrv.namesrv);
+    Ok(match namesrv.tls_ca_file {
+        Some(ca) => config.with_tls_ca_file(&ca)?,
+        None => config,
+    })
 }
 
 pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
@@ -431,7 +438,8 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             broker,
             namesrv,
             timeout_ms,
-        } => health(broker, namesrv, Duration::from_millis(timeout_ms)).await?,
+            tls_ca_file,
+        } => health(broker, namesrv, Duration::from_millis(timeout_ms), tls_ca_file).await?,
         AdminCommand::Topic(TopicCommand::Create {
             namesrv,
             topic,
@@ -879,7 +887,12 @@ fn storage_line(g: &raftmq_proto::v1::GroupStatus) -> String {
 }
 
 /// One RPC to one endpoint, no retries: the answer a health check wants.
-async fn health(broker: Option<String>, namesrv: Option<String>, timeout: Duration) -> anyhow::Result<()> {
+async fn health(
+    broker: Option<String>,
+    namesrv: Option<String>,
+    timeout: Duration,
+    tls_ca_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     use raftmq_proto::v1::admin_service_client::AdminServiceClient;
     use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
     let (addr, what) = match (&broker, &namesrv) {
@@ -887,8 +900,11 @@ async fn health(broker: Option<String>, namesrv: Option<String>, timeout: Durati
         (None, Some(n)) => (n.as_str(), "NameServer"),
         (None, None) => anyhow::bail!("give --broker or --namesrv"),
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("{addr:?} is not host:port"))?
+    let tls = match &tls_ca_file {
+        Some(ca) => Some(raftmq_tls::ClientTls::from_ca_file("--tls-ca-file", ca)?.config()),
+        None => None,
+    };
+    let endpoint = raftmq_tls::endpoint(addr, tls.as_ref())?
         .connect_timeout(timeout)
         .timeout(timeout);
     let check = async {

@@ -32,6 +32,8 @@
 //! - `retention`: retention by size and time, a leader kill and a snapshot
 //!   catch-up after it, disk watermarks.
 //! - `processes`: the `raftmq` binary as separate processes.
+//! - `tls`: TLS on every port, mutual TLS between Raft peers; the wrong CA,
+//!   plaintext and foreign peer certificates refused.
 
 #[path = "cluster/fixtures.rs"]
 mod fixtures;
@@ -60,5 +62,7 @@ mod raft_rpc;
 mod retention;
 #[path = "cluster/rocketmq.rs"]
 mod rocketmq;
+#[path = "cluster/tls.rs"]
+mod tls;
 #[path = "cluster/transactions.rs"]
 mod transactions;

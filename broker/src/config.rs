@@ -132,6 +132,11 @@ pub struct RaftNodeConfig {
     /// are sent at once as well). Default 2 s, the NameServer's default heartbeat.
     #[serde(with = "humantime_serde")]
     pub registration_interval: Duration,
+    /// TLS on both ports and on every connection this node makes (the `[tls]`
+    /// table): its certificate on the client port, mutual TLS on the Raft peer
+    /// port (a peer must present a certificate from `tls.ca_file`), and the CA
+    /// checked when dialing peers, other replicas and NameServers. Default off.
+    pub tls: raftmq_tls::TlsConfig,
 }
 
 /// Limits and behaviour of `MessagingService` / `AdminService`. Every limit is
@@ -354,6 +359,7 @@ impl RaftNodeConfig {
             cluster: "DefaultCluster".to_owned(),
             nameservers: Vec::new(),
             registration_interval: Duration::from_secs(2),
+            tls: raftmq_tls::TlsConfig::default(),
         }
     }
 
@@ -444,6 +450,11 @@ impl RaftNodeConfig {
         if self.registration_interval.is_zero() {
             return Err(bad("registration_interval", "0".into(), "must be positive"));
         }
+        self.tls.validate(raftmq_tls::Role::Node).map_err(|e| Error::Config {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        })?;
         self.messaging.validate(self.max_rpc_message_bytes)?;
         self.retention.validate()?;
         self.store.validate().map_err(|e| match e {
@@ -526,5 +537,21 @@ mod tests {
         c.peer_secret = PeerSecret::new(b"short".to_vec());
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("peer_secret") && !err.contains("short"), "{err}");
+    }
+
+    #[test]
+    fn tls_names_the_key_and_the_missing_file() {
+        let mut c = config();
+        c.tls.enabled = true;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("tls.cert_file") && err.contains("required"), "{err}");
+        let missing = std::path::Path::new("/nonexistent/raftmq/node.pem");
+        c.tls.cert_file = Some(missing.to_owned());
+        c.tls.key_file = Some(missing.to_owned());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("tls.cert_file") && err.contains("/nonexistent/raftmq/node.pem"),
+            "{err}"
+        );
     }
 }

@@ -17,6 +17,15 @@ pub enum Error {
         value: String,
         reason: String,
     },
+    /// The certificate and key files were read, but rustls refused them (a key
+    /// that does not match the certificate, an unsupported key type).
+    #[error("node {node_id}: TLS on the {port} port (tls.cert_file, tls.key_file): {source}")]
+    Tls {
+        node_id: NodeId,
+        port: &'static str,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error("openraft rejected the Raft timing of node {node_id}: {source}")]
     RaftConfig {
         node_id: NodeId,

@@ -30,7 +30,7 @@ use openraft::{Raft, ServerState};
 use raftmq_raft_store::{NodeId, StateMachine, TypeConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::faults::Faults;
 use crate::network::PeerLink;
@@ -114,6 +114,8 @@ pub struct LeaderWatch {
     reacting: Mutex<Option<(NodeId, u64)>>,
     /// Signs the `ConfirmLeaderGone` questions to the other voters.
     secret: PeerSecret,
+    /// Mutual TLS toward peers' Raft ports, as the Raft network dials them.
+    tls: Option<tonic::transport::ClientTlsConfig>,
     /// Channels to peers for those questions, by Raft address (lazily connected).
     peers: Mutex<HashMap<String, Channel>>,
     shutdown: CancellationToken,
@@ -139,6 +141,7 @@ impl LeaderWatch {
             failed_probe: Mutex::new(None),
             reacting: Mutex::new(None),
             secret: link.secret,
+            tls: link.tls,
             peers: Mutex::new(HashMap::new()),
             shutdown,
             tasks,
@@ -268,7 +271,7 @@ impl LeaderWatch {
             let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
             match peers.get(addr) {
                 Some(c) => c.clone(),
-                None => match Endpoint::from_shared(format!("http://{addr}")) {
+                None => match raftmq_tls::endpoint(addr, self.tls.as_ref()) {
                     Ok(e) => {
                         let c = e.connect_timeout(self.settings.probe_timeout).connect_lazy();
                         peers.insert(addr.to_owned(), c.clone());

@@ -48,6 +48,9 @@ struct Inner {
     /// Set once this replica learns it was removed from the group
     /// ([`crate::membership`]); it then serves no client request.
     removed: std::sync::OnceLock<crate::membership::Removed>,
+    /// How this node dials other nodes' client ports and the NameServers: the
+    /// cluster CA when TLS is on (`None`: plaintext).
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -64,6 +67,7 @@ impl GroupHandle {
         store: StoreReader,
         config: MessagingConfig,
         shutdown: CancellationToken,
+        client_tls: Option<tonic::transport::ClientTlsConfig>,
     ) -> Self {
         GroupHandle {
             inner: Arc::new(Inner {
@@ -77,12 +81,19 @@ impl GroupHandle {
                 topics_changed: tokio::sync::Notify::new(),
                 tasks: TaskTracker::new(),
                 removed: std::sync::OnceLock::new(),
+                client_tls,
             }),
         }
     }
 
     pub fn group(&self) -> &str {
         &self.inner.group
+    }
+
+    /// The endpoint for another node's client port or a NameServer (`host:port`):
+    /// over TLS checked against the cluster CA when TLS is on.
+    pub fn client_endpoint(&self, addr: &str) -> Result<tonic::transport::Endpoint, raftmq_tls::EndpointError> {
+        raftmq_tls::endpoint(addr, self.inner.client_tls.as_ref())
     }
 
     pub fn node_id(&self) -> NodeId {

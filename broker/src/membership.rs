@@ -516,7 +516,9 @@ impl Changes {
                 .map_or_else(|| Status::unavailable("leadership is moving; retry"), Status::from));
         }
         let endpoint = self.group.endpoint_of(to);
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+        let channel = self
+            .group
+            .client_endpoint(&endpoint)
             .map_err(|e| ApiError::Internal(format!("the new leader's endpoint {endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(DEFAULT_TRANSFER)
@@ -652,7 +654,7 @@ pub fn spawn_removal_watch(group: GroupHandle, connect_timeout: Duration) {
             let mut tick = tokio::time::interval(PROBE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let stop = group.shutdown().clone();
-            let mut probes = Probes::new(connect_timeout);
+            let mut probes = Probes::new(group.clone(), connect_timeout);
             loop {
                 let probe = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -698,13 +700,16 @@ fn committed_without_me(group: &GroupHandle) -> Option<u64> {
 
 /// Clients to peers' client ports, kept across probes.
 struct Probes {
+    /// Dials with the node's client TLS.
+    group: GroupHandle,
     connect_timeout: Duration,
     clients: BTreeMap<String, AdminServiceClient<tonic::transport::Channel>>,
 }
 
 impl Probes {
-    fn new(connect_timeout: Duration) -> Self {
+    fn new(group: GroupHandle, connect_timeout: Duration) -> Self {
         Probes {
+            group,
             connect_timeout,
             clients: BTreeMap::new(),
         }
@@ -714,7 +719,9 @@ impl Probes {
         if let Some(c) = self.clients.get(endpoint) {
             return Some(c.clone());
         }
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+        let ep = self
+            .group
+            .client_endpoint(endpoint)
             .ok()?
             .connect_timeout(self.connect_timeout)
             .timeout(PROBE_TIMEOUT);

@@ -28,7 +28,7 @@ use raftmq_proto::raft::v1 as pb;
 use raftmq_proto::raft::v1::raft_service_client::RaftServiceClient;
 use raftmq_raft_store::{BrokerNode, NodeId, SnapshotData, TypeConfig, Vote};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::failover::CampaignMarker;
@@ -90,6 +90,9 @@ pub struct PeerLink {
     pub campaign: CampaignMarker,
     /// Tests only: the fault switchboard.
     pub faults: Option<Faults>,
+    /// Mutual TLS toward peers' Raft ports (the cluster CA, this node's
+    /// certificate); `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// openraft's factory of per-peer clients for one broker group.
@@ -120,7 +123,7 @@ impl GrpcNetworkFactory {
         }
         // connect_lazy: no I/O here; the first RPC connects, and a broken connection
         // is re-established by the next RPC rather than by a background loop.
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = raftmq_tls::endpoint(addr, self.link.tls.as_ref())
             .map(|e| {
                 e.connect_timeout(self.settings.connect_timeout)
                     .tcp_nodelay(true)

@@ -6,6 +6,8 @@
 //! messaging, admin and consumer-group services and RocketMQ 5's gRPC API
 //! ([`crate::rocketmq`]); the peer port serves only Raft,
 //! to signed requests of the group's members, so a client never reaches Raft.
+//! With `tls.enabled` both ports serve TLS, and the peer port requires a client
+//! certificate issued by the cluster CA (mutual TLS) before any request is read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -87,6 +89,26 @@ impl RaftNode {
             })
         };
         let (local_addr, raft_addr) = (addr_of(&listeners.client)?, addr_of(&listeners.raft)?);
+        // Loaded before anything listens: a bad file stops the start naming its key.
+        let tls = config.tls.load(raftmq_tls::Role::Node).map_err(|e| Error::Config {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        })?;
+        // Built before the store opens and Raft starts, so a key rustls refuses
+        // leaves nothing running.
+        let tls_error = |port: &'static str| move |source| Error::Tls { node_id, port, source };
+        let (client_builder, mut raft_builder) = match &tls {
+            Some(tls) => (
+                Server::builder()
+                    .tls_config(tls.server())
+                    .map_err(tls_error("client"))?,
+                Server::builder()
+                    .tls_config(tls.mutual_server())
+                    .map_err(tls_error("Raft peer"))?,
+            ),
+            None => (Server::builder(), Server::builder()),
+        };
         let incoming_dir = config.data_dir.join(INCOMING_DIR);
         tokio::fs::create_dir_all(&incoming_dir)
             .await
@@ -107,6 +129,7 @@ impl RaftNode {
             secret: config.peer_secret.clone(),
             campaign: CampaignMarker::default(),
             faults: config.faults.clone(),
+            tls: tls.as_ref().map(raftmq_tls::Tls::mutual_client),
         };
         let network = GrpcNetworkFactory::new(
             node_id,
@@ -132,6 +155,7 @@ impl RaftNode {
             store.clone(),
             config.messaging.clone(),
             shutdown.clone(),
+            tls.as_ref().map(raftmq_tls::Tls::client),
         );
         let watch = LeaderWatch::new(
             node_id,
@@ -197,7 +221,7 @@ impl RaftNode {
             node: node_id,
         };
         let client_server = tokio::spawn(async move {
-            Server::builder()
+            client_builder
                 // Pings find clients that vanished without closing their
                 // connection (a paused or cut-off host), so their long-lived
                 // streams (transaction check-backs) end instead of swallowing
@@ -219,7 +243,7 @@ impl RaftNode {
         let incoming = TcpIncoming::from(listeners.raft).with_nodelay(Some(true));
         let stop = shutdown.clone();
         let raft_server = tokio::spawn(async move {
-            Server::builder()
+            raft_builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
@@ -231,6 +255,7 @@ impl RaftNode {
             advertise = %config.advertise_addr,
             raft_listen = %raft_addr,
             raft_advertise = %config.raft_advertise_addr,
+            tls = tls.is_some(),
             "broker replica started"
         );
         Ok(RaftNode {

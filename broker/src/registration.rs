@@ -16,7 +16,7 @@ use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::convert;
 use crate::group::GroupHandle;
@@ -85,21 +85,14 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let clients: Vec<(String, NameServerServiceClient<Channel>)> = nameservers
         .iter()
-        .filter_map(|addr| {
-            let uri = if addr.contains("://") {
-                addr.clone()
-            } else {
-                format!("http://{addr}")
-            };
-            match Endpoint::from_shared(uri) {
-                Ok(ep) => Some((
-                    addr.clone(),
-                    NameServerServiceClient::new(ep.timeout(RPC_TIMEOUT).connect_lazy()),
-                )),
-                Err(e) => {
-                    tracing::error!(namesrv = %addr, error = %e, "invalid NameServer address; not registering with it");
-                    None
-                }
+        .filter_map(|addr| match group.client_endpoint(addr) {
+            Ok(ep) => Some((
+                addr.clone(),
+                NameServerServiceClient::new(ep.timeout(RPC_TIMEOUT).connect_lazy()),
+            )),
+            Err(e) => {
+                tracing::error!(namesrv = %addr, error = %e, "invalid NameServer address; not registering with it");
+                None
             }
         })
         .collect();

@@ -55,6 +55,12 @@ pub struct ClientConfig {
     /// (after a timeout or a failover) is answered by the broker group from its
     /// first attempt instead of stored again. Default on.
     pub idempotent: bool,
+    /// TLS toward NameServers and brokers, trusting the CA read from a file
+    /// ([`ClientConfig::with_tls_ca_file`]); every connection then uses
+    /// `https://`. Default `None`: plaintext. A NameServer written
+    /// `https://host:port` needs it; one written `http://host:port` is refused
+    /// with it, so nothing goes out in the clear by mistake.
+    pub tls: Option<raftmq_tls::ClientTls>,
 }
 
 impl ClientConfig {
@@ -68,7 +74,20 @@ impl ClientConfig {
             route_refresh_interval: Duration::from_secs(30),
             max_auto_batch: 128,
             idempotent: true,
+            tls: None,
         }
+    }
+
+    /// Turns TLS on, trusting the PEM CA certificate(s) in `ca_file`; the error
+    /// names the file when it is missing, unreadable or not PEM.
+    pub fn with_tls_ca_file(mut self, ca_file: &std::path::Path) -> Result<ClientConfig, Error> {
+        let tls = raftmq_tls::ClientTls::from_ca_file("tls_ca_file", ca_file).map_err(|e| Error::Config {
+            key: e.key.into(),
+            value: e.value,
+            reason: e.reason,
+        })?;
+        self.tls = Some(tls);
+        Ok(self)
     }
 
     /// Checks the settings; the error names the bad key and value.
@@ -86,8 +105,13 @@ impl ClientConfig {
             ));
         }
         for (i, ns) in self.nameservers.iter().enumerate() {
-            if crate::route::endpoint_uri(ns).is_err() {
-                return Err(bad(format!("nameservers[{i}]"), format!("{ns:?}"), "not a host:port"));
+            let tls = self.tls.as_ref().map(raftmq_tls::ClientTls::config);
+            if let Err(e) = raftmq_tls::endpoint(ns, tls.as_ref()) {
+                let reason = match e {
+                    raftmq_tls::EndpointError::Uri { .. } => "not a host:port".to_owned(),
+                    other => other.to_string(),
+                };
+                return Err(bad(format!("nameservers[{i}]"), format!("{ns:?}"), &reason));
             }
         }
         for (key, value) in [

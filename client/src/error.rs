@@ -72,7 +72,7 @@ impl Error {
         Error::Rpc {
             endpoint: endpoint.to_owned(),
             code: status.code(),
-            message: status.message().to_owned(),
+            message: with_causes(status),
             leader: status
                 .metadata()
                 .get(crate::route::LEADER_METADATA_KEY)
@@ -137,4 +137,21 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// A status's message followed by its causes that the message does not already
+/// say: a transport failure's message is only "transport error", while the
+/// reason (a refused TLS certificate, a connection reset) is in its sources.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut message = status.message().to_owned();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    message
 }

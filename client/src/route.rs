@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::ClientConfig;
 use crate::error::Error;
@@ -26,16 +26,6 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// How often a channel with requests in flight pings its server (see
 /// `ClientConfig::dead_connection_timeout`).
 const PING_INTERVAL: Duration = Duration::from_millis(200);
-
-pub(crate) fn endpoint_uri(endpoint: &str) -> Result<Endpoint, tonic::transport::Error> {
-    // Brokers and NameServers advertise bare host:port; tonic wants a URI.
-    let uri = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    Endpoint::from_shared(uri)
-}
 
 /// One topic's route: per serving broker group its leader, followers and queues.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +108,8 @@ impl RouteCache {
 /// What producers, consumers and admins share.
 pub(crate) struct Core {
     pub(crate) config: ClientConfig,
+    /// Built once from `config.tls`; cloned into every channel.
+    tls: Option<tonic::transport::ClientTlsConfig>,
     channels: Mutex<HashMap<String, Channel>>,
     pub(crate) routes: RouteCache,
     /// Endpoints that failed recently (see `leader`).
@@ -130,6 +122,7 @@ pub(crate) struct Core {
 impl Core {
     pub(crate) fn new(config: ClientConfig) -> Core {
         Core {
+            tls: config.tls.as_ref().map(raftmq_tls::ClientTls::config),
             config,
             channels: Mutex::new(HashMap::new()),
             routes: RouteCache::default(),
@@ -147,10 +140,10 @@ impl Core {
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let mut ep = endpoint_uri(endpoint)
+        let mut ep = raftmq_tls::endpoint(endpoint, self.tls.as_ref())
             .map_err(|e| Error::Protocol {
                 endpoint: endpoint.to_owned(),
-                reason: format!("not a usable endpoint: {e}"),
+                reason: e.to_string(),
             })?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true);

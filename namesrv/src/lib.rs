@@ -3,7 +3,8 @@
 //! NameServer for a topic's route (per broker group: leader endpoint, follower
 //! endpoints, queue count, permission, message type). NameServers are stateless
 //! and never talk to each other; a node silent past `broker_timeout` leaves the
-//! routes.
+//! routes. With `tls.enabled` it serves TLS only (no client certificate asked:
+//! authenticating brokers is registration's business, not the transport's).
 
 pub mod registry;
 
@@ -36,6 +37,9 @@ pub struct NameServerConfig {
     /// How often brokers are told to heartbeat. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// TLS on the listener (the `[tls]` table: `enabled`, `cert_file`,
+    /// `key_file`; `ca_file` is not read). Default off.
+    pub tls: raftmq_tls::TlsConfig,
 }
 
 impl Default for NameServerConfig {
@@ -44,6 +48,7 @@ impl Default for NameServerConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9876)),
             broker_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
+            tls: raftmq_tls::TlsConfig::default(),
         }
     }
 }
@@ -68,7 +73,15 @@ impl NameServerConfig {
                 ),
             });
         }
-        Ok(())
+        self.tls.validate(raftmq_tls::Role::Server).map_err(tls_config)
+    }
+}
+
+fn tls_config(e: raftmq_tls::Error) -> Error {
+    Error::Config {
+        key: e.key,
+        value: e.value,
+        reason: e.reason,
     }
 }
 
@@ -85,6 +98,13 @@ pub enum Error {
     #[error("NameServer on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The files were read, but rustls refused them (a key that does not
+    /// match the certificate, an unsupported key type).
+    #[error("NameServer TLS (tls.cert_file, tls.key_file): {source}")]
+    Tls {
         #[source]
         source: tonic::transport::Error,
     },
@@ -168,6 +188,12 @@ impl NameServerService for NameServer {
 /// Serves a NameServer on an already-bound `listener` until `shutdown` fires.
 pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
     config.validate()?;
+    let mut builder = match config.tls.load(raftmq_tls::Role::Server).map_err(tls_config)? {
+        Some(tls) => Server::builder()
+            .tls_config(tls.server())
+            .map_err(|source| Error::Tls { source })?,
+        None => Server::builder(),
+    };
     let addr = listener.local_addr().map_err(|source| Error::Listen { source })?;
     let server = NameServer::new(config.clone());
     let expirer = {
@@ -183,8 +209,8 @@ pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: Ca
             }
         })
     };
-    tracing::info!(listen = %addr, "NameServer started");
-    let served = Server::builder()
+    tracing::info!(listen = %addr, tls = config.tls.enabled, "NameServer started");
+    let served = builder
         .add_service(NameServerServiceServer::new(server))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
         .await
@@ -274,6 +300,43 @@ mod tests {
         assert_eq!(cluster.groups[0].replicas.len(), 3);
         assert_eq!(cluster.groups[0].leader_id, Some(1));
 
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn serves_tls_to_a_client_trusting_its_ca_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = raftmq_tls::certgen::write(dir.path(), &["127.0.0.1".to_owned()]).unwrap();
+        let config = NameServerConfig {
+            tls: raftmq_tls::TlsConfig {
+                enabled: true,
+                cert_file: Some(files.cert_file),
+                key_file: Some(files.key_file),
+                ca_file: None,
+            },
+            ..NameServerConfig::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(serve(config, listener, token.clone()));
+        let ca = raftmq_tls::ClientTls::from_ca_file("ca", &files.ca_file).unwrap();
+        let channel = raftmq_tls::endpoint(&addr, Some(&ca.config()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = NameServerServiceClient::new(channel);
+        client.register_broker(registration(1, 1)).await.unwrap();
+        // Plaintext to the TLS port gets no gRPC answer.
+        let plain = NameServerServiceClient::connect(format!("http://{addr}")).await;
+        if let Ok(mut plain) = plain {
+            plain
+                .list_cluster(pb::ListClusterRequest {})
+                .await
+                .expect_err("plaintext answered by a TLS port");
+        }
         token.cancel();
         task.await.unwrap().unwrap();
     }

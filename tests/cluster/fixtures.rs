@@ -106,6 +106,8 @@ pub struct Settings {
     /// Where the replicas' data directories go (a small filesystem in the
     /// watermark test); `None`: the system's temp dir.
     pub data_root: Option<PathBuf>,
+    /// TLS on both ports and every dial (tests/cluster/tls.rs); default off.
+    pub tls: raftmq_tls::TlsConfig,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -173,6 +175,7 @@ impl Replica {
                 config.messaging = node_settings.messaging;
                 config.nameservers = node_settings.nameservers;
                 config.faults = node_settings.faults;
+                config.tls = node_settings.tls;
                 config.retention = node_settings.retention.unwrap_or_else(|| {
                     use raftmq_broker::retention::{DiskUsageSource, RetentionConfig};
                     RetentionConfig {
@@ -514,6 +517,11 @@ pub struct NameServer {
 impl NameServer {
     /// Short broker timeout and heartbeat, so routes follow a failover in about a second.
     pub async fn start() -> anyhow::Result<NameServer> {
+        NameServer::start_with_tls(raftmq_tls::TlsConfig::default()).await
+    }
+
+    /// [`NameServer::start`] serving `tls`.
+    pub async fn start_with_tls(tls: raftmq_tls::TlsConfig) -> anyhow::Result<NameServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let stop = CancellationToken::new();
@@ -521,6 +529,7 @@ impl NameServer {
             raftmq_namesrv::NameServerConfig {
                 broker_timeout: Duration::from_secs(1),
                 heartbeat_interval: Duration::from_millis(200),
+                tls,
                 ..Default::default()
             },
             listener,

@@ -20,7 +20,7 @@ use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::api_error::{ApiError, LEADER_METADATA_KEY};
 use crate::group::GroupHandle;
@@ -132,8 +132,11 @@ impl Upstream {
         if channels.len() >= MAX_CHANNELS {
             channels.clear();
         }
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
-            .map_err(|e| Status::internal(format!("endpoint {endpoint:?} is not a valid address: {e}")))?
+        let channel = self
+            .inner
+            .group
+            .client_endpoint(endpoint)
+            .map_err(|e| Status::internal(format!("endpoint {endpoint:?}: {e}")))?
             .connect_timeout(self.inner.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();

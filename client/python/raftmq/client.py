@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 
@@ -325,7 +325,10 @@ class Client:
     brokers' elections (0.2-0.4 s timeout) are over by then. ``send_deadline``: total
     time a send (or heartbeat, pull, offset query) may spend on redirects, route
     refreshes and backoff; at least ``rpc_timeout``. ``route_ttl``: how long a cached
-    route is trusted before it is asked for again.
+    route is trusted before it is asked for again. ``tls_ca_file``: a PEM file of the
+    CA(s) the cluster's certificates are checked against; given, every connection
+    (NameServers and brokers) is TLS, and a NameServer may be written
+    ``https://host:port``. Default: plaintext.
     """
 
     def __init__(
@@ -335,10 +338,21 @@ class Client:
         rpc_timeout: float = 1.0,
         send_deadline: float = 10.0,
         route_ttl: float = 30.0,
+        tls_ca_file: Optional[str] = None,
     ) -> None:
         if isinstance(nameservers, str):
             nameservers = [a for a in nameservers.replace(";", ",").split(",") if a.strip()]
-        self.nameservers = [a.strip() for a in nameservers]
+        self._credentials: Optional[grpc.ChannelCredentials] = None
+        if tls_ca_file is not None:
+            try:
+                with open(tls_ca_file, "rb") as f:
+                    ca = f.read()
+            except OSError as e:
+                raise ValueError(f"tls_ca_file {tls_ca_file!r} cannot be read: {e}") from e
+            if b"-----BEGIN CERTIFICATE-----" not in ca:
+                raise ValueError(f"tls_ca_file {tls_ca_file!r} holds no PEM certificate")
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        self.nameservers = [self._bare(a.strip()) for a in nameservers]
         if not self.nameservers:
             raise ValueError("at least one NameServer address (host:port) is needed")
         if not rpc_timeout > 0:
@@ -377,6 +391,24 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _bare(self, endpoint: str) -> str:
+        """``endpoint`` without a scheme, refusing one that contradicts the TLS setting."""
+        if endpoint.startswith("https://"):
+            if self._credentials is None:
+                raise ValueError(f"{endpoint} asks for TLS: give tls_ca_file, the CA to check the server against")
+            return endpoint[len("https://") :]
+        if endpoint.startswith("http://"):
+            if self._credentials is not None:
+                raise ValueError(f"{endpoint} asks for plaintext while TLS is on (drop the http:// prefix)")
+            return endpoint[len("http://") :]
+        return endpoint
+
+    def make_channel(self, endpoint: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+        """A new channel to ``endpoint``: TLS when the client has a CA, else plaintext."""
+        if self._credentials is not None:
+            return grpc.secure_channel(endpoint, self._credentials, options=list(options))
+        return grpc.insecure_channel(endpoint, options=list(options))
+
     def channel(self, endpoint: str) -> grpc.Channel:
         """The one channel to ``endpoint`` (host:port), created on first use."""
         with self._lock:
@@ -384,9 +416,9 @@ class Client:
                 raise RuntimeError("raftmq Client is closed")
             ch = self._channels.get(endpoint)
             if ch is None:
-                ch = grpc.insecure_channel(
+                ch = self.make_channel(
                     endpoint,
-                    options=[
+                    [
                         # A pull carries at least one message if any matches, and a
                         # body may be 4 MiB: gRPC's 4 MiB default would refuse it.
                         ("grpc.max_receive_message_length", 64 << 20),

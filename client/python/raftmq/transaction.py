@@ -228,7 +228,7 @@ class _CheckStream:
                 problem = ""
                 try:
                     if self._channel is None:
-                        self._channel = grpc.insecure_channel(self.endpoint, options=_STREAM_CHANNEL_OPTIONS)
+                        self._channel = owner.client.make_channel(self.endpoint, _STREAM_CHANNEL_OPTIONS)
                     call = pb_grpc.MessagingServiceStub(self._channel).TransactionChecks(req)
                     with self._lock:
                         self._call = call
