@@ -48,6 +48,9 @@ struct Inner {
     /// Set once this replica learns it was removed from the group
     /// ([`crate::membership`]); it then serves no client request.
     removed: std::sync::OnceLock<crate::membership::Removed>,
+    /// What the request paths record into; `None` when the node serves no
+    /// metrics endpoint, so that nothing is recorded either.
+    metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -64,6 +67,7 @@ impl GroupHandle {
         store: StoreReader,
         config: MessagingConfig,
         shutdown: CancellationToken,
+        metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
     ) -> Self {
         GroupHandle {
             inner: Arc::new(Inner {
@@ -77,8 +81,14 @@ impl GroupHandle {
                 topics_changed: tokio::sync::Notify::new(),
                 tasks: TaskTracker::new(),
                 removed: std::sync::OnceLock::new(),
+                metrics,
             }),
         }
+    }
+
+    /// The metrics to record into, when this node serves them.
+    pub fn metrics(&self) -> Option<&crate::metrics::BrokerMetrics> {
+        self.inner.metrics.as_deref()
     }
 
     pub fn group(&self) -> &str {

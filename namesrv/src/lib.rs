@@ -5,6 +5,7 @@
 //! and never talk to each other; a node silent past `broker_timeout` leaves the
 //! routes.
 
+pub mod metrics;
 pub mod registry;
 
 use std::net::SocketAddr;
@@ -36,6 +37,11 @@ pub struct NameServerConfig {
     /// How often brokers are told to heartbeat. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Address the Prometheus metrics endpoint (HTTP, `GET /metrics`) listens
+    /// on; empty: none. `raftmq namesrv` defaults it to `listen`'s host with the
+    /// port + 20000 (9876 -> 29876); the library serves the listener its caller
+    /// binds (see [`serve_with_metrics`]).
+    pub metrics_listen: String,
 }
 
 impl Default for NameServerConfig {
@@ -44,6 +50,7 @@ impl Default for NameServerConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9876)),
             broker_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -67,6 +74,20 @@ impl NameServerConfig {
                     self.heartbeat_interval
                 ),
             });
+        }
+        if !self.metrics_listen.is_empty() {
+            let addr: SocketAddr = self.metrics_listen.parse().map_err(|e| Error::Config {
+                key: "metrics_listen",
+                value: self.metrics_listen.clone(),
+                reason: format!("must be ip:port, or empty for no metrics endpoint ({e})"),
+            })?;
+            if addr.port() != 0 && addr == self.listen {
+                return Err(Error::Config {
+                    key: "metrics_listen",
+                    value: self.metrics_listen.clone(),
+                    reason: "must differ from listen (the gRPC port)".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -100,6 +121,7 @@ pub enum Error {
 pub struct NameServer {
     registry: Arc<Mutex<Registry>>,
     config: NameServerConfig,
+    metrics: metrics::NameServerMetrics,
 }
 
 impl NameServer {
@@ -107,6 +129,7 @@ impl NameServer {
         NameServer {
             registry: Arc::default(),
             config,
+            metrics: Default::default(),
         }
     }
 
@@ -129,6 +152,7 @@ impl NameServerService for NameServer {
         &self,
         request: Request<pb::RegisterBrokerRequest>,
     ) -> Result<Response<pb::RegisterBrokerResponse>, Status> {
+        self.metrics.registrations.inc();
         self.registry()
             .register(request.into_inner(), Instant::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -143,12 +167,14 @@ impl NameServerService for NameServer {
         request: Request<pb::QueryRouteRequest>,
     ) -> Result<Response<pb::QueryRouteResponse>, Status> {
         let topic = request.into_inner().topic;
+        self.metrics.route_queries.inc();
         registry::check_name(&topic)
             .map_err(|reason| Status::invalid_argument(format!("topic name {topic:?} is invalid: {reason}")))?;
         let groups = self
             .registry()
             .route(&topic, Instant::now(), self.config.broker_timeout);
         if groups.is_empty() {
+            self.metrics.route_misses.inc();
             return Err(Status::not_found(format!(
                 "no live broker group serves topic {topic:?}"
             )));
@@ -165,11 +191,31 @@ impl NameServerService for NameServer {
     }
 }
 
-/// Serves a NameServer on an already-bound `listener` until `shutdown` fires.
+/// Serves a NameServer on an already-bound `listener` until `shutdown` fires,
+/// with no metrics endpoint.
 pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    serve_with_metrics(config, listener, None, shutdown).await
+}
+
+/// [`serve`], plus the Prometheus metrics endpoint on `metrics` when given.
+pub async fn serve_with_metrics(
+    config: NameServerConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     config.validate()?;
     let addr = listener.local_addr().map_err(|source| Error::Listen { source })?;
     let server = NameServer::new(config.clone());
+    let endpoint = metrics.map(|listener| {
+        let registry = server.metrics.registry(server.registry.clone(), config.broker_timeout);
+        tokio::spawn(raftmq_proto::metrics_http::serve(
+            listener,
+            Arc::new(registry),
+            shutdown.clone(),
+        ))
+    });
+    let connections = server.metrics.connections.clone();
     let expirer = {
         let (server, stop) = (server.clone(), shutdown.clone());
         let every = config.broker_timeout / 4;
@@ -186,10 +232,17 @@ pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: Ca
     tracing::info!(listen = %addr, "NameServer started");
     let served = Server::builder()
         .add_service(NameServerServiceServer::new(server))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            connections.count(TcpIncoming::from(listener)),
+            shutdown.cancelled_owned(),
+        )
         .await
         .map_err(|source| Error::Serve { addr, source });
     expirer.abort();
+    if let Some(endpoint) = endpoint {
+        // Stopped with the gRPC server even when that one failed on its own.
+        endpoint.abort();
+    }
     tracing::info!(listen = %addr, "NameServer stopped");
     served
 }

@@ -106,6 +106,8 @@ pub struct Settings {
     /// Where the replicas' data directories go (a small filesystem in the
     /// watermark test); `None`: the system's temp dir.
     pub data_root: Option<PathBuf>,
+    /// Serve a metrics endpoint on an ephemeral port (tests/cluster/metrics.rs).
+    pub metrics: bool,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -189,7 +191,11 @@ impl Replica {
                 }
                 // Fast rounds so route tests need not wait seconds.
                 config.registration_interval = Duration::from_millis(200);
-                let listeners = raftmq_broker::Listeners { client, raft };
+                let metrics = match node_settings.metrics {
+                    true => Some(TcpListener::bind("127.0.0.1:0").await?),
+                    false => None,
+                };
+                let listeners = raftmq_broker::Listeners { client, raft, metrics };
                 anyhow::Ok(RaftNode::start(config, listeners, CancellationToken::new()).await?)
             })
             .await
