@@ -183,6 +183,8 @@ impl RaftNode {
             );
         }
         let tasks = group.tasks().clone();
+        // Without an endpoint the counts go nowhere; counting anyway keeps one
+        // server type (two atomic adds per connection, none per request).
         let connections = metrics.as_ref().map(|m| m.connections.clone()).unwrap_or_default();
         if let (Some(listener), Some(m)) = (listeners.metrics, &metrics) {
             let registry = crate::metrics::registry(
