@@ -108,6 +108,10 @@ pub struct BenchArgs {
     /// split among the three; ignored with --namesrv).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// Run the local cluster without metrics endpoints, so its replicas record
+    /// no metrics (to measure what they cost; ignored with --namesrv).
+    #[arg(long)]
+    pub no_metrics: bool,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -237,13 +241,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 worker_threads: args.worker_threads.map(usize::from),
                 broker_args: Vec::new(),
                 tls: args.tls,
+                metrics: !args.no_metrics,
             })
             .await?;
             let ns = cluster.namesrv.clone();
             let transport = if args.tls { ", TLS" } else { "" };
+            let metrics: Vec<&str> = cluster.replicas.iter().filter_map(|r| r.metrics.as_deref()).collect();
             eprintln!(
-                "bench: local cluster (NameServer {ns}, 3 replicas, flush {}{transport}) under {}",
+                "bench: local cluster (NameServer {ns}, 3 replicas, flush {}{transport}, metrics {}) under {}",
                 args.flush,
+                if metrics.is_empty() {
+                    "off".to_owned()
+                } else {
+                    metrics.join(",")
+                },
                 data_dir.display()
             );
             tls_ca_file = cluster.tls_ca_file.clone();

@@ -43,10 +43,25 @@ pub struct LocalClusterOptions {
     pub broker_args: Vec<String>,
     /// TLS on every port, with certificates made under `data_dir/tls`.
     pub tls: bool,
+    /// Serve metrics endpoints: the NameServer's and each replica's on its port
+    /// plus [`METRICS_PORT_OFFSET`] (any free port when that port is any).
+    /// Off, the replicas record no metrics at all.
+    pub metrics: bool,
 }
 
-/// A group's replicas by node id: (client address, Raft peer address).
-type Endpoints = BTreeMap<u64, (String, String)>;
+use raftmq_proto::metrics_http::METRICS_PORT_OFFSET;
+
+/// The metrics port that goes with gRPC port `port` (0 stays 0: any).
+pub fn metrics_port(port: u16) -> u16 {
+    if port == 0 {
+        0
+    } else {
+        port.saturating_add(METRICS_PORT_OFFSET)
+    }
+}
+
+/// A group's replicas by node id: (client address, Raft peer address, metrics address).
+type Endpoints = BTreeMap<u64, (String, String, Option<String>)>;
 
 /// One supervised replica.
 pub struct Replica {
@@ -54,6 +69,8 @@ pub struct Replica {
     pub group: String,
     pub node_id: u64,
     pub endpoint: String,
+    /// Its metrics endpoint (`host:port`), when the cluster serves metrics.
+    pub metrics: Option<String>,
     pub log_file: PathBuf,
     pub pid_file: PathBuf,
     supervisor: std::thread::JoinHandle<()>,
@@ -62,6 +79,8 @@ pub struct Replica {
 /// A running local cluster; [`LocalCluster::stop`] stops it in order.
 pub struct LocalCluster {
     pub namesrv: String,
+    /// The NameServer's metrics endpoint, when the cluster serves metrics.
+    pub namesrv_metrics: Option<String>,
     pub groups: Vec<String>,
     /// Every group's replicas, group after group.
     pub replicas: Vec<Replica>,
@@ -138,7 +157,8 @@ impl LocalCluster {
                 opts.namesrv
             )
         })?;
-        let namesrv = ns_listener.local_addr()?.to_string();
+        let ns_addr = ns_listener.local_addr()?;
+        let namesrv = ns_addr.to_string();
         let tls = if opts.tls {
             Some(tls_files(&opts.data_dir)?)
         } else {
@@ -150,12 +170,30 @@ impl LocalCluster {
             key_file: tls.as_ref().map(|f| f.key_file.clone()),
             ca_file: tls.as_ref().map(|f| f.ca_file.clone()),
         };
-        let namesrv_task = tokio::spawn(raftmq_namesrv::serve(
+        let ns_metrics = match opts.metrics {
+            true => {
+                // From the port asked for, not the one bound: any stays any.
+                let asked = opts.namesrv.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+                let addr = (ns_addr.ip(), metrics_port(asked.unwrap_or(ns_addr.port())));
+                Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the NameServer's metrics port {addr:?}"))?,
+                )
+            }
+            false => None,
+        };
+        let namesrv_metrics = ns_metrics
+            .as_ref()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .transpose()?;
+        let namesrv_task = tokio::spawn(raftmq_namesrv::serve_with_metrics(
             raftmq_namesrv::NameServerConfig {
                 tls: tls_config,
                 ..raftmq_namesrv::NameServerConfig::default()
             },
             ns_listener,
+            ns_metrics,
             token.clone(),
         ));
 
@@ -186,7 +224,17 @@ impl LocalCluster {
                 };
                 let raft = free_addr("127.0.0.1", raft_port)
                     .with_context(|| format!("{group} replica {id}'s Raft peer port (is another raftmq running?)"))?;
-                endpoints.insert(id, (addr.to_string(), raft.to_string()));
+                let metrics = match opts.metrics {
+                    true => Some(
+                        free_addr("127.0.0.1", metrics_port(*port))
+                            .with_context(|| {
+                                format!("{group} replica {id}'s metrics port (is another raftmq running?)")
+                            })?
+                            .to_string(),
+                    ),
+                    false => None,
+                };
+                endpoints.insert(id, (addr.to_string(), raft.to_string(), metrics));
             }
             layout.push((group.clone(), endpoints));
         }
@@ -207,10 +255,10 @@ impl LocalCluster {
         for (group, endpoints) in &layout {
             let peers = endpoints
                 .iter()
-                .map(|(id, (a, r))| format!("{id}={a}/{r}"))
+                .map(|(id, (a, r, _))| format!("{id}={a}/{r}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            for (&id, (endpoint, raft)) in endpoints {
+            for (&id, (endpoint, raft, metrics)) in endpoints {
                 let name = format!("{group}-{id}");
                 let mut args: Vec<String> = vec![
                     "broker".into(),
@@ -236,6 +284,9 @@ impl LocalCluster {
                     opts.flush.clone(),
                     "--worker-threads".into(),
                     workers.to_string(),
+                    // Explicit either way: `raftmq broker` would otherwise derive one.
+                    "--set".into(),
+                    format!("metrics_listen={}", metrics.as_deref().unwrap_or_default()),
                 ];
                 if let Some(files) = &tls {
                     for (key, path) in [
@@ -276,6 +327,7 @@ impl LocalCluster {
                     group: group.clone(),
                     node_id: id,
                     endpoint: endpoint.clone(),
+                    metrics: metrics.clone(),
                     log_file,
                     pid_file,
                     supervisor,
@@ -285,6 +337,7 @@ impl LocalCluster {
         stop_on_error.disarm();
         Ok(LocalCluster {
             namesrv,
+            namesrv_metrics,
             groups: opts.groups,
             replicas,
             tls_ca_file: tls.map(|f| f.ca_file),

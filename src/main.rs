@@ -97,6 +97,10 @@ struct NamesrvArgs {
     /// Heartbeat interval the NameServer asks broker nodes to keep (default 2000).
     #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
+    /// Address of the Prometheus metrics endpoint (default: --listen's port +
+    /// 20000, 127.0.0.1:29876; empty: none).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Any setting as KEY=VALUE, e.g. `--set broker_timeout=30s` (repeatable; wins over the other flags).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -131,6 +135,10 @@ struct BrokerArgs {
     /// host:port peers dial for Raft (default: --advertise's host, port + 30000).
     #[arg(long)]
     raft_advertise: Option<String>,
+    /// Address of the Prometheus metrics endpoint, HTTP (default: --listen's
+    /// port + 20000, 10911 -> 30911; empty: none, and nothing is recorded).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// File holding the group's peer secret (at least 16 bytes; surrounding
     /// whitespace ignored), the same on every replica. Raft RPCs are signed with
     /// it. The environment variable RAFTMQ_PEER_SECRET may give the secret itself
@@ -258,6 +266,10 @@ struct DevArgs {
     /// CA and node certificate made under <data-dir>/tls (made once, then reused).
     #[arg(long)]
     tls: bool,
+    /// Serve no metrics endpoints (by default the NameServer's is on its port +
+    /// 20000, 29876, and each replica's on its port + 20000, 30911-30913).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 #[derive(clap::Args)]
@@ -907,10 +919,17 @@ fn namesrv_settings(args: &NamesrvArgs, env: &[(String, String)]) -> anyhow::Res
     if let Some(ms) = args.heartbeat_interval_ms {
         layers.flag("heartbeat_interval", format!("{ms}ms"), "--heartbeat-interval-ms")?;
     }
+    if let Some(addr) = &args.metrics_listen {
+        layers.flag("metrics_listen", addr.clone(), "--metrics-listen")?;
+    }
     for assignment in &args.set {
         layers.set(assignment)?;
     }
-    let config: raftmq_namesrv::NameServerConfig = layers.extract()?;
+    let metrics_set = layers.is_set("metrics_listen");
+    let mut config: raftmq_namesrv::NameServerConfig = layers.extract()?;
+    if !metrics_set && !args.print_config {
+        config.metrics_listen = metrics_addr_of(config.listen)?.to_string();
+    }
     if !args.print_config {
         config.validate()?;
     }
@@ -921,11 +940,38 @@ async fn run_namesrv(config: raftmq_namesrv::NameServerConfig) -> anyhow::Result
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the NameServer to {}", config.listen))?;
+    let metrics = bind_metrics(&config.metrics_listen, "the NameServer").await?;
     let token = tokio_util::sync::CancellationToken::new();
     cancel_on_signal(token.clone());
     println!("NameServer listening on {}", listener.local_addr()?);
-    raftmq_namesrv::serve(config, listener, token).await?;
+    if let Some(m) = &metrics {
+        println!("NameServer metrics on http://{}/metrics", m.local_addr()?);
+    }
+    raftmq_namesrv::serve_with_metrics(config, listener, metrics, token).await?;
     Ok(())
+}
+
+/// `addr`'s metrics address: the port + `METRICS_PORT_OFFSET` (0 stays 0: any).
+fn metrics_addr_of(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    use raftmq_proto::metrics_http::METRICS_PORT_OFFSET;
+    let port = match addr.port() {
+        0 => 0,
+        p => p.checked_add(METRICS_PORT_OFFSET).with_context(|| {
+            format!("{addr}: port + {METRICS_PORT_OFFSET} is past 65535; set metrics_listen explicitly")
+        })?,
+    };
+    Ok(SocketAddr::new(addr.ip(), port))
+}
+
+/// Binds a validated `metrics_listen` setting; empty means no endpoint.
+async fn bind_metrics(addr: &str, whose: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {whose}'s metrics endpoint (metrics_listen) to {addr}"))?;
+    Ok(Some(listener))
 }
 
 /// `raftmq dev`'s replicas per broker group.
@@ -971,6 +1017,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         worker_threads: args.worker_threads.map(usize::from),
         broker_args: args.transactions.broker_args(),
         tls: args.tls,
+        metrics: !args.no_metrics,
     })
     .await?;
     let token = cluster.token();
@@ -983,6 +1030,10 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         Some(Ok(leaders)) => {
             println!("raftmq dev cluster is up (data under {}):", args.data_dir.display());
             println!("  NameServer        {}", cluster.namesrv);
+            if let Some(m) = &cluster.namesrv_metrics {
+                // Not "NameServer ...": scripts read the NameServer's address off that prefix.
+                println!("  metrics           http://{m}/metrics (NameServer)");
+            }
             for r in &cluster.replicas {
                 let role = if leaders.get(&r.group) == Some(&r.node_id) {
                     "leader"
@@ -998,6 +1049,9 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
                     pid.trim(),
                     r.log_file.display()
                 );
+                if let Some(m) = &r.metrics {
+                    println!("      metrics http://{m}/metrics");
+                }
             }
             if groups.len() > 1 {
                 println!(
@@ -1128,6 +1182,7 @@ fn broker_settings(args: &BrokerArgs, env: &[(String, String)]) -> anyhow::Resul
         ("group", &args.group, "--group"),
         ("advertise", &args.advertise, "--advertise"),
         ("raft_advertise", &args.raft_advertise, "--raft-advertise"),
+        ("metrics_listen", &args.metrics_listen, "--metrics-listen"),
         ("flush", &args.flush, "--flush"),
     ];
     for (key, value, flag) in strings {
@@ -1219,8 +1274,12 @@ fn broker_settings(args: &BrokerArgs, env: &[(String, String)]) -> anyhow::Resul
             key.replace('_', "-")
         );
     }
+    let metrics_set = layers.is_set("metrics_listen");
     let mut config: RaftNodeConfig = layers.extract()?;
     let listen = config.listen.context("setting listen is required")?;
+    if !metrics_set {
+        config.metrics_listen = metrics_addr_of(listen)?.to_string();
+    }
     if config.advertise_addr.is_empty() {
         config.advertise_addr = listen.to_string();
     }
@@ -1273,15 +1332,25 @@ async fn run_broker(config: raftmq_broker::RaftNodeConfig) -> anyhow::Result<()>
     let raft = tokio::net::TcpListener::bind(raft_listen)
         .await
         .with_context(|| format!("binding broker node {node_id}'s Raft peer port to {raft_listen}"))?;
+    let metrics = bind_metrics(&config.metrics_listen, &format!("broker node {node_id}")).await?;
+    let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
     let token = tokio_util::sync::CancellationToken::new();
     cancel_on_signal(token.clone());
-    let node = RaftNode::start(config, raftmq_broker::Listeners { client, raft }, token.clone()).await?;
+    let node = RaftNode::start(
+        config,
+        raftmq_broker::Listeners { client, raft, metrics },
+        token.clone(),
+    )
+    .await?;
     // The lowest id forms the group, once; the others learn the membership from it.
     if peers.keys().next() == Some(&node_id) && !node.raft().is_initialized().await? {
         node.initialize(peers).await?;
         println!("formed broker group {group}");
     }
     println!("broker {group} node {node_id} listening on {listen} (Raft peers on {raft_listen})");
+    if let Some(addr) = metrics_addr {
+        println!("broker {group} node {node_id} metrics on http://{addr}/metrics");
+    }
     node.run_until_cancelled().await?;
     Ok(())
 }

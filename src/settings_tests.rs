@@ -182,10 +182,38 @@ fn namesrv_settings_layer_too() {
     let c = namesrv_settings(&a, &env(&[("RAFTMQ_NAMESRV_LISTEN", "127.0.0.1:19876")])).unwrap();
     assert_eq!(c.listen.to_string(), "127.0.0.1:19876");
     assert_eq!(c.broker_timeout, Duration::from_secs(30));
+    assert_eq!(c.metrics_listen, "127.0.0.1:39876", "metrics on the port + 20000");
     let cli = Cli::try_parse_from(["raftmq", "namesrv", "--set", "heartbeat_interval=20s"]).unwrap();
     let Command::Namesrv(a) = cli.command else {
         unreachable!()
     };
     let e = format!("{:#}", namesrv_settings(&a, &[]).unwrap_err());
     assert!(e.contains("broker_timeout"), "{e}");
+}
+
+#[test]
+fn the_metrics_endpoint_defaults_to_the_client_port_plus_20000_and_empty_turns_it_off() {
+    let base = [
+        "--group",
+        "g",
+        "--node-id",
+        "1",
+        "--data-dir",
+        "/tmp/d",
+        "--listen",
+        "127.0.0.1:10911",
+    ];
+    let c = broker(&base, &[SECRET]).unwrap();
+    assert_eq!(c.metrics_listen, "127.0.0.1:30911");
+    let off: Vec<&str> = base.iter().copied().chain(["--metrics-listen", ""]).collect();
+    assert_eq!(broker(&off, &[SECRET]).unwrap().metrics_listen, "");
+    let env_off = broker(&base, &[SECRET, ("RAFTMQ_METRICS_LISTEN", "")]).unwrap();
+    assert_eq!(env_off.metrics_listen, "");
+    let bad: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--set", "metrics_listen=nowhere"])
+        .collect();
+    let e = format!("{:#}", broker(&bad, &[SECRET]).unwrap_err());
+    assert!(e.contains("metrics_listen") && e.contains("nowhere"), "{e}");
 }

@@ -21,6 +21,8 @@
 //! - `raft_rpc`: the Raft RPC service refusing bad peers' requests.
 //! - `membership`: replicas added, removed and replaced online, leader transfer.
 //! - `messaging`: the MessagingService and AdminService gRPC API.
+//! - `metrics`: the broker's and the NameServer's metrics endpoints under a
+//!   workload, parsed as OpenMetrics; bad metrics addresses refused.
 //! - `client`: the Rust client's producer and pull consumer.
 //! - `consumers`: consumer groups with push consumers.
 //! - `lifecycle`: POP, FIFO POP, retries and dead letters, timers, SQL92
@@ -54,6 +56,8 @@ mod lifecycle;
 mod membership;
 #[path = "cluster/messaging.rs"]
 mod messaging;
+#[path = "cluster/metrics.rs"]
+mod metrics;
 #[path = "cluster/processes.rs"]
 mod processes;
 #[path = "cluster/raft_rpc.rs"]

@@ -50,6 +50,12 @@ pub struct RaftNodeConfig {
     /// Default: `advertise`'s host with `raft_listen`'s port.
     #[serde(rename = "raft_advertise", alias = "raft_advertise_addr")]
     pub raft_advertise_addr: String,
+    /// Address the Prometheus metrics endpoint (HTTP, `GET /metrics`) listens
+    /// on, apart from the gRPC ports; empty: no endpoint, and nothing is
+    /// recorded. `raftmq broker` defaults it to `listen`'s host with the port +
+    /// 20000 (10911 -> 30911) and binds it; tests and embedders bind their own
+    /// ([`crate::Listeners::metrics`]).
+    pub metrics_listen: String,
     /// The group's initial members, `id=host:port` (the client address; Raft is
     /// then on port 30000 higher) or `id=host:port/raft_host:raft_port`; the
     /// lowest id forms the group on its first start. Empty: join an existing
@@ -338,6 +344,7 @@ impl RaftNodeConfig {
             raft_listen: None,
             advertise_addr: advertise_addr.into(),
             raft_advertise_addr: String::new(),
+            metrics_listen: String::new(),
             peers: Vec::new(),
             peer_secret_file: None,
             peer_secret: PeerSecret::new(Vec::new()),
@@ -392,6 +399,22 @@ impl RaftNodeConfig {
                 self.raft_advertise_addr.clone(),
                 "must differ from advertise: clients must not reach the Raft service",
             ));
+        }
+        if !self.metrics_listen.is_empty() {
+            let addr: SocketAddr = self.metrics_listen.parse().map_err(|e| {
+                bad(
+                    "metrics_listen",
+                    self.metrics_listen.clone(),
+                    &format!("must be ip:port, or empty for no metrics endpoint ({e})"),
+                )
+            })?;
+            if addr.port() != 0 && (Some(addr) == self.listen || Some(addr) == self.raft_listen) {
+                return Err(bad(
+                    "metrics_listen",
+                    self.metrics_listen.clone(),
+                    "must differ from listen and raft_listen (the gRPC ports)",
+                ));
+            }
         }
         if self.peer_secret.len() < MIN_SECRET_BYTES {
             return Err(bad(
@@ -525,6 +548,22 @@ mod tests {
         c.election_timeout_max = c.election_timeout_min;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("election_timeout_max"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_metrics_address_names_the_key() {
+        let mut c = config();
+        c.metrics_listen = "localhost".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics_listen") && err.contains("localhost"), "{err}");
+        c.listen = Some("127.0.0.1:10911".parse().unwrap());
+        c.metrics_listen = "127.0.0.1:10911".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics_listen"), "{err}");
+        c.metrics_listen = "127.0.0.1:30911".into();
+        c.validate().unwrap();
+        c.metrics_listen.clear();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -51,6 +51,9 @@ struct Inner {
     /// How this node dials other nodes' client ports and the NameServers: the
     /// cluster CA when TLS is on (`None`: plaintext).
     client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// What the request paths record into; `None` when the node serves no
+    /// metrics endpoint, so that nothing is recorded either.
+    metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -68,6 +71,7 @@ impl GroupHandle {
         config: MessagingConfig,
         shutdown: CancellationToken,
         client_tls: Option<tonic::transport::ClientTlsConfig>,
+        metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
     ) -> Self {
         GroupHandle {
             inner: Arc::new(Inner {
@@ -82,8 +86,14 @@ impl GroupHandle {
                 tasks: TaskTracker::new(),
                 removed: std::sync::OnceLock::new(),
                 client_tls,
+                metrics,
             }),
         }
+    }
+
+    /// The metrics to record into, when this node serves them.
+    pub fn metrics(&self) -> Option<&crate::metrics::BrokerMetrics> {
+        self.inner.metrics.as_deref()
     }
 
     pub fn group(&self) -> &str {

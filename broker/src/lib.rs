@@ -27,6 +27,7 @@
 //! * [`rocketmq`]: RocketMQ 5's gRPC API (`apache.rocketmq.v2`) for the
 //!   official SDKs, translated onto the services below and forwarded to the
 //!   group's leader from any node.
+//! * [`metrics`]: the Prometheus metrics the node serves on its metrics port.
 //! * [`membership`]: online membership changes (add, remove, leader transfer)
 //!   and what a removed or not-yet-added replica answers.
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
@@ -52,6 +53,7 @@ pub mod filter;
 pub mod group;
 pub mod membership;
 pub mod messaging;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peer_auth;

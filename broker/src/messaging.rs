@@ -61,6 +61,7 @@ impl Messaging {
     }
 
     async fn send(&self, req: pb::SendRequest) -> Result<pb::SendResponse, ApiError> {
+        let started = std::time::Instant::now();
         let g = &self.group;
         validate::send_request(&req, g.config())?;
         g.ensure_leader()?;
@@ -92,6 +93,10 @@ impl Messaging {
         };
         tracing::Span::current().record("queue", queue_id);
         let count = req.messages.len();
+        // Only summed when someone reads it: one pass over the batch.
+        let body_bytes = g
+            .metrics()
+            .map_or(0, |_| req.messages.iter().map(|m| m.body.len()).sum::<usize>());
         // Stamped once here so every replica stores the same time.
         let store_timestamp_ms = now_ms();
         let due = validate::delivery_times(&req.messages, store_timestamp_ms, g.config().max_delay)?;
@@ -155,7 +160,7 @@ impl Messaging {
             }
             other => (written.index, other, queue_id),
         };
-        match response {
+        let answer = match response {
             Response::HalfStored { count: n } if n as usize == count => Ok(pb::SendResponse {
                 results: (0..n)
                     .map(|pos| {
@@ -199,7 +204,11 @@ impl Messaging {
             other => Err(ApiError::Internal(format!(
                 "append of {count} message(s) was answered with {other}"
             ))),
+        };
+        if let (Ok(_), Some(m)) = (&answer, g.metrics()) {
+            m.sent(&topic.name, count, body_bytes, started.elapsed());
         }
+        answer
     }
 
     async fn auto_create(&self, name: &str) -> Result<TopicConfig, ApiError> {
@@ -248,6 +257,9 @@ impl Messaging {
                 .read(&req.topic, req.queue_id, offset, max, &filter, authoritative)
                 .await?;
             if !read.messages.is_empty() || Instant::now() >= deadline {
+                if let Some(m) = g.metrics() {
+                    m.pulled(&req.topic, read.messages.len());
+                }
                 return Ok(read);
             }
             // Nothing matched yet: wait from where this read stopped, so messages

@@ -49,24 +49,26 @@ const DEFAULT_CHUNK: usize = 1024 * 1024;
 /// leadership moved (measured: 485-510 failed sends of 6,000, stalls of seconds).
 const SLOWEST_INTAKE_BYTES_PER_SEC: f64 = 16.0 * 1024.0 * 1024.0;
 
-/// Requests sent on a replication session and not answered yet, oldest first.
+/// Requests sent on a replication session and not answered yet, oldest first,
+/// with when each was sent (the replication round's start, for metrics).
 #[derive(Default)]
 struct Owed {
-    sizes: std::collections::VecDeque<u64>,
+    sizes: std::collections::VecDeque<(u64, std::time::Instant)>,
     bytes: u64,
 }
 
 impl Owed {
     fn sent(&mut self, size: u64) {
-        self.sizes.push_back(size);
+        self.sizes.push_back((size, std::time::Instant::now()));
         self.bytes += size;
     }
 
-    /// The oldest request's reply arrived (replies come in request order).
-    fn answered(&mut self) {
-        if let Some(size) = self.sizes.pop_front() {
-            self.bytes -= size;
-        }
+    /// The oldest request's reply arrived (replies come in request order):
+    /// returns when that request was sent.
+    fn answered(&mut self) -> Option<std::time::Instant> {
+        let (size, sent_at) = self.sizes.pop_front()?;
+        self.bytes -= size;
+        Some(sent_at)
     }
 
     /// How long a window with replies owed may pass without one.
@@ -93,6 +95,9 @@ pub struct PeerLink {
     /// Mutual TLS toward peers' Raft ports (the cluster CA, this node's
     /// certificate); `None`: plaintext.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Where replication rounds (AppendEntries sent -> answered) are recorded,
+    /// when the node serves metrics.
+    pub replication_seconds: Option<Arc<raftmq_raft_store::stats::AtomicHistogram>>,
 }
 
 /// openraft's factory of per-peer clients for one broker group.
@@ -349,8 +354,9 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                 Ok(Ok(response)) => response.into_inner(),
             };
             let this = &*self;
+            let rounds = self.link.replication_seconds.clone();
             let out = futures::stream::unfold(Some((replies, session_guard)), move |state| {
-                let (owed, encode_failure) = (owed.clone(), encode_failure.clone());
+                let (owed, encode_failure, rounds) = (owed.clone(), encode_failure.clone(), rounds.clone());
                 async move {
                     let (mut replies, session_guard) = state?;
                     let item = loop {
@@ -371,7 +377,10 @@ impl RaftNetworkV2<TypeConfig> for GrpcNetwork {
                                 break Err(this.status_error(RPCTypes::AppendEntries, ttl, &status));
                             }
                             Ok(Some(Ok(reply))) => {
-                                owed.lock().unwrap_or_else(|p| p.into_inner()).answered();
+                                let sent_at = owed.lock().unwrap_or_else(|p| p.into_inner()).answered();
+                                if let (Some(h), Some(at)) = (&rounds, sent_at) {
+                                    h.observe_duration(at.elapsed());
+                                }
                                 break wire::from_json::<StreamAppendResult<TypeConfig>>(
                                     "stream append reply",
                                     &reply.body,

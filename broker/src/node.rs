@@ -39,12 +39,15 @@ const CLIENT_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Subdirectory of the data dir where received snapshots are staged.
 const INCOMING_DIR: &str = "snapshot-incoming";
 
-/// The two ports of a node, bound by the caller.
+/// The ports of a node, bound by the caller.
 pub struct Listeners {
     /// Messaging, admin and consumer groups.
     pub client: TcpListener,
     /// Raft RPC between the group's replicas.
     pub raft: TcpListener,
+    /// The Prometheus metrics endpoint (HTTP); `None` serves none and records
+    /// nothing.
+    pub metrics: Option<TcpListener>,
 }
 
 /// A running broker replica.
@@ -55,6 +58,7 @@ pub struct RaftNode {
     log: CommitLogReader,
     local_addr: SocketAddr,
     raft_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     servers: [JoinHandle<Result<(), tonic::transport::Error>>; 2],
     /// Background tasks (registration, watchers); each ends on `shutdown`.
@@ -109,6 +113,11 @@ impl RaftNode {
             ),
             None => (Server::builder(), Server::builder()),
         };
+        let metrics_addr = listeners.metrics.as_ref().map(addr_of).transpose()?;
+        let metrics = listeners
+            .metrics
+            .is_some()
+            .then(|| Arc::new(crate::metrics::BrokerMetrics::default()));
         let incoming_dir = config.data_dir.join(INCOMING_DIR);
         tokio::fs::create_dir_all(&incoming_dir)
             .await
@@ -130,6 +139,7 @@ impl RaftNode {
             campaign: CampaignMarker::default(),
             faults: config.faults.clone(),
             tls: tls.as_ref().map(raftmq_tls::Tls::mutual_client),
+            replication_seconds: metrics.as_ref().map(|m| m.replication_seconds()),
         };
         let network = GrpcNetworkFactory::new(
             node_id,
@@ -147,6 +157,12 @@ impl RaftNode {
                 group: config.broker_group.clone(),
                 source,
             })?;
+        if let Some(m) = &metrics
+            && let Err(e) = raft.set_metrics_recorder(Some(m.raft_recorder())).await
+        {
+            // Only elections and batch sizes are missing then; serve the rest.
+            tracing::warn!(node_id, error = %e, "openraft refused the metrics recorder");
+        }
 
         let group = GroupHandle::new(
             &config.broker_group,
@@ -156,6 +172,7 @@ impl RaftNode {
             config.messaging.clone(),
             shutdown.clone(),
             tls.as_ref().map(raftmq_tls::Tls::client),
+            metrics.clone(),
         );
         let watch = LeaderWatch::new(
             node_id,
@@ -190,6 +207,25 @@ impl RaftNode {
             );
         }
         let tasks = group.tasks().clone();
+        // Without an endpoint the counts go nowhere; counting anyway keeps one
+        // server type (two atomic adds per connection, none per request).
+        let connections = metrics.as_ref().map(|m| m.connections.clone()).unwrap_or_default();
+        if let (Some(listener), Some(m)) = (listeners.metrics, &metrics) {
+            let registry = crate::metrics::registry(
+                &config.broker_group,
+                node_id,
+                m.clone(),
+                raft.clone(),
+                store.clone(),
+                log.clone(),
+            );
+            // Tracked, so shutdown waits for it: scrape connections hold the store.
+            tasks.spawn(raftmq_proto::metrics_http::serve(
+                listener,
+                Arc::new(registry),
+                shutdown.clone(),
+            ));
+        }
         crate::membership::spawn_removal_watch(group.clone(), config.connect_timeout);
         crate::timers::spawn(group.clone());
         crate::retention::spawn(
@@ -214,7 +250,7 @@ impl RaftNode {
         let messaging = messaging.into_server(config.max_rpc_message_bytes);
         let admin = admin.into_server();
         let consumer = coordinator.into_server();
-        let incoming = TcpIncoming::from(listeners.client).with_nodelay(Some(true));
+        let incoming = connections.count(TcpIncoming::from(listeners.client).with_nodelay(Some(true)));
         let stop = shutdown.clone();
         let faults = ClientFaultLayer {
             faults: config.faults.clone(),
@@ -256,6 +292,7 @@ impl RaftNode {
             raft_listen = %raft_addr,
             raft_advertise = %config.raft_advertise_addr,
             tls = tls.is_some(),
+            metrics = ?metrics_addr,
             "broker replica started"
         );
         Ok(RaftNode {
@@ -265,6 +302,7 @@ impl RaftNode {
             log,
             local_addr,
             raft_addr,
+            metrics_addr,
             shutdown,
             servers: [client_server, raft_server],
             tasks,
@@ -301,6 +339,11 @@ impl RaftNode {
     /// The Raft peer address actually listened on.
     pub fn raft_addr(&self) -> SocketAddr {
         self.raft_addr
+    }
+
+    /// The metrics endpoint's address, when it serves one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Makes `members` the group's first membership. Call on one node of a new

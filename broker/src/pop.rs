@@ -218,6 +218,9 @@ impl Pop {
                     .await?
             };
             if !messages.is_empty() || Instant::now() >= deadline {
+                if let Some(m) = g.metrics() {
+                    m.received(&topic.name, messages.len());
+                }
                 return Ok(pb::ReceiveResponse {
                     broker_group: g.group().to_owned(),
                     messages,
@@ -438,6 +441,9 @@ impl Pop {
                 written.response
             )));
         };
+        if let Some(m) = g.metrics() {
+            m.acked(&req.topic, ok.iter().filter(|ok| **ok).count());
+        }
         Ok(pb::AckResponse {
             results: req
                 .receipt_handles

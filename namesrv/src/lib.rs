@@ -6,6 +6,7 @@
 //! routes. With `tls.enabled` it serves TLS only (no client certificate asked:
 //! authenticating brokers is registration's business, not the transport's).
 
+pub mod metrics;
 pub mod registry;
 
 use std::net::SocketAddr;
@@ -40,6 +41,11 @@ pub struct NameServerConfig {
     /// TLS on the listener (the `[tls]` table: `enabled`, `cert_file`,
     /// `key_file`; `ca_file` is not read). Default off.
     pub tls: raftmq_tls::TlsConfig,
+    /// Address the Prometheus metrics endpoint (HTTP, `GET /metrics`) listens
+    /// on; empty: none. `raftmq namesrv` defaults it to `listen`'s host with the
+    /// port + 20000 (9876 -> 29876); the library serves the listener its caller
+    /// binds (see [`serve_with_metrics`]).
+    pub metrics_listen: String,
 }
 
 impl Default for NameServerConfig {
@@ -49,6 +55,7 @@ impl Default for NameServerConfig {
             broker_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
             tls: raftmq_tls::TlsConfig::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -72,6 +79,20 @@ impl NameServerConfig {
                     self.heartbeat_interval
                 ),
             });
+        }
+        if !self.metrics_listen.is_empty() {
+            let addr: SocketAddr = self.metrics_listen.parse().map_err(|e| Error::Config {
+                key: "metrics_listen",
+                value: self.metrics_listen.clone(),
+                reason: format!("must be ip:port, or empty for no metrics endpoint ({e})"),
+            })?;
+            if addr.port() != 0 && addr == self.listen {
+                return Err(Error::Config {
+                    key: "metrics_listen",
+                    value: self.metrics_listen.clone(),
+                    reason: "must differ from listen (the gRPC port)".into(),
+                });
+            }
         }
         self.tls.validate(raftmq_tls::Role::Server).map_err(tls_config)
     }
@@ -120,6 +141,7 @@ pub enum Error {
 pub struct NameServer {
     registry: Arc<Mutex<Registry>>,
     config: NameServerConfig,
+    metrics: metrics::NameServerMetrics,
 }
 
 impl NameServer {
@@ -127,6 +149,7 @@ impl NameServer {
         NameServer {
             registry: Arc::default(),
             config,
+            metrics: Default::default(),
         }
     }
 
@@ -149,6 +172,7 @@ impl NameServerService for NameServer {
         &self,
         request: Request<pb::RegisterBrokerRequest>,
     ) -> Result<Response<pb::RegisterBrokerResponse>, Status> {
+        self.metrics.registrations.inc();
         self.registry()
             .register(request.into_inner(), Instant::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -163,12 +187,14 @@ impl NameServerService for NameServer {
         request: Request<pb::QueryRouteRequest>,
     ) -> Result<Response<pb::QueryRouteResponse>, Status> {
         let topic = request.into_inner().topic;
+        self.metrics.route_queries.inc();
         registry::check_name(&topic)
             .map_err(|reason| Status::invalid_argument(format!("topic name {topic:?} is invalid: {reason}")))?;
         let groups = self
             .registry()
             .route(&topic, Instant::now(), self.config.broker_timeout);
         if groups.is_empty() {
+            self.metrics.route_misses.inc();
             return Err(Status::not_found(format!(
                 "no live broker group serves topic {topic:?}"
             )));
@@ -185,8 +211,19 @@ impl NameServerService for NameServer {
     }
 }
 
-/// Serves a NameServer on an already-bound `listener` until `shutdown` fires.
+/// Serves a NameServer on an already-bound `listener` until `shutdown` fires,
+/// with no metrics endpoint.
 pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    serve_with_metrics(config, listener, None, shutdown).await
+}
+
+/// [`serve`], plus the Prometheus metrics endpoint on `metrics` when given.
+pub async fn serve_with_metrics(
+    config: NameServerConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     config.validate()?;
     let mut builder = match config.tls.load(raftmq_tls::Role::Server).map_err(tls_config)? {
         Some(tls) => Server::builder()
@@ -196,6 +233,15 @@ pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: Ca
     };
     let addr = listener.local_addr().map_err(|source| Error::Listen { source })?;
     let server = NameServer::new(config.clone());
+    let endpoint = metrics.map(|listener| {
+        let registry = server.metrics.registry(server.registry.clone(), config.broker_timeout);
+        tokio::spawn(raftmq_proto::metrics_http::serve(
+            listener,
+            Arc::new(registry),
+            shutdown.clone(),
+        ))
+    });
+    let connections = server.metrics.connections.clone();
     let expirer = {
         let (server, stop) = (server.clone(), shutdown.clone());
         let every = config.broker_timeout / 4;
@@ -212,10 +258,17 @@ pub async fn serve(config: NameServerConfig, listener: TcpListener, shutdown: Ca
     tracing::info!(listen = %addr, tls = config.tls.enabled, "NameServer started");
     let served = builder
         .add_service(NameServerServiceServer::new(server))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            connections.count(TcpIncoming::from(listener)),
+            shutdown.cancelled_owned(),
+        )
         .await
         .map_err(|source| Error::Serve { addr, source });
     expirer.abort();
+    if let Some(endpoint) = endpoint {
+        // Stopped with the gRPC server even when that one failed on its own.
+        endpoint.abort();
+    }
     tracing::info!(listen = %addr, "NameServer stopped");
     served
 }

@@ -1,6 +1,10 @@
 //! raftmq's wire formats: the `.proto` files under `proto/` and the tonic/prost code
 //! generated from them at build time. Conversions to domain types live with the
-//! crates that own those types, one module per message family.
+//! crates that own those types, one module per message family. Also the one
+//! wire format that is not gRPC: the metrics endpoint every process serves
+//! ([`metrics_http`]).
+
+pub mod metrics_http;
 
 /// Client-facing messaging, admin and NameServer APIs.
 pub mod v1 {

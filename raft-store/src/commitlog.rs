@@ -29,12 +29,27 @@ const PURGED_FILE: &str = "purged.json";
 const COMMITTED_PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Counters of the flusher, for benchmarks and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FlushStats {
     /// `fdatasync` calls on segment files.
     pub fsyncs: AtomicU64,
     /// `append` calls whose records those fsyncs covered.
     pub appends: AtomicU64,
+    /// How long each flush round's `fdatasync`s took together.
+    pub fsync_seconds: crate::stats::AtomicHistogram,
+    /// Appends one flush round made durable: the group commit's size.
+    pub group_commit_appends: crate::stats::AtomicHistogram,
+}
+
+impl Default for FlushStats {
+    fn default() -> Self {
+        FlushStats {
+            fsyncs: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            fsync_seconds: crate::stats::AtomicHistogram::latency(),
+            group_commit_appends: crate::stats::AtomicHistogram::sizes(),
+        }
+    }
 }
 
 struct Meta {
@@ -243,7 +258,11 @@ fn run_flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
                 }
             }
         }
+        let synced_at = Instant::now();
         let result = files.iter().try_for_each(|f| f.sync_data());
+        if !files.is_empty() {
+            shared.stats.fsync_seconds.observe_duration(synced_at.elapsed());
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "fdatasync of CommitLog segment failed");
         }
@@ -252,6 +271,10 @@ fn run_flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
             Ok(()) => Ok(()),
             Err(e) => Err(io::Error::new(e.kind(), format!("CommitLog fdatasync failed: {e}"))),
         };
+        let appends = batch.iter().filter(|j| matches!(j, Job::Sync { .. })).count();
+        if appends > 0 {
+            shared.stats.group_commit_appends.observe(appends as f64);
+        }
         for job in batch {
             match job {
                 Job::Sync { done, .. } => {
@@ -349,6 +372,11 @@ impl CommitLogReader {
         prefix: &str,
     ) -> io::Result<(Vec<crate::segment::LinkedSegment>, Option<Arc<File>>)> {
         self.shared.segments_read().link_range(start, end, dst, prefix)
+    }
+
+    /// The flusher's counters and histograms.
+    pub fn stats(&self) -> &FlushStats {
+        &self.shared.stats
     }
 
     /// Every segment's extent, oldest first; the last is the one being written.

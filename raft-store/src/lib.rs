@@ -100,6 +100,7 @@ pub mod record;
 pub mod segment;
 pub mod snapshot;
 pub mod state_machine;
+pub mod stats;
 pub mod timers;
 pub mod transactions;
 

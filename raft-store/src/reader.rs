@@ -370,6 +370,41 @@ impl StoreReader {
         self.shared.horizon.subscribe()
     }
 
+    /// How long apply batches took.
+    pub fn apply_seconds(&self) -> &crate::stats::AtomicHistogram {
+        &self.shared.apply_seconds
+    }
+
+    /// RocksDB's integer `properties` of every column family, for the metrics
+    /// endpoint: (column family, property, value). A property RocksDB does not
+    /// know is left out. Reads in-memory counters only; no I/O.
+    pub fn rocksdb_properties(&self, properties: &[&str]) -> Vec<(&'static str, String, u64)> {
+        let state = self.shared.current();
+        let mut out = Vec::new();
+        for cf in crate::layout::CFS {
+            let Some(handle) = state.db.cf_handle(cf) else { continue };
+            for p in properties {
+                if let Ok(Some(v)) = state.db.property_int_value_cf(handle, *p) {
+                    out.push((cf, (*p).to_owned(), v));
+                }
+            }
+        }
+        out
+    }
+
+    /// RocksDB's estimate of the pending timers (delayed messages and retries
+    /// not yet due): the timer column family's key count, which is exact once
+    /// compacted and never needs a scan.
+    pub fn pending_timers_estimate(&self) -> u64 {
+        let state = self.shared.current();
+        state
+            .db
+            .property_int_value_cf(state.cf(crate::timers::CF_TIMER), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// Every segment file holding this replica's retained records, oldest
     /// first: the snapshot archive's, then the CommitLog's (whose last one is
     /// being written). The two may overlap in index after a snapshot install.

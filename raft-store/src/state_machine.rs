@@ -184,6 +184,9 @@ pub(crate) struct SmShared {
     pub snapshot_horizon: AtomicU64,
     /// The snapshot directories and which one is current.
     pub snapshots: Snapshots,
+    /// How long each apply batch took (commands, RocksDB write, replies), for
+    /// the metrics endpoint.
+    pub apply_seconds: crate::stats::AtomicHistogram,
 }
 
 impl SmShared {
@@ -298,6 +301,7 @@ impl StateMachine {
             horizon: tokio::sync::watch::Sender::new(horizon),
             snapshot_horizon: AtomicU64::new(snapshot_horizon),
             snapshots,
+            apply_seconds: crate::stats::AtomicHistogram::latency(),
         });
         Ok(StateMachine {
             shared,
@@ -999,12 +1003,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let state = self.shared.current();
         let mut wb = WriteBatch::default();
         self.timer_overlay.clear();
+        // Timed from the first entry's arrival, not from the call: openraft may
+        // call with a stream that is still waiting for its entries.
+        let mut started = None;
         let mut replies = Vec::new();
         let mut last = None;
         let mut membership = None;
         let horizon_before = self.horizon;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            started.get_or_insert_with(std::time::Instant::now);
             if let (EntryPayload::Normal(Command::Retain { .. }), Some(done)) = (&entry.payload, last) {
                 // Retention reads the ConsumeQueues from RocksDB: write what this
                 // batch applied so far first, with its own applied id, so the
@@ -1038,6 +1046,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let Some(r) = responder {
                 r.send(response);
             }
+        }
+        if let Some(started) = started {
+            self.shared.apply_seconds.observe_duration(started.elapsed());
         }
         Ok(())
     }

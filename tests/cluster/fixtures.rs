@@ -108,6 +108,8 @@ pub struct Settings {
     pub data_root: Option<PathBuf>,
     /// TLS on both ports and every dial (tests/cluster/tls.rs); default off.
     pub tls: raftmq_tls::TlsConfig,
+    /// Serve a metrics endpoint on an ephemeral port (tests/cluster/metrics.rs).
+    pub metrics: bool,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -192,7 +194,11 @@ impl Replica {
                 }
                 // Fast rounds so route tests need not wait seconds.
                 config.registration_interval = Duration::from_millis(200);
-                let listeners = raftmq_broker::Listeners { client, raft };
+                let metrics = match node_settings.metrics {
+                    true => Some(TcpListener::bind("127.0.0.1:0").await?),
+                    false => None,
+                };
+                let listeners = raftmq_broker::Listeners { client, raft, metrics };
                 anyhow::Ok(RaftNode::start(config, listeners, CancellationToken::new()).await?)
             })
             .await
