@@ -62,6 +62,15 @@ pub struct Written {
     pub response: Response,
 }
 
+/// What a node gives its group handle besides Raft and the store: how it dials
+/// other nodes, and where the request paths record.
+pub struct NodeWiring {
+    /// The cluster CA when TLS is on (`None`: plaintext).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// `None` when the node serves no metrics endpoint.
+    pub metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+}
+
 impl GroupHandle {
     pub fn new(
         group: &str,
@@ -70,8 +79,7 @@ impl GroupHandle {
         store: StoreReader,
         config: MessagingConfig,
         shutdown: CancellationToken,
-        client_tls: Option<tonic::transport::ClientTlsConfig>,
-        metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+        NodeWiring { client_tls, metrics }: NodeWiring,
     ) -> Self {
         GroupHandle {
             inner: Arc::new(Inner {

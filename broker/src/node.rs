@@ -171,8 +171,10 @@ impl RaftNode {
             store.clone(),
             config.messaging.clone(),
             shutdown.clone(),
-            tls.as_ref().map(raftmq_tls::Tls::client),
-            metrics.clone(),
+            crate::group::NodeWiring {
+                client_tls: tls.as_ref().map(raftmq_tls::Tls::client),
+                metrics: metrics.clone(),
+            },
         );
         let watch = LeaderWatch::new(
             node_id,
