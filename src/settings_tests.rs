@@ -24,6 +24,17 @@ fn broker(args: &[&str], vars: &[(&str, &str)]) -> anyhow::Result<raftmq_broker:
 }
 
 const SECRET: (&str, &str) = ("RAFTMQ_PEER_SECRET", "0123456789abcdef");
+/// The flags every broker needs, which the tests add to.
+const BROKER_BASE: [&str; 8] = [
+    "--group",
+    "g",
+    "--node-id",
+    "1",
+    "--data-dir",
+    "/tmp/d",
+    "--listen",
+    "127.0.0.1:10911",
+];
 
 #[test]
 fn flags_env_and_file_fill_one_config_in_precedence_order() {
@@ -86,16 +97,7 @@ fn flags_env_and_file_fill_one_config_in_precedence_order() {
 
 #[test]
 fn bad_settings_name_the_key_and_where_it_came_from() {
-    let base = [
-        "--group",
-        "g",
-        "--node-id",
-        "1",
-        "--data-dir",
-        "/tmp/d",
-        "--listen",
-        "127.0.0.1:10911",
-    ];
+    let base = BROKER_BASE;
     let err = |extra: &[&str], vars: &[(&str, &str)]| -> String {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
         format!("{:#}", broker(&args, vars).unwrap_err())
@@ -193,16 +195,7 @@ fn namesrv_settings_layer_too() {
 
 #[test]
 fn the_metrics_endpoint_defaults_to_the_client_port_plus_20000_and_empty_turns_it_off() {
-    let base = [
-        "--group",
-        "g",
-        "--node-id",
-        "1",
-        "--data-dir",
-        "/tmp/d",
-        "--listen",
-        "127.0.0.1:10911",
-    ];
+    let base = BROKER_BASE;
     let c = broker(&base, &[SECRET]).unwrap();
     assert_eq!(c.metrics_listen, "127.0.0.1:30911");
     let off: Vec<&str> = base.iter().copied().chain(["--metrics-listen", ""]).collect();

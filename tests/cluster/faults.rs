@@ -26,7 +26,7 @@ use tonic::Code;
 
 use super::fixtures::{
     Check, Cluster, DEADLINE, GROUP, PEER_SECRET, QUEUES, Replica, Settings, TOPIC, append, body, create_topic_via,
-    eventually, signed, signed_as,
+    eventually, forged_transfer, signed, signed_as,
 };
 
 /// A three-replica cluster whose links go through a fresh switchboard.
@@ -476,14 +476,7 @@ async fn raft_port_refuses_forged_and_impersonating_rpcs_and_the_client_port_ser
     let mut raft = RaftServiceClient::connect(format!("http://{}", cluster.replica(target).raft_addr)).await?;
 
     // What an attacker wants: `target` to take over, as if the leader asked.
-    let transfer = || -> anyhow::Result<rpb::TransferLeaderRequest> {
-        let req =
-            openraft::raft::TransferLeaderRequest::<raftmq_raft_store::TypeConfig>::new(before.vote, target, None);
-        Ok(rpb::TransferLeaderRequest {
-            broker_group: GROUP.into(),
-            body: raftmq_broker::wire::to_json("transfer", &req)?,
-        })
-    };
+    let transfer = || forged_transfer(before.vote, target);
     let cases: Vec<(&str, tonic::Request<rpb::TransferLeaderRequest>, Code)> = vec![
         ("unsigned", tonic::Request::new(transfer()?), Code::Unauthenticated),
         (

@@ -132,6 +132,19 @@ pub fn signed_as<T>(node: NodeId, rpc: &str, msg: T) -> tonic::Request<T> {
     signed(msg, rpc, node, PEER_SECRET)
 }
 
+/// What an attacker wants of a forged Raft RPC: `target` asked to take over
+/// leadership, as if the leader holding `vote` sent it.
+pub fn forged_transfer(
+    vote: raftmq_raft_store::Vote,
+    target: NodeId,
+) -> anyhow::Result<raftmq_proto::raft::v1::TransferLeaderRequest> {
+    let req = openraft::raft::TransferLeaderRequest::<raftmq_raft_store::TypeConfig>::new(vote, target, None);
+    Ok(raftmq_proto::raft::v1::TransferLeaderRequest {
+        broker_group: GROUP.into(),
+        body: raftmq_broker::wire::to_json("transfer", &req)?,
+    })
+}
+
 /// One replica and the runtime that runs it.
 pub struct Replica {
     pub id: NodeId,

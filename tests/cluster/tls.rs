@@ -16,8 +16,8 @@ use raftmq_tls::certgen::Files;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use super::fixtures::{
-    Check, Cluster, DEADLINE, GROUP, NameServer, ONE_AT_A_TIME, Settings, eventually, pull_everything, signed_as,
-    wait_for_known_route,
+    Check, Cluster, DEADLINE, NameServer, ONE_AT_A_TIME, Settings, eventually, forged_transfer, pull_everything,
+    signed_as, wait_for_known_route,
 };
 
 const TOPIC: &str = "tls-orders";
@@ -286,14 +286,7 @@ async fn a_raft_peer_without_a_cluster_certificate_is_refused_and_the_group_keep
     };
     // The worst forgery: an attacker holding the peer secret asks `target` to
     // take over, as if the leader sent it. Only the certificate stops it here.
-    let transfer = || -> anyhow::Result<rpb::TransferLeaderRequest> {
-        let req =
-            openraft::raft::TransferLeaderRequest::<raftmq_raft_store::TypeConfig>::new(before.vote, target, None);
-        Ok(rpb::TransferLeaderRequest {
-            broker_group: GROUP.into(),
-            body: raftmq_broker::wire::to_json("transfer", &req)?,
-        })
-    };
+    let transfer = || forged_transfer(before.vote, target);
     let foreign = Identity::from_pem(read(&certs.foreign.cert_file)?, read(&certs.foreign.key_file)?);
     for (what, tls) in [
         ("a certificate from another CA", trust.clone().identity(foreign)),
