@@ -325,46 +325,29 @@ fn refused(args: &[&str], key: &str) -> anyhow::Result<()> {
 fn a_bad_metrics_address_is_refused_naming_the_key() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().display().to_string();
-    let broker = |metrics: &str| -> Vec<String> {
-        [
+    // A port of its own: with port 0 the derived Raft address would equal the
+    // client one, which validation names first.
+    let broker = |listen: &str, metrics: [&str; 2]| -> anyhow::Result<()> {
+        let args = [
             "broker",
             "--group",
             "broker-a",
             "--node-id",
             "1",
-            // A port of its own: with port 0 the derived Raft address would
-            // equal the client one, which validation names first.
             "--listen",
-            "127.0.0.1:10998",
+            listen,
             "--data-dir",
             &data,
-            "--metrics-listen",
-            metrics,
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
+            metrics[0],
+            metrics[1],
+        ];
+        refused(&args, "metrics_listen")
     };
     for bad in ["localhost", "127.0.0.1", "127.0.0.1:99999"] {
-        let args = broker(bad);
-        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), "metrics_listen")?;
+        broker("127.0.0.1:10998", ["--metrics-listen", bad])?;
     }
-    refused(
-        &[
-            "broker",
-            "--group",
-            "broker-a",
-            "--node-id",
-            "1",
-            "--listen",
-            "127.0.0.1:10999",
-            "--data-dir",
-            &data,
-            "--set",
-            "metrics_listen=127.0.0.1:10999",
-        ],
-        "metrics_listen",
-    )?;
+    // The gRPC port itself.
+    broker("127.0.0.1:10999", ["--set", "metrics_listen=127.0.0.1:10999"])?;
     refused(
         &["namesrv", "--listen", "127.0.0.1:0", "--metrics-listen", "nowhere"],
         "metrics_listen",
