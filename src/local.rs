@@ -159,6 +159,10 @@ impl LocalCluster {
         })?;
         let ns_addr = ns_listener.local_addr()?;
         let namesrv = ns_addr.to_string();
+        // One secret for every group of this cluster: it authenticates peers of
+        // the same cluster (each signature also names its group), and the
+        // brokers' registrations at the NameServer (the cluster secret).
+        let secret_file = peer_secret_file(&opts.data_dir)?;
         let tls = if opts.tls {
             Some(tls_files(&opts.data_dir)?)
         } else {
@@ -190,6 +194,7 @@ impl LocalCluster {
         let namesrv_task = tokio::spawn(raftmq_namesrv::serve_with_metrics(
             raftmq_namesrv::NameServerConfig {
                 tls: tls_config,
+                cluster_secret_file: Some(secret_file.clone()),
                 ..raftmq_namesrv::NameServerConfig::default()
             },
             ns_listener,
@@ -238,9 +243,6 @@ impl LocalCluster {
             }
             layout.push((group.clone(), endpoints));
         }
-        // One secret for every group of this cluster: it authenticates peers of
-        // the same cluster, and each signature also names its group.
-        let secret_file = peer_secret_file(&opts.data_dir)?;
         // The replicas share this machine's cores: each with a worker per core
         // wakes threads across all of them for every Raft round. Measured on 2
         // cores, one worker per replica vs two, 5 interleaved pairs: one at a time
@@ -272,6 +274,8 @@ impl LocalCluster {
                     raft.clone(),
                     "--peer-secret-file".into(),
                     secret_file.display().to_string(),
+                    "--set".into(),
+                    format!("cluster_secret_file={}", secret_file.display()),
                     "--data-dir".into(),
                     opts.data_dir.join(&name).display().to_string(),
                     "--namesrv".into(),

@@ -70,6 +70,11 @@ pub struct RaftNodeConfig {
     /// comes from `peer_secret_file` or `RAFTMQ_PEER_SECRET`.
     #[serde(skip)]
     pub peer_secret: PeerSecret,
+    /// File holding the cluster secret (at least 16 bytes, trimmed; read once at
+    /// start): every registration at a NameServer is signed with it, as a
+    /// NameServer with the same `cluster_secret_file` requires. Unset: unsigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// How far a peer signature's time may be from this node's clock. Default
     /// 30 s: well above clock skew between hosts kept by NTP.
     #[serde(with = "humantime_serde")]
@@ -347,6 +352,7 @@ impl RaftNodeConfig {
             metrics_listen: String::new(),
             peers: Vec::new(),
             peer_secret_file: None,
+            cluster_secret_file: None,
             peer_secret: PeerSecret::new(Vec::new()),
             peer_auth_window: Duration::from_secs(30),
             worker_threads: 0,

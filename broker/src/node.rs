@@ -93,6 +93,17 @@ impl RaftNode {
             })
         };
         let (local_addr, raft_addr) = (addr_of(&listeners.client)?, addr_of(&listeners.raft)?);
+        // Read before anything listens: a bad file stops the start naming its key.
+        let cluster_secret = match &config.cluster_secret_file {
+            Some(path) => Some(std::sync::Arc::<[u8]>::from(
+                raftmq_proto::registration_auth::read_secret(path).map_err(|reason| Error::Config {
+                    key: "cluster_secret_file",
+                    value: path.display().to_string(),
+                    reason,
+                })?,
+            )),
+            None => None,
+        };
         // Loaded before anything listens: a bad file stops the start naming its key.
         let tls = config.tls.load(raftmq_tls::Role::Node).map_err(|e| Error::Config {
             key: e.key,
@@ -201,8 +212,11 @@ impl RaftNode {
         if !config.nameservers.is_empty() {
             crate::registration::spawn(
                 group.clone(),
-                config.cluster.clone(),
-                config.advertise_addr.clone(),
+                crate::registration::Identity {
+                    cluster: config.cluster.clone(),
+                    endpoint: config.advertise_addr.clone(),
+                    secret: cluster_secret,
+                },
                 &config.nameservers,
                 config.registration_interval,
                 shutdown.clone(),

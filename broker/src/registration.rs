@@ -75,10 +75,36 @@ fn request(group: &GroupHandle, cluster: &str, endpoint: &str) -> pb::RegisterBr
 }
 
 /// Starts the registration loop; it ends when `shutdown` is cancelled.
+/// Who registers: the cluster name, this node's advertised client endpoint,
+/// and the cluster secret registrations are signed with (`None`: unsigned).
+pub struct Identity {
+    pub cluster: String,
+    pub endpoint: String,
+    pub secret: Option<std::sync::Arc<[u8]>>,
+}
+
+/// The registration as sent: signed when there is a cluster secret. Signed per
+/// send, not once per round, so every NameServer sees a fresh time.
+fn signed(req: pb::RegisterBrokerRequest, secret: Option<&[u8]>) -> tonic::Request<pb::RegisterBrokerRequest> {
+    use prost::Message as _;
+    let value = secret.map(|s| {
+        raftmq_proto::registration_auth::sign(s, &req.encode_to_vec(), raftmq_proto::registration_auth::unix_ms())
+    });
+    let mut r = tonic::Request::new(req);
+    if let Some(v) = value.and_then(|v| v.parse().ok()) {
+        r.metadata_mut()
+            .insert(raftmq_proto::registration_auth::REGISTRATION_AUTH_KEY, v);
+    }
+    r
+}
+
 pub fn spawn(
     group: GroupHandle,
-    cluster: String,
-    endpoint: String,
+    Identity {
+        cluster,
+        endpoint,
+        secret,
+    }: Identity,
     nameservers: &[String],
     interval: Duration,
     shutdown: CancellationToken,
@@ -131,10 +157,16 @@ pub fn spawn(
             let req = request(&group, &cluster, &endpoint);
             last = Some(key);
             let sends = clients.iter().map(|(addr, client)| {
-                let (mut client, req) = (client.clone(), req.clone());
+                let (mut client, req) = (client.clone(), signed(req.clone(), secret.as_deref()));
                 async move {
                     if let Err(status) = client.register_broker(req).await {
-                        tracing::debug!(namesrv = %addr, error = %status, "registration failed; retrying next round");
+                        if status.code() == tonic::Code::Unauthenticated {
+                            // A cluster secret that differs from the NameServer's:
+                            // this node stays out of routes until someone fixes it.
+                            tracing::warn!(namesrv = %addr, error = %status, "registration refused; retrying next round");
+                        } else {
+                            tracing::debug!(namesrv = %addr, error = %status, "registration failed; retrying next round");
+                        }
                     }
                 }
             });

@@ -46,6 +46,13 @@ pub struct NameServerConfig {
     /// port + 20000 (9876 -> 29876); the library serves the listener its caller
     /// binds (see [`serve_with_metrics`]).
     pub metrics_listen: String,
+    /// File holding the cluster secret (at least 16 bytes, trimmed), read once
+    /// at start. Set, every registration must be signed with it (see
+    /// `raftmq_proto::registration_auth`) or is refused UNAUTHENTICATED; unset,
+    /// any client may register a broker and redirect its topics' producers, so
+    /// set it wherever others can reach the NameServer. Default unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
 }
 
 impl Default for NameServerConfig {
@@ -56,6 +63,7 @@ impl Default for NameServerConfig {
             heartbeat_interval: Duration::from_secs(2),
             tls: raftmq_tls::TlsConfig::default(),
             metrics_listen: String::new(),
+            cluster_secret_file: None,
         }
     }
 }
@@ -142,6 +150,8 @@ pub struct NameServer {
     registry: Arc<Mutex<Registry>>,
     config: NameServerConfig,
     metrics: metrics::NameServerMetrics,
+    /// The cluster secret registrations are signed with; `None`: unsigned accepted.
+    cluster_secret: Option<Arc<[u8]>>,
 }
 
 impl NameServer {
@@ -150,7 +160,14 @@ impl NameServer {
             registry: Arc::default(),
             config,
             metrics: Default::default(),
+            cluster_secret: None,
         }
+    }
+
+    /// Requires every registration to be signed with `secret`.
+    pub fn with_cluster_secret(mut self, secret: Vec<u8>) -> Self {
+        self.cluster_secret = Some(secret.into());
+        self
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -173,6 +190,28 @@ impl NameServerService for NameServer {
         request: Request<pb::RegisterBrokerRequest>,
     ) -> Result<Response<pb::RegisterBrokerResponse>, Status> {
         self.metrics.registrations.inc();
+        if let Some(secret) = &self.cluster_secret {
+            use prost::Message as _;
+            let header = request
+                .metadata()
+                .get(raftmq_proto::registration_auth::REGISTRATION_AUTH_KEY)
+                .and_then(|v| v.to_str().ok());
+            let body = request.get_ref().encode_to_vec();
+            if let Err(reason) = raftmq_proto::registration_auth::verify(
+                secret,
+                header,
+                &body,
+                raftmq_proto::registration_auth::unix_ms(),
+            ) {
+                self.metrics.registrations_refused.inc();
+                let r = request.get_ref();
+                tracing::warn!(group = %r.broker_group, node_id = r.node_id, endpoint = %r.endpoint, %reason, "registration refused");
+                return Err(Status::unauthenticated(format!(
+                    "registration of {} node {} refused: {reason}",
+                    r.broker_group, r.node_id
+                )));
+            }
+        }
         self.registry()
             .register(request.into_inner(), Instant::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -232,7 +271,15 @@ pub async fn serve_with_metrics(
         None => Server::builder(),
     };
     let addr = listener.local_addr().map_err(|source| Error::Listen { source })?;
-    let server = NameServer::new(config.clone());
+    let mut server = NameServer::new(config.clone());
+    if let Some(path) = &config.cluster_secret_file {
+        let secret = raftmq_proto::registration_auth::read_secret(path).map_err(|reason| Error::Config {
+            key: "cluster_secret_file",
+            value: path.display().to_string(),
+            reason,
+        })?;
+        server = server.with_cluster_secret(secret);
+    }
     let endpoint = metrics.map(|listener| {
         let registry = server.metrics.registry(server.registry.clone(), config.broker_timeout);
         tokio::spawn(raftmq_proto::metrics_http::serve(
@@ -255,7 +302,12 @@ pub async fn serve_with_metrics(
             }
         })
     };
-    tracing::info!(listen = %addr, tls = config.tls.enabled, "NameServer started");
+    tracing::info!(
+        listen = %addr,
+        tls = config.tls.enabled,
+        signed_registrations = config.cluster_secret_file.is_some(),
+        "NameServer started"
+    );
     let served = builder
         .add_service(NameServerServiceServer::new(server))
         .serve_with_incoming_shutdown(
@@ -304,6 +356,124 @@ mod tests {
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: pb::MessageType::Transaction as i32,
             }],
+        }
+    }
+
+    /// A registration signed with `secret` at `unix_ms`.
+    fn signed(req: pb::RegisterBrokerRequest, secret: &[u8], unix_ms: u64) -> Request<pb::RegisterBrokerRequest> {
+        use prost::Message as _;
+        let value = raftmq_proto::registration_auth::sign(secret, &req.encode_to_vec(), unix_ms);
+        let mut r = Request::new(req);
+        r.metadata_mut().insert(
+            raftmq_proto::registration_auth::REGISTRATION_AUTH_KEY,
+            value.parse().expect("ASCII"),
+        );
+        r
+    }
+
+    #[tokio::test]
+    async fn with_a_cluster_secret_forged_registrations_are_refused_and_routes_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster-secret");
+        let secret = b"the-cluster-secret-0123456789";
+        std::fs::write(&file, [secret.as_slice(), b"\n"].concat()).unwrap();
+        let (url, token, task) = start(NameServerConfig {
+            cluster_secret_file: Some(file),
+            ..NameServerConfig::default()
+        })
+        .await;
+        let mut client = NameServerServiceClient::connect(url).await.unwrap();
+        let now = raftmq_proto::registration_auth::unix_ms();
+        // The real brokers, signed with the cluster secret.
+        for n in 0..3 {
+            client
+                .register_broker(signed(registration(n, 1), secret, now))
+                .await
+                .unwrap();
+        }
+        let leader_of = |route: pb::QueryRouteResponse| route.groups[0].leader_endpoint.clone();
+        let route = || pb::QueryRouteRequest { topic: "orders".into() };
+        assert_eq!(
+            leader_of(client.query_route(route()).await.unwrap().into_inner()),
+            "127.0.0.1:20001"
+        );
+
+        // An attacker's registration naming itself leader of broker-a at a higher term.
+        let mut fake = registration(1, 1);
+        fake.term = 99;
+        fake.endpoint = "10.6.6.6:10911".into();
+        fake.leader_endpoint = "10.6.6.6:10911".into();
+        let cases = [
+            ("unsigned", Request::new(fake.clone()), "no x-raftmq-registration-auth"),
+            (
+                "wrong secret",
+                signed(fake.clone(), b"not-the-cluster-secret", now),
+                "does not match",
+            ),
+            (
+                "expired",
+                signed(
+                    fake.clone(),
+                    secret,
+                    now - 2 * raftmq_proto::registration_auth::WINDOW_MS,
+                ),
+                "window",
+            ),
+            (
+                "tampered",
+                {
+                    // A real broker's signed registration with its endpoint changed.
+                    let mut r = signed(registration(1, 1), secret, now);
+                    r.get_mut().leader_endpoint = "10.6.6.6:10911".into();
+                    r
+                },
+                "does not match",
+            ),
+        ];
+        for (what, req, says) in cases {
+            let err = client.register_broker(req).await.expect_err(what);
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{what}: {err}");
+            assert!(
+                err.message().contains(says) && err.message().contains("broker-a"),
+                "{what}: {err}"
+            );
+            assert!(
+                !err.message().contains("the-cluster-secret"),
+                "{what}: the secret leaked: {err}"
+            );
+        }
+        // Nothing changed: the route still names the real leader, and a new
+        // group registered unsigned never appears.
+        let mut other = registration(7, 7);
+        other.broker_group = "broker-z".into();
+        assert!(client.register_broker(other).await.is_err());
+        let route = client.query_route(route()).await.unwrap().into_inner();
+        assert_eq!(route.groups.len(), 1, "{route:?}");
+        assert_eq!(leader_of(route), "127.0.0.1:20001");
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_short_or_missing_cluster_secret_file_stops_the_start_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny").unwrap();
+        for path in [short, dir.path().join("missing")] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let config = NameServerConfig {
+                cluster_secret_file: Some(path.clone()),
+                ..NameServerConfig::default()
+            };
+            let err = serve(config, listener, CancellationToken::new())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("cluster_secret_file") && err.contains(&path.display().to_string()),
+                "{err}"
+            );
+            assert!(!err.contains("tiny"), "the contents leaked: {err}");
         }
     }
 

@@ -18,6 +18,8 @@ use raftmq_proto::metrics_http::ConnectionCounts;
 #[derive(Debug, Clone, Default)]
 pub struct NameServerMetrics {
     pub registrations: Counter,
+    /// Registrations refused for a missing, stale or wrong signature.
+    pub registrations_refused: Counter,
     pub route_queries: Counter,
     /// Route queries answered NOT_FOUND (no live group serves the topic).
     pub route_misses: Counter,
@@ -77,6 +79,11 @@ impl NameServerMetrics {
             "raftmq_namesrv_registrations",
             "Broker registrations received",
             self.registrations.clone(),
+        );
+        r.register(
+            "raftmq_namesrv_registrations_refused",
+            "Broker registrations refused for a missing, stale or wrong cluster-secret signature",
+            self.registrations_refused.clone(),
         );
         r.register(
             "raftmq_namesrv_route_queries",

@@ -5,6 +5,7 @@
 //! ([`metrics_http`]).
 
 pub mod metrics_http;
+pub mod registration_auth;
 
 /// Client-facing messaging, admin and NameServer APIs.
 pub mod v1 {

@@ -157,6 +157,40 @@ async fn dev_cluster_replaces_a_sigkilled_leader_process_and_restarts_it() -> an
     let old_pid = dev.pid_of(old_id)?;
     ensure!(alive(old_pid), "pid file of the leader names a dead process");
 
+    // dev's NameServer takes registrations signed with the cluster secret only:
+    // a fake broker claiming the group's leadership at a higher term is refused,
+    // and the route keeps naming the real leader.
+    let mut ns =
+        pb::name_server_service_client::NameServerServiceClient::connect(format!("http://{}", dev.namesrv)).await?;
+    let real = ns
+        .query_route(pb::QueryRouteRequest { topic: TOPIC.into() })
+        .await?
+        .into_inner();
+    let group = real.groups.first().context("a route")?.clone();
+    let refused = ns
+        .register_broker(pb::RegisterBrokerRequest {
+            cluster: "dev".into(),
+            broker_group: group.broker_group.clone(),
+            node_id: old_id,
+            endpoint: "127.0.0.1:1".into(),
+            term: u64::MAX / 2,
+            leader_id: Some(old_id),
+            leader_endpoint: "127.0.0.1:1".into(),
+            follower_endpoints: vec![],
+            topics: vec![],
+        })
+        .await
+        .expect_err("an unsigned registration");
+    ensure!(refused.code() == tonic::Code::Unauthenticated, "{refused}");
+    let after = ns
+        .query_route(pb::QueryRouteRequest { topic: TOPIC.into() })
+        .await?
+        .into_inner();
+    ensure!(
+        after.groups.first().map(|g| &g.leader_endpoint) == Some(&group.leader_endpoint),
+        "the route moved: {after:?}"
+    );
+
     // SIGKILL the leader's process, as the README's tour does with kill -9.
     let killed_at = Instant::now();
     signal(old_pid, libc::SIGKILL);
