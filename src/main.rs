@@ -374,6 +374,10 @@ struct ProduceArgs {
     /// User property `name=value` on every message (repeatable).
     #[arg(long = "property", value_name = "NAME=VALUE")]
     properties: Vec<String>,
+    /// Message trace (RocketMQ's enableMsgTrace): the brokers record each
+    /// message's life; see it with `raftmq admin trace --id ID`.
+    #[arg(long, conflicts_with = "transactional")]
+    trace: bool,
     /// Send each message as a transactional (half) message of --producer-group,
     /// invisible to consumers until its transaction ends as --outcome says.
     /// With it, --key is only the message's key (indexed once committed), not a
@@ -609,6 +613,15 @@ enum AdminCommand {
         #[arg(long, env = "RAFTMQ_TLS_CA_FILE")]
         tls_ca_file: Option<PathBuf>,
     },
+    /// A traced message's timeline (stored, delivered, acked, retried,
+    /// dead-lettered), sorted by time.
+    Trace {
+        #[command(flatten)]
+        namesrv: NamesrvAddr,
+        /// The message id (from produce, pull, consume or a SendResult).
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -631,6 +644,10 @@ enum TopicCommand {
         /// unless this is given, so changing --queues never changes what it accepts.
         #[arg(long, value_enum)]
         message_type: Option<TopicMessageTypeArg>,
+        /// Message trace for every message sent to the topic (true) or not
+        /// (false). Default: off for a new topic; an existing topic keeps its setting.
+        #[arg(long)]
+        trace: Option<bool>,
     },
     /// List topics on every broker group, with their queues, permission and message type.
     List(NamesrvAddr),

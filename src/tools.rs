@@ -45,7 +45,10 @@ pub async fn run_produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     if args.transactional {
         return run_produce_transactional(args, properties).await;
     }
-    let producer = client(args.namesrv)?.producer();
+    let mut producer = client(args.namesrv)?.producer();
+    if args.trace {
+        producer = producer.enable_msg_trace();
+    }
     let started = std::time::Instant::now();
     let (mut ok, mut failed) = (0u64, 0u64);
     for i in 0..args.count {
@@ -446,20 +449,19 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             queues,
             groups,
             message_type,
+            trace,
         }) => {
             // Not given: UNSPECIFIED, which the broker makes NORMAL for a new
-            // topic and leaves alone on an existing one.
+            // topic and leaves alone on an existing one (and likewise the trace).
             let message_type = message_type.map_or(raftmq_proto::v1::MessageType::Unspecified, Into::into);
-            client(namesrv)?
-                .admin()
-                .create_topic_on(
-                    &topic,
-                    queues,
-                    raftmq_proto::v1::Permission::ReadWrite,
-                    message_type,
-                    &groups,
-                )
-                .await?;
+            let config = raftmq_proto::v1::TopicConfig {
+                name: topic.clone(),
+                queues_per_group: queues,
+                perm: raftmq_proto::v1::Permission::ReadWrite as i32,
+                message_type: message_type as i32,
+                trace,
+            };
+            client(namesrv)?.admin().create_topic_with(config, &groups).await?;
             let on = if groups.is_empty() {
                 "per broker group".to_owned()
             } else {
@@ -473,6 +475,9 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                     "topic {topic} created with {queues} queue(s) {on}, message type {}",
                     message_type_name(t)
                 ),
+            }
+            if let Some(on) = trace {
+                println!("message trace {}", if on { "on" } else { "off" });
             }
         }
         AdminCommand::Group(cmd) => run_group(cmd).await?,
@@ -498,16 +503,94 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Topic(TopicCommand::List(ns)) => {
             for (group, t) in client(ns)?.admin().list_topics().await? {
                 println!(
-                    "{group}  {}  queues {}  perm {}  type {}",
+                    "{group}  {}  queues {}  perm {}  type {}{}",
                     t.name,
                     t.queues_per_group,
                     t.perm,
-                    message_type_name(t.message_type())
+                    message_type_name(t.message_type()),
+                    if t.trace == Some(true) { "  traced" } else { "" }
                 );
+            }
+        }
+        AdminCommand::Trace { namesrv, id } => {
+            let events = client(namesrv)?.admin().trace(&id).await?;
+            anyhow::ensure!(
+                !events.is_empty(),
+                "no trace of message {id} (not traced, not stored, or its trace records were trimmed)"
+            );
+            println!("message {id}");
+            let start = events[0].time_ms;
+            for e in &events {
+                println!("{}", trace_line(e, start));
             }
         }
     }
     Ok(())
+}
+
+/// One step of a message's trace: time since the first step, the time, the
+/// kind, and what the kind records.
+fn trace_line(e: &raftmq_proto::v1::TraceEvent, start_ms: u64) -> String {
+    use raftmq_proto::v1::TraceEventKind as K;
+    let at = match e.queue_offset {
+        Some(o) => format!("{}/{}@{o}", e.topic, e.queue_id),
+        None => format!("{}/{}", e.topic, e.queue_id),
+    };
+    let what = match e.kind() {
+        K::Produced => format!(
+            "{at}  Raft index {}  producer {:?}{}",
+            e.raft_index,
+            e.producer,
+            if e.next_delivery_ms != 0 {
+                format!("  due at {}", e.next_delivery_ms)
+            } else {
+                String::new()
+            }
+        ),
+        K::Delivered => format!(
+            "group {}  client {:?}  attempt {}  {at}{}",
+            e.consumer_group,
+            e.client_id,
+            e.attempt,
+            if e.from_topic.is_empty() {
+                String::new()
+            } else {
+                format!(" (read from {})", e.from_topic)
+            }
+        ),
+        K::Retried => format!(
+            "group {}  attempt {} failed{}",
+            e.consumer_group,
+            e.attempt,
+            if e.next_delivery_ms != 0 {
+                format!("  due again at {}", e.next_delivery_ms)
+            } else {
+                String::new()
+            }
+        ),
+        K::Acked | K::DeadLettered => {
+            let client = if e.client_id.is_empty() {
+                String::new()
+            } else {
+                format!("  client {:?}", e.client_id)
+            };
+            format!("group {}{client}  attempt {}", e.consumer_group, e.attempt)
+        }
+        K::Unspecified => String::new(),
+    };
+    let kind = e.kind().as_str_name().trim_start_matches("TRACE_EVENT_KIND_");
+    let detail = if e.detail.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", e.detail)
+    };
+    format!(
+        "+{:>9.3}s  {}  {kind:<13}  {what}{detail}  [{} node {}]",
+        e.time_ms.saturating_sub(start_ms) as f64 / 1000.0,
+        e.time_ms,
+        e.broker_group,
+        e.node_id
+    )
 }
 
 /// A topic message type as RocketMQ names it ("FIFO"); UNSPECIFIED (a broker

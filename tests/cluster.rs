@@ -36,6 +36,8 @@
 //! - `processes`: the `raftmq` binary as separate processes.
 //! - `tls`: TLS on every port, mutual TLS between Raft peers; the wrong CA,
 //!   plaintext and foreign peer certificates refused.
+//! - `trace`: message traces from send to ack and through retries to the DLQ
+//!   (POP and push), across a leader kill, and none for an untraced topic.
 
 #[path = "cluster/fixtures.rs"]
 mod fixtures;
@@ -68,5 +70,7 @@ mod retention;
 mod rocketmq;
 #[path = "cluster/tls.rs"]
 mod tls;
+#[path = "cluster/trace.rs"]
+mod trace;
 #[path = "cluster/transactions.rs"]
 mod transactions;

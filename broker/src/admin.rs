@@ -135,6 +135,12 @@ impl Admin {
         validate::queue_count(t.queues_per_group)?;
         let perm = convert::perm_from_pb(t.perm)?;
         let given_type = convert::message_type_from_pb(t.message_type)?;
+        if t.trace == Some(true) && !crate::trace::traceable(&t.name) {
+            return Err(ApiError::InvalidArgument(format!(
+                "topic {:?} holds the trace records and cannot itself be traced",
+                t.name
+            )));
+        }
         self.group.ensure_leader()?;
         if req.if_absent {
             match self.group.topic_for_write(&t.name).await {
@@ -143,17 +149,23 @@ impl Admin {
                 Err(e) => return Err(e),
             }
         }
-        // UNSPECIFIED keeps an existing topic's type and makes a new topic NORMAL
-        // (see CreateTopicRequest in the proto). The existing config is read on the
+        // UNSPECIFIED keeps an existing topic's type and makes a new topic NORMAL,
+        // and an unset trace keeps its trace setting (off for a new topic; see
+        // CreateTopicRequest in the proto). The existing config is read on the
         // leader, caught up if it misses the topic, like a send's auto-create.
-        let message_type = match given_type {
-            Some(given) => given,
-            None => match self.group.topic_for_write(&t.name).await {
-                Ok(existing) => existing.message_type,
-                Err(ApiError::NotFound(_)) => TopicMessageType::Normal,
+        let existing = if given_type.is_none() || t.trace.is_none() {
+            match self.group.topic_for_write(&t.name).await {
+                Ok(existing) => Some(existing),
+                Err(ApiError::NotFound(_)) => None,
                 Err(e) => return Err(e),
-            },
+            }
+        } else {
+            None
         };
+        let message_type = given_type
+            .or(existing.as_ref().map(|e| e.message_type))
+            .unwrap_or(TopicMessageType::Normal);
+        let trace = t.trace.or(existing.map(|e| e.trace)).unwrap_or(false);
         let written = self
             .group
             .write(Command::UpsertTopic(TopicConfig {
@@ -161,6 +173,7 @@ impl Admin {
                 queues: t.queues_per_group,
                 perm,
                 message_type,
+                trace,
             }))
             .await?;
         self.group.topics_changed();
@@ -530,5 +543,16 @@ impl AdminService for Admin {
     ) -> Result<tonic::Response<pb::GetMembershipResponse>, Status> {
         let _span = self.span("GetMembership", "").entered();
         Ok(tonic::Response::new(self.changes.get_membership()))
+    }
+
+    async fn query_trace(
+        &self,
+        request: Request<pb::QueryTraceRequest>,
+    ) -> Result<tonic::Response<pb::QueryTraceResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("QueryTrace", crate::trace::TRACE_TOPIC);
+        async { answer("QueryTrace", crate::trace::query(&self.group, req).await) }
+            .instrument(span)
+            .await
     }
 }

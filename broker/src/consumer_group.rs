@@ -280,6 +280,10 @@ impl Coordinator {
             }
         }
         let wrote = self.commit(&req.consumer_group, &req.topic, &changed).await?;
+        // Push consumers ack by offset: traced deliveries below the commits are done.
+        self.group
+            .tracer()
+            .committed(&req.consumer_group, &req.topic, &changed, &req.client_id);
         if !decision.granted.is_empty() && !wrote {
             // Offsets committed under an earlier leader may not be applied here yet.
             self.group.catch_up().await?;
@@ -504,6 +508,7 @@ impl Coordinator {
                 offsets.push((q, o));
             }
             self.commit(&req.consumer_group, &topic.name, &offsets).await?;
+            self.group.tracer().forget(&req.consumer_group, &topic.name);
             // Holders jump on their next heartbeat; until then their commits for
             // these queues are ignored.
             if let Some(gt) = st.topics.get_mut(&(req.consumer_group.clone(), topic.name.clone())) {

@@ -163,6 +163,7 @@ pub fn topic_to_pb(t: TopicConfig) -> pb::TopicConfig {
         queues_per_group: t.queues,
         perm: perm_to_pb(t.perm) as i32,
         message_type: message_type_to_pb(t.message_type) as i32,
+        trace: Some(t.trace),
     }
 }
 

@@ -54,6 +54,8 @@ struct Inner {
     /// What the request paths record into; `None` when the node serves no
     /// metrics endpoint, so that nothing is recorded either.
     metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+    /// Message traces: the queue of records to write ([`crate::trace`]).
+    tracer: crate::trace::Tracer,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -95,6 +97,7 @@ impl GroupHandle {
                 removed: std::sync::OnceLock::new(),
                 client_tls,
                 metrics,
+                tracer: crate::trace::Tracer::new(group, node_id),
             }),
         }
     }
@@ -106,6 +109,11 @@ impl GroupHandle {
 
     pub fn group(&self) -> &str {
         &self.inner.group
+    }
+
+    /// Where the request paths record message-trace steps.
+    pub fn tracer(&self) -> &crate::trace::Tracer {
+        &self.inner.tracer
     }
 
     /// The endpoint for another node's client port or a NameServer (`host:port`):

@@ -28,6 +28,8 @@
 //!   official SDKs, translated onto the services below and forwarded to the
 //!   group's leader from any node.
 //! * [`metrics`]: the Prometheus metrics the node serves on its metrics port.
+//! * [`trace`]: message traces, recorded off the request paths into each
+//!   group's trace topic and read back by message id.
 //! * [`membership`]: online membership changes (add, remove, leader transfer)
 //!   and what a removed or not-yet-added replica answers.
 //! * [`messaging`] (Send, Pull) and [`admin`] (topics, cluster status): the
@@ -64,6 +66,7 @@ pub mod rocketmq;
 pub mod service;
 pub mod sql92;
 pub mod timers;
+pub mod trace;
 pub mod transactions;
 pub mod validate;
 pub mod wire;

@@ -92,6 +92,8 @@ impl Messaging {
             None => g.next_queue(&topic.name, topic.queues),
         };
         tracing::Span::current().record("queue", queue_id);
+        // Message trace: two flags already at hand; the rest only when set.
+        let traced = (req.trace || topic.trace) && crate::trace::traceable(&topic.name);
         let count = req.messages.len();
         // Only summed when someone reads it: one pass over the batch.
         let body_bytes = g
@@ -104,6 +106,12 @@ impl Messaging {
         for (i, m) in messages.iter_mut().enumerate() {
             m.deliver_at_ms = due.as_ref().map_or(0, |d| d[i]);
         }
+        let trace_producer = if traced {
+            crate::trace::mark(&mut messages);
+            Some(req.producer_id.clone())
+        } else {
+            None
+        };
         let producer = (!req.producer_id.is_empty()).then_some(ProducerSeq {
             producer_id: req.producer_id,
             sequence: req.sequence,
@@ -134,6 +142,7 @@ impl Messaging {
             transaction,
         };
         let written = g.write(Command::Append(batch)).await?;
+        let stored_by = written.index;
         let (index, response, queue_id) = match written.response {
             // A retry of a send already stored: answer as the first attempt did.
             Response::Duplicate {
@@ -208,6 +217,13 @@ impl Messaging {
         if let (Ok(_), Some(m)) = (&answer, g.metrics()) {
             m.sent(&topic.name, count, body_bytes, started.elapsed());
         }
+        // A retry answered from the producer's window was traced by its first attempt.
+        if let (Some(producer), Ok(sent)) = (trace_producer, &answer)
+            && index == stored_by
+        {
+            g.tracer()
+                .produced(&topic.name, index, &sent.results, &producer, store_timestamp_ms);
+        }
         answer
     }
 
@@ -220,6 +236,7 @@ impl Messaging {
             // dev` auto-creates topics, and SDK users send every kind to them), so
             // the topic accepts them all rather than only the first one's.
             message_type: raftmq_raft_store::TopicMessageType::Mixed,
+            trace: false,
         };
         tracing::info!(topic = name, queues = config.queues, "auto-creating topic");
         self.group.write(Command::UpsertTopic(config)).await?;
@@ -231,6 +248,12 @@ impl Messaging {
     async fn pull(&self, req: pb::PullRequest) -> Result<pb::PullResponse, ApiError> {
         let g = &self.group;
         validate::topic_name(&req.topic)?;
+        if !req.consumer_group.is_empty() {
+            validate::consumer_group_name(&req.consumer_group)?;
+            if !req.client_id.is_empty() {
+                validate::client_id(&req.client_id)?;
+            }
+        }
         let filter = MessageFilter::parse(req.filter_type, &req.tag_expression)?;
         let topic = g.topic(&req.topic)?;
         g.check_queue(&topic, req.queue_id)?;
@@ -259,6 +282,11 @@ impl Messaging {
             if !read.messages.is_empty() || Instant::now() >= deadline {
                 if let Some(m) = g.metrics() {
                     m.pulled(&req.topic, read.messages.len());
+                }
+                // A pull naming its consumer group delivers to it (message trace).
+                if !req.consumer_group.is_empty() {
+                    g.tracer()
+                        .pulled(&req.consumer_group, &req.client_id, &req.topic, &read.messages);
                 }
                 return Ok(read);
             }

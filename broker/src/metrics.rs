@@ -276,7 +276,7 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + fmt::Debug>(
 }
 
 /// Writes one unlabelled counter (the encoder adds `_total`).
-fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Unit>, value: u64) -> fmt::Result {
+pub(crate) fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Unit>, value: u64) -> fmt::Result {
     let c = ConstCounter::new(value);
     c.encode(enc.encode_descriptor(name, help, unit, c.metric_type())?)
 }
@@ -285,7 +285,7 @@ fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Un
 /// entry; nothing at all when there is none (a family without samples, as a
 /// follower's follower lag, is left out rather than described empty, which
 /// stricter OpenMetrics parsers refuse).
-fn family<const N: usize>(
+pub(crate) fn family<const N: usize>(
     enc: &mut DescriptorEncoder,
     (name, help, unit): (&str, &str, Option<&Unit>),
     kind: MetricType,

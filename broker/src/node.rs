@@ -227,7 +227,7 @@ impl RaftNode {
         // server type (two atomic adds per connection, none per request).
         let connections = metrics.as_ref().map(|m| m.connections.clone()).unwrap_or_default();
         if let (Some(listener), Some(m)) = (listeners.metrics, &metrics) {
-            let registry = crate::metrics::registry(
+            let mut registry = crate::metrics::registry(
                 &config.broker_group,
                 node_id,
                 m.clone(),
@@ -235,6 +235,7 @@ impl RaftNode {
                 store.clone(),
                 log.clone(),
             );
+            crate::trace::register_metrics(&mut registry, group.tracer());
             // Tracked, so shutdown waits for it: scrape connections hold the store.
             tasks.spawn(raftmq_proto::metrics_http::serve(
                 listener,
@@ -244,6 +245,7 @@ impl RaftNode {
         }
         crate::membership::spawn_removal_watch(group.clone(), config.connect_timeout);
         crate::timers::spawn(group.clone());
+        crate::trace::spawn(group.clone());
         crate::retention::spawn(
             group.clone(),
             config.retention.clone(),

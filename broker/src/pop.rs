@@ -12,7 +12,9 @@
 //! Receipt handles are opaque to clients: `1` | crc32c of the broker group (8
 //! hex) | queue (8) | offset (16) | epoch (16). The epoch is the Raft index of the
 //! entry that made the delivery, so a handle from an earlier delivery, or one
-//! replaced by ChangeInvisibleDuration, no longer matches and is refused.
+//! replaced by ChangeInvisibleDuration, no longer matches and is refused. The
+//! queue field's top bit (queue ids stay far below it) says the message is
+//! traced ([`crate::trace`]), so an ack of an untraced one reads nothing more.
 //!
 //! A new consumer group starts each queue at its lowest retained offset.
 
@@ -22,7 +24,8 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use raftmq_raft_store::command::PERM_READ;
-use raftmq_raft_store::{Command, PopPick, PopQueue, Response, StoredMessage};
+use raftmq_raft_store::command::tag_hash;
+use raftmq_raft_store::{Command, MessageRef, PopPick, PopQueue, Response, StoredMessage};
 use tokio::time::Instant;
 
 use crate::api_error::ApiError;
@@ -48,13 +51,19 @@ pub struct ReceiptHandle {
     pub queue_id: u32,
     pub offset: u64,
     pub epoch: u64,
+    /// The message is traced (message trace).
+    pub traced: bool,
 }
+
+/// The queue field's bit that marks a traced message's handle.
+const TRACED_BIT: u32 = 1 << 31;
 
 impl ReceiptHandle {
     pub fn encode(&self) -> String {
+        let queue = self.queue_id | if self.traced { TRACED_BIT } else { 0 };
         format!(
-            "1{:08x}{:08x}{:016x}{:016x}",
-            self.group_crc, self.queue_id, self.offset, self.epoch
+            "1{:08x}{queue:08x}{:016x}{:016x}",
+            self.group_crc, self.offset, self.epoch
         )
     }
 
@@ -66,11 +75,13 @@ impl ReceiptHandle {
         }
         let hex =
             |r: std::ops::Range<usize>| u64::from_str_radix(&handle[r], 16).map_err(|_| bad("is not hexadecimal"));
+        let queue = hex(9..17)? as u32;
         let h = ReceiptHandle {
             group_crc: hex(1..9)? as u32,
-            queue_id: hex(9..17)? as u32,
+            queue_id: queue & !TRACED_BIT,
             offset: hex(17..33)?,
             epoch: hex(33..49)?,
+            traced: queue & TRACED_BIT != 0,
         };
         if h.group_crc != crc32c::crc32c(group.as_bytes()) {
             return Err(bad(&format!("was issued by another broker group, not {group}")));
@@ -169,6 +180,9 @@ impl Pop {
         let g = &self.group;
         validate::consumer_group_name(&req.consumer_group)?;
         validate::topic_name(&req.topic)?;
+        if !req.client_id.is_empty() {
+            validate::client_id(&req.client_id)?;
+        }
         let filter = MessageFilter::parse(req.filter_type, &req.filter_expression)?;
         let invisible = match req.invisible_duration_ms {
             0 => DEFAULT_INVISIBLE,
@@ -214,7 +228,8 @@ impl Pop {
             // across the long-poll wait, so members do not queue behind it.
             let (messages, next_deadline) = {
                 let _serial = self.lock(&req.consumer_group).lock().await;
-                self.receive_once(&req.consumer_group, &topic.name, topic.queues, &filter, max, invisible)
+                let member = (req.consumer_group.as_str(), req.client_id.as_str());
+                self.receive_once(member, &topic.name, topic.queues, &filter, max, invisible)
                     .await?
             };
             if !messages.is_empty() || Instant::now() >= deadline {
@@ -242,9 +257,10 @@ impl Pop {
     }
 
     /// One planned receive; also the earliest in-flight deadline, for the wait.
+    /// `member` is the consumer group and the receiving client's id.
     async fn receive_once(
         &self,
-        consumer_group: &str,
+        (consumer_group, client_id): (&str, &str),
         topic: &str,
         queue_count: u32,
         filter: &MessageFilter,
@@ -290,6 +306,8 @@ impl Pop {
             let topic = topic_owned;
             let mut picks = Vec::new();
             let mut found: HashMap<(u32, u64), StoredMessage> = HashMap::new();
+            // Expired past the max and traced: (queue, offset, ref, failed attempt).
+            let mut dead_traced = Vec::new();
             let mut budget = max.saturating_sub(redeliveries).min(room);
             let hashes = filter.tag_hashes();
             for p in plans {
@@ -315,6 +333,14 @@ impl Pop {
                 for &(offset, epoch) in &p.dead {
                     if let Some(r) = store.row_ref(&topic, p.queue_id, offset)? {
                         pick.dead.push((offset, epoch, r));
+                        // Rare (a message failed every attempt): one more read.
+                        if store
+                            .message_record(r.raft_index, r.batch_pos)?
+                            .is_some_and(|m| crate::trace::is_traced(&m.message.properties))
+                        {
+                            let attempt = q.and_then(|q| q.inflight.get(&offset)).map_or(0, |f| f.attempt);
+                            dead_traced.push((p.queue_id, offset, r, attempt));
+                        }
                     }
                 }
                 if p.take_new && budget > 0 {
@@ -362,9 +388,9 @@ impl Pop {
                     picks.push(pick);
                 }
             }
-            Ok((picks, found))
+            Ok((picks, found, dead_traced))
         });
-        let (picks, mut found) = task
+        let (picks, mut found, dead_traced) = task
             .await
             .map_err(|e| ApiError::blocking_task("reading messages to hand out", e))?
             .map_err(|e| ApiError::storage("reading messages to hand out", e))?;
@@ -387,11 +413,27 @@ impl Pop {
                 written.response
             )));
         };
+        for (queue_id, offset, r, attempt) in dead_traced {
+            g.tracer().pop_outcome(
+                pb::TraceEventKind::DeadLettered,
+                consumer_group,
+                topic,
+                (queue_id, offset),
+                r,
+                attempt,
+                "invisible time expired past the group's max reconsume times",
+            );
+        }
         let group_crc = crc32c::crc32c(g.group().as_bytes());
         let messages = accepted
             .into_iter()
             .filter_map(|(queue_id, offset, attempt)| {
                 let m = found.remove(&(queue_id, offset))?;
+                let traced = crate::trace::is_traced(&m.message.properties);
+                if traced {
+                    g.tracer()
+                        .popped(consumer_group, client_id, &m, attempt, now + invisible_ms);
+                }
                 Some(pb::ReceivedMessage {
                     message: Some(pb::PulledMessage {
                         reconsume_times: attempt - 1,
@@ -402,6 +444,7 @@ impl Pop {
                         queue_id,
                         offset,
                         epoch: written.index,
+                        traced,
                     }
                     .encode(),
                     delivery_attempt: attempt,
@@ -428,6 +471,17 @@ impl Pop {
             .map(|h| ReceiptHandle::parse(h, g.group()))
             .collect::<Result<Vec<_>, _>>()?;
         g.ensure_leader()?;
+        // Traced deliveries' attempts, read while they are still in flight.
+        let attempts: Vec<u32> = handles
+            .iter()
+            .map(|h| {
+                if h.traced {
+                    crate::trace::inflight_attempt(g.store(), &req.consumer_group, &req.topic, h.queue_id, h.offset)
+                } else {
+                    0
+                }
+            })
+            .collect();
         let written = g
             .write(Command::PopAck {
                 group: req.consumer_group.clone(),
@@ -441,6 +495,22 @@ impl Pop {
                 written.response
             )));
         };
+        for ((h, ok), attempt) in handles.iter().zip(&ok).zip(attempts) {
+            if h.traced
+                && *ok
+                && let Ok(Some(r)) = g.store().row_ref(&req.topic, h.queue_id, h.offset)
+            {
+                g.tracer().pop_outcome(
+                    pb::TraceEventKind::Acked,
+                    &req.consumer_group,
+                    &req.topic,
+                    (h.queue_id, h.offset),
+                    r,
+                    attempt,
+                    "pop ack",
+                );
+            }
+        }
         if let Some(m) = g.metrics() {
             m.acked(&req.topic, ok.iter().filter(|ok| **ok).count());
         }
@@ -534,6 +604,12 @@ impl Pop {
                     req.topic, h.queue_id, h.offset
                 ))
             })?;
+        let attempt = if h.traced {
+            crate::trace::inflight_attempt(g.store(), &req.consumer_group, &req.topic, h.queue_id, h.offset)
+        } else {
+            0
+        };
+        let traced = h.traced.then(|| (req.consumer_group.clone(), req.topic.clone()));
         let written = g
             .write(Command::PopDeadLetter {
                 group: req.consumer_group,
@@ -546,7 +622,20 @@ impl Pop {
             })
             .await?;
         match written.response {
-            Response::PopChanged { ok: true } => Ok(pb::ForwardToDeadLetterResponse {}),
+            Response::PopChanged { ok: true } => {
+                if let Some((consumer_group, topic)) = traced {
+                    g.tracer().pop_outcome(
+                        pb::TraceEventKind::DeadLettered,
+                        &consumer_group,
+                        &topic,
+                        (h.queue_id, h.offset),
+                        message,
+                        attempt,
+                        "forwarded by the consumer",
+                    );
+                }
+                Ok(pb::ForwardToDeadLetterResponse {})
+            }
             Response::PopChanged { ok: false } => Err(ApiError::FailedPrecondition(stale_handle())),
             other => Err(ApiError::Internal(format!("dead-lettering was answered with {other}"))),
         }
@@ -566,11 +655,18 @@ impl Pop {
             )));
         }
         g.ensure_leader()?;
-        let (_, message) = g
+        // The whole record (not only its ref): its properties say whether it is traced.
+        let stored = g
             .store()
-            .message_ref(id.raft_index, id.batch_pos)
+            .message_record(id.raft_index, id.batch_pos)
             .map_err(|e| ApiError::storage("reading the message to send back", e))?
             .ok_or_else(|| ApiError::NotFound(format!("message {} is not retained here", req.message_id)))?;
+        let message = MessageRef {
+            raft_index: id.raft_index,
+            batch_pos: id.batch_pos,
+            size: stored.message.body.len() as u32,
+            tag_hash: tag_hash(&stored.message.tag),
+        };
         let config = g.store().with_pop(|p| p.config(&req.consumer_group));
         let reconsume_times = req.reconsume_times.saturating_add(1);
         let now = now_ms();
@@ -589,13 +685,24 @@ impl Pop {
         };
         let written = g
             .write(Command::SendBack {
-                group: req.consumer_group,
+                group: req.consumer_group.clone(),
                 message,
                 reconsume_times,
                 due_ms,
                 store_timestamp_ms: now,
             })
             .await?;
+        if let Response::SentBack { dead_lettered } = written.response
+            && crate::trace::is_traced(&stored.message.properties)
+        {
+            g.tracer().sent_back(
+                &req.consumer_group,
+                &stored,
+                &req.message_id,
+                reconsume_times,
+                (dead_lettered, due_ms),
+            );
+        }
         match written.response {
             Response::SentBack { dead_lettered } => Ok(pb::SendBackResponse {
                 dead_lettered,
@@ -643,8 +750,14 @@ mod tests {
             queue_id: 3,
             offset: 99,
             epoch: 1234,
+            traced: false,
         };
         assert_eq!(ReceiptHandle::parse(&h.encode(), "broker-a").unwrap(), h);
+        // A traced handle keeps its queue and says so; an untraced one reads as before.
+        let t = ReceiptHandle { traced: true, ..h };
+        assert_eq!(t.encode().len(), h.encode().len());
+        assert_eq!(ReceiptHandle::parse(&t.encode(), "broker-a").unwrap(), t);
+        assert_eq!(&h.encode()[9..17], "00000003");
         assert!(ReceiptHandle::parse(&h.encode(), "broker-b").is_err());
         assert!(ReceiptHandle::parse("xyz", "broker-a").is_err());
         assert!(ReceiptHandle::parse(&h.encode().replace('1', "2"), "broker-a").is_err());

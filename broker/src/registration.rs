@@ -53,8 +53,16 @@ fn request(group: &GroupHandle, cluster: &str, endpoint: &str) -> pb::RegisterBr
         .collect();
     // Each topic with its queue count, permission and message type: the
     // NameServer's routes carry all three (the type for RocketMQ 5 clients).
+    // Not the trace flag: routes do not need it, and a NameServer built before
+    // it would re-encode the request without it and find the signature wrong.
     let topics = match group.store().topics() {
-        Ok(t) => t.into_iter().map(convert::topic_to_pb).collect(),
+        Ok(t) => t
+            .into_iter()
+            .map(|t| pb::TopicConfig {
+                trace: None,
+                ..convert::topic_to_pb(t)
+            })
+            .collect(),
         Err(e) => {
             // Still register: liveness and leadership matter even without topics.
             tracing::warn!(error = %e, "reading topics for NameServer registration failed");

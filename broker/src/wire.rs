@@ -130,6 +130,7 @@ mod tests {
                 queues: 1,
                 perm: 6,
                 message_type: Default::default(),
+                trace: false,
             })),
         }
     }

@@ -83,6 +83,24 @@ impl Admin {
         message_type: pb::MessageType,
         groups: &[String],
     ) -> Result<(), Error> {
+        let topic = pb::TopicConfig {
+            name: name.to_owned(),
+            queues_per_group: queues,
+            perm: perm as i32,
+            message_type: message_type as i32,
+            trace: None,
+        };
+        self.create_topic_with(topic, groups).await
+    }
+
+    /// Creates (or updates) a topic from a whole config on the named broker
+    /// groups (every live group when `groups` is empty), as
+    /// [`Admin::create_topic_on`] does; the config's `trace` turns message
+    /// trace on or off for the topic (unset keeps its setting, off for a new
+    /// topic).
+    #[tracing::instrument(skip(self))]
+    pub async fn create_topic_with(&self, topic: pb::TopicConfig, groups: &[String]) -> Result<(), Error> {
+        let name = topic.name.as_str();
         let live = self.core.list_cluster().await?;
         let chosen: Vec<pb::GroupStatus> = if groups.is_empty() {
             live
@@ -112,12 +130,6 @@ impl Admin {
             chosen
         };
         for g in chosen {
-            let topic = pb::TopicConfig {
-                name: name.to_owned(),
-                queues_per_group: queues,
-                perm: perm as i32,
-                message_type: message_type as i32,
-            };
             self.on_leader(&g, |mut c| {
                 let topic = topic.clone();
                 async move {
@@ -231,6 +243,24 @@ impl Admin {
         };
         // Every other group answers NOT_FOUND (the id names its group).
         Ok(self.query_messages(req).await?.into_iter().next())
+    }
+
+    /// Message `id`'s trace timeline, sorted by time (see `TraceEvent` in the
+    /// proto): from the broker group whose name hash the id carries; empty when
+    /// the message was not traced (or its records were trimmed).
+    pub async fn trace(&self, id: &str) -> Result<Vec<pb::TraceEvent>, Error> {
+        let req = pb::QueryTraceRequest {
+            message_id: id.to_owned(),
+            max_events: 0,
+        };
+        // Every other group answers NOT_FOUND (the id names its group).
+        let answers = self
+            .on_each_leader_that_knows(|mut c| {
+                let req = req.clone();
+                async move { c.query_trace(req).await }
+            })
+            .await?;
+        Ok(answers.into_iter().flat_map(|r| r.events).collect())
     }
 
     /// Messages of `topic` carrying `key`, from every live broker group.

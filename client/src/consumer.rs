@@ -67,11 +67,20 @@ pub struct PullResult {
 #[derive(Clone)]
 pub struct PullConsumer {
     core: Arc<Core>,
+    /// The consumer group and client id its pulls name (a push consumer's), so
+    /// the brokers record them as deliveries in message traces.
+    member: Option<Arc<(String, String)>>,
 }
 
 impl PullConsumer {
     pub(crate) fn from_core(core: Arc<Core>) -> PullConsumer {
-        PullConsumer { core }
+        PullConsumer { core, member: None }
+    }
+
+    /// The same consumer pulling as member `client_id` of `consumer_group`.
+    pub(crate) fn as_member(mut self, consumer_group: &str, client_id: &str) -> PullConsumer {
+        self.member = Some(Arc::new((consumer_group.to_owned(), client_id.to_owned())));
+        self
     }
 
     pub(crate) fn core(&self) -> &Arc<Core> {
@@ -126,6 +135,8 @@ impl PullConsumer {
                 max_wait_ms: u32::try_from(a.long_poll.as_millis()).unwrap_or(u32::MAX),
                 tag_expression: expression.clone(),
                 filter_type,
+                consumer_group: self.member.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+                client_id: self.member.as_ref().map(|m| m.1.clone()).unwrap_or_default(),
             };
             async move {
                 MessagingServiceClient::new(a.channel)

@@ -68,6 +68,8 @@ pub struct Producer {
     sequence: Arc<std::sync::atomic::AtomicU64>,
     next: Arc<AtomicUsize>,
     lanes: Arc<Mutex<HashMap<LaneKey, Lane>>>,
+    /// Message trace on for every send (RocketMQ's `enableMsgTrace`).
+    trace: bool,
 }
 
 /// RPCs a lane may have in flight (per broker group, for the rotating lane) before
@@ -112,7 +114,21 @@ impl Producer {
             sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             next: Arc::new(AtomicUsize::new(0)),
             lanes: Arc::new(Mutex::new(HashMap::new())),
+            trace: false,
         }
+    }
+
+    /// This producer with message trace on (RocketMQ's `enableMsgTrace`): the
+    /// brokers record each message's life (stored, delivered, acked, retried,
+    /// dead-lettered) in their trace topic; `Admin::trace` reads it back. It
+    /// combines sends with its own lanes, so a traced and an untraced clone of
+    /// one producer never share a batch. Tracing never fails nor holds a send.
+    pub fn enable_msg_trace(mut self) -> Producer {
+        if !self.trace {
+            self.trace = true;
+            self.lanes = Arc::new(Mutex::new(HashMap::new()));
+        }
+        self
     }
 
     /// Sends one message to the next queue round-robin. This is also the
@@ -484,6 +500,7 @@ impl Producer {
                 sequence,
                 transactional: transaction.is_some(),
                 producer_group: transaction.unwrap_or_default().to_owned(),
+                trace: self.trace,
             };
             async move {
                 MessagingServiceClient::new(a.channel)

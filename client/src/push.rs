@@ -309,7 +309,7 @@ impl PushConsumerBuilder {
             }));
         }
         let ctx = Arc::new(Ctx {
-            pull: PullConsumer::from_core(self.core.clone()),
+            pull: PullConsumer::from_core(self.core.clone()).as_member(&self.group, &self.client_id),
             settings: self,
             subs,
             listener,
@@ -325,7 +325,7 @@ impl PushConsumerBuilder {
     }
 }
 
-fn default_client_id() -> String {
+pub(crate) fn default_client_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());

@@ -42,6 +42,8 @@ pub struct SimpleConsumer {
     filter: Filter,
     invisible: Duration,
     next_group: Arc<AtomicUsize>,
+    /// Sent with each receive; message traces name the member with it.
+    client_id: String,
 }
 
 impl SimpleConsumer {
@@ -53,7 +55,15 @@ impl SimpleConsumer {
             filter: Filter::all(),
             invisible: Duration::from_secs(30),
             next_group: Arc::new(AtomicUsize::new(0)),
+            client_id: crate::push::default_client_id(),
         }
+    }
+
+    /// This member's id, as message traces show its receives (default:
+    /// host@pid@random; 1 to 255 printable ASCII characters).
+    pub fn client_id(mut self, id: &str) -> Self {
+        id.clone_into(&mut self.client_id);
+        self
     }
 
     /// Which messages to receive (default all).
@@ -116,6 +126,7 @@ impl SimpleConsumer {
                 max_messages: max,
                 invisible_duration_ms: self.invisible.as_millis() as u64,
                 max_wait_ms: u32::try_from(a.long_poll.as_millis()).unwrap_or(u32::MAX),
+                client_id: self.client_id.clone(),
             };
             async move {
                 ConsumerServiceClient::new(a.channel)

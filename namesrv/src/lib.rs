@@ -355,6 +355,7 @@ mod tests {
                 queues_per_group: 8,
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: pb::MessageType::Transaction as i32,
+                trace: None,
             }],
         }
     }

@@ -220,6 +220,7 @@ mod tests {
                     queues_per_group: 4,
                     perm: pb::Permission::ReadWrite as i32,
                     message_type: pb::MessageType::Fifo as i32,
+                    trace: None,
                 })
                 .collect(),
         }

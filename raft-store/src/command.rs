@@ -165,6 +165,11 @@ pub struct TopicConfig {
     /// field reads as [`TopicMessageType::Mixed`].
     #[serde(default)]
     pub message_type: TopicMessageType,
+    /// Message trace: messages sent while it is on have their life recorded in
+    /// the trace topic (the broker's `trace` module). Left out of the JSON when
+    /// off, so an untraced topic's rows read as they did before the field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trace: bool,
 }
 
 /// RocketMQ 5's topic message type: which kind of message a topic accepts. The
@@ -402,8 +407,12 @@ impl std::fmt::Display for Command {
             ),
             Command::UpsertTopic(t) => write!(
                 f,
-                "upsert topic {} ({} queues, perm {}, type {})",
-                t.name, t.queues, t.perm, t.message_type
+                "upsert topic {} ({} queues, perm {}, type {}{})",
+                t.name,
+                t.queues,
+                t.perm,
+                t.message_type,
+                if t.trace { ", traced" } else { "" }
             ),
             Command::DeleteTopic { name } => write!(f, "delete topic {name}"),
             Command::CommitOffsets { group, offsets } => {
@@ -619,6 +628,7 @@ impl Command {
                 queues: get_u32(r, "queue count")?,
                 perm: get_u8(r, "permission")?,
                 message_type: TopicMessageType::Mixed,
+                trace: false,
             }),
             TAG_DELETE_TOPIC => Command::DeleteTopic {
                 name: get_str(r, "topic name")?,
@@ -802,7 +812,8 @@ mod tests {
                     name,
                     queues,
                     perm,
-                    message_type
+                    message_type,
+                    trace: queues % 2 == 0,
                 })),
             "[a-z]{1,10}".prop_map(|name| Command::DeleteTopic { name }),
             (
@@ -911,6 +922,7 @@ mod tests {
                     queues: 8,
                     perm: PERM_READ | PERM_WRITE,
                     message_type: TopicMessageType::Mixed,
+                    trace: false,
                 })
             );
         }
@@ -936,6 +948,20 @@ mod tests {
         };
         let back: TopicConfig = serde_json::from_slice(&serde_json::to_vec(&fifo).unwrap()).unwrap();
         assert_eq!(back, fifo);
+    }
+
+    #[test]
+    fn an_untraced_topic_is_stored_as_before_and_a_traced_one_round_trips() {
+        let old: TopicConfig = serde_json::from_str(r#"{"name":"orders","queues":4,"perm":6}"#).unwrap();
+        assert!(!old.trace);
+        // Off: the row is what builds before traces wrote.
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("trace"), "{json}");
+        let traced = TopicConfig { trace: true, ..old };
+        let back: TopicConfig = serde_json::from_slice(&serde_json::to_vec(&traced).unwrap()).unwrap();
+        assert!(back.trace);
+        let cmd = Command::UpsertTopic(traced);
+        assert_eq!(Command::decode(Bytes::from(cmd.encode())).unwrap(), cmd);
     }
 
     #[test]

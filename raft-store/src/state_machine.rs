@@ -612,6 +612,7 @@ impl StateMachine {
             queues: 1,
             perm: PERM_READ | PERM_WRITE,
             message_type: crate::command::TopicMessageType::Mixed,
+            trace: false,
         };
         wb.put_cf(
             state.cf(CF_TOPIC),

@@ -33,6 +33,7 @@ fn entry(index: u64) -> Entry {
             queues: 4,
             perm: 6,
             message_type: Default::default(),
+            trace: false,
         })),
         _ => EntryPayload::Normal(Command::Append(AppendBatch {
             topic: "bench".into(),

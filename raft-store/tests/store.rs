@@ -68,6 +68,7 @@ fn topic_cmd() -> Command {
         queues: 4,
         perm: 6,
         message_type: Default::default(),
+        trace: false,
     })
 }
 

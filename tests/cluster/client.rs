@@ -592,6 +592,7 @@ async fn topics_carry_their_message_type_and_auto_created_ones_are_mixed() -> an
                 queues_per_group: 1,
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: 42,
+                trace: None,
             }),
             if_absent: false,
         })

@@ -389,6 +389,7 @@ fn create_topic() -> Command {
         queues: QUEUES,
         perm: raftmq_raft_store::command::PERM_READ | raftmq_raft_store::command::PERM_WRITE,
         message_type: Default::default(),
+        trace: false,
     })
 }
 

@@ -38,6 +38,7 @@ async fn create_topic(r: &Replica, name: &str, queues: u32) -> anyhow::Result<()
                 queues_per_group: queues,
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: 0,
+                trace: None,
             }),
             if_absent: false,
         })
@@ -89,6 +90,7 @@ fn pull_request(topic: &str, queue_id: u32, offset: u64, max: u32, wait_ms: u32,
         max_wait_ms: wait_ms,
         tag_expression: tags.into(),
         filter_type: 0,
+        ..Default::default()
     }
 }
 
@@ -501,6 +503,7 @@ async fn each_bad_input_gets_its_own_status_and_nothing_partial_is_written() -> 
             queues_per_group: queues,
             perm,
             message_type: 0,
+            trace: None,
         }),
         if_absent: false,
     };

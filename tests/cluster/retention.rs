@@ -71,6 +71,7 @@ async fn start(settings: Settings) -> anyhow::Result<(Cluster, u64)> {
                 queues_per_group: QUEUES,
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: 0,
+                trace: None,
             }),
             if_absent: false,
         })

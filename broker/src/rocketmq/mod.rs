@@ -329,6 +329,7 @@ impl Gateway {
                 queues_per_group: g.config().default_queues,
                 perm: pb::Permission::ReadWrite as i32,
                 message_type: pb::MessageType::Mixed as i32,
+                trace: None,
             }),
             // This node may not have applied a topic just created through
             // another: never reset it (its type, its queue count).
@@ -471,6 +472,9 @@ impl Gateway {
         let ids: Vec<&str> = out.iter().map(|o| o.id.as_str()).collect();
         let sequence = sequence_of(&ids);
         let client_ids: Vec<String> = out.iter().map(|o| o.id.clone()).collect();
+        // Message trace: an SDK asks with the user property TRACE_ON=true (its
+        // own trace hook would write RocketMQ's trace format, which this is not).
+        let trace = out.iter().any(|o| crate::trace::is_traced_pb(Some(&o.message)));
         let producer_id = if client.len() + 5 <= raftmq_raft_store::dedup::MAX_PRODUCER_ID_LEN {
             format!("rmq5:{client}")
         } else {
@@ -490,6 +494,7 @@ impl Gateway {
             } else {
                 String::new()
             },
+            trace,
         };
         let messaging = self.inner.messaging.clone();
         let sent = self
@@ -565,7 +570,7 @@ impl Gateway {
         md: &MetadataMap,
         req: v2::ReceiveMessageRequest,
     ) -> Result<Vec<v2::ReceiveMessageResponse>, Refusal> {
-        client_id(md)?;
+        let client = client_id(md)?;
         let (_, group) = name_of(&req.group);
         let (ns, topic) = req.message_queue.as_ref().map_or(("", ""), |q| name_of(&q.topic));
         let (ns, topic, group) = (ns.to_owned(), topic.to_owned(), group.to_owned());
@@ -626,6 +631,12 @@ impl Gateway {
             max_messages: batch,
             invisible_duration_ms: invisible_ms,
             max_wait_ms: u32::try_from(poll.as_millis()).unwrap_or(u32::MAX),
+            // For message traces; an SDK's id this API would refuse is left out.
+            client_id: if crate::validate::client_id(&client).is_ok() {
+                client
+            } else {
+                String::new()
+            },
         };
         let consumer = self.inner.consumer.clone();
         let received = self
