@@ -276,7 +276,13 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + fmt::Debug>(
 }
 
 /// Writes one unlabelled counter (the encoder adds `_total`).
-pub(crate) fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Unit>, value: u64) -> fmt::Result {
+pub(crate) fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: u64,
+) -> fmt::Result {
     let c = ConstCounter::new(value);
     c.encode(enc.encode_descriptor(name, help, unit, c.metric_type())?)
 }

@@ -416,8 +416,7 @@ impl Pop {
         for (queue_id, offset, r, attempt) in dead_traced {
             g.tracer().pop_outcome(
                 pb::TraceEventKind::DeadLettered,
-                consumer_group,
-                topic,
+                (consumer_group, topic),
                 (queue_id, offset),
                 r,
                 attempt,
@@ -502,8 +501,7 @@ impl Pop {
             {
                 g.tracer().pop_outcome(
                     pb::TraceEventKind::Acked,
-                    &req.consumer_group,
-                    &req.topic,
+                    (&req.consumer_group, &req.topic),
                     (h.queue_id, h.offset),
                     r,
                     attempt,
@@ -626,8 +624,7 @@ impl Pop {
                 if let Some((consumer_group, topic)) = traced {
                     g.tracer().pop_outcome(
                         pb::TraceEventKind::DeadLettered,
-                        &consumer_group,
-                        &topic,
+                        (&consumer_group, &topic),
                         (h.queue_id, h.offset),
                         message,
                         attempt,
@@ -700,7 +697,7 @@ impl Pop {
                 &stored,
                 &req.message_id,
                 reconsume_times,
-                (dead_lettered, due_ms),
+                (dead_lettered, now, due_ms),
             );
         }
         match written.response {

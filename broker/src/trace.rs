@@ -188,14 +188,7 @@ impl Tracer {
     }
 
     /// A traced send was stored by entry `raft_index` at `store_ms`.
-    pub fn produced(
-        &self,
-        topic: &str,
-        raft_index: u64,
-        results: &[pb::SendResult],
-        producer: &str,
-        store_ms: u64,
-    ) {
+    pub fn produced(&self, topic: &str, raft_index: u64, results: &[pb::SendResult], producer: &str, store_ms: u64) {
         for r in results {
             self.record(pb::TraceEvent {
                 time_ms: store_ms,
@@ -228,7 +221,11 @@ impl Tracer {
                 consumer_group: consumer_group.to_owned(),
                 client_id: client_id.to_owned(),
                 attempt,
-                from_topic: if origin == topic { String::new() } else { topic.to_owned() },
+                from_topic: if origin == topic {
+                    String::new()
+                } else {
+                    topic.to_owned()
+                },
                 detail: "pull".into(),
                 ..self.event(Kind::Delivered, m.message_id.clone(), origin, queue_id)
             });
@@ -244,7 +241,12 @@ impl Tracer {
                 attempt,
                 at: Instant::now(),
             };
-            if p.queues.entry(key).or_default().insert(m.queue_offset, delivery).is_none() {
+            if p.queues
+                .entry(key)
+                .or_default()
+                .insert(m.queue_offset, delivery)
+                .is_none()
+            {
                 p.len += 1;
                 self.pending_len.store(p.len, Ordering::Relaxed);
             }
@@ -321,15 +323,15 @@ impl Tracer {
     }
 
     /// A push consumer of `consumer_group` sent back traced message `message_id`
-    /// (its `failed_attempt`-th delivery failed): retried, due at `due_ms`, or
-    /// dead-lettered. It no longer awaits a commit.
+    /// (its `failed_attempt`-th delivery failed) at `at_ms`: retried, due at
+    /// `due_ms`, or dead-lettered. It no longer awaits a commit.
     pub fn sent_back(
         &self,
         consumer_group: &str,
         message: &raftmq_raft_store::StoredMessage,
         message_id: &str,
         failed_attempt: u32,
-        dead_lettered_due: (bool, u64),
+        (dead, at_ms, due_ms): (bool, u64, u64),
     ) {
         if self.pending_len.load(Ordering::Relaxed) != 0 {
             let mut p = lock(&self.pending);
@@ -345,9 +347,9 @@ impl Tracer {
             p.len -= removed;
             self.pending_len.store(p.len, Ordering::Relaxed);
         }
-        let (dead, due_ms) = dead_lettered_due;
         let kind = if dead { Kind::DeadLettered } else { Kind::Retried };
         self.record(pb::TraceEvent {
+            time_ms: at_ms,
             consumer_group: consumer_group.to_owned(),
             attempt: failed_attempt,
             next_delivery_ms: if dead { 0 } else { due_ms },
@@ -394,12 +396,10 @@ impl Tracer {
 
     /// A POP delivery of a traced message was acked, forwarded to the DLQ by the
     /// consumer, or expired past the group's max reconsume times (`kind` says).
-    #[allow(clippy::too_many_arguments)]
     pub fn pop_outcome(
         &self,
         kind: Kind,
-        consumer_group: &str,
-        topic: &str,
+        (consumer_group, topic): (&str, &str),
         (queue_id, offset): (u32, u64),
         message: raftmq_raft_store::MessageRef,
         attempt: u32,
@@ -518,7 +518,11 @@ async fn write(group: &GroupHandle, events: Vec<pb::TraceEvent>) {
         let messages = events
             .into_iter()
             .map(|e| Message {
-                tag: e.kind().as_str_name().trim_start_matches("TRACE_EVENT_KIND_").to_owned(),
+                tag: e
+                    .kind()
+                    .as_str_name()
+                    .trim_start_matches("TRACE_EVENT_KIND_")
+                    .to_owned(),
                 keys: vec![e.message_id.clone()],
                 properties: Vec::new(),
                 born_timestamp_ms: e.time_ms,
@@ -707,7 +711,12 @@ mod tests {
         let mut rx = lock(&t.rx).take().unwrap();
         let mut untraced = pulled("u", 9);
         untraced.message.as_mut().unwrap().properties.clear();
-        t.pulled("cg", "c1", "t", &[pulled("a", 3), pulled("b", 4), untraced, pulled("c", 5)]);
+        t.pulled(
+            "cg",
+            "c1",
+            "t",
+            &[pulled("a", 3), pulled("b", 4), untraced, pulled("c", 5)],
+        );
         assert_eq!(t.pending_len.load(Ordering::Relaxed), 3);
         let stored = raftmq_raft_store::StoredMessage {
             topic: "t".into(),
@@ -727,7 +736,7 @@ mod tests {
             reconsume_times: 0,
             origin: None,
         };
-        t.sent_back("cg", &stored, "b", 1, (false, 99));
+        t.sent_back("cg", &stored, "b", 1, (false, 9, 99));
         // Another group's commit acks nothing; this one's passes a and b (sent back).
         t.committed("other", "t", &[(0, 100)], "c9");
         t.committed("cg", "t", &[(0, 5)], "c1");

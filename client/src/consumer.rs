@@ -78,7 +78,7 @@ impl PullConsumer {
     }
 
     /// The same consumer pulling as member `client_id` of `consumer_group`.
-    pub(crate) fn as_member(mut self, consumer_group: &str, client_id: &str) -> PullConsumer {
+    pub(crate) fn for_member(mut self, consumer_group: &str, client_id: &str) -> PullConsumer {
         self.member = Some(Arc::new((consumer_group.to_owned(), client_id.to_owned())));
         self
     }

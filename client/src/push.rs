@@ -309,7 +309,7 @@ impl PushConsumerBuilder {
             }));
         }
         let ctx = Arc::new(Ctx {
-            pull: PullConsumer::from_core(self.core.clone()).as_member(&self.group, &self.client_id),
+            pull: PullConsumer::from_core(self.core.clone()).for_member(&self.group, &self.client_id),
             settings: self,
             subs,
             listener,

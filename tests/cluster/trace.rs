@@ -136,8 +136,7 @@ async fn a_message_of_a_traced_topic_is_followed_from_send_through_pop_to_ack() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_message_traced_by_its_producer_is_followed_through_a_push_consumer_to_its_commit() -> anyhow::Result<()>
-{
+async fn a_message_traced_by_its_producer_is_followed_through_a_push_consumer_to_its_commit() -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (ns, cluster, client) = start_with_client().await?;
     // An untraced topic: the producer asks (RocketMQ's enableMsgTrace).
@@ -167,8 +166,8 @@ async fn a_message_traced_by_its_producer_is_followed_through_a_push_consumer_to
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_traced_message_failing_every_push_delivery_is_followed_through_its_retries_to_the_dlq()
--> anyhow::Result<()> {
+async fn a_traced_message_failing_every_push_delivery_is_followed_through_its_retries_to_the_dlq() -> anyhow::Result<()>
+{
     const CG: &str = "tretry";
     let _turn = ONE_AT_A_TIME.lock().await;
     let (ns, cluster, client) = start_with_client().await?;
@@ -210,18 +209,12 @@ async fn a_traced_message_failing_every_push_delivery_is_followed_through_its_re
         "the retry is due after the group's first backoff: {:?}",
         events[2]
     );
-    ensure!(
-        events[1..].iter().all(|e| e.consumer_group == CG),
-        "{events:?}"
-    );
+    ensure!(events[1..].iter().all(|e| e.consumer_group == CG), "{events:?}");
     // And it is in the dead-letter queue, with the same id.
     let dlq = dlq_topic(CG);
     let route = wait_for_known_route(&client, &dlq).await?;
     let (dead, _) = pull_everything(&client.pull_consumer(), &route, &dlq).await?;
-    ensure!(
-        dead.len() == 1 && dead[0].2.message_id == sent.message_id,
-        "{dead:?}"
-    );
+    ensure!(dead.len() == 1 && dead[0].2.message_id == sent.message_id, "{dead:?}");
     // Nothing was acked: a sent-back delivery is not an ack, though the group's
     // offsets move past it.
     ensure!(
@@ -238,8 +231,7 @@ async fn a_traced_message_failing_every_push_delivery_is_followed_through_its_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_traced_message_never_acked_by_pop_is_followed_through_its_redeliveries_to_the_dlq() -> anyhow::Result<()>
-{
+async fn a_traced_message_never_acked_by_pop_is_followed_through_its_redeliveries_to_the_dlq() -> anyhow::Result<()> {
     const CG: &str = "tpop-dlq";
     let _turn = ONE_AT_A_TIME.lock().await;
     let (ns, cluster, client) = start_with_client().await?;
@@ -317,7 +309,10 @@ async fn a_trace_survives_the_leader_that_wrote_it() -> anyhow::Result<()> {
         "{before:?}"
     );
     let old = cluster.wait_for_leader(DEADLINE).await?;
-    ensure!(before.iter().all(|e| e.node_id == old), "recorded by the leader: {before:?}");
+    ensure!(
+        before.iter().all(|e| e.node_id == old),
+        "recorded by the leader: {before:?}"
+    );
     cluster.replica_mut(old).kill().await;
     let new = cluster.wait_for_leader_other_than(Some(old), DEADLINE).await?;
     // Asked through the new leader (the admin client follows it), the trace is whole.
@@ -330,7 +325,10 @@ async fn a_trace_survives_the_leader_that_wrote_it() -> anyhow::Result<()> {
     .await?;
     ensure!(after == before, "before the kill {before:?}, after {after:?}");
     // The records are in the new leader's own applied state.
-    let held = cluster.replica(new).store().messages_by_key(TRACE_TOPIC, &sent.message_id, 10)?;
+    let held = cluster
+        .replica(new)
+        .store()
+        .messages_by_key(TRACE_TOPIC, &sent.message_id, 10)?;
     ensure!(held.len() == 3, "node {new} holds {} trace records", held.len());
     // And the new leader records new steps: the same message, delivered to another group.
     let other = client
@@ -375,7 +373,10 @@ async fn an_untraced_topic_leaves_no_trace() -> anyhow::Result<()> {
     let got = pop.receive(1, Duration::from_secs(5)).await?;
     let m = got.first().context("nothing received")?;
     ensure!(
-        !m.message.message.as_ref().is_some_and(|x| x.properties.contains_key("TRACE_ON")),
+        !m.message
+            .message
+            .as_ref()
+            .is_some_and(|x| x.properties.contains_key("TRACE_ON")),
         "an untraced message carries the trace mark: {m:?}"
     );
     pop.ack(m).await?;
@@ -419,9 +420,10 @@ async fn an_untraced_topic_leaves_no_trace() -> anyhow::Result<()> {
     let (records, _) = pull_everything(&client.pull_consumer(), &route, TRACE_TOPIC).await?;
     ensure!(
         !records.is_empty()
-            && records
-                .iter()
-                .all(|(_, _, r)| r.message.as_ref().is_some_and(|x| x.keys == [traced.message_id.clone()])),
+            && records.iter().all(|(_, _, r)| r
+                .message
+                .as_ref()
+                .is_some_and(|x| x.keys == [traced.message_id.clone()])),
         "the trace topic holds records of other messages: {records:?}"
     );
     cluster.shutdown().await?;
