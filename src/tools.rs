@@ -536,16 +536,17 @@ fn trace_line(e: &raftmq_proto::v1::TraceEvent, start_ms: u64) -> String {
         Some(o) => format!("{}/{}@{o}", e.topic, e.queue_id),
         None => format!("{}/{}", e.topic, e.queue_id),
     };
+    // "  due at T" when the step names a time the message is due.
+    let due = |what: &str| match e.next_delivery_ms {
+        0 => String::new(),
+        ms => format!("  {what} {ms}"),
+    };
     let what = match e.kind() {
         K::Produced => format!(
             "{at}  Raft index {}  producer {:?}{}",
             e.raft_index,
             e.producer,
-            if e.next_delivery_ms != 0 {
-                format!("  due at {}", e.next_delivery_ms)
-            } else {
-                String::new()
-            }
+            due("due at")
         ),
         K::Delivered => format!(
             "group {}  client {:?}  attempt {}  {at}{}",
@@ -562,11 +563,7 @@ fn trace_line(e: &raftmq_proto::v1::TraceEvent, start_ms: u64) -> String {
             "group {}  attempt {} failed{}",
             e.consumer_group,
             e.attempt,
-            if e.next_delivery_ms != 0 {
-                format!("  due again at {}", e.next_delivery_ms)
-            } else {
-                String::new()
-            }
+            due("due again at")
         ),
         K::Acked | K::DeadLettered => {
             let client = if e.client_id.is_empty() {

@@ -60,19 +60,7 @@ impl Admin {
         let g = &self.group;
         // Checked here, read below on a blocking thread.
         let by_id = match (req.message_id.is_empty(), req.key.is_empty()) {
-            (false, true) => {
-                let id = convert::parse_message_id(&req.message_id)?;
-                let ours = crc32c::crc32c(g.group().as_bytes());
-                if id.group_crc != ours {
-                    return Err(ApiError::NotFound(format!(
-                        "message id {} was stored by another broker group (group hash {:08X}, this is {} with {ours:08X})",
-                        req.message_id,
-                        id.group_crc,
-                        g.group()
-                    )));
-                }
-                Some(id)
-            }
+            (false, true) => Some(convert::parse_own_message_id(&req.message_id, g.group())?),
             (true, false) => {
                 validate::topic_name(&req.topic)?;
                 if req.key.len() > validate::MAX_KEY_LEN {

@@ -52,6 +52,20 @@ pub fn parse_message_id(id: &str) -> Result<MessageId, ApiError> {
     })
 }
 
+/// Parses an id that broker group `group` must have stored: an id of another
+/// group is NOT_FOUND here (the id names its group), saying which.
+pub fn parse_own_message_id(id: &str, group: &str) -> Result<MessageId, ApiError> {
+    let parsed = parse_message_id(id)?;
+    let ours = crc32c::crc32c(group.as_bytes());
+    if parsed.group_crc != ours {
+        return Err(ApiError::NotFound(format!(
+            "message id {id} was stored by another broker group (group hash {:08X}, this is {group} with {ours:08X})",
+            parsed.group_crc
+        )));
+    }
+    Ok(parsed)
+}
+
 /// A validated wire message as stored. Properties are sorted so every replica
 /// and every read returns them in the same order.
 pub fn message_from_pb(m: pb::Message) -> Message {

@@ -586,16 +586,7 @@ async fn ensure_topic(group: &GroupHandle) -> Result<(), ApiError> {
 /// delivery attempts in turn, each delivery before its outcome), then the
 /// order they were stored in.
 pub async fn query(group: &GroupHandle, req: pb::QueryTraceRequest) -> Result<pb::QueryTraceResponse, ApiError> {
-    let id = convert::parse_message_id(&req.message_id)?;
-    let ours = crc32c::crc32c(group.group().as_bytes());
-    if id.group_crc != ours {
-        return Err(ApiError::NotFound(format!(
-            "message id {} was stored by another broker group (group hash {:08X}, this is {} with {ours:08X})",
-            req.message_id,
-            id.group_crc,
-            group.group()
-        )));
-    }
+    convert::parse_own_message_id(&req.message_id, group.group())?;
     let max = match req.max_events {
         0 => MAX_EVENTS,
         n => n.min(MAX_EVENTS),

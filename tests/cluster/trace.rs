@@ -87,6 +87,40 @@ fn check_timeline(events: &[pb::TraceEvent], id: &str, topic: &str) -> anyhow::R
     Ok(())
 }
 
+/// Waits for `id`'s timeline to have `want`'s shape, checks it as
+/// [`check_timeline`] does, and returns it.
+async fn followed(
+    client: &Client,
+    (id, topic): (&str, &str),
+    want: &[(Kind, u32)],
+) -> anyhow::Result<Vec<pb::TraceEvent>> {
+    let events = trace_of(client, id, want.len()).await?;
+    check_timeline(&events, id, topic)?;
+    ensure!(shape(&events) == want, "want {want:?}, got {events:?}");
+    Ok(events)
+}
+
+/// A life of `deliveries` failed deliveries, each retried but the last, which
+/// is dead-lettered.
+fn through_the_dlq(deliveries: u32) -> Vec<(Kind, u32)> {
+    let mut life = vec![(Kind::Produced, 0)];
+    for a in 1..=deliveries {
+        life.push((Kind::Delivered, a));
+        life.push((
+            if a < deliveries {
+                Kind::Retried
+            } else {
+                Kind::DeadLettered
+            },
+            a,
+        ));
+    }
+    life
+}
+
+/// Sent, delivered once, acked.
+const ACKED: [(Kind, u32); 3] = [(Kind::Produced, 0), (Kind::Delivered, 1), (Kind::Acked, 1)];
+
 /// A push consumer of `topic` in group `cg` answering every message with `answer`.
 fn push_consumer(client: &Client, cg: &str, topic: &str, answer: ConsumeResult) -> anyhow::Result<PushConsumer> {
     Ok(client
@@ -112,12 +146,7 @@ async fn a_message_of_a_traced_topic_is_followed_from_send_through_pop_to_ack() 
     ensure!(m.message.message_id == sent.message_id, "{m:?}");
     consumer.ack(m).await?;
 
-    let events = trace_of(&client, &sent.message_id, 3).await?;
-    check_timeline(&events, &sent.message_id, "trace-pop")?;
-    ensure!(
-        shape(&events) == [(Kind::Produced, 0), (Kind::Delivered, 1), (Kind::Acked, 1)],
-        "{events:?}"
-    );
+    let events = followed(&client, (&sent.message_id, "trace-pop"), &ACKED).await?;
     let (produced, delivered, acked) = (&events[0], &events[1], &events[2]);
     ensure!(
         produced.queue_id == sent.queue_id && produced.queue_offset == Some(sent.queue_offset),
@@ -148,12 +177,7 @@ async fn a_message_traced_by_its_producer_is_followed_through_a_push_consumer_to
         .await?;
     let consumer = push_consumer(&client, "tpush-group", "trace-push", ConsumeResult::Success)?;
     // Acked once the member's heartbeat commits the offset past it.
-    let events = trace_of(&client, &sent.message_id, 3).await?;
-    check_timeline(&events, &sent.message_id, "trace-push")?;
-    ensure!(
-        shape(&events) == [(Kind::Produced, 0), (Kind::Delivered, 1), (Kind::Acked, 1)],
-        "{events:?}"
-    );
+    let events = followed(&client, (&sent.message_id, "trace-push"), &ACKED).await?;
     for e in &events[1..] {
         ensure!(
             e.consumer_group == "tpush-group" && e.client_id == consumer.client_id(),
@@ -185,21 +209,7 @@ async fn a_traced_message_failing_every_push_delivery_is_followed_through_its_re
     let consumer = push_consumer(&client, CG, "trace-retry", ConsumeResult::RetryLater)?;
     // Delivered 3 times (reconsume 0, 1, 2): twice sent back to the retry
     // topic, the third time past max_reconsume_times to the DLQ.
-    let events = trace_of(&client, &sent.message_id, 7).await?;
-    check_timeline(&events, &sent.message_id, "trace-retry")?;
-    ensure!(
-        shape(&events)
-            == [
-                (Kind::Produced, 0),
-                (Kind::Delivered, 1),
-                (Kind::Retried, 1),
-                (Kind::Delivered, 2),
-                (Kind::Retried, 2),
-                (Kind::Delivered, 3),
-                (Kind::DeadLettered, 3),
-            ],
-        "{events:?}"
-    );
+    let events = followed(&client, (&sent.message_id, "trace-retry"), &through_the_dlq(3)).await?;
     ensure!(
         events[1].from_topic.is_empty() && events[3].from_topic == format!("%RETRY%{CG}"),
         "redeliveries come from the retry topic: {events:?}"
@@ -270,19 +280,7 @@ async fn a_traced_message_never_acked_by_pop_is_followed_through_its_redeliverie
     })
     .await?;
     ensure!(attempts == [1, 2], "delivery attempts {attempts:?}");
-    let events = trace_of(&client, &sent.message_id, 5).await?;
-    check_timeline(&events, &sent.message_id, "trace-pop-dlq")?;
-    ensure!(
-        shape(&events)
-            == [
-                (Kind::Produced, 0),
-                (Kind::Delivered, 1),
-                (Kind::Retried, 1),
-                (Kind::Delivered, 2),
-                (Kind::DeadLettered, 2),
-            ],
-        "{events:?}"
-    );
+    let events = followed(&client, (&sent.message_id, "trace-pop-dlq"), &through_the_dlq(2)).await?;
     ensure!(
         events[1].client_id == "pop-dlq-member" && events[3].client_id == "pop-dlq-member",
         "{events:?}"
@@ -303,11 +301,7 @@ async fn a_trace_survives_the_leader_that_wrote_it() -> anyhow::Result<()> {
         .invisible_duration(Duration::from_secs(30));
     let got = consumer.receive(1, Duration::from_secs(5)).await?;
     consumer.ack(got.first().context("nothing received")?).await?;
-    let before = trace_of(&client, &sent.message_id, 3).await?;
-    ensure!(
-        shape(&before) == [(Kind::Produced, 0), (Kind::Delivered, 1), (Kind::Acked, 1)],
-        "{before:?}"
-    );
+    let before = followed(&client, (&sent.message_id, "trace-kill"), &ACKED).await?;
     let old = cluster.wait_for_leader(DEADLINE).await?;
     ensure!(
         before.iter().all(|e| e.node_id == old),
