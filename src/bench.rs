@@ -140,6 +140,10 @@ pub struct BenchArgs {
     /// idempotent sends), to measure what idempotence costs.
     #[arg(long)]
     pub no_idempotence: bool,
+    /// Send with message trace on (RocketMQ's enableMsgTrace), to measure what
+    /// tracing every message costs.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 /// What a run measured; `--json` prints exactly this.
@@ -322,7 +326,12 @@ async fn measure(
     let queues =
         crate::tools::create_topic_and_wait(&admin_client, &args.topic, args.queues, Duration::from_secs(15)).await?;
     let producers = (0..args.producers)
-        .map(|_| client().map(|c| c.producer()))
+        .map(|_| {
+            client().map(|c| {
+                let p = c.producer();
+                if args.trace { p.enable_msg_trace() } else { p }
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let consumers = (0..args.consumers)
         .map(|_| client().map(|c| c.pull_consumer()))
