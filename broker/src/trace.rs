@@ -498,7 +498,16 @@ async fn write_loop(group: GroupHandle, mut rx: mpsc::Receiver<pb::TraceEvent>) 
             _ = group.shutdown().cancelled() => return,
         }
         let events = std::mem::take(&mut batch);
-        write(&group, events).await;
+        let n = events.len() as u64;
+        // Shutdown waits for this task before it stops Raft: never hold it up
+        // behind a write that cannot commit.
+        tokio::select! {
+            () = write(&group, events) => {}
+            _ = group.shutdown().cancelled() => {
+                group.tracer().counts.dropped_failed.fetch_add(n, Ordering::Relaxed);
+                return;
+            }
+        }
     }
 }
 
