@@ -4,8 +4,8 @@
 //! a node that does not lead, because SDKs keep whatever endpoint their route
 //! named: routes, a send retried with the same message id stored once, the
 //! receive stream's order and fields, acks, FIFO, the type check, Settings over
-//! Telemetry and a transaction check-back, and a leader kill mid-way that loses
-//! no acknowledged message.
+//! Telemetry and a transaction check-back, a leader kill mid-way that loses
+//! no acknowledged message, and a message traced at the SDK's request.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -658,6 +658,55 @@ async fn rocketmq5_a_leader_kill_loses_no_acknowledged_message() -> anyhow::Resu
         "only {} of 40 sends succeeded across one failover",
         acked.len()
     );
+    drop(c);
+    cluster.shutdown().await?;
+    ns.stop().await
+}
+
+/// An SDK asks for a message trace with the user property `TRACE_ON=true`: the
+/// message's send, receive and ack through a follower are in its trace, keyed by
+/// raftmq's id (found by the SDK's key), naming the SDK's client id.
+#[tokio::test]
+async fn rocketmq5_a_message_with_trace_on_is_traced_from_send_to_ack() -> anyhow::Result<()> {
+    use raftmq_proto::v1::TraceEventKind as Kind;
+    let (ns, cluster, admin, _, mut c) = setup().await?;
+    let (topic, group) = ("rmq5-traced", "rmq5-trace-group");
+    query_route(&mut c, topic).await?;
+    let mut m = message(topic, 1, v2::MessageType::Normal, None);
+    m.user_properties.insert("TRACE_ON".into(), "true".into());
+    let sent = send(&mut c, m).await?;
+    ensure!(code(&sent.status) == Code::Ok as i32, "send: {:?}", sent.status);
+    let messages = eventually(DEADLINE, "the traced message received", async || {
+        let (_, messages) = receive(&mut c, topic, group, Duration::from_secs(30), Duration::from_secs(1)).await?;
+        Ok(if messages.is_empty() {
+            Check::Pending("nothing received".into())
+        } else {
+            Check::Done(messages)
+        })
+    })
+    .await?;
+    ensure!(ack(&mut c, topic, group, &messages[0]).await? == Code::Ok as i32, "ack");
+    let stored = admin.admin().query_messages_by_key(topic, "key-1", 1).await?;
+    let id = &stored.first().context("the message by its key")?.message_id;
+    let events = eventually(DEADLINE, "three trace events", async || {
+        let events = admin.admin().trace(id).await?;
+        Ok(if events.len() >= 3 {
+            Check::Done(events)
+        } else {
+            Check::Pending(format!("{events:?}"))
+        })
+    })
+    .await?;
+    let shape: Vec<_> = events.iter().map(|e| (e.kind(), e.attempt)).collect();
+    ensure!(
+        shape == [(Kind::Produced, 0), (Kind::Delivered, 1), (Kind::Acked, 1)],
+        "{events:?}"
+    );
+    ensure!(
+        events[0].producer == format!("rmq5:{CLIENT_ID}") && events[1].client_id == CLIENT_ID,
+        "{events:?}"
+    );
+    ensure!(events[1..].iter().all(|e| e.consumer_group == group), "{events:?}");
     drop(c);
     cluster.shutdown().await?;
     ns.stop().await
