@@ -470,17 +470,16 @@ impl Pop {
             .map(|h| ReceiptHandle::parse(h, g.group()))
             .collect::<Result<Vec<_>, _>>()?;
         g.ensure_leader()?;
-        // Traced deliveries' attempts, read while they are still in flight.
-        let attempts: Vec<u32> = handles
-            .iter()
-            .map(|h| {
-                if h.traced {
-                    crate::trace::inflight_attempt(g.store(), &req.consumer_group, &req.topic, h.queue_id, h.offset)
-                } else {
-                    0
-                }
-            })
-            .collect();
+        // Traced deliveries' attempts, read while they are still in flight
+        // (nothing at all when no handle is traced).
+        let attempts: Vec<u32> = if handles.iter().any(|h| h.traced) {
+            let attempt = |h: &ReceiptHandle| {
+                crate::trace::inflight_attempt(g.store(), &req.consumer_group, &req.topic, h.queue_id, h.offset)
+            };
+            handles.iter().map(attempt).collect()
+        } else {
+            Vec::new()
+        };
         let written = g
             .write(Command::PopAck {
                 group: req.consumer_group.clone(),
@@ -494,7 +493,7 @@ impl Pop {
                 written.response
             )));
         };
-        for ((h, ok), attempt) in handles.iter().zip(&ok).zip(attempts) {
+        for ((h, ok), &attempt) in handles.iter().zip(&ok).zip(&attempts) {
             if h.traced
                 && *ok
                 && let Ok(Some(r)) = g.store().row_ref(&req.topic, h.queue_id, h.offset)
