@@ -241,6 +241,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 worker_threads: args.worker_threads.map(usize::from),
                 broker_args: Vec::new(),
                 tls: args.tls,
+                auth: false,
                 metrics: !args.no_metrics,
             })
             .await?;

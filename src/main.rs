@@ -1,6 +1,7 @@
 //! The `raftmq` binary: parses the command line and dispatches to the component
 //! crates.
 
+mod acl_cli;
 mod bench;
 mod bench_lifecycle;
 mod chaos;
@@ -235,6 +236,13 @@ struct NamesrvAddr {
     /// (`raftmq dev --tls` prints it); without it, plaintext.
     #[arg(long, env = "RAFTMQ_TLS_CA_FILE")]
     tls_ca_file: Option<PathBuf>,
+    /// Sign every request with this access key (brokers with `[auth] enabled`
+    /// require it), and the secret in --secret-file.
+    #[arg(long, env = "RAFTMQ_ACCESS_KEY", requires = "secret_file")]
+    access_key: Option<String>,
+    /// File holding the secret of --access-key.
+    #[arg(long, env = "RAFTMQ_SECRET_FILE", requires = "access_key")]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -266,6 +274,10 @@ struct DevArgs {
     /// CA and node certificate made under <data-dir>/tls (made once, then reused).
     #[arg(long)]
     tls: bool,
+    /// Require signed requests and check the ACL on every broker: the bootstrap
+    /// admin is `admin`, its secret made under <data-dir>/admin-secret.
+    #[arg(long)]
+    auth: bool,
     /// Serve no metrics endpoints (by default the NameServer's is on its port +
     /// 20000, 29876, and each replica's on its port + 20000, 30911-30913).
     #[arg(long)]
@@ -427,6 +439,12 @@ enum AdminCli {
     /// A broker group's leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Users of the ACL (an access key and a secret each): create, delete, list.
+    #[command(subcommand)]
+    User(acl_cli::UserCommand),
+    /// ACL rules: which user may PUB, SUB or ADMIN on which topic, group or the cluster.
+    #[command(subcommand)]
+    Acl(acl_cli::AclCommand),
 }
 
 #[derive(Subcommand)]
@@ -511,6 +529,8 @@ fn print_membership(m: &raftmq_proto::v1::MembershipView) {
 async fn run_membership_admin(cmd: AdminCli) -> anyhow::Result<()> {
     match cmd {
         AdminCli::Tools(cmd) => tools::run_admin(cmd).await,
+        AdminCli::User(cmd) => acl_cli::run_user(cmd).await,
+        AdminCli::Acl(cmd) => acl_cli::run_acl(cmd).await,
         AdminCli::Replica(ReplicaCommand::Add {
             namesrv,
             broker_group,
@@ -1017,6 +1037,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         worker_threads: args.worker_threads.map(usize::from),
         broker_args: args.transactions.broker_args(),
         tls: args.tls,
+        auth: args.auth,
         metrics: !args.no_metrics,
     })
     .await?;
@@ -1074,6 +1095,22 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
                     "  Python: raftmq.Client([\"{}\"], tls_ca_file=\"{}\")",
                     cluster.namesrv,
                     ca.display()
+                );
+            }
+            if let Some(secret) = &cluster.admin_secret_file {
+                println!(
+                    "Brokers require signed requests. The bootstrap admin is `{}`, its secret in {}:",
+                    local::DEV_ADMIN,
+                    secret.display()
+                );
+                println!(
+                    "  ./raftmq produce --access-key {} --secret-file {} --namesrv {} --topic TopicTest",
+                    local::DEV_ADMIN,
+                    secret.display(),
+                    cluster.namesrv
+                );
+                println!(
+                    "  more users: raftmq admin user create --user app ..., raftmq admin acl put --user app --topic 'Topic*' --perm pub,sub"
                 );
             }
             println!("Topics are created on first send. A killed replica is restarted after 3 s; its pid file");

@@ -26,7 +26,11 @@ pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
 
 /// The client settings the CLI's `--namesrv` and `--tls-ca-file` describe.
 pub fn client_config(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::ClientConfig> {
-    let config = raftmq_client::ClientConfig::new(namesrv.namesrv);
+    let mut config = raftmq_client::ClientConfig::new(namesrv.namesrv);
+    if let (Some(access_key), Some(file)) = (namesrv.access_key, namesrv.secret_file) {
+        let secret = raftmq_broker::auth::read_secret(&file).map_err(|e| anyhow::anyhow!("--secret-file: {e}"))?;
+        config = config.with_credentials(access_key, secret);
+    }
     Ok(match namesrv.tls_ca_file {
         Some(ca) => config.with_tls_ca_file(&ca)?,
         None => config,
@@ -910,10 +914,18 @@ async fn health(
     let check = async {
         let channel = endpoint.connect().await?;
         if broker.is_some() {
-            let s = AdminServiceClient::new(channel)
+            let s = match AdminServiceClient::new(channel)
                 .cluster_status(raftmq_proto::v1::ClusterStatusRequest::default())
-                .await?
-                .into_inner();
+                .await
+            {
+                Ok(s) => s.into_inner(),
+                // It answered: serving. A health check holds no credentials.
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    println!("{what} {addr} is serving (it requires signed requests)");
+                    return Ok(());
+                }
+                Err(s) => return Err(s.into()),
+            };
             let g = s.groups.first();
             println!(
                 "{what} {addr} is serving: group {} term {} leader {}",

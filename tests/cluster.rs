@@ -40,6 +40,8 @@
 #[path = "cluster/fixtures.rs"]
 mod fixtures;
 
+#[path = "cluster/acl.rs"]
+mod acl;
 #[path = "cluster/client.rs"]
 mod client;
 #[path = "cluster/consumers.rs"]

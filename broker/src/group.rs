@@ -54,6 +54,8 @@ struct Inner {
     /// What the request paths record into; `None` when the node serves no
     /// metrics endpoint, so that nothing is recorded either.
     metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+    /// Who may do what on the client port (off unless `[auth] enabled`).
+    auth: crate::auth::Auth,
 }
 
 /// A committed write: its Raft index and the state machine's answer.
@@ -69,6 +71,8 @@ pub struct NodeWiring {
     pub client_tls: Option<tonic::transport::ClientTlsConfig>,
     /// `None` when the node serves no metrics endpoint.
     pub metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+    /// The ACL's checks (`Auth::off()` when auth is off).
+    pub auth: crate::auth::Auth,
 }
 
 impl GroupHandle {
@@ -79,7 +83,11 @@ impl GroupHandle {
         store: StoreReader,
         config: MessagingConfig,
         shutdown: CancellationToken,
-        NodeWiring { client_tls, metrics }: NodeWiring,
+        NodeWiring {
+            client_tls,
+            metrics,
+            auth,
+        }: NodeWiring,
     ) -> Self {
         GroupHandle {
             inner: Arc::new(Inner {
@@ -95,6 +103,7 @@ impl GroupHandle {
                 removed: std::sync::OnceLock::new(),
                 client_tls,
                 metrics,
+                auth,
             }),
         }
     }
@@ -106,6 +115,11 @@ impl GroupHandle {
 
     pub fn group(&self) -> &str {
         &self.inner.group
+    }
+
+    /// The ACL's checks for this node's client port.
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.inner.auth
     }
 
     /// The endpoint for another node's client port or a NameServer (`host:port`):

@@ -110,6 +110,8 @@ pub struct Settings {
     pub tls: raftmq_tls::TlsConfig,
     /// Serve a metrics endpoint on an ephemeral port (tests/cluster/metrics.rs).
     pub metrics: bool,
+    /// Signed requests and the ACL (tests/cluster/acl.rs); default off.
+    pub auth: raftmq_broker::auth::AuthConfig,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -191,6 +193,7 @@ impl Replica {
                 config.nameservers = node_settings.nameservers;
                 config.faults = node_settings.faults;
                 config.tls = node_settings.tls;
+                config.auth = node_settings.auth;
                 config.retention = node_settings.retention.unwrap_or_else(|| {
                     use raftmq_broker::retention::{DiskUsageSource, RetentionConfig};
                     RetentionConfig {
