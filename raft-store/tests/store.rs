@@ -1649,7 +1649,7 @@ async fn acl_state_travels_in_snapshots_and_survives_restart() {
 
     let snap = build_snapshot(&mut sm).await;
     let dst_dir = tempfile::tempdir().unwrap();
-    let (mut dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
+    let (dlog, mut dsm) = open(dst_dir.path(), SMALL_SEGMENTS).await;
     dsm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
     assert_eq!(decisions(&dsm.reader()), want, "installed from the snapshot");
     dlog.shutdown().await.unwrap();

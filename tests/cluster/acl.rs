@@ -67,6 +67,7 @@ async fn start() -> anyhow::Result<Secured> {
                 admin_secret_file: Some(secret_file),
                 ..Default::default()
             },
+            metrics: true,
             ..Settings::default()
         },
     )
@@ -128,6 +129,19 @@ impl Secured {
                 .connect()
                 .await?,
         )
+    }
+
+    /// The leader's `raftmq_auth_refusals_total` for `reason`.
+    async fn refusals(&self, reason: &str) -> anyhow::Result<f64> {
+        let leader = self.cluster.wait_for_leader(DEADLINE).await?;
+        let addr = self
+            .cluster
+            .replica(leader)
+            .node()
+            .metrics_addr()
+            .context("no metrics endpoint")?;
+        let exp = super::metrics::scrape(addr).await?;
+        super::metrics::must(&exp, "raftmq_auth_refusals", &[("reason", reason)])
     }
 
     /// Messages stored in TOPIC's and OTHER's queues on the leader.
@@ -244,6 +258,12 @@ async fn each_bad_credential_is_refused_with_its_own_error_and_nothing_is_writte
         .expect_err("an unsigned client was served");
     ensure!(err.code() == Some(Code::Unauthenticated), "{err:?}");
     ensure!(s.stored().await? == before + 2);
+    // Counted: the 7 cases, the replay and the unsigned client's attempts.
+    let counted = s.refusals("unauthenticated").await?;
+    ensure!(
+        counted >= 9.0,
+        "raftmq_auth_refusals_total{{reason=unauthenticated}} is {counted}"
+    );
     s.stop().await
 }
 
@@ -393,6 +413,11 @@ async fn a_missing_permission_is_refused_in_every_family_of_rpcs() -> anyhow::Re
     ensure!(
         s.root.admin().delete_topic(OTHER).await?,
         "root could not delete a topic"
+    );
+    let counted = s.refusals("permission_denied").await?;
+    ensure!(
+        counted >= 7.0,
+        "raftmq_auth_refusals_total{{reason=permission_denied}} is {counted}"
     );
     s.stop().await
 }

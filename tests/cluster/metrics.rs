@@ -23,7 +23,7 @@ use super::fixtures::{
     wait_for_known_route,
 };
 
-type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue>;
+pub(crate) type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue>;
 
 /// `GET /metrics` over a fresh connection; checks the status and content type.
 async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
@@ -46,7 +46,7 @@ async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// A scrape, parsed whole: any line the parser cannot read fails it.
-async fn scrape(addr: SocketAddr) -> anyhow::Result<Exposition> {
+pub(crate) async fn scrape(addr: SocketAddr) -> anyhow::Result<Exposition> {
     let body = fetch(addr).await?;
     openmetrics_parser::openmetrics::parse_openmetrics(&body)
         .map_err(|e| anyhow::anyhow!("the scrape of {addr} does not parse as OpenMetrics: {e}\n{body}"))
@@ -76,7 +76,7 @@ fn samples(exp: &Exposition, family: &str) -> usize {
     exp.families.get(family).map_or(0, |f| f.iter_samples().count())
 }
 
-fn must(exp: &Exposition, family: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+pub(crate) fn must(exp: &Exposition, family: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     value(exp, family, labels).with_context(|| format!("no {family} sample with labels {labels:?}"))
 }
 
