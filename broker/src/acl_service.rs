@@ -11,6 +11,7 @@ use raftmq_raft_store::{AclRule, Command, Permission, ResourceKind, Response, Us
 use tonic::{Request, Status};
 use tracing::Instrument;
 
+use crate::admin::answer;
 use crate::api_error::ApiError;
 use crate::group::GroupHandle;
 
@@ -217,13 +218,6 @@ impl Acl {
         let existed = changed(self.group.write(cmd).await?.response)?;
         Ok(pb::DeleteAclRuleResponse { existed })
     }
-}
-
-fn answer<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
-    if let Err(e) = &result {
-        tracing::debug!(rpc, error = %e, "ACL request refused");
-    }
-    result.map(tonic::Response::new).map_err(Status::from)
 }
 
 #[tonic::async_trait]

@@ -356,7 +356,7 @@ impl Admin {
     }
 }
 
-fn answer<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
+pub(crate) fn answer<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
     if let Err(e) = &result {
         tracing::debug!(rpc, error = %e, "admin request refused");
     }
