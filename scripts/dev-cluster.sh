@@ -8,7 +8,9 @@
 #   LABEL   prefix of this script's messages (e.g. rocketmq-rust-sdk-test)
 #   bin     the raftmq binary
 # and optionally define `dev_cluster_on_failure`, called on a non-zero exit before the
-# data dir is removed (e.g. to show a client's own log).
+# data dir is removed (e.g. to show a client's own log), and `dev_cluster_before_stop`,
+# called on every exit before the cluster is stopped (e.g. to stop, by its PID, a
+# server the script started against the cluster).
 # After it returns:
 #   DEV_DATA     the data dir (the cluster's under $DEV_DATA/cluster; removed at exit)
 #   DEV_PID      the `raftmq dev` process
@@ -20,6 +22,9 @@
 dev_cluster_cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  if declare -F dev_cluster_before_stop >/dev/null; then
+    dev_cluster_before_stop || true
+  fi
   if [ -n "${DEV_PID:-}" ] && kill -0 "$DEV_PID" 2>/dev/null; then
     kill -TERM "$DEV_PID" 2>/dev/null || true
     # `raftmq dev` stops its replicas on SIGTERM; give it 30 s before SIGKILL.
