@@ -52,7 +52,9 @@ impl Console {
     /// so ACL (#13/#20) is wired in this one function. Until then the credential
     /// is accepted and not used: the cluster checks none.
     pub fn admin_for(&self, cred: Option<Credential>) -> Admin {
-        let _ = cred;
+        if let Some(c) = &cred {
+            tracing::debug!(access_key = %c.access_key, "admin credential given; not checked until ACL lands");
+        }
         self.client.admin()
     }
 
@@ -435,7 +437,15 @@ async fn browse(State(c): Shared, RawQuery(q): RawQuery) -> Api<BrowseView> {
     let r = c
         .client
         .pull_consumer()
-        .pull(&topic, broker_group, queue_id, offset, count, Duration::ZERO, &Filter::all())
+        .pull(
+            &topic,
+            broker_group,
+            queue_id,
+            offset,
+            count,
+            Duration::ZERO,
+            &Filter::all(),
+        )
         .await?;
     Ok(Json(BrowseView {
         messages: r

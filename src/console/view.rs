@@ -455,7 +455,10 @@ mod tests {
         // The NameServers' view: nobody's progress is known.
         let g = GroupView::from_pb(pb::GroupStatus {
             leader_id: Some(1),
-            replicas: vec![replica(1, pb::ReplicaRole::Leader), replica(2, pb::ReplicaRole::Follower)],
+            replicas: vec![
+                replica(1, pb::ReplicaRole::Leader),
+                replica(2, pb::ReplicaRole::Follower),
+            ],
             ..Default::default()
         });
         assert!(g.replicas.iter().all(|r| r.lag.is_none() && r.health == "unknown"));

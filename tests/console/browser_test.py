@@ -308,7 +308,8 @@ def check_rates_page_draws_live_rates(b: Browser, cli: Cli) -> str:
             lambda: (t := b.page.text_content("#rate-consume") or "") and t != "–" and not t.startswith("0") and t,
             within_s=40,
         )
-        b.page.wait_for_timeout(2500)
+        # A few more samples, so the chart shows lines rather than a point.
+        b.page.wait_for_timeout(6000)
         b.shot("rates-live")
     finally:
         for p in (producer, consumer):

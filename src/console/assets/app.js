@@ -449,7 +449,7 @@ function messageRows(messages, extra) {
   const rows = [];
   for (const m of messages) {
     const place = (m.broker_group ? m.broker_group + "/" : "") + m.queue_id + "@" + m.queue_offset;
-    const preview = m.body_preview.length > 80 ? m.body_preview.slice(0, 80) + "…" : m.body_preview;
+    const preview = m.body_preview.length > 60 ? m.body_preview.slice(0, 60) + "…" : m.body_preview;
     const details = h("tr", { class: "details", hidden: true },
       h("td", { colSpan: 7 },
         h("div", { class: "meta" }, "born " + fmt.time(m.born_timestamp_ms) + " · stored " + fmt.time(m.store_timestamp_ms) +
@@ -461,10 +461,10 @@ function messageRows(messages, extra) {
       h("td", { class: "mono" }, m.message_id),
       h("td", {}, m.topic),
       h("td", { class: "mono" }, place),
-      h("td", {}, fmt.time(m.store_timestamp_ms)),
+      h("td", { class: "when" }, fmt.time(m.store_timestamp_ms)),
       h("td", {}, m.tag || "–"),
       h("td", {}, m.keys.join(", ") || "–"),
-      h("td", { class: "mono" }, preview, extra ? extra(m) : null));
+      h("td", { class: "mono body" }, preview, extra ? extra(m) : null));
     row.addEventListener("click", (ev) => {
       if (ev.target.closest("button")) return;
       details.hidden = !details.hidden;
@@ -589,7 +589,7 @@ async function ratesPage(main, rest, params) {
   const canvas = h("canvas", { class: "chart", id: "rates-chart" });
   main.append(h("section", { class: "panel" },
     h("form", {}, h("label", {}, "Topic", topic), h("label", {}, "Consumer group", group)),
-    h("p", { class: "muted" }, "Sampled every 2 s from the queues' max offsets and the group's committed offsets; the last 3 minutes are drawn."),
+    h("p", { class: "muted" }, "Sampled every 2 s from the queues' max offsets and the group's committed offsets; the last minute is drawn."),
     readout,
     h("div", { class: "legend" }, h("span", {}, h("i", { class: "send" }), "send"),
       h("span", {}, h("i", { class: "consume" }), "consume")),
@@ -623,7 +623,7 @@ async function ratesPage(main, rest, params) {
         send: Math.max(0, (d.max_offset_sum - prev.sent) / secs),
         consume: committed === null || prev.committed === null ? null : Math.max(0, (committed - prev.committed) / secs),
       });
-      if (samples.length > 90) samples.shift();
+      if (samples.length > SPAN) samples.shift();
       const s = samples[samples.length - 1];
       document.getElementById("rate-send").textContent = fmt.rate(s.send);
       document.getElementById("rate-consume").textContent = fmt.rate(s.consume);
@@ -635,6 +635,9 @@ async function ratesPage(main, rest, params) {
   await sample();
   every(2000, sample);
 }
+
+/** Samples the rates chart keeps: one a minute at one per 2 s. */
+const SPAN = 30;
 
 /** A two-line chart on a canvas: y from 0 to a rounded maximum, x over the samples. */
 function drawChart(canvas, samples) {
@@ -670,8 +673,8 @@ function drawChart(canvas, samples) {
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
-  const span = 90;
-  ctx.fillText("-3 min", pad.l, hgt - pad.b + 8);
+  const span = SPAN;
+  ctx.fillText("-1 min", pad.l, hgt - pad.b + 8);
   ctx.fillText("now", w - pad.r, hgt - pad.b + 8);
   const x = (i) => pad.l + plotW - ((samples.length - 1 - i) / (span - 1)) * plotW;
   const y = (v) => pad.t + plotH - (v / max) * plotH;
