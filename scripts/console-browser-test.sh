@@ -41,31 +41,18 @@ if [ -z "${RAFTMQ_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
 fi
 chromium="${RAFTMQ_CHROMIUM:-$(command -v chromium)}"
 
-# The venv outlives the clone (like the cargo target dir). pip runs only when the pinned
-# Playwright is not installed yet: a rerun asks no registry anything.
-if [ ! -x "$pyenv/bin/python" ]; then
-  python="${RAFTMQ_PYTHON:-$(command -v python3.11 || command -v python3)}"
-  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-    || { echo "console-browser-test: $python is older than 3.9" >&2; exit 1; }
-  "$python" -m venv "$pyenv"
-fi
-if ! "$pyenv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("playwright") != sys.argv[1])' \
-  "$PLAYWRIGHT_VERSION" 2>/dev/null; then
-  "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check "playwright==$PLAYWRIGHT_VERSION"
-fi
+# Playwright only as the driver (its pip package carries it); the browser is Debian's.
+# shellcheck source=scripts/pinned-venv.sh
+. "$root/scripts/pinned-venv.sh"
+pinned_venv console-browser-test "$pyenv" playwright "$PLAYWRIGHT_VERSION" || exit 1
 
 LABEL=console-browser-test
 CONSOLE_PID=""
 # shellcheck source=scripts/dev-cluster.sh
 . "$root/scripts/dev-cluster.sh"
 dev_cluster_before_stop() {
-  if [ -n "$CONSOLE_PID" ] && kill -0 "$CONSOLE_PID" 2>/dev/null; then
-    kill -TERM "$CONSOLE_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-      kill -0 "$CONSOLE_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$CONSOLE_PID" 2>/dev/null || true
+  if [ -n "$CONSOLE_PID" ]; then
+    stop_pid "$CONSOLE_PID" 10 || kill -KILL "$CONSOLE_PID" 2>/dev/null || true
     wait "$CONSOLE_PID" 2>/dev/null || true
   fi
 }

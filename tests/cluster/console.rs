@@ -5,9 +5,8 @@
 //! found and browsed, a group's lag is the admin API's, a delete removes the
 //! topic, and bad input of every kind is a 4xx whose JSON names what was wrong.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
@@ -16,7 +15,9 @@ use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::consumer_service_client::ConsumerServiceClient;
 use serde_json::{Value, json};
 
-use super::fixtures::{Check, DEADLINE, GROUP, eventually, http, start_with_client, wait_for_known_route};
+use super::fixtures::{
+    Check, DEADLINE, GROUP, eventually, http, spawn_with_lines, start_with_client, wait_for_known_route,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_raftmq");
 const TOPIC: &str = "console-made";
@@ -32,23 +33,10 @@ struct ConsoleProcess {
 impl ConsoleProcess {
     /// Starts the console on a free port and waits for the line naming it.
     fn start(namesrv: &str) -> anyhow::Result<ConsoleProcess> {
-        let mut child = Command::new(BIN)
-            .args(["console", "--namesrv", namesrv, "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning raftmq console")?;
-        let stdout = child.stdout.take().context("console stdout")?;
-        // Reading a line blocks; a thread keeps the deadline enforceable.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (child, rx) = spawn_with_lines(
+            Command::new(BIN).args(["console", "--namesrv", namesrv, "--listen", "127.0.0.1:0"]),
+            "raftmq console",
+        )?;
         let mut console = ConsoleProcess {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -370,19 +358,13 @@ async fn console_api_creates_finds_and_deletes_through_the_admin_api_and_refuses
         console.refused(method, path, body, status, says).await?;
     }
     // Not JSON, and JSON sent as another type (what a cross-site form could send).
-    let (got, v) = console
-        .raw("POST", "/api/topics", Some("application/json"), b"{not json")
-        .await?;
-    check_refusal("POST", "/api/topics", got, &v, 400, "request body")?;
-    let (got, v) = console
-        .raw(
-            "POST",
-            "/api/topics",
-            Some("text/plain"),
-            br#"{"name":"csrf","queues":1}"#,
-        )
-        .await?;
-    check_refusal("POST", "/api/topics", got, &v, 415, "application/json")?;
+    for (content_type, body, status, says) in [
+        ("application/json", &b"{not json"[..], 400, "request body"),
+        ("text/plain", br#"{"name":"csrf","queues":1}"#, 415, "application/json"),
+    ] {
+        let (got, v) = console.raw("POST", "/api/topics", Some(content_type), body).await?;
+        check_refusal("POST", "/api/topics", got, &v, status, says)?;
+    }
     // Past the body limit.
     let big = vec![b' '; 100 * 1024];
     let (got, _, _) = http(console.addr, "POST", "/api/topics", Some("application/json"), &big).await?;

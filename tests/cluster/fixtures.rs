@@ -117,6 +117,32 @@ pub async fn http(
     Ok((status, head, raw[end + 4..].to_vec()))
 }
 
+/// A process of the `raftmq` binary whose stdout lines arrive on a channel: a
+/// thread reads them, so a test waiting for a line (a banner, an address) keeps
+/// its deadline with `recv_timeout` instead of blocking on the pipe.
+pub fn spawn_with_lines(
+    cmd: &mut std::process::Command,
+    what: &str,
+) -> anyhow::Result<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawning {what}"))?;
+    let stdout = child.stdout.take().with_context(|| format!("{what}'s stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -137,11 +137,30 @@ class Browser:
             status = self.page.text_content("#status")
             raise AssertionError(f"page #{fragment} did not load: state {state}, status {status!r}")
 
+    def answer_next_dialog(self, accept: bool) -> list[str]:
+        """Accepts or dismisses the next confirm dialog; the list gets its text."""
+        asked: list[str] = []
+
+        def answer(d) -> None:
+            asked.append(d.message)
+            if accept:
+                d.accept()
+            else:
+                d.dismiss()
+
+        self.page.once("dialog", answer)
+        return asked
+
     def shot(self, name: str) -> Path:
         self.shot_count += 1
         path = self.shots / f"{self.shot_count:02d}-{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+    def assert_no_errors(self, where: str = "") -> None:
+        errors = self.take_errors()
+        if errors:
+            raise AssertionError(where + "; ".join(errors))
 
     def take_errors(self) -> list[str]:
         errors, self.errors = self.errors, []
@@ -170,9 +189,7 @@ def check_pages_load_without_errors(b: Browser, cli: Cli) -> str:
         # Let the first auto-refresh run too: its errors count.
         b.page.wait_for_timeout(600)
         path = b.shot(shot)
-        errors = b.take_errors()
-        if errors:
-            raise AssertionError(f"#{fragment}: " + "; ".join(errors))
+        b.assert_no_errors(f"#{fragment}: ")
         seen.append(path.name)
     # The cluster page names the group's leader and three healthy replicas.
     b.open("cluster", "cluster")
@@ -189,25 +206,13 @@ def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
     b.page.fill("#topic-queues", "3")
     b.page.select_option("#topic-type", "fifo")
     # Said no to: nothing changes.
-    dialogs: list[str] = []
-
-    def dismiss(d) -> None:
-        dialogs.append(d.message)
-        d.dismiss()
-
-    b.page.once("dialog", dismiss)
+    dialogs = b.answer_next_dialog(accept=False)
     b.page.click("#topic-create")
     eventually("the cancelled note", lambda: "Cancelled" in b.status())
     if UI_TOPIC in cli.topics():
         raise AssertionError("a dismissed confirmation created the topic")
     # Said yes to.
-    asked: list[str] = []
-
-    def accept(d) -> None:
-        asked.append(d.message)
-        d.accept()
-
-    b.page.once("dialog", accept)
+    asked = b.answer_next_dialog(accept=True)
     b.page.click("#topic-create")
     eventually("the 'created' note", lambda: f"Topic {UI_TOPIC} created" in b.status())
     if not asked or UI_TOPIC not in asked[0] or dialogs[0] != asked[0]:
@@ -217,9 +222,7 @@ def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
     if "queues 3" not in line or "FIFO" not in line:
         raise AssertionError(f"listed as {line!r}, not 3 FIFO queues")
     b.shot("topic-created")
-    errors = b.take_errors()
-    if errors:
-        raise AssertionError("; ".join(errors))
+    b.assert_no_errors()
     return f"confirm asked {asked[0]!r}; admin topic list: {line.strip()!r}"
 
 
@@ -239,9 +242,7 @@ def check_message_sent_with_cli_found_by_id(b: Browser, cli: Cli) -> str:
     row.click()  # the details: properties and body
     b.page.wait_for_selector("#msg-results tr.details:not([hidden]) pre.props", timeout=WAIT_MS)
     b.shot("message-by-id")
-    errors = b.take_errors()
-    if errors:
-        raise AssertionError("; ".join(errors))
+    b.assert_no_errors()
     return f"message {msg_id} found in the UI"
 
 
@@ -282,9 +283,7 @@ def check_group_lag_matches_admin(b: Browser, cli: Cli) -> str:
     b.open("groups", "groups")
     b.page.wait_for_selector(f'tr[data-group="{LAG_GROUP}"]', timeout=WAIT_MS)
     b.shot("groups-with-lag")
-    errors = b.take_errors()
-    if errors:
-        raise AssertionError("; ".join(errors))
+    b.assert_no_errors()
     return f"lag {total} over {len(lags)} queue(s), equal to admin group describe: {lags}"
 
 
@@ -318,9 +317,7 @@ def check_rates_page_draws_live_rates(b: Browser, cli: Cli) -> str:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    errors = b.take_errors()
-    if errors:
-        raise AssertionError("; ".join(errors))
+    b.assert_no_errors()
     return f"send rate {send} drawn"
 
 
@@ -330,9 +327,7 @@ def check_dlq_and_cluster_pages(b: Browser, cli: Cli) -> str:
     b.shot("dlq")
     b.open(f"topics/{UI_TOPIC}", "topics")
     b.shot("topic-ui-detail")
-    errors = b.take_errors()
-    if errors:
-        raise AssertionError("; ".join(errors))
+    b.assert_no_errors()
     return "DLQ panel and topic detail drawn"
 
 
