@@ -4,7 +4,8 @@ Against `raftmq console` serving a `raftmq dev` cluster, with the `raftmq` CLI a
 independent witness:
   1. every page loads with no console error, page error or failed request;
   2. a topic created through the UI (form filled, confirm dialog accepted; a dismissed
-     dialog first, which must change nothing) is in `raftmq admin topic list`;
+     dialog first, which must change nothing) is in `raftmq admin topic list`, and
+     the request carried the admin credential typed in the page;
   3. a message sent with `raftmq produce` is found by its id in the UI;
   4. the lag a consumer group shows in the UI, per queue and in total, is what
      `raftmq admin group describe` reports (lag made by sending N messages, consuming
@@ -211,10 +212,19 @@ def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
     eventually("the cancelled note", lambda: "Cancelled" in b.status())
     if UI_TOPIC in cli.topics():
         raise AssertionError("a dismissed confirmation created the topic")
-    # Said yes to.
+    # Said yes to, with an admin credential typed in the header box: the change
+    # carries it.
+    b.page.click("#credential summary")
+    b.page.fill("#cred-access-key", "console-admin")
+    b.page.fill("#cred-secret", "console-secret")
+    sent: list[dict] = []
+    b.page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
     asked = b.answer_next_dialog(accept=True)
     b.page.click("#topic-create")
     eventually("the 'created' note", lambda: f"Topic {UI_TOPIC} created" in b.status())
+    if not sent or sent[-1].get("access_key") != "console-admin" or sent[-1].get("secret") != "console-secret":
+        raise AssertionError(f"the create did not carry the credential: {sent}")
+    b.page.click("#credential summary")
     if not asked or UI_TOPIC not in asked[0] or dialogs[0] != asked[0]:
         raise AssertionError(f"the confirmation did not name the change: {asked} / {dialogs}")
     b.page.wait_for_selector(f'tr[data-topic="{UI_TOPIC}"]', timeout=WAIT_MS)
@@ -223,7 +233,7 @@ def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
         raise AssertionError(f"listed as {line!r}, not 3 FIFO queues")
     b.shot("topic-created")
     b.assert_no_errors()
-    return f"confirm asked {asked[0]!r}; admin topic list: {line.strip()!r}"
+    return f"confirm asked {asked[0]!r}, credential sent; admin topic list: {line.strip()!r}"
 
 
 def check_message_sent_with_cli_found_by_id(b: Browser, cli: Cli) -> str:
