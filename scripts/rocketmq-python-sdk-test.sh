@@ -35,18 +35,9 @@ steps="${RAFTMQ_SDK_STEPS:-}"
 failover="${RAFTMQ_SDK_FAILOVER:-1}"
 [ -x "$bin" ] || { echo "rocketmq-python-sdk-test: no raftmq binary at $bin (build it first, or set RAFTMQ_BIN)" >&2; exit 1; }
 
-# The venv outlives the clone (like the cargo target dir). pip runs only when the pinned SDK is
-# not installed yet: a rerun asks no registry anything.
-if [ ! -x "$pyenv/bin/python" ]; then
-  python="${RAFTMQ_PYTHON:-$(command -v python3.11 || command -v python3)}"
-  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-    || { echo "rocketmq-python-sdk-test: $python is older than 3.9" >&2; exit 1; }
-  "$python" -m venv "$pyenv"
-fi
-if ! "$pyenv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("rocketmq-python-client") != sys.argv[1])' \
-  "$SDK_VERSION" 2>/dev/null; then
-  "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check "rocketmq-python-client==$SDK_VERSION"
-fi
+# shellcheck source=scripts/pinned-venv.sh
+. "$root/scripts/pinned-venv.sh"
+pinned_venv rocketmq-python-sdk-test "$pyenv" rocketmq-python-client "$SDK_VERSION" || exit 1
 py="$pyenv/bin/python"
 # Importing the SDK creates its log directory and file; note where this run's lines start.
 "$py" -c 'import rocketmq' || { echo "rocketmq-python-sdk-test: the SDK in $pyenv does not import" >&2; exit 1; }

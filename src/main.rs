@@ -7,6 +7,7 @@ mod bench_lifecycle;
 mod chaos;
 mod chaos_lifecycle;
 mod chaos_txn;
+mod console;
 mod failover_bench;
 mod local;
 mod settings;
@@ -53,6 +54,9 @@ enum Command {
     Consume(ConsumeArgs),
     /// Benchmark a cluster (or a local one it starts): produce, consume, e2e.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the web console: cluster, topics, consumer groups, messages and live
+    /// rates, in a browser (pages embedded in the binary).
+    Console(console::ConsoleArgs),
     /// Run producers and consumers against a docker-compose cluster while killing,
     /// pausing and isolating its brokers; check nothing acknowledged was lost.
     Chaos(Box<chaos::ChaosArgs>),
@@ -824,7 +828,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let holds_resources = match &command {
         Command::Broker(args) => !args.print_config,
         Command::Namesrv(args) => !args.print_config,
-        Command::Dev(_) | Command::Bench(_) | Command::Chaos(_) | Command::Consume(_) => true,
+        Command::Dev(_) | Command::Bench(_) | Command::Chaos(_) | Command::Consume(_) | Command::Console(_) => true,
         Command::Admin(_) | Command::Produce(_) | Command::Pull(_) | Command::Store(_) | Command::Tls(_) => false,
     };
     if !holds_resources {
@@ -877,6 +881,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }),
             Command::Consume(args) => done(tools::run_consume(args).await),
+            Command::Console(args) => done(console::run(args).await),
             Command::Tls(TlsCommand::Gen { out, hosts }) => {
                 let files = raftmq_tls::certgen::write(&out, &hosts)?;
                 println!("CA (give clients --tls-ca-file):   {}", files.ca_file.display());

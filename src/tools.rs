@@ -421,8 +421,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                             applied.map_or("-".to_owned(), |a| a.to_string())
                         ),
                         (None, _, Some(matched)) => match r.last_ack_ms {
-                            // Well past any election timeout: the leader cannot reach it.
-                            Some(ms) if ms > 1000 => {
+                            Some(ms) if ms > UNREACHABLE_AFTER_MS => {
                                 format!("replicated through {matched}, UNREACHABLE (last ack {ms} ms ago)")
                             }
                             Some(ms) => format!("replicated through {matched}, last ack {ms} ms ago"),
@@ -514,9 +513,14 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A follower whose last acknowledgement is older than this is reported
+/// unreachable (`admin cluster`, the console): well past any election timeout,
+/// the leader cannot reach it.
+pub const UNREACHABLE_AFTER_MS: u64 = 1000;
+
 /// A topic message type as RocketMQ names it ("FIFO"); UNSPECIFIED (a broker
 /// built before topics had a type, whose topics accept every type) as MIXED.
-fn message_type_name(t: raftmq_proto::v1::MessageType) -> &'static str {
+pub fn message_type_name(t: raftmq_proto::v1::MessageType) -> &'static str {
     use raftmq_proto::v1::MessageType;
     match t {
         MessageType::Normal => "NORMAL",
@@ -537,6 +541,18 @@ fn start_from(s: &str) -> anyhow::Result<raftmq_client::StartFrom> {
             ms.parse()
                 .with_context(|| format!("{ms:?} is not first, last or a time in ms since the epoch"))?,
         ),
+    })
+}
+
+/// Where `admin group reset-offset --to` (and the console's reset) moves a
+/// group: `first`, `last` or ms since the epoch, as the ResetConsumerOffset
+/// request takes it.
+pub fn reset_target(to: &str) -> anyhow::Result<(raftmq_proto::v1::StartFrom, u64)> {
+    use raftmq_proto::v1::StartFrom as Pb;
+    Ok(match start_from(to)? {
+        raftmq_client::StartFrom::First => (Pb::First, 0),
+        raftmq_client::StartFrom::Last => (Pb::Last, 0),
+        raftmq_client::StartFrom::Timestamp(t) => (Pb::Timestamp, t),
     })
 }
 
@@ -638,12 +654,7 @@ async fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
             topic,
             to,
         } => {
-            use raftmq_proto::v1::StartFrom as Pb;
-            let (to, ts) = match start_from(&to)? {
-                raftmq_client::StartFrom::First => (Pb::First, 0),
-                raftmq_client::StartFrom::Last => (Pb::Last, 0),
-                raftmq_client::StartFrom::Timestamp(t) => (Pb::Timestamp, t),
-            };
+            let (to, ts) = reset_target(&to)?;
             for q in client(namesrv)?
                 .admin()
                 .reset_consumer_offset(&group, &topic, to, ts)

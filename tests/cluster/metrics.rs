@@ -14,12 +14,11 @@ use raftmq_client::{Client, ClientConfig};
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::consumer_service_client::ConsumerServiceClient;
 use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::fixtures::{
-    Check, Cluster, DEADLINE, GROUP, QUEUES, Settings, TOPIC, create_topic_via, eventually, message,
+    Check, Cluster, DEADLINE, GROUP, QUEUES, Settings, TOPIC, create_topic_via, eventually, http, message,
     wait_for_known_route,
 };
 
@@ -27,22 +26,12 @@ pub(crate) type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue
 
 /// `GET /metrics` over a fresh connection; checks the status and content type.
 async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let (status, head, body) = http(addr, "GET", "/metrics", None, b"")
         .await
-        .with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let text = String::from_utf8(raw).context("the metrics answer is not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no end of the HTTP header")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    Ok(body.to_owned())
+        .with_context(|| format!("scraping the metrics endpoint {addr}"))?;
+    ensure!(status == 200, "metrics answered {head}");
+    ensure!(head.contains("content-type: application/openmetrics-text"), "{head}");
+    String::from_utf8(body).context("the metrics answer is not UTF-8")
 }
 
 /// A scrape, parsed whole: any line the parser cannot read fails it.
