@@ -62,8 +62,12 @@ dev_cluster_on_failure() {
     tail -20 "$DEV_DATA/console.err" >&2 || true
   fi
 }
-dev_cluster_start
+# Signed requests on (#20): the console's reads and the test's CLI calls sign as the
+# bootstrap admin (environment), while a change made in the page carries only the
+# credential typed into it.
+dev_cluster_start --auth
 namesrv=$DEV_NAMESRV
+export RAFTMQ_ACCESS_KEY=admin RAFTMQ_SECRET_FILE="$DEV_DATA/cluster/admin-secret"
 
 # The console on a free port; it prints the address it took.
 "$bin" console --namesrv "$namesrv" --listen 127.0.0.1:0 >"$DEV_DATA/console.out" 2>"$DEV_DATA/console.err" &
@@ -84,6 +88,7 @@ mkdir -p "$shots"
 # The test bounds every wait itself; `timeout` only stops one that hangs anyway.
 rc=0
 timeout 600 "$pyenv/bin/python" "$root/tests/console/browser_test.py" \
-  --url "$url" --bin "$bin" --namesrv "$namesrv" --chromium "$chromium" --shots "$shots" || rc=$?
+  --url "$url" --bin "$bin" --namesrv "$namesrv" --chromium "$chromium" --shots "$shots" \
+  --admin-secret-file "$RAFTMQ_SECRET_FILE" || rc=$?
 echo "$LABEL: screenshots in $shots"
 exit "$rc"

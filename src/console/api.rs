@@ -33,29 +33,38 @@ const DESCRIBE_CONCURRENCY: usize = 8;
 /// Longest message id accepted (ids are 34 hex characters today).
 const MAX_MESSAGE_ID_LEN: usize = 128;
 
-/// The console's state: one client (its channels and route cache shared by every
-/// request).
+/// The console's state: one client for reads (its channels and route cache
+/// shared by every request, signed with the console's own `--access-key` if
+/// given), and the settings a state change's client is made from.
 pub struct Console {
     client: Client,
+    config: raftmq_client::ClientConfig,
 }
 
 type Api<T> = Result<Json<T>, ApiError>;
 type Shared = State<Arc<Console>>;
 
 impl Console {
-    pub fn new(client: Client) -> Console {
-        Console { client }
+    pub fn new(config: raftmq_client::ClientConfig) -> Result<Console, raftmq_client::Error> {
+        Ok(Console {
+            client: Client::new(config.clone())?,
+            config,
+        })
     }
 
-    /// The admin handle for a state-changing request, given the credential the
-    /// request carried. Every create, delete, reset and resend goes through here,
-    /// so ACL (#13/#20) is wired in this one function. Until then the credential
-    /// is accepted and not used: the cluster checks none.
-    pub fn admin_for(&self, cred: Option<Credential>) -> Admin {
-        if let Some(c) = &cred {
-            tracing::debug!(access_key = %c.access_key, "admin credential given; not checked until ACL lands");
-        }
-        self.client.admin()
+    /// The admin handle for a state-changing request: its calls are signed with
+    /// the credential the request carried (typed into the page), and with
+    /// nothing when it carried none, never with the console's own, so on a
+    /// cluster with `[auth] enabled` only a user the ACL allows changes anything
+    /// (refused: 401 or 403 with the broker's reason). Every create, delete,
+    /// reset and resend goes through here.
+    pub fn admin_for(&self, cred: Option<Credential>) -> Result<Admin, ApiError> {
+        let mut config = self.config.clone();
+        config.credentials = cred.map(|c| raftmq_proto::request_auth::Credentials {
+            access_key: c.access_key,
+            secret: c.secret,
+        });
+        Ok(Client::new(config)?.admin())
     }
 
     /// The admin handle for reads.
@@ -242,7 +251,7 @@ async fn create_topic(State(c): Shared, headers: HeaderMap, body: Bytes) -> Api<
         Some(MessageTypeArg::Transaction) => pb::MessageType::Transaction,
         Some(MessageTypeArg::Mixed) => pb::MessageType::Mixed,
     };
-    c.admin_for(cred)
+    c.admin_for(cred)?
         .create_topic_on(&b.name, b.queues, perm, message_type, &b.groups)
         .await
         .map_err(|e| match e {
@@ -276,7 +285,7 @@ async fn delete_topic(State(c): Shared, Path(name): Path<String>, headers: Heade
     };
     let cred = credential(b.access_key, b.secret)?;
     raftmq_broker::validate::topic_name(&name)?;
-    let existed = c.admin_for(cred).delete_topic(&name).await?;
+    let existed = c.admin_for(cred)?.delete_topic(&name).await?;
     Ok(Json(Done {
         ok: true,
         existed: Some(existed),
@@ -318,7 +327,7 @@ async fn reset_offset(State(c): Shared, Path(group): Path<String>, headers: Head
     raftmq_broker::validate::topic_name(&b.topic)?;
     let (to, ts) = crate::tools::reset_target(&b.to).map_err(|e| ApiError::bad_request(format!("to: {e:#}")))?;
     let queues = c
-        .admin_for(cred)
+        .admin_for(cred)?
         .reset_consumer_offset(&group, &b.topic, to, ts)
         .await?;
     Ok(Json(ResetView {
@@ -358,7 +367,7 @@ async fn resend_dead_letter(
     let cred = credential(b.access_key, b.secret)?;
     raftmq_broker::validate::consumer_group_name(&group)?;
     message_id(&b.id)?;
-    let r = c.admin_for(cred).resend_dead_letter(&group, &b.id).await?;
+    let r = c.admin_for(cred)?.resend_dead_letter(&group, &b.id).await?;
     Ok(Json(ResendView {
         message_id: r.message_id,
         broker_group: r.broker_group,

@@ -77,10 +77,6 @@ impl From<raftmq_broker::ApiError> for ApiError {
 #[derive(Clone)]
 pub struct Credential {
     pub access_key: String,
-    #[expect(
-        dead_code,
-        reason = "ACL (#20) will check it in Console::admin_for; nothing reads it before"
-    )]
     pub secret: String,
 }
 

@@ -45,7 +45,7 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 
 /// Serves the console until SIGINT/SIGTERM.
 pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
-    let client = crate::tools::client(args.namesrv)?;
+    let config = crate::tools::client_config(args.namesrv)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the console to {}", args.listen))?;
@@ -53,7 +53,7 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
     println!("console listening on http://{}/", listener.local_addr()?);
     let token = tokio_util::sync::CancellationToken::new();
     crate::cancel_on_signal(token.clone());
-    axum::serve(listener, router(Console::new(client)))
+    axum::serve(listener, router(Console::new(config)?))
         .with_graceful_shutdown(token.cancelled_owned())
         .await
         .context("serving the console")

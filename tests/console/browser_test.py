@@ -4,8 +4,9 @@ Against `raftmq console` serving a `raftmq dev` cluster, with the `raftmq` CLI a
 independent witness:
   1. every page loads with no console error, page error or failed request;
   2. a topic created through the UI (form filled, confirm dialog accepted; a dismissed
-     dialog first, which must change nothing) is in `raftmq admin topic list`, and
-     the request carried the admin credential typed in the page;
+     dialog first, which must change nothing; then one accepted without a credential,
+     which the cluster, requiring signed requests, refuses) is in `raftmq admin topic
+     list`, and the request carried the admin credential typed in the page;
   3. a message sent with `raftmq produce` is found by its id in the UI;
   4. the lag a consumer group shows in the UI, per queue and in total, is what
      `raftmq admin group describe` reports (lag made by sending N messages, consuming
@@ -201,6 +202,10 @@ def check_pages_load_without_errors(b: Browser, cli: Cli) -> str:
     return f"{len(pages)} pages, no console errors; cluster page shows {rows} healthy replicas"
 
 
+# The bootstrap admin's secret file (--admin-secret-file), set by main().
+ADMIN_SECRET_FILE: list[str] = []
+
+
 def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
     b.open("topics", "topics")
     b.page.fill("#topic-name", UI_TOPIC)
@@ -212,17 +217,29 @@ def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
     eventually("the cancelled note", lambda: "Cancelled" in b.status())
     if UI_TOPIC in cli.topics():
         raise AssertionError("a dismissed confirmation created the topic")
-    # Said yes to, with an admin credential typed in the header box: the change
-    # carries it.
+    # Said yes to without a credential: the cluster requires signed requests
+    # and the console signs a change only with what the page typed, so it is refused.
+    b.answer_next_dialog(accept=True)
+    b.page.click("#topic-create")
+    eventually("the refusal of an unsigned change", lambda: "no credentials" in b.status())
+    if UI_TOPIC in cli.topics():
+        raise AssertionError("a change without a credential created the topic")
+    # Chromium logs the 401 answer as a console error: that one was expected.
+    unexpected = [e for e in b.take_errors() if "401" not in e]
+    if unexpected:
+        raise AssertionError("; ".join(unexpected))
+    # Said yes to, with the admin credential typed in the header box: the change
+    # carries it, and the cluster accepts it.
+    secret = Path(ADMIN_SECRET_FILE[0]).read_text().strip()
     b.page.click("#credential summary")
-    b.page.fill("#cred-access-key", "console-admin")
-    b.page.fill("#cred-secret", "console-secret")
+    b.page.fill("#cred-access-key", "admin")
+    b.page.fill("#cred-secret", secret)
     sent: list[dict] = []
     b.page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
     asked = b.answer_next_dialog(accept=True)
     b.page.click("#topic-create")
     eventually("the 'created' note", lambda: f"Topic {UI_TOPIC} created" in b.status())
-    if not sent or sent[-1].get("access_key") != "console-admin" or sent[-1].get("secret") != "console-secret":
+    if not sent or sent[-1].get("access_key") != "admin" or sent[-1].get("secret") != secret:
         raise AssertionError(f"the create did not carry the credential: {sent}")
     b.page.click("#credential summary")
     if not asked or UI_TOPIC not in asked[0] or dialogs[0] != asked[0]:
@@ -348,7 +365,9 @@ def main() -> int:
     ap.add_argument("--namesrv", required=True)
     ap.add_argument("--chromium", required=True, help="Debian's chromium")
     ap.add_argument("--shots", required=True, type=Path)
+    ap.add_argument("--admin-secret-file", required=True, help="the cluster's bootstrap admin secret (dev --auth)")
     args = ap.parse_args()
+    ADMIN_SECRET_FILE.append(args.admin_secret_file)
     cli = Cli(args.bin, args.namesrv)
     checks = [
         check_pages_load_without_errors,
