@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure().compile_protos(
-        &["proto/raftmq/v1/messaging.proto", "proto/raftmq/raft/v1/raft.proto"],
+        &[
+            "proto/raftmq/v1/messaging.proto",
+            "proto/raftmq/v1/acl.proto",
+            "proto/raftmq/raft/v1/raft.proto",
+        ],
         &["proto"],
     )?;
 

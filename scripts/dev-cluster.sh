@@ -8,7 +8,9 @@
 #   LABEL   prefix of this script's messages (e.g. rocketmq-rust-sdk-test)
 #   bin     the raftmq binary
 # and optionally define `dev_cluster_on_failure`, called on a non-zero exit before the
-# data dir is removed (e.g. to show a client's own log).
+# data dir is removed (e.g. to show a client's own log), and `dev_cluster_before_stop`,
+# called on every exit before the cluster is stopped (e.g. to stop, by its PID, a
+# server the script started against the cluster).
 # After it returns:
 #   DEV_DATA     the data dir (the cluster's under $DEV_DATA/cluster; removed at exit)
 #   DEV_PID      the `raftmq dev` process
@@ -16,18 +18,30 @@
 #   DEV_NODES    "ID=HOST:PORT,..." of the broker replicas, DEV_PIDS "ID=PID,..."
 #                (with several groups, every group's; node ids repeat per group)
 #   DEV_ACCESS   the first replica's HOST:PORT (every node serves every client API)
+# and `stop_pid PID SECONDS` stops another process of the script's the same way
+# (SIGTERM, then up to SECONDS for it to exit; non-zero if it did not).
+
+# SIGTERM to a process, then up to SECONDS for it to exit; non-zero if it is still there.
+stop_pid() {
+  local pid=$1 seconds=$2
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 $((seconds * 10))); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  ! kill -0 "$pid" 2>/dev/null
+}
 
 dev_cluster_cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ -n "${DEV_PID:-}" ] && kill -0 "$DEV_PID" 2>/dev/null; then
-    kill -TERM "$DEV_PID" 2>/dev/null || true
+  if declare -F dev_cluster_before_stop >/dev/null; then
+    dev_cluster_before_stop || true
+  fi
+  if [ -n "${DEV_PID:-}" ]; then
     # `raftmq dev` stops its replicas on SIGTERM; give it 30 s before SIGKILL.
-    for _ in $(seq 1 300); do
-      kill -0 "$DEV_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$DEV_PID" 2>/dev/null; then
+    if ! stop_pid "$DEV_PID" 30; then
       echo "$LABEL: raftmq dev (pid $DEV_PID) ignored SIGTERM; killing it and its replicas" >&2
       kill -KILL "$DEV_PID" 2>/dev/null || true
       # Its replicas are processes of their own; their pids are in the data dir.

@@ -7,6 +7,8 @@
 #                  CARGO_TARGET_DIR defaulting to /var/tmp/raftmq-target)
 #   RAFTMQ_PYENV   the venv, made on first use and reused (default /var/tmp/raftmq-pyenv)
 #   RAFTMQ_PYTHON  the interpreter that makes the venv (default python3.11, else python3)
+#   RAFTMQ_CLIENT_AUTH  1: run client/python/auth_test.py against `raftmq dev --auth` instead
+#                  (signed requests: with the admin's credentials served, without refused)
 #
 # The cluster is stopped by its PID whatever happens, and its data dir removed.
 set -euo pipefail
@@ -38,6 +40,12 @@ LABEL=python-client-test
 . "$root/scripts/dev-cluster.sh"
 # Transaction checks start after 1 s (not RocketMQ's 6 s) so the check-back step does
 # not wait out the default.
+if [ "${RAFTMQ_CLIENT_AUTH:-0}" = 1 ]; then
+  dev_cluster_start --auth
+  cd "$root/client/python"
+  "$pyenv/bin/python" auth_test.py "$DEV_NAMESRV" "$DEV_DATA/cluster/admin-secret"
+  exit 0
+fi
 dev_cluster_start --transaction-first-check-ms 1000 --transaction-check-interval-ms 1000
 namesrv=$DEV_NAMESRV
 

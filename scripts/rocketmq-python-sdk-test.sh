@@ -17,6 +17,8 @@
 #   RAFTMQ_PYTHON          the interpreter that makes the venv (default python3.11, else python3)
 #   RAFTMQ_SDK_STEPS       comma-separated sdk_test.py steps to run (default: all; see its --help)
 #   RAFTMQ_SDK_FAILOVER    0 skips the failover step (default 1)
+#   RAFTMQ_SDK_AUTH        1: only tests/rocketmq-sdk/python/auth_test.py, against `raftmq dev --auth`
+#                          (the SDK's Credentials: signed requests served, bad ones refused)
 #
 # The SDK logs to ~/logs/rocketmq_python/rocketmq_client.log, never to stdout: on failure the lines
 # this run added to it are shown (the last 40). The cluster is stopped by its PID whatever happens,
@@ -33,18 +35,9 @@ steps="${RAFTMQ_SDK_STEPS:-}"
 failover="${RAFTMQ_SDK_FAILOVER:-1}"
 [ -x "$bin" ] || { echo "rocketmq-python-sdk-test: no raftmq binary at $bin (build it first, or set RAFTMQ_BIN)" >&2; exit 1; }
 
-# The venv outlives the clone (like the cargo target dir). pip runs only when the pinned SDK is
-# not installed yet: a rerun asks no registry anything.
-if [ ! -x "$pyenv/bin/python" ]; then
-  python="${RAFTMQ_PYTHON:-$(command -v python3.11 || command -v python3)}"
-  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-    || { echo "rocketmq-python-sdk-test: $python is older than 3.9" >&2; exit 1; }
-  "$python" -m venv "$pyenv"
-fi
-if ! "$pyenv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("rocketmq-python-client") != sys.argv[1])' \
-  "$SDK_VERSION" 2>/dev/null; then
-  "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check "rocketmq-python-client==$SDK_VERSION"
-fi
+# shellcheck source=scripts/pinned-venv.sh
+. "$root/scripts/pinned-venv.sh"
+pinned_venv rocketmq-python-sdk-test "$pyenv" rocketmq-python-client "$SDK_VERSION" || exit 1
 py="$pyenv/bin/python"
 # Importing the SDK creates its log directory and file; note where this run's lines start.
 "$py" -c 'import rocketmq' || { echo "rocketmq-python-sdk-test: the SDK in $pyenv does not import" >&2; exit 1; }
@@ -64,6 +57,15 @@ dev_cluster_on_failure() {
     fi
   fi
 }
+if [ "${RAFTMQ_SDK_AUTH:-0}" = 1 ]; then
+  dev_cluster_start --auth
+  # The CLI the test drives signs as the bootstrap admin.
+  export RAFTMQ_ACCESS_KEY=admin RAFTMQ_SECRET_FILE="$DEV_DATA/cluster/admin-secret"
+  cd "$root/tests/rocketmq-sdk/python"
+  timeout -k 10 180 "$py" auth_test.py --access-point "$DEV_ACCESS" --namesrv "$DEV_NAMESRV" --bin "$bin" \
+    --data-dir "$DEV_DATA/cluster"
+  exit 0
+fi
 # Transaction checks start after 1 s (not RocketMQ's 6 s) so the check-back step does not
 # wait out the default.
 dev_cluster_start --transaction-first-check-ms 1000 --transaction-check-interval-ms 1000

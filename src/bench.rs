@@ -120,6 +120,11 @@ pub struct BenchArgs {
     /// --tls-ca-file instead).
     #[arg(long)]
     pub tls: bool,
+    /// The local cluster requires signed requests (raftmq dev --auth); the
+    /// bench's clients sign every call as its bootstrap admin: what the ACL costs.
+    /// Ignored with --namesrv.
+    #[arg(long)]
+    pub auth: bool,
     /// With --namesrv: connect over TLS, trusting this PEM CA file.
     #[arg(long, env = "RAFTMQ_TLS_CA_FILE", requires = "namesrv")]
     pub tls_ca_file: Option<PathBuf>,
@@ -245,6 +250,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 worker_threads: args.worker_threads.map(usize::from),
                 broker_args: Vec::new(),
                 tls: args.tls,
+                auth: args.auth,
                 metrics: !args.no_metrics,
             })
             .await?;

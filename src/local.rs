@@ -43,6 +43,9 @@ pub struct LocalClusterOptions {
     pub broker_args: Vec<String>,
     /// TLS on every port, with certificates made under `data_dir/tls`.
     pub tls: bool,
+    /// Signed requests and the ACL on every broker: bootstrap admin
+    /// [`DEV_ADMIN`], its secret made under `data_dir/admin-secret`.
+    pub auth: bool,
     /// Serve metrics endpoints: the NameServer's and each replica's on its port
     /// plus [`METRICS_PORT_OFFSET`] (any free port when that port is any).
     /// Off, the replicas record no metrics at all.
@@ -86,23 +89,33 @@ pub struct LocalCluster {
     pub replicas: Vec<Replica>,
     /// The CA clients must trust when the cluster runs TLS.
     pub tls_ca_file: Option<PathBuf>,
+    /// The bootstrap admin's secret file when the brokers require signed requests.
+    pub admin_secret_file: Option<PathBuf>,
     token: CancellationToken,
     namesrv_task: tokio::task::JoinHandle<Result<(), raftmq_namesrv::Error>>,
 }
 
+/// The bootstrap admin's access key of `raftmq dev --auth`.
+pub const DEV_ADMIN: &str = "admin";
+
 /// The group's peer secret under the data dir: made once (random, owner-only),
 /// then reused, since the replicas' Raft membership outlives a run.
 fn peer_secret_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    secret_file(data_dir, "peer-secret")
+}
+
+/// A random secret in `data_dir/name`, made once (owner-only) and reused.
+fn secret_file(data_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("peer-secret");
+    let path = data_dir.join(name);
     if path.exists() {
         return Ok(path);
     }
     let mut random = [0u8; 32];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut random))
-        .context("reading /dev/urandom for the peer secret")?;
+        .with_context(|| format!("reading /dev/urandom for {name}"))?;
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::OpenOptions::new()
         .write(true)
@@ -110,7 +123,7 @@ fn peer_secret_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
         .mode(0o600)
         .open(&path)
         .and_then(|mut f| f.write_all(hex.as_bytes()).and_then(|()| f.sync_all()))
-        .with_context(|| format!("writing the peer secret to {}", path.display()))?;
+        .with_context(|| format!("writing {name} to {}", path.display()))?;
     Ok(path)
 }
 
@@ -162,6 +175,10 @@ impl LocalCluster {
         // One secret for every group of this cluster: it authenticates peers of
         // the same cluster (each signature also names its group), and the
         // brokers' registrations at the NameServer (the cluster secret).
+        let admin_secret = match opts.auth {
+            true => Some(secret_file(&opts.data_dir, "admin-secret")?),
+            false => None,
+        };
         let secret_file = peer_secret_file(&opts.data_dir)?;
         let tls = if opts.tls {
             Some(tls_files(&opts.data_dir)?)
@@ -304,6 +321,16 @@ impl LocalCluster {
                     args.push("--set".into());
                     args.push("tls.enabled=true".into());
                 }
+                if let Some(file) = &admin_secret {
+                    for set in [
+                        "auth.enabled=true".to_owned(),
+                        format!("auth.admin_access_key={DEV_ADMIN}"),
+                        format!("auth.admin_secret_file={}", file.display()),
+                    ] {
+                        args.push("--set".into());
+                        args.push(set);
+                    }
+                }
                 args.extend(opts.broker_args.iter().cloned());
                 let log_file = opts.data_dir.join(format!("{name}.log"));
                 let pid_file = opts.data_dir.join(format!("{name}.pid"));
@@ -345,6 +372,7 @@ impl LocalCluster {
             groups: opts.groups,
             replicas,
             tls_ca_file: tls.map(|f| f.ca_file),
+            admin_secret_file: admin_secret,
             token,
             namesrv_task,
         })
@@ -352,7 +380,11 @@ impl LocalCluster {
 
     /// A client configuration for this cluster (TLS when it runs TLS).
     pub fn client_config(&self) -> anyhow::Result<raftmq_client::ClientConfig> {
-        let config = raftmq_client::ClientConfig::new(vec![self.namesrv.clone()]);
+        let mut config = raftmq_client::ClientConfig::new(vec![self.namesrv.clone()]);
+        if let Some(file) = &self.admin_secret_file {
+            let secret = raftmq_broker::auth::read_secret(file).map_err(anyhow::Error::msg)?;
+            config = config.with_credentials(DEV_ADMIN, secret);
+        }
         Ok(match &self.tls_ca_file {
             Some(ca) => config.with_tls_ca_file(ca)?,
             None => config,

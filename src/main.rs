@@ -1,11 +1,13 @@
 //! The `raftmq` binary: parses the command line and dispatches to the component
 //! crates.
 
+mod acl_cli;
 mod bench;
 mod bench_lifecycle;
 mod chaos;
 mod chaos_lifecycle;
 mod chaos_txn;
+mod console;
 mod failover_bench;
 mod local;
 mod settings;
@@ -52,6 +54,9 @@ enum Command {
     Consume(ConsumeArgs),
     /// Benchmark a cluster (or a local one it starts): produce, consume, e2e.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the web console: cluster, topics, consumer groups, messages and live
+    /// rates, in a browser (pages embedded in the binary).
+    Console(console::ConsoleArgs),
     /// Run producers and consumers against a docker-compose cluster while killing,
     /// pausing and isolating its brokers; check nothing acknowledged was lost.
     Chaos(Box<chaos::ChaosArgs>),
@@ -235,6 +240,13 @@ struct NamesrvAddr {
     /// (`raftmq dev --tls` prints it); without it, plaintext.
     #[arg(long, env = "RAFTMQ_TLS_CA_FILE")]
     tls_ca_file: Option<PathBuf>,
+    /// Sign every request with this access key (brokers with `[auth] enabled`
+    /// require it), and the secret in --secret-file.
+    #[arg(long, env = "RAFTMQ_ACCESS_KEY", requires = "secret_file")]
+    access_key: Option<String>,
+    /// File holding the secret of --access-key.
+    #[arg(long, env = "RAFTMQ_SECRET_FILE", requires = "access_key")]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -266,6 +278,10 @@ struct DevArgs {
     /// CA and node certificate made under <data-dir>/tls (made once, then reused).
     #[arg(long)]
     tls: bool,
+    /// Require signed requests and check the ACL on every broker: the bootstrap
+    /// admin is `admin`, its secret made under <data-dir>/admin-secret.
+    #[arg(long)]
+    auth: bool,
     /// Serve no metrics endpoints (by default the NameServer's is on its port +
     /// 20000, 29876, and each replica's on its port + 20000, 30911-30913).
     #[arg(long)]
@@ -431,6 +447,12 @@ enum AdminCli {
     /// A broker group's leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Users of the ACL (an access key and a secret each): create, delete, list.
+    #[command(subcommand)]
+    User(acl_cli::UserCommand),
+    /// ACL rules: which user may PUB, SUB or ADMIN on which topic, group or the cluster.
+    #[command(subcommand)]
+    Acl(acl_cli::AclCommand),
 }
 
 #[derive(Subcommand)]
@@ -515,6 +537,8 @@ fn print_membership(m: &raftmq_proto::v1::MembershipView) {
 async fn run_membership_admin(cmd: AdminCli) -> anyhow::Result<()> {
     match cmd {
         AdminCli::Tools(cmd) => tools::run_admin(cmd).await,
+        AdminCli::User(cmd) => acl_cli::run_user(cmd).await,
+        AdminCli::Acl(cmd) => acl_cli::run_acl(cmd).await,
         AdminCli::Replica(ReplicaCommand::Add {
             namesrv,
             broker_group,
@@ -821,7 +845,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let holds_resources = match &command {
         Command::Broker(args) => !args.print_config,
         Command::Namesrv(args) => !args.print_config,
-        Command::Dev(_) | Command::Bench(_) | Command::Chaos(_) | Command::Consume(_) => true,
+        Command::Dev(_) | Command::Bench(_) | Command::Chaos(_) | Command::Consume(_) | Command::Console(_) => true,
         Command::Admin(_) | Command::Produce(_) | Command::Pull(_) | Command::Store(_) | Command::Tls(_) => false,
     };
     if !holds_resources {
@@ -874,6 +898,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }),
             Command::Consume(args) => done(tools::run_consume(args).await),
+            Command::Console(args) => done(console::run(args).await),
             Command::Tls(TlsCommand::Gen { out, hosts }) => {
                 let files = raftmq_tls::certgen::write(&out, &hosts)?;
                 println!("CA (give clients --tls-ca-file):   {}", files.ca_file.display());
@@ -1034,6 +1059,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         worker_threads: args.worker_threads.map(usize::from),
         broker_args: args.transactions.broker_args(),
         tls: args.tls,
+        auth: args.auth,
         metrics: !args.no_metrics,
     })
     .await?;
@@ -1091,6 +1117,22 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
                     "  Python: raftmq.Client([\"{}\"], tls_ca_file=\"{}\")",
                     cluster.namesrv,
                     ca.display()
+                );
+            }
+            if let Some(secret) = &cluster.admin_secret_file {
+                println!(
+                    "Brokers require signed requests. The bootstrap admin is `{}`, its secret in {}:",
+                    local::DEV_ADMIN,
+                    secret.display()
+                );
+                println!(
+                    "  ./raftmq produce --access-key {} --secret-file {} --namesrv {} --topic TopicTest",
+                    local::DEV_ADMIN,
+                    secret.display(),
+                    cluster.namesrv
+                );
+                println!(
+                    "  more users: raftmq admin user create --user app ..., raftmq admin acl put --user app --topic 'Topic*' --perm pub,sub"
                 );
             }
             println!("Topics are created on first send. A killed replica is restarted after 3 s; its pid file");

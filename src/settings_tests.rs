@@ -156,23 +156,34 @@ fn the_printed_defaults_read_back_and_old_keys_still_work() {
 #[test]
 fn the_compose_file_settings_load() {
     let prod = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/broker.prod.toml");
-    let c = broker(
-        &["--config", prod],
-        &[
-            SECRET,
-            ("RAFTMQ_GROUP", "broker-a"),
-            ("RAFTMQ_NODE_ID", "2"),
-            ("RAFTMQ_ADVERTISE", "172.29.53.22:10911"),
-            (
-                "RAFTMQ_PEERS",
-                "1=172.29.53.21:10911,2=172.29.53.22:10911,3=172.29.53.23:10911",
-            ),
-        ],
-    )
-    .unwrap();
+    let replica = [
+        SECRET,
+        ("RAFTMQ_GROUP", "broker-a"),
+        ("RAFTMQ_NODE_ID", "2"),
+        ("RAFTMQ_ADVERTISE", "172.29.53.22:10911"),
+        (
+            "RAFTMQ_PEERS",
+            "1=172.29.53.21:10911,2=172.29.53.22:10911,3=172.29.53.23:10911",
+        ),
+    ];
+    // The plain compose cluster turns off what the production file turns on.
+    let compose = [("RAFTMQ_TLS__ENABLED", "false"), ("RAFTMQ_AUTH__ENABLED", "false")];
+    let c = broker(&["--config", prod], &[&replica[..], &compose[..]].concat()).unwrap();
     assert_eq!(c.raft_advertise_addr, "172.29.53.22:40911");
     assert!(!c.messaging.auto_create_topics);
     assert_eq!(c.peers.len(), 3);
+    assert!(!c.tls.enabled && !c.auth.enabled);
+    // The file alone turns TLS and the ACL on: each fails for want of its files here.
+    let e = format!(
+        "{:#}",
+        broker(&["--config", prod], &[&replica[..], &compose[1..]].concat()).unwrap_err()
+    );
+    assert!(e.contains("tls.cert_file"), "{e}");
+    let e = format!(
+        "{:#}",
+        broker(&["--config", prod], &[&replica[..], &compose[..1]].concat()).unwrap_err()
+    );
+    assert!(e.contains("auth.admin_secret_file"), "{e}");
 }
 
 #[test]

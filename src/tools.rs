@@ -26,7 +26,11 @@ pub fn client(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::Client> {
 
 /// The client settings the CLI's `--namesrv` and `--tls-ca-file` describe.
 pub fn client_config(namesrv: NamesrvAddr) -> anyhow::Result<raftmq_client::ClientConfig> {
-    let config = raftmq_client::ClientConfig::new(namesrv.namesrv);
+    let mut config = raftmq_client::ClientConfig::new(namesrv.namesrv);
+    if let (Some(access_key), Some(file)) = (namesrv.access_key, namesrv.secret_file) {
+        let secret = raftmq_broker::auth::read_secret(&file).map_err(|e| anyhow::anyhow!("--secret-file: {e}"))?;
+        config = config.with_credentials(access_key, secret);
+    }
     Ok(match namesrv.tls_ca_file {
         Some(ca) => config.with_tls_ca_file(&ca)?,
         None => config,
@@ -420,8 +424,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                             applied.map_or("-".to_owned(), |a| a.to_string())
                         ),
                         (None, _, Some(matched)) => match r.last_ack_ms {
-                            // Well past any election timeout: the leader cannot reach it.
-                            Some(ms) if ms > 1000 => {
+                            Some(ms) if ms > UNREACHABLE_AFTER_MS => {
                                 format!("replicated through {matched}, UNREACHABLE (last ack {ms} ms ago)")
                             }
                             Some(ms) => format!("replicated through {matched}, last ack {ms} ms ago"),
@@ -590,9 +593,14 @@ fn trace_line(e: &raftmq_proto::v1::TraceEvent, start_ms: u64) -> String {
     )
 }
 
+/// A follower whose last acknowledgement is older than this is reported
+/// unreachable (`admin cluster`, the console): well past any election timeout,
+/// the leader cannot reach it.
+pub const UNREACHABLE_AFTER_MS: u64 = 1000;
+
 /// A topic message type as RocketMQ names it ("FIFO"); UNSPECIFIED (a broker
 /// built before topics had a type, whose topics accept every type) as MIXED.
-fn message_type_name(t: raftmq_proto::v1::MessageType) -> &'static str {
+pub fn message_type_name(t: raftmq_proto::v1::MessageType) -> &'static str {
     use raftmq_proto::v1::MessageType;
     match t {
         MessageType::Normal => "NORMAL",
@@ -613,6 +621,18 @@ fn start_from(s: &str) -> anyhow::Result<raftmq_client::StartFrom> {
             ms.parse()
                 .with_context(|| format!("{ms:?} is not first, last or a time in ms since the epoch"))?,
         ),
+    })
+}
+
+/// Where `admin group reset-offset --to` (and the console's reset) moves a
+/// group: `first`, `last` or ms since the epoch, as the ResetConsumerOffset
+/// request takes it.
+pub fn reset_target(to: &str) -> anyhow::Result<(raftmq_proto::v1::StartFrom, u64)> {
+    use raftmq_proto::v1::StartFrom as Pb;
+    Ok(match start_from(to)? {
+        raftmq_client::StartFrom::First => (Pb::First, 0),
+        raftmq_client::StartFrom::Last => (Pb::Last, 0),
+        raftmq_client::StartFrom::Timestamp(t) => (Pb::Timestamp, t),
     })
 }
 
@@ -714,12 +734,7 @@ async fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
             topic,
             to,
         } => {
-            use raftmq_proto::v1::StartFrom as Pb;
-            let (to, ts) = match start_from(&to)? {
-                raftmq_client::StartFrom::First => (Pb::First, 0),
-                raftmq_client::StartFrom::Last => (Pb::Last, 0),
-                raftmq_client::StartFrom::Timestamp(t) => (Pb::Timestamp, t),
-            };
+            let (to, ts) = reset_target(&to)?;
             for q in client(namesrv)?
                 .admin()
                 .reset_consumer_offset(&group, &topic, to, ts)
@@ -990,10 +1005,18 @@ async fn health(
     let check = async {
         let channel = endpoint.connect().await?;
         if broker.is_some() {
-            let s = AdminServiceClient::new(channel)
+            let s = match AdminServiceClient::new(channel)
                 .cluster_status(raftmq_proto::v1::ClusterStatusRequest::default())
-                .await?
-                .into_inner();
+                .await
+            {
+                Ok(s) => s.into_inner(),
+                // It answered: serving. A health check holds no credentials.
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    println!("{what} {addr} is serving (it requires signed requests)");
+                    return Ok(());
+                }
+                Err(s) => return Err(s.into()),
+            };
             let g = s.groups.first();
             println!(
                 "{what} {addr} is serving: group {} term {} leader {}",

@@ -34,6 +34,8 @@
 //! - `retention`: retention by size and time, a leader kill and a snapshot
 //!   catch-up after it, disk watermarks.
 //! - `processes`: the `raftmq` binary as separate processes.
+//! - `console`: `raftmq console`'s JSON API against a cluster: changes seen by
+//!   the admin API, lookups, bad input refused with 4xx naming the field.
 //! - `tls`: TLS on every port, mutual TLS between Raft peers; the wrong CA,
 //!   plaintext and foreign peer certificates refused.
 //! - `trace`: message traces from send to ack and through retries to the DLQ
@@ -42,8 +44,12 @@
 #[path = "cluster/fixtures.rs"]
 mod fixtures;
 
+#[path = "cluster/acl.rs"]
+mod acl;
 #[path = "cluster/client.rs"]
 mod client;
+#[path = "cluster/console.rs"]
+mod console;
 #[path = "cluster/consumers.rs"]
 mod consumers;
 #[path = "cluster/failover.rs"]

@@ -8,7 +8,7 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
-use raftmq_raft_store::{Command, Response, TopicConfig, TopicMessageType};
+use raftmq_raft_store::{Command, Permission, ResourceKind, Response, TopicConfig, TopicMessageType};
 use tonic::{Request, Status};
 use tracing::Instrument;
 
@@ -357,7 +357,7 @@ impl Admin {
     }
 }
 
-fn answer<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
+pub(crate) fn answer<T>(rpc: &'static str, result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
     if let Err(e) = &result {
         tracing::debug!(rpc, error = %e, "admin request refused");
     }
@@ -370,6 +370,15 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<tonic::Response<pb::CreateTopicResponse>, Status> {
+        let name = request
+            .get_ref()
+            .topic
+            .as_ref()
+            .map(|t| t.name.as_str())
+            .unwrap_or_default();
+        self.group
+            .auth()
+            .check(&request, Permission::Admin, ResourceKind::Topic, name)?;
         let req = request.into_inner();
         let name = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
         let span = self.span("CreateTopic", &name);
@@ -382,6 +391,12 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<tonic::Response<pb::DeleteTopicResponse>, Status> {
+        self.group.auth().check(
+            &request,
+            Permission::Admin,
+            ResourceKind::Topic,
+            &request.get_ref().name,
+        )?;
         let req = request.into_inner();
         let span = self.span("DeleteTopic", &req.name);
         async { answer("DeleteTopic", Admin::delete_topic(self, req).await) }
@@ -391,8 +406,9 @@ impl AdminService for Admin {
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<tonic::Response<pb::ListTopicsResponse>, Status> {
+        self.group.auth().authenticated(&request)?;
         let _span = self.span("ListTopics", "").entered();
         answer("ListTopics", self.list_topics())
     }
@@ -401,6 +417,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<tonic::Response<pb::DescribeTopicResponse>, Status> {
+        self.group.auth().authenticated(&request)?;
         let req = request.into_inner();
         let _span = self.span("DescribeTopic", &req.name).entered();
         answer("DescribeTopic", self.describe_topic(req))
@@ -408,16 +425,18 @@ impl AdminService for Admin {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<tonic::Response<pb::ClusterStatusResponse>, Status> {
+        self.group.auth().authenticated(&request)?;
         let _span = self.span("ClusterStatus", "").entered();
         Ok(tonic::Response::new(self.cluster_status()))
     }
 
     async fn list_consumer_groups(
         &self,
-        _request: Request<pb::ListConsumerGroupsRequest>,
+        request: Request<pb::ListConsumerGroupsRequest>,
     ) -> Result<tonic::Response<pb::ListConsumerGroupsResponse>, Status> {
+        self.group.auth().authenticated(&request)?;
         let span = self.span("ListConsumerGroups", "");
         async { answer("ListConsumerGroups", self.coordinator.list_groups().await) }
             .instrument(span)
@@ -428,6 +447,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::DescribeConsumerGroupRequest>,
     ) -> Result<tonic::Response<pb::DescribeConsumerGroupResponse>, Status> {
+        self.group.auth().authenticated(&request)?;
         let req = request.into_inner();
         let span = self.span("DescribeConsumerGroup", "");
         async {
@@ -444,6 +464,10 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ResetConsumerOffsetRequest>,
     ) -> Result<tonic::Response<pb::ResetConsumerOffsetResponse>, Status> {
+        let group = &request.get_ref().consumer_group;
+        self.group
+            .auth()
+            .check(&request, Permission::Admin, ResourceKind::Group, group)?;
         let req = request.into_inner();
         let span = self.span("ResetConsumerOffset", &req.topic);
         async { answer("ResetConsumerOffset", self.coordinator.reset(req).await) }
@@ -455,6 +479,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::QueryMessageRequest>,
     ) -> Result<tonic::Response<pb::QueryMessageResponse>, Status> {
+        // Bodies of any topic, found by id or key: for the cluster's admins.
+        self.group.auth().admin(&request)?;
         let req = request.into_inner();
         let span = self.span("QueryMessage", &req.topic);
         async { answer("QueryMessage", Admin::query_message(self, req).await) }
@@ -466,6 +492,15 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::UpdateConsumerGroupRequest>,
     ) -> Result<tonic::Response<pb::UpdateConsumerGroupResponse>, Status> {
+        let group = request
+            .get_ref()
+            .config
+            .as_ref()
+            .map(|c| c.name.as_str())
+            .unwrap_or_default();
+        self.group
+            .auth()
+            .check(&request, Permission::Admin, ResourceKind::Group, group)?;
         let req = request.into_inner();
         let span = self.span("UpdateConsumerGroup", "");
         async { answer("UpdateConsumerGroup", Admin::update_consumer_group(self, req).await) }
@@ -477,6 +512,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::GetConsumerGroupRequest>,
     ) -> Result<tonic::Response<pb::GetConsumerGroupResponse>, Status> {
+        self.group.auth().authenticated(&request)?;
         let req = request.into_inner();
         let _span = self.span("GetConsumerGroup", "").entered();
         answer("GetConsumerGroup", Admin::get_consumer_group(self, req))
@@ -486,6 +522,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ListTransactionsRequest>,
     ) -> Result<tonic::Response<pb::ListTransactionsResponse>, Status> {
+        self.group.auth().admin(&request)?;
         let req = request.into_inner();
         let _span = self.span("ListTransactions", "").entered();
         answer("ListTransactions", crate::transactions::list(&self.group, req))
@@ -495,6 +532,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::AddReplicaRequest>,
     ) -> Result<tonic::Response<pb::AddReplicaResponse>, Status> {
+        self.group.auth().admin(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!("admin", rpc = "AddReplica", group = %self.group.group(), node = req.node_id);
         async { self.changes.add_replica(req).await.map(tonic::Response::new) }
@@ -506,6 +544,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::RemoveReplicaRequest>,
     ) -> Result<tonic::Response<pb::RemoveReplicaResponse>, Status> {
+        self.group.auth().admin(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!("admin", rpc = "RemoveReplica", group = %self.group.group(), node = req.node_id);
         async { self.changes.remove_replica(req).await.map(tonic::Response::new) }
@@ -517,6 +556,7 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<tonic::Response<pb::TransferLeaderResponse>, Status> {
+        self.group.auth().admin(&request)?;
         let req = request.into_inner();
         let span =
             tracing::info_span!("admin", rpc = "TransferLeader", group = %self.group.group(), to = ?req.to_node_id);
@@ -537,6 +577,9 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::QueryTraceRequest>,
     ) -> Result<tonic::Response<pb::QueryTraceResponse>, Status> {
+        // Who consumed what, for any topic, by message id: for the cluster's
+        // admins, as QueryMessage is.
+        self.group.auth().admin(&request)?;
         let req = request.into_inner();
         let span = self.span("QueryTrace", crate::trace::TRACE_TOPIC);
         async { answer("QueryTrace", crate::trace::query(&self.group, req).await) }

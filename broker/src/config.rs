@@ -148,6 +148,9 @@ pub struct RaftNodeConfig {
     /// port (a peer must present a certificate from `tls.ca_file`), and the CA
     /// checked when dialing peers, other replicas and NameServers. Default off.
     pub tls: raftmq_tls::TlsConfig,
+    /// Signed requests and the ACL on the client port (the `[auth]` table).
+    /// Default off.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Limits and behaviour of `MessagingService` / `AdminService`. Every limit is
@@ -373,6 +376,7 @@ impl RaftNodeConfig {
             nameservers: Vec::new(),
             registration_interval: Duration::from_secs(2),
             tls: raftmq_tls::TlsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 
@@ -466,6 +470,7 @@ impl RaftNodeConfig {
                 "must be at least 4 MiB",
             ));
         }
+        self.auth.validate()?;
         if let Some(bad_addr) = self.nameservers.iter().find(|a| !a.contains(':')) {
             return Err(bad("namesrv", bad_addr.clone(), "each must be host:port"));
         }

@@ -565,6 +565,8 @@ impl ConsumerService for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<tonic::Response<pb::HeartbeatResponse>, Status> {
+        let r = request.get_ref();
+        self.group.auth().subscribe(&request, &r.topic, &r.consumer_group)?;
         let req = request.into_inner();
         let span = tracing::debug_span!(
             "heartbeat",
@@ -588,6 +590,8 @@ impl ConsumerService for Coordinator {
         &self,
         request: Request<pb::QueryOffsetRequest>,
     ) -> Result<tonic::Response<pb::QueryOffsetResponse>, Status> {
+        let r = request.get_ref();
+        self.group.auth().subscribe(&request, &r.topic, &r.consumer_group)?;
         let req = request.into_inner();
         let span =
             tracing::debug_span!("query_offset", group = %self.group.group(), consumer_group = %req.consumer_group);
@@ -602,12 +606,16 @@ impl ConsumerService for Coordinator {
         &self,
         request: Request<pb::ReceiveRequest>,
     ) -> Result<tonic::Response<pb::ReceiveResponse>, Status> {
+        let r = request.get_ref();
+        self.group.auth().subscribe(&request, &r.topic, &r.consumer_group)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("receive", group = %self.group.group(), consumer_group = %req.consumer_group, topic = %req.topic);
         answer(Coordinator::receive(self, req).instrument(span).await)
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<tonic::Response<pb::AckResponse>, Status> {
+        let r = request.get_ref();
+        self.group.auth().subscribe(&request, &r.topic, &r.consumer_group)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("ack", group = %self.group.group(), consumer_group = %req.consumer_group, handles = req.receipt_handles.len());
         answer(self.pop.ack(req).instrument(span).await)
@@ -617,6 +625,8 @@ impl ConsumerService for Coordinator {
         &self,
         request: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Result<tonic::Response<pb::ChangeInvisibleDurationResponse>, Status> {
+        let r = request.get_ref();
+        self.group.auth().subscribe(&request, &r.topic, &r.consumer_group)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("change_invisible_duration", group = %self.group.group(), consumer_group = %req.consumer_group);
         answer(self.pop.change_invisible_duration(req).instrument(span).await)
@@ -626,6 +636,8 @@ impl ConsumerService for Coordinator {
         &self,
         request: Request<pb::ForwardToDeadLetterRequest>,
     ) -> Result<tonic::Response<pb::ForwardToDeadLetterResponse>, Status> {
+        let r = request.get_ref();
+        self.group.auth().subscribe(&request, &r.topic, &r.consumer_group)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("forward_to_dead_letter", group = %self.group.group(), consumer_group = %req.consumer_group);
         answer(self.pop.forward_to_dead_letter(req).instrument(span).await)
@@ -635,6 +647,9 @@ impl ConsumerService for Coordinator {
         &self,
         request: Request<pb::SendBackRequest>,
     ) -> Result<tonic::Response<pb::SendBackResponse>, Status> {
+        self.group
+            .auth()
+            .subscribe(&request, "", &request.get_ref().consumer_group)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("send_back", group = %self.group.group(), consumer_group = %req.consumer_group, message_id = %req.message_id);
         answer(self.pop.send_back(req).instrument(span).await)

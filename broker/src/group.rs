@@ -54,6 +54,8 @@ struct Inner {
     /// What the request paths record into; `None` when the node serves no
     /// metrics endpoint, so that nothing is recorded either.
     metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+    /// Who may do what on the client port (off unless `[auth] enabled`).
+    auth: crate::auth::Auth,
     /// Message traces: the queue of records to write ([`crate::trace`]).
     tracer: crate::trace::Tracer,
 }
@@ -71,6 +73,8 @@ pub struct NodeWiring {
     pub client_tls: Option<tonic::transport::ClientTlsConfig>,
     /// `None` when the node serves no metrics endpoint.
     pub metrics: Option<Arc<crate::metrics::BrokerMetrics>>,
+    /// The ACL's checks (`Auth::off()` when auth is off).
+    pub auth: crate::auth::Auth,
 }
 
 impl GroupHandle {
@@ -81,7 +85,11 @@ impl GroupHandle {
         store: StoreReader,
         config: MessagingConfig,
         shutdown: CancellationToken,
-        NodeWiring { client_tls, metrics }: NodeWiring,
+        NodeWiring {
+            client_tls,
+            metrics,
+            auth,
+        }: NodeWiring,
     ) -> Self {
         GroupHandle {
             inner: Arc::new(Inner {
@@ -97,6 +105,7 @@ impl GroupHandle {
                 removed: std::sync::OnceLock::new(),
                 client_tls,
                 metrics,
+                auth,
                 tracer: crate::trace::Tracer::new(group, node_id),
             }),
         }
@@ -109,6 +118,11 @@ impl GroupHandle {
 
     pub fn group(&self) -> &str {
         &self.inner.group
+    }
+
+    /// The ACL's checks for this node's client port.
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.inner.auth
     }
 
     /// Where the request paths record message-trace steps.

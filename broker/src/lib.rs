@@ -42,9 +42,11 @@
 //! feeding `Raft::stream_append` on the follower, so the leader does not wait
 //! for one batch's fsync on the follower before sending the next.
 
+pub mod acl_service;
 pub mod admin;
 pub mod api_error;
 pub mod assignment;
+pub mod auth;
 pub mod config;
 pub mod consumer_group;
 pub mod convert;

@@ -530,7 +530,11 @@ impl Changes {
                 ))
             })?;
         // A leader just elected answers UNAVAILABLE until a quorum confirms it.
-        let mut client = AdminServiceClient::new(channel);
+        // Signed as this broker: the caller was checked here.
+        let mut client = AdminServiceClient::new(raftmq_proto::request_auth::SignedChannel::new(
+            channel,
+            self.group.auth().forwarding_credentials(),
+        ));
         let deadline = Instant::now() + DEFAULT_TRANSFER;
         let resp = loop {
             match client.remove_replica(pb::RemoveReplicaRequest { node_id: id }).await {

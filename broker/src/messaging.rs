@@ -16,6 +16,7 @@ use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::messaging_service_server::{MessagingService, MessagingServiceServer};
 use raftmq_raft_store::command::{PERM_READ, PERM_WRITE};
 use raftmq_raft_store::{AppendBatch, Command, HalfSpec, ProducerSeq, Response, TopicConfig};
+use raftmq_raft_store::{Permission, ResourceKind};
 use tokio::time::Instant;
 use tonic::{Request, Status};
 use tracing::Instrument;
@@ -441,6 +442,7 @@ pub(crate) fn now_ms() -> u64 {
 #[tonic::async_trait]
 impl MessagingService for Messaging {
     async fn send(&self, request: Request<pb::SendRequest>) -> Result<tonic::Response<pb::SendResponse>, Status> {
+        self.group.auth().publish(&request, &request.get_ref().topic)?;
         let req = request.into_inner();
         let span = tracing::info_span!(
             "send",
@@ -464,6 +466,16 @@ impl MessagingService for Messaging {
     }
 
     async fn pull(&self, request: Request<pb::PullRequest>) -> Result<tonic::Response<pb::PullResponse>, Status> {
+        // SUB on the topic; a pull naming its consumer group (a push consumer's,
+        // recorded as a delivery to the group in message traces) on the group too.
+        let (topic, consumer_group) = (&request.get_ref().topic, &request.get_ref().consumer_group);
+        if consumer_group.is_empty() {
+            self.group
+                .auth()
+                .check(&request, Permission::Sub, ResourceKind::Topic, topic)?;
+        } else {
+            self.group.auth().subscribe(&request, topic, consumer_group)?;
+        }
         let req = request.into_inner();
         let span = tracing::debug_span!(
             "pull",
@@ -487,6 +499,13 @@ impl MessagingService for Messaging {
         &self,
         request: Request<pb::EndTransactionRequest>,
     ) -> Result<tonic::Response<pb::EndTransactionResponse>, Status> {
+        // PUB on the half message's topic; an id that names no pending
+        // transaction goes on to be answered as unknown or already ended.
+        if let Some(topic) = self.txns.pending_topic(&request.get_ref().transaction_id) {
+            self.group.auth().publish(&request, &topic)?;
+        } else {
+            self.group.auth().authenticated(&request)?;
+        }
         let req = request.into_inner();
         let span = tracing::info_span!(
             "end_transaction",
@@ -512,6 +531,12 @@ impl MessagingService for Messaging {
         &self,
         request: Request<pb::TransactionChecksRequest>,
     ) -> Result<tonic::Response<Self::TransactionChecksStream>, Status> {
+        // Checks carry the half messages: PUB on the producer group's name
+        // as a group resource (the gateway's streams are named by topic).
+        let producer_group = &request.get_ref().producer_group;
+        self.group
+            .auth()
+            .check(&request, Permission::Pub, ResourceKind::Group, producer_group)?;
         let req = request.into_inner();
         let _span = tracing::debug_span!("transaction_checks", group = %self.group.group(), producer_group = %req.producer_group).entered();
         self.txns

@@ -159,6 +159,8 @@ pub struct BrokerMetrics {
     raft: Arc<RaftRecorder>,
     /// Client connections on the client port.
     pub connections: ConnectionCounts,
+    /// Requests the ACL refused, by why.
+    pub auth_refusals: Arc<crate::auth::Refusals>,
 }
 
 impl Default for BrokerMetrics {
@@ -175,6 +177,7 @@ impl Default for BrokerMetrics {
                 apply_batch: AtomicHistogram::sizes(),
             }),
             connections: ConnectionCounts::default(),
+            auth_refusals: Arc::default(),
         }
     }
 }
@@ -423,6 +426,26 @@ impl NodeCollector {
             "AppendEntries from sent to a follower to its answer",
             Some(&SECONDS),
             &m.replication_seconds,
+        )?;
+        let refusals = &m.auth_refusals;
+        family(
+            enc,
+            (
+                "raftmq_auth_refusals",
+                "Client requests the ACL refused: unauthenticated (no, unknown, wrong, expired or replayed signature) or permission_denied",
+                None,
+            ),
+            MetricType::Counter,
+            [
+                (
+                    [("reason", "unauthenticated".to_owned())],
+                    refusals.unauthenticated.load(Ordering::Relaxed) as i64,
+                ),
+                (
+                    [("reason", "permission_denied".to_owned())],
+                    refusals.permission_denied.load(Ordering::Relaxed) as i64,
+                ),
+            ],
         )
     }
 

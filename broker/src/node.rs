@@ -104,6 +104,8 @@ impl RaftNode {
             )),
             None => None,
         };
+        // Read before anything listens: a bad file stops the start naming its key.
+        let admin_credentials = config.auth.load()?;
         // Loaded before anything listens: a bad file stops the start naming its key.
         let tls = config.tls.load(raftmq_tls::Role::Node).map_err(|e| Error::Config {
             key: e.key,
@@ -185,6 +187,15 @@ impl RaftNode {
             crate::group::NodeWiring {
                 client_tls: tls.as_ref().map(raftmq_tls::Tls::client),
                 metrics: metrics.clone(),
+                auth: match admin_credentials {
+                    Some(admin) => crate::auth::Auth::new(
+                        admin,
+                        &config.auth,
+                        store.clone(),
+                        metrics.as_ref().map(|m| m.auth_refusals.clone()).unwrap_or_default(),
+                    ),
+                    None => crate::auth::Auth::off(),
+                },
             },
         );
         let watch = LeaderWatch::new(
@@ -255,6 +266,8 @@ impl RaftNode {
         let coordinator = crate::consumer_group::Coordinator::new(group.clone());
         let admin = Admin::new(group.clone(), coordinator.clone()).with_disk(disk);
         let gate = crate::membership::MembershipGateLayer::new(group.clone(), admin.clone());
+        let auth_layer = group.auth().clone();
+        let acl = crate::acl_service::Acl::new(group.clone()).into_server();
         // RocketMQ 5 SDKs reach the same services through the gateway, which
         // forwards to the group's leader when this node does not lead.
         let upstream = crate::rocketmq::upstream::Upstream::new(
@@ -286,11 +299,14 @@ impl RaftNode {
                 // request with why (see crate::membership); outermost, so peers'
                 // membership probes bypass the test fault layer.
                 .layer(gate)
+                // Inside the gate: peers' membership probes need no credentials.
+                .layer(crate::auth::AuthLayer { auth: auth_layer })
                 .layer(faults)
                 .add_service(messaging)
                 .add_service(admin)
                 .add_service(consumer)
                 .add_service(rocketmq)
+                .add_service(acl)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await
         });

@@ -155,6 +155,13 @@ impl Transactions {
         false
     }
 
+    /// The topic of the pending half message `transaction_id` names, if any
+    /// (what the ACL checks PUB on before the transaction is ended).
+    pub fn pending_topic(&self, transaction_id: &str) -> Option<String> {
+        let id = parse_txn_id(self.group.group(), transaction_id).ok()?;
+        self.group.store().with_txn(|t| t.pending(&id).map(|p| p.topic.clone()))
+    }
+
     /// EndTransaction: commit or roll back through Raft; "unknown" changes nothing.
     pub async fn end(&self, req: pb::EndTransactionRequest) -> Result<pb::EndTransactionResponse, ApiError> {
         let g = &self.group;

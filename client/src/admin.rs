@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::admin_service_client::AdminServiceClient;
-use tonic::transport::Channel;
 
 use crate::error::Error;
 use crate::leader::{Followers, Spec, follow_group};
@@ -22,6 +21,11 @@ pub struct Admin {
 impl Admin {
     pub(crate) fn from_core(core: Arc<Core>) -> Admin {
         Admin { core }
+    }
+
+    /// Every live broker group, as the NameServers list them.
+    pub(crate) async fn live_groups(&self) -> Result<Vec<pb::GroupStatus>, Error> {
+        self.core.list_cluster().await
     }
 
     /// Every live broker group as a NameServer sees it (leader, term, replicas).
@@ -429,7 +433,7 @@ impl Admin {
     /// (it does not know the consumer group or message) is left out of the result.
     async fn on_each_leader_that_knows<T, F, Fut>(&self, f: F) -> Result<Vec<T>, Error>
     where
-        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        F: Fn(AdminServiceClient<crate::route::RpcChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut out = Vec::new();
@@ -451,7 +455,7 @@ impl Admin {
     /// unknown outcome is safe.
     async fn on_leader<T, F, Fut>(&self, group: &pb::GroupStatus, f: F) -> Result<T, Error>
     where
-        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        F: Fn(AdminServiceClient<crate::route::RpcChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.on_leader_waiting(group, Duration::ZERO, f).await
@@ -462,7 +466,24 @@ impl Admin {
     /// replica to catch up).
     async fn on_leader_waiting<T, F, Fut>(&self, group: &pb::GroupStatus, wait: Duration, f: F) -> Result<T, Error>
     where
-        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        F: Fn(AdminServiceClient<crate::route::RpcChannel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.on_leader_as(group, wait, AdminServiceClient::new, f).await
+    }
+
+    /// [`Admin::on_leader_waiting`] with a client of another service (`make`
+    /// builds it on the attempt's channel).
+    pub(crate) async fn on_leader_as<C, T, M, F, Fut>(
+        &self,
+        group: &pb::GroupStatus,
+        wait: Duration,
+        make: M,
+        f: F,
+    ) -> Result<T, Error>
+    where
+        M: Fn(crate::route::RpcChannel) -> C,
+        F: Fn(C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let spec = Spec {
@@ -484,7 +505,7 @@ impl Admin {
             perm: 0,
             message_type: 0,
         };
-        let served = follow_group(&self.core, spec, route, |a| f(AdminServiceClient::new(a.channel))).await?;
+        let served = follow_group(&self.core, spec, route, |a| f(make(a.channel))).await?;
         Ok(served.value)
     }
 }
@@ -511,7 +532,7 @@ impl Admin {
     /// the usual request timeout (the server holds the call while it waits).
     async fn on_group_leader<T, F, Fut>(&self, group: &str, wait: Duration, f: F) -> Result<T, Error>
     where
-        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        F: Fn(AdminServiceClient<crate::route::RpcChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let g = self.group_status(group).await?;

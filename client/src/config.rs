@@ -61,6 +61,11 @@ pub struct ClientConfig {
     /// `https://host:port` needs it; one written `http://host:port` is refused
     /// with it, so nothing goes out in the clear by mistake.
     pub tls: Option<raftmq_tls::ClientTls>,
+    /// An access key and secret: every call to a broker is then signed
+    /// (HMAC-SHA256 over the time, a nonce and the method; see
+    /// `raftmq_proto::request_auth`), as brokers with `[auth] enabled` require.
+    /// Default `None`: unsigned.
+    pub credentials: Option<raftmq_proto::request_auth::Credentials>,
 }
 
 impl ClientConfig {
@@ -75,7 +80,17 @@ impl ClientConfig {
             max_auto_batch: 128,
             idempotent: true,
             tls: None,
+            credentials: None,
         }
+    }
+
+    /// Signs every call with `access_key` and `secret`.
+    pub fn with_credentials(mut self, access_key: impl Into<String>, secret: impl Into<String>) -> ClientConfig {
+        self.credentials = Some(raftmq_proto::request_auth::Credentials {
+            access_key: access_key.into(),
+            secret: secret.into(),
+        });
+        self
     }
 
     /// Turns TLS on, trusting the PEM CA certificate(s) in `ca_file`; the error
@@ -103,6 +118,13 @@ impl ClientConfig {
                 "[]".into(),
                 "name at least one NameServer host:port",
             ));
+        }
+        if let Some(c) = &self.credentials {
+            raftmq_proto::request_auth::check_access_key(&c.access_key)
+                .map_err(|reason| bad("credentials.access_key".into(), format!("{:?}", c.access_key), &reason))?;
+            if c.secret.is_empty() {
+                return Err(bad("credentials.secret".into(), "<empty>".into(), "must not be empty"));
+            }
         }
         for (i, ns) in self.nameservers.iter().enumerate() {
             let tls = self.tls.as_ref().map(raftmq_tls::ClientTls::config);

@@ -46,7 +46,6 @@ use std::time::{Duration, Instant};
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::admin_service_client::AdminServiceClient;
-use tonic::transport::Channel;
 
 use crate::error::Error;
 use crate::route::{Core, TopicRoute};
@@ -444,7 +443,7 @@ pub(crate) enum Target<'a, P> {
 
 /// One attempt, as the request builder sees it.
 pub(crate) struct Attempt<C> {
-    pub(crate) channel: Channel,
+    pub(crate) channel: crate::route::RpcChannel,
     /// What `pick` returned for this attempt.
     pub(crate) choice: C,
     /// The server-side wait this attempt may ask for (see [`Spec::long_poll`]).

@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acl;
 pub mod admin;
 pub mod config;
 pub mod consumer;

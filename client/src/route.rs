@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::name_server_service_client::NameServerServiceClient;
-use tonic::transport::Channel;
+/// What every call goes through: a channel that signs calls when the client
+/// has credentials.
+pub type RpcChannel = raftmq_proto::request_auth::SignedChannel;
 
 use crate::config::ClientConfig;
 use crate::error::Error;
@@ -110,7 +112,9 @@ pub(crate) struct Core {
     pub(crate) config: ClientConfig,
     /// Built once from `config.tls`; cloned into every channel.
     tls: Option<tonic::transport::ClientTlsConfig>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, RpcChannel>>,
+    /// Shared by every channel: each call is signed with them.
+    credentials: Option<Arc<raftmq_proto::request_auth::Credentials>>,
     pub(crate) routes: RouteCache,
     /// Endpoints that failed recently (see `leader`).
     pub(crate) dead: crate::leader::DeadSet,
@@ -123,6 +127,7 @@ impl Core {
     pub(crate) fn new(config: ClientConfig) -> Core {
         Core {
             tls: config.tls.as_ref().map(raftmq_tls::ClientTls::config),
+            credentials: config.credentials.clone().map(Arc::new),
             config,
             channels: Mutex::new(HashMap::new()),
             routes: RouteCache::default(),
@@ -135,7 +140,7 @@ impl Core {
     /// The channel to `endpoint`, created on first use and reused after. A lazy
     /// channel reconnects by itself, so one entry serves an endpoint for the
     /// client's lifetime, across restarts of the node behind it.
-    pub(crate) fn channel(&self, endpoint: &str) -> Result<Channel, Error> {
+    pub(crate) fn channel(&self, endpoint: &str) -> Result<RpcChannel, Error> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
@@ -154,7 +159,7 @@ impl Core {
                 .keep_alive_timeout(timeout)
                 .keep_alive_while_idle(false);
         }
-        let channel = ep.connect_lazy();
+        let channel = RpcChannel::new(ep.connect_lazy(), self.credentials.clone());
         channels.insert(endpoint.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -167,7 +172,7 @@ impl Core {
     /// into an [`Error`] that names the endpoint.
     pub(crate) async fn call<T, F, Fut>(&self, endpoint: &str, timeout: Duration, f: F) -> Result<T, Error>
     where
-        F: FnOnce(Channel) -> Fut,
+        F: FnOnce(RpcChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let channel = self.channel(endpoint)?;

@@ -6,6 +6,7 @@
 
 pub mod metrics_http;
 pub mod registration_auth;
+pub mod request_auth;
 
 /// Client-facing messaging, admin and NameServer APIs.
 pub mod v1 {

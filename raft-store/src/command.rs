@@ -318,6 +318,19 @@ pub enum Command {
         #[serde(default)]
         reason: String,
     },
+    /// Creates or replaces a user of the ACL (see `acl.rs`).
+    PutUser(crate::acl::User),
+    /// Deletes a user and every rule of theirs.
+    DeleteUser {
+        access_key: String,
+    },
+    /// Creates or replaces a user's rule for one resource pattern.
+    PutAclRule(crate::acl::AclRule),
+    DeleteAclRule {
+        access_key: String,
+        kind: crate::acl::ResourceKind,
+        pattern: String,
+    },
 }
 
 /// The state machine's answer to one entry.
@@ -382,6 +395,10 @@ pub enum Response {
         ok: bool,
     },
     ConsumerGroupUpserted,
+    /// A user or rule was put or deleted; `existed`: it was there before.
+    AclChanged {
+        existed: bool,
+    },
     /// The retention horizon after a [`Command::Retain`]; `advanced` is false
     /// when it was already at or past `upto`.
     Retained {
@@ -436,6 +453,15 @@ impl std::fmt::Display for Command {
             }
             Command::TransactionsChecked { ids, .. } => write!(f, "count a check of {} transaction(s)", ids.len()),
             Command::Retain { upto, reason } => write!(f, "retain entries after index {upto} ({reason})"),
+            // Never the secret.
+            Command::PutUser(u) => write!(f, "put user {} (admin {})", u.access_key, u.admin),
+            Command::DeleteUser { access_key } => write!(f, "delete user {access_key}"),
+            Command::PutAclRule(r) => write!(f, "put ACL rule of {} on {} {}", r.access_key, r.kind, r.pattern),
+            Command::DeleteAclRule {
+                access_key,
+                kind,
+                pattern,
+            } => write!(f, "delete ACL rule of {access_key} on {kind} {pattern}"),
         }
     }
 }

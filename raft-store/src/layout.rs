@@ -4,6 +4,7 @@
 
 use std::io;
 
+use crate::acl::CF_ACL;
 use crate::command::MessageRef;
 use crate::dedup::CF_DEDUP;
 use crate::pop::{CF_CGROUP, CF_POP};
@@ -28,7 +29,7 @@ pub(crate) const CF_QMAX: &str = "qmax";
 /// means 0. Reads start from it, so they never walk the deleted rows' tombstones.
 pub(crate) const CF_QMIN: &str = "qmin";
 /// Every column family, in the order snapshots number them (new ones go last).
-pub(crate) const CFS: [&str; 15] = [
+pub(crate) const CFS: [&str; 16] = [
     CF_META,
     CF_CQ_QUEUE_FIRST,
     CF_KEY,
@@ -44,6 +45,7 @@ pub(crate) const CFS: [&str; 15] = [
     CF_CQ_ROWS,
     CF_CQ_RUNS,
     CF_CQ_EPOCHS,
+    CF_ACL,
 ];
 /// Meta row holding the retention horizon (le64): every entry at or below it
 /// is gone from this group's retained data.

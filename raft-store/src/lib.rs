@@ -86,6 +86,7 @@
 //! removes the log's name for a segment only: an older snapshot still being
 //! streamed keeps its own hard link, so the data goes when that snapshot does.
 
+pub mod acl;
 pub mod command;
 pub mod commitlog;
 pub(crate) mod cq;
@@ -107,6 +108,7 @@ pub mod transactions;
 use std::io;
 use std::path::PathBuf;
 
+pub use acl::{AclRule, AclState, Permission, ResourceKind, User};
 pub use command::{
     AppendBatch, Command, ConsumerGroupConfig, HalfSpec, Message, MessageRef, PopPick, ProducerSeq, QueueOffset,
     Response, TimerKey, TopicConfig, TopicMessageType, TxnEndOutcome, TxnEndSource, TxnId,

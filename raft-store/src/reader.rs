@@ -347,6 +347,11 @@ impl StoreReader {
         self.shared.timer_added.notified()
     }
 
+    /// Runs `f` over the applied users and ACL rules.
+    pub fn with_acl<R>(&self, f: impl FnOnce(&crate::acl::AclState) -> R) -> R {
+        f(&self.shared.acl.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Runs `f` over the applied POP state and consumer-group configs.
     pub fn with_pop<R>(&self, f: impl FnOnce(&PopState) -> R) -> R {
         f(&self.shared.pop.read().unwrap_or_else(|p| p.into_inner()))

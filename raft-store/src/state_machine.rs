@@ -24,6 +24,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
+use crate::acl::AclState;
 use crate::command::{
     AppendBatch, Command, MessageRef, PERM_READ, PERM_WRITE, QueueOffset, Response, TimerKey, TopicConfig,
     TxnEndOutcome, TxnEndSource, TxnId, tag_hash,
@@ -173,6 +174,9 @@ pub(crate) struct SmShared {
     /// Woken when an apply stored a half message, so the leader's check loop
     /// can re-read the earliest check time.
     pub txn_added: tokio::sync::Notify,
+    /// Users and ACL rules of the live generation (read on every request when
+    /// brokers enforce the ACL).
+    pub acl: RwLock<AclState>,
     /// Woken when an apply scheduled a timer, so the leader's timer loop can
     /// re-read the earliest due time.
     pub timer_added: tokio::sync::Notify,
@@ -286,6 +290,7 @@ impl StateMachine {
         let pop = PopState::load(&state).map_err(Error::io("loading POP state from", &dir))?;
         let dedup = Dedup::load(&state).map_err(Error::io("loading idempotent-producer state from", &dir))?;
         let txn = TxnState::load(&state).map_err(Error::io("loading transactions from", &dir))?;
+        let acl = AclState::load(&state).map_err(Error::io("loading users and ACL rules from", &dir))?;
         let horizon = state.horizon();
         let (snapshots, snapshot_horizon) =
             Snapshots::open(&dir).map_err(Error::io("opening the snapshots of", &dir))?;
@@ -298,6 +303,7 @@ impl StateMachine {
             timer_added: tokio::sync::Notify::new(),
             txn: RwLock::new(txn),
             txn_added: tokio::sync::Notify::new(),
+            acl: RwLock::new(acl),
             horizon: tokio::sync::watch::Sender::new(horizon),
             snapshot_horizon: AtomicU64::new(snapshot_horizon),
             snapshots,
@@ -628,6 +634,10 @@ impl StateMachine {
         self.shared.pop.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn acl_mut(&self) -> std::sync::RwLockWriteGuard<'_, AclState> {
+        self.shared.acl.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn moved_row(message: MessageRef, store_timestamp_ms: u64, applied_index: u64, reconsume_times: u32) -> CqRow {
         CqRow {
             raft_index: message.raft_index,
@@ -861,6 +871,26 @@ impl StateMachine {
                 Ok(Response::ConsumerGroupUpserted)
             }
             Command::Retain { upto, reason } => self.apply_retain(state, wb, *upto, reason),
+            Command::PutUser(u) => {
+                let existed = self.acl_mut().put_user(state, wb, u)?;
+                Ok(Response::AclChanged { existed })
+            }
+            Command::DeleteUser { access_key } => {
+                let existed = self.acl_mut().delete_user(state, wb, access_key);
+                Ok(Response::AclChanged { existed })
+            }
+            Command::PutAclRule(r) => {
+                let existed = self.acl_mut().put_rule(state, wb, r)?;
+                Ok(Response::AclChanged { existed })
+            }
+            Command::DeleteAclRule {
+                access_key,
+                kind,
+                pattern,
+            } => {
+                let existed = self.acl_mut().delete_rule(state, wb, access_key, *kind, pattern);
+                Ok(Response::AclChanged { existed })
+            }
         }
     }
 
@@ -1072,6 +1102,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.dedup = Dedup::load(&current)?;
         *self.shared.txn.write().unwrap_or_else(|p| p.into_inner()) = TxnState::load(&current)?;
         self.shared.txn_added.notify_one();
+        *self.shared.acl.write().unwrap_or_else(|p| p.into_inner()) = AclState::load(&current)?;
         self.horizon = current.horizon();
         self.shared.horizon.send_replace(self.horizon);
         Ok(())

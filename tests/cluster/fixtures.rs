@@ -80,6 +80,69 @@ pub async fn eventually<T>(
     }
 }
 
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`), for the
+/// processes' small HTTP servers (metrics endpoints, the console): the status
+/// code, the header block lower-cased, and the body. `body` is sent with
+/// `content_type` when one is given.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = content_type {
+        request.push_str(&format!("Content-Type: {t}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("{method} {path}: no end of the HTTP header"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{method} {path}: no status in {head:?}"))?;
+    Ok((status, head, raw[end + 4..].to_vec()))
+}
+
+/// A process of the `raftmq` binary whose stdout lines arrive on a channel: a
+/// thread reads them, so a test waiting for a line (a banner, an address) keeps
+/// its deadline with `recv_timeout` instead of blocking on the pipe.
+pub fn spawn_with_lines(
+    cmd: &mut std::process::Command,
+    what: &str,
+) -> anyhow::Result<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawning {what}"))?;
+    let stdout = child.stdout.take().with_context(|| format!("{what}'s stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -110,6 +173,8 @@ pub struct Settings {
     pub tls: raftmq_tls::TlsConfig,
     /// Serve a metrics endpoint on an ephemeral port (tests/cluster/metrics.rs).
     pub metrics: bool,
+    /// Signed requests and the ACL (tests/cluster/acl.rs); default off.
+    pub auth: raftmq_broker::auth::AuthConfig,
 }
 
 /// The peer secret every test cluster's replicas share.
@@ -191,6 +256,7 @@ impl Replica {
                 config.nameservers = node_settings.nameservers;
                 config.faults = node_settings.faults;
                 config.tls = node_settings.tls;
+                config.auth = node_settings.auth;
                 config.retention = node_settings.retention.unwrap_or_else(|| {
                     use raftmq_broker::retention::{DiskUsageSource, RetentionConfig};
                     RetentionConfig {

@@ -14,39 +14,28 @@ use raftmq_client::{Client, ClientConfig};
 use raftmq_proto::v1 as pb;
 use raftmq_proto::v1::consumer_service_client::ConsumerServiceClient;
 use raftmq_proto::v1::messaging_service_client::MessagingServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::fixtures::{
-    Check, Cluster, DEADLINE, GROUP, QUEUES, Settings, TOPIC, create_topic_via, eventually, message,
+    Check, Cluster, DEADLINE, GROUP, QUEUES, Settings, TOPIC, create_topic_via, eventually, http, message,
     wait_for_known_route,
 };
 
-type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue>;
+pub(crate) type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue>;
 
 /// `GET /metrics` over a fresh connection; checks the status and content type.
 async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let (status, head, body) = http(addr, "GET", "/metrics", None, b"")
         .await
-        .with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let text = String::from_utf8(raw).context("the metrics answer is not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no end of the HTTP header")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    Ok(body.to_owned())
+        .with_context(|| format!("scraping the metrics endpoint {addr}"))?;
+    ensure!(status == 200, "metrics answered {head}");
+    ensure!(head.contains("content-type: application/openmetrics-text"), "{head}");
+    String::from_utf8(body).context("the metrics answer is not UTF-8")
 }
 
 /// A scrape, parsed whole: any line the parser cannot read fails it.
-async fn scrape(addr: SocketAddr) -> anyhow::Result<Exposition> {
+pub(crate) async fn scrape(addr: SocketAddr) -> anyhow::Result<Exposition> {
     let body = fetch(addr).await?;
     openmetrics_parser::openmetrics::parse_openmetrics(&body)
         .map_err(|e| anyhow::anyhow!("the scrape of {addr} does not parse as OpenMetrics: {e}\n{body}"))
@@ -76,7 +65,7 @@ fn samples(exp: &Exposition, family: &str) -> usize {
     exp.families.get(family).map_or(0, |f| f.iter_samples().count())
 }
 
-fn must(exp: &Exposition, family: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+pub(crate) fn must(exp: &Exposition, family: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     value(exp, family, labels).with_context(|| format!("no {family} sample with labels {labels:?}"))
 }
 

@@ -4,7 +4,6 @@
 //! `raftmq bench` against the local cluster it starts itself.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use anyhow::{Context, bail, ensure};
 use raftmq_client::{Client, ClientConfig, MessageExt};
 use raftmq_proto::v1 as pb;
 
-use super::fixtures::{Check, eventually, pull_everything};
+use super::fixtures::{Check, eventually, pull_everything, spawn_with_lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_raftmq");
 /// Processes start slower than in-process replicas, and CI may be busy.
@@ -29,31 +28,19 @@ struct Dev {
 impl Dev {
     /// Starts `raftmq dev` on free ports and waits for its "cluster is up" banner.
     fn start(data_dir: &Path) -> anyhow::Result<Dev> {
-        let mut child = Command::new(BIN)
-            .args([
-                "dev",
-                "--namesrv-listen",
-                "127.0.0.1:0",
-                "--broker-ports",
-                "0,0,0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning raftmq dev")?;
-        let stdout = child.stdout.take().context("dev stdout")?;
-        // Reading the banner blocks; a thread keeps the deadline enforceable.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (child, rx) = spawn_with_lines(
+            Command::new(BIN)
+                .args([
+                    "dev",
+                    "--namesrv-listen",
+                    "127.0.0.1:0",
+                    "--broker-ports",
+                    "0,0,0",
+                    "--data-dir",
+                ])
+                .arg(data_dir),
+            "raftmq dev",
+        )?;
         let mut dev = Dev {
             child,
             namesrv: String::new(),

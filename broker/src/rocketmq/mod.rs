@@ -261,6 +261,10 @@ impl Gateway {
             .max_encoding_message_size(max_message_bytes)
     }
 
+    fn auth(&self) -> &crate::auth::Auth {
+        self.up().group().auth()
+    }
+
     fn up(&self) -> &Upstream {
         &self.inner.up
     }
@@ -342,7 +346,7 @@ impl Gateway {
                 let (admin, req) = (admin.clone(), req.clone());
                 async move {
                     match t {
-                        Target::Local => V1Admin::create_topic(&admin, Request::new(req)).await,
+                        Target::Local => V1Admin::create_topic(&admin, crate::auth::internal(req)).await,
                         Target::Remote(ch) => {
                             pb::admin_service_client::AdminServiceClient::new(ch)
                                 .create_topic(req)
@@ -503,7 +507,7 @@ impl Gateway {
                 let (messaging, v1) = (messaging.clone(), v1.clone());
                 async move {
                     match t {
-                        Target::Local => V1Messaging::send(&messaging, Request::new(v1)).await,
+                        Target::Local => V1Messaging::send(&messaging, crate::auth::internal(v1)).await,
                         Target::Remote(ch) => {
                             pb::messaging_service_client::MessagingServiceClient::new(ch)
                                 .send(v1)
@@ -645,7 +649,7 @@ impl Gateway {
                 let (consumer, v1) = (consumer.clone(), v1.clone());
                 async move {
                     match t {
-                        Target::Local => V1Consumer::receive(&consumer, Request::new(v1)).await,
+                        Target::Local => V1Consumer::receive(&consumer, crate::auth::internal(v1)).await,
                         Target::Remote(ch) => {
                             pb::consumer_service_client::ConsumerServiceClient::new(ch)
                                 .max_decoding_message_size(usize::MAX)
@@ -746,7 +750,7 @@ impl Gateway {
                     let (consumer, v1) = (consumer.clone(), v1.clone());
                     async move {
                         match t {
-                            Target::Local => V1Consumer::ack(&consumer, Request::new(v1)).await,
+                            Target::Local => V1Consumer::ack(&consumer, crate::auth::internal(v1)).await,
                             Target::Remote(ch) => {
                                 pb::consumer_service_client::ConsumerServiceClient::new(ch)
                                     .ack(v1)
@@ -830,7 +834,9 @@ impl Gateway {
                 let (consumer, v1) = (consumer.clone(), v1.clone());
                 async move {
                     match t {
-                        Target::Local => V1Consumer::change_invisible_duration(&consumer, Request::new(v1)).await,
+                        Target::Local => {
+                            V1Consumer::change_invisible_duration(&consumer, crate::auth::internal(v1)).await
+                        }
                         Target::Remote(ch) => {
                             pb::consumer_service_client::ConsumerServiceClient::new(ch)
                                 .change_invisible_duration(v1)
@@ -870,7 +876,7 @@ impl Gateway {
                 let (consumer, v1) = (consumer.clone(), v1.clone());
                 async move {
                     match t {
-                        Target::Local => V1Consumer::forward_to_dead_letter(&consumer, Request::new(v1)).await,
+                        Target::Local => V1Consumer::forward_to_dead_letter(&consumer, crate::auth::internal(v1)).await,
                         Target::Remote(ch) => {
                             pb::consumer_service_client::ConsumerServiceClient::new(ch)
                                 .forward_to_dead_letter(v1)
@@ -932,7 +938,7 @@ impl Gateway {
                 let (messaging, v1) = (messaging.clone(), v1.clone());
                 async move {
                     match t {
-                        Target::Local => V1Messaging::end_transaction(&messaging, Request::new(v1)).await,
+                        Target::Local => V1Messaging::end_transaction(&messaging, crate::auth::internal(v1)).await,
                         Target::Remote(ch) => {
                             pb::messaging_service_client::MessagingServiceClient::new(ch)
                                 .end_transaction(v1)
@@ -1035,6 +1041,7 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::QueryRouteRequest>,
     ) -> Result<Response<v2::QueryRouteResponse>, Status> {
+        self.auth().authenticated(&request)?;
         let (md, _, req) = request.into_parts();
         let span = tracing::debug_span!("rmq5.query_route", topic = %name_of(&req.topic).1);
         let resp = match Gateway::query_route(self, &md, req).instrument(span).await {
@@ -1054,6 +1061,7 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::HeartbeatRequest>,
     ) -> Result<Response<v2::HeartbeatResponse>, Status> {
+        self.auth().authenticated(&request)?;
         let status = match client_id(request.metadata()) {
             Ok(_) => codes::ok(),
             Err((code, m)) => codes::status(code, m),
@@ -1065,6 +1073,10 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::SendMessageRequest>,
     ) -> Result<Response<v2::SendMessageResponse>, Status> {
+        // Every message's topic, before any is stored.
+        for m in &request.get_ref().messages {
+            self.auth().publish(&request, name_of(&m.topic).1)?;
+        }
         let (md, _, req) = request.into_parts();
         let span = tracing::debug_span!("rmq5.send", messages = req.messages.len());
         Ok(Response::new(self.send(&md, req).instrument(span).await))
@@ -1074,6 +1086,9 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::QueryAssignmentRequest>,
     ) -> Result<Response<v2::QueryAssignmentResponse>, Status> {
+        let r = request.get_ref();
+        self.auth()
+            .subscribe(&request, name_of(&r.topic).1, name_of(&r.group).1)?;
         let (md, _, req) = request.into_parts();
         let resp = match Gateway::query_assignment(self, &md, req).await {
             Ok(assignments) => v2::QueryAssignmentResponse {
@@ -1094,6 +1109,9 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::ReceiveMessageRequest>,
     ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
+        let r = request.get_ref();
+        let topic = r.message_queue.as_ref().map_or("", |q| name_of(&q.topic).1);
+        self.auth().subscribe(&request, topic, name_of(&r.group).1)?;
         let (md, _, req) = request.into_parts();
         let span = tracing::debug_span!("rmq5.receive", group = %name_of(&req.group).1);
         let answer = self.receive(&md, req).instrument(span).await;
@@ -1106,6 +1124,9 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::AckMessageRequest>,
     ) -> Result<Response<v2::AckMessageResponse>, Status> {
+        let r = request.get_ref();
+        self.auth()
+            .subscribe(&request, name_of(&r.topic).1, name_of(&r.group).1)?;
         let (md, _, req) = request.into_parts();
         let span = tracing::debug_span!("rmq5.ack", group = %name_of(&req.group).1, entries = req.entries.len());
         Ok(Response::new(self.ack(&md, req).instrument(span).await))
@@ -1115,6 +1136,9 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Result<Response<v2::ForwardMessageToDeadLetterQueueResponse>, Status> {
+        let r = request.get_ref();
+        self.auth()
+            .subscribe(&request, name_of(&r.topic).1, name_of(&r.group).1)?;
         let (md, _, req) = request.into_parts();
         let status = self.forward_to_dlq(&md, req).await;
         Ok(Response::new(v2::ForwardMessageToDeadLetterQueueResponse { status }))
@@ -1168,6 +1192,7 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::EndTransactionRequest>,
     ) -> Result<Response<v2::EndTransactionResponse>, Status> {
+        self.auth().publish(&request, name_of(&request.get_ref().topic).1)?;
         let (md, _, req) = request.into_parts();
         let span = tracing::debug_span!("rmq5.end_transaction", transaction = %req.transaction_id);
         let status = Gateway::end_transaction(self, &md, req).instrument(span).await;
@@ -1180,6 +1205,7 @@ impl MessagingService for Gateway {
         &self,
         request: Request<Streaming<v2::TelemetryCommand>>,
     ) -> Result<Response<Self::TelemetryStream>, Status> {
+        self.auth().authenticated(&request)?;
         let (md, _, inbound) = request.into_parts();
         Gateway::telemetry(self, &md, inbound).map(Response::new)
     }
@@ -1199,6 +1225,9 @@ impl MessagingService for Gateway {
         &self,
         request: Request<v2::ChangeInvisibleDurationRequest>,
     ) -> Result<Response<v2::ChangeInvisibleDurationResponse>, Status> {
+        let r = request.get_ref();
+        self.auth()
+            .subscribe(&request, name_of(&r.topic).1, name_of(&r.group).1)?;
         let (md, _, req) = request.into_parts();
         let span = tracing::debug_span!("rmq5.change_invisible", group = %name_of(&req.group).1);
         Ok(Response::new(self.change_invisible(&md, req).instrument(span).await))

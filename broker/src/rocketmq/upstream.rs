@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use raftmq_proto::request_auth::SignedChannel;
 use raftmq_proto::v1 as pb;
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::api_error::{ApiError, LEADER_METADATA_KEY};
 use crate::group::GroupHandle;
@@ -40,7 +40,9 @@ pub enum Target {
     /// This node leads the group: call the service in-process.
     Local,
     /// Another node (the group's leader, as far as we know).
-    Remote(Channel),
+    /// Signed as this broker (see [`crate::auth`]) when auth is on: the
+    /// gateway checked the SDK's request before forwarding it.
+    Remote(SignedChannel),
 }
 
 /// Which failures a call retries (within its time budget).
@@ -88,7 +90,7 @@ struct Inner {
     nameservers: Vec<String>,
     max_message_bytes: usize,
     connect_timeout: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, SignedChannel>>,
     cluster: Mutex<Option<(Instant, Vec<GroupInfo>)>>,
 }
 
@@ -124,7 +126,7 @@ impl Upstream {
     }
 
     /// A lazily connected channel to `endpoint` (host:port), reused by every call.
-    pub fn channel(&self, endpoint: &str) -> Result<Channel, Status> {
+    pub fn channel(&self, endpoint: &str) -> Result<SignedChannel, Status> {
         let mut channels = self.inner.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
@@ -140,6 +142,7 @@ impl Upstream {
             .connect_timeout(self.inner.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
+        let channel = SignedChannel::new(channel, self.inner.group.auth().forwarding_credentials());
         channels.insert(endpoint.to_owned(), channel.clone());
         Ok(channel)
     }

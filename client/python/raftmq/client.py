@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar
 import grpc
 
 from ._pb import pb, pb_grpc
+from .auth import Signer
 
 T = TypeVar("T")
 
@@ -328,7 +329,9 @@ class Client:
     route is trusted before it is asked for again. ``tls_ca_file``: a PEM file of the
     CA(s) the cluster's certificates are checked against; given, every connection
     (NameServers and brokers) is TLS, and a NameServer may be written
-    ``https://host:port``. Default: plaintext.
+    ``https://host:port``. Default: plaintext. ``access_key`` and ``secret``: sign
+    every call (see ``raftmq.auth``), as brokers with ``[auth] enabled`` require;
+    ``secret_file`` may hold the secret instead. Default: unsigned.
     """
 
     def __init__(
@@ -339,7 +342,21 @@ class Client:
         send_deadline: float = 10.0,
         route_ttl: float = 30.0,
         tls_ca_file: Optional[str] = None,
+        access_key: Optional[str] = None,
+        secret: Optional[str] = None,
+        secret_file: Optional[str] = None,
     ) -> None:
+        if secret_file is not None:
+            if secret is not None:
+                raise ValueError("give secret or secret_file, not both")
+            try:
+                with open(secret_file, encoding="utf-8") as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise ValueError(f"secret_file {secret_file!r} cannot be read: {e}") from e
+        if (access_key is None) != (secret is None):
+            raise ValueError("access_key and secret (or secret_file) go together")
+        self._signer: Optional[Signer] = Signer(access_key, secret) if access_key is not None and secret is not None else None
         if isinstance(nameservers, str):
             nameservers = [a for a in nameservers.replace(";", ",").split(",") if a.strip()]
         self._credentials: Optional[grpc.ChannelCredentials] = None
@@ -406,8 +423,12 @@ class Client:
     def make_channel(self, endpoint: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
         """A new channel to ``endpoint``: TLS when the client has a CA, else plaintext."""
         if self._credentials is not None:
-            return grpc.secure_channel(endpoint, self._credentials, options=list(options))
-        return grpc.insecure_channel(endpoint, options=list(options))
+            channel = grpc.secure_channel(endpoint, self._credentials, options=list(options))
+        else:
+            channel = grpc.insecure_channel(endpoint, options=list(options))
+        if self._signer is not None:
+            channel = grpc.intercept_channel(channel, self._signer)
+        return channel
 
     def channel(self, endpoint: str) -> grpc.Channel:
         """The one channel to ``endpoint`` (host:port), created on first use."""
