@@ -90,6 +90,7 @@ pub fn routes() -> axum::Router<Arc<Console>> {
         .route("/groups/{group}/dlq", get(dead_letters))
         .route("/groups/{group}/dlq/resend", post(resend_dead_letter))
         .route("/messages/by-id", get(message_by_id))
+        .route("/messages/trace", get(message_trace))
         .route("/messages/by-key", get(messages_by_key))
         .route("/messages/browse", get(browse))
 }
@@ -396,6 +397,17 @@ async fn message_by_id(State(c): Shared, RawQuery(q): RawQuery) -> Api<MessageLi
         })),
         None => Err(ApiError::not_found(format!("no broker group holds message {id}"))),
     }
+}
+
+/// The message's trace timeline (empty when it was not traced).
+async fn message_trace(State(c): Shared, RawQuery(q): RawQuery) -> Api<TraceView> {
+    let p = Params::parse(q.as_deref(), &["id"])?;
+    let id = p.required("id")?;
+    message_id(id)?;
+    let events = c.reader().trace(id).await?;
+    Ok(Json(TraceView {
+        events: events.into_iter().map(TraceEventView::from_pb).collect(),
+    }))
 }
 
 async fn messages_by_key(State(c): Shared, RawQuery(q): RawQuery) -> Api<MessageList> {

@@ -208,6 +208,57 @@ pub struct MessageList {
     pub messages: Vec<MessageView>,
 }
 
+/// A message's trace (#19): its recorded events, oldest first.
+#[derive(Serialize)]
+pub struct TraceView {
+    pub events: Vec<TraceEventView>,
+}
+
+#[derive(Serialize)]
+pub struct TraceEventView {
+    /// `PRODUCED`, `DELIVERED`, `ACKED`, `RETRIED`, `DEAD_LETTERED`.
+    pub kind: String,
+    pub time_ms: u64,
+    pub broker_group: String,
+    pub node_id: u64,
+    pub topic: String,
+    pub queue_id: u32,
+    pub queue_offset: Option<u64>,
+    pub producer: String,
+    pub raft_index: u64,
+    pub consumer_group: String,
+    pub client_id: String,
+    pub attempt: u32,
+    pub from_topic: String,
+    pub next_delivery_ms: u64,
+    pub detail: String,
+}
+
+impl TraceEventView {
+    pub fn from_pb(e: pb::TraceEvent) -> TraceEventView {
+        let kind = pb::TraceEventKind::try_from(e.kind)
+            .map(|k| k.as_str_name().trim_start_matches("TRACE_EVENT_KIND_").to_owned())
+            .unwrap_or_else(|_| format!("kind {}", e.kind));
+        TraceEventView {
+            kind,
+            time_ms: e.time_ms,
+            broker_group: e.broker_group,
+            node_id: e.node_id,
+            topic: e.topic,
+            queue_id: e.queue_id,
+            queue_offset: e.queue_offset,
+            producer: e.producer,
+            raft_index: e.raft_index,
+            consumer_group: e.consumer_group,
+            client_id: e.client_id,
+            attempt: e.attempt,
+            from_topic: e.from_topic,
+            next_delivery_ms: e.next_delivery_ms,
+            detail: e.detail,
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub struct MessageView {
     pub message_id: String,

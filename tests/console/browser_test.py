@@ -254,7 +254,8 @@ def check_topic_created_in_ui_is_listed(b: Browser, cli: Cli) -> str:
 
 
 def check_message_sent_with_cli_found_by_id(b: Browser, cli: Cli) -> str:
-    out = cli.run("produce", "--topic", UI_TOPIC, "--count", "1", "--tag", "TagUi", "--key", "order-ui-1")
+    # Sent with message trace on: the page shows its timeline too.
+    out = cli.run("produce", "--topic", UI_TOPIC, "--count", "1", "--tag", "TagUi", "--key", "order-ui-1", "--trace")
     m = re.search(r"\bid (\S+)", out)
     if not m:
         raise AssertionError(f"no id in produce's output: {out!r}")
@@ -268,9 +269,20 @@ def check_message_sent_with_cli_found_by_id(b: Browser, cli: Cli) -> str:
         raise AssertionError(f"the row for {msg_id} reads {text!r}")
     row.click()  # the details: properties and body
     b.page.wait_for_selector("#msg-results tr.details:not([hidden]) pre.props", timeout=WAIT_MS)
+    # The trace is written off the send path: look again until PRODUCED is there.
+    def produced_row():
+        b.page.wait_for_selector("#trace-title", timeout=WAIT_MS)
+        r = b.page.query_selector('#msg-results tr[data-trace-kind="PRODUCED"]')
+        if r:
+            return r.text_content() or ""
+        b.page.click("#msg-id-go")
+        return None
+    traced = eventually(f"a PRODUCED event in {msg_id}'s trace", produced_row)
+    if "Raft index" not in traced or UI_TOPIC not in traced:
+        raise AssertionError(f"the PRODUCED row reads {traced!r}")
     b.shot("message-by-id")
     b.assert_no_errors()
-    return f"message {msg_id} found in the UI"
+    return f"message {msg_id} found in the UI, its trace shows {traced.strip()!r}"
 
 
 def ui_lags(b: Browser) -> tuple[dict[str, int], int]:

@@ -474,6 +474,30 @@ function messageRows(messages, extra) {
   return table(["id", "topic", "queue@offset", "stored", "tag", "keys", "body"], rows, "No message found.");
 }
 
+/** A message's trace timeline: one row per recorded event, oldest first. */
+function traceTable(events) {
+  const what = (e) => {
+    switch (e.kind) {
+      case "PRODUCED":
+        return `by ${e.producer || "?"}, Raft index ${fmt.num(e.raft_index)}, ${e.topic}/${e.queue_id}` +
+          (e.queue_offset === null || e.queue_offset === undefined ? "" : `@${e.queue_offset}`);
+      case "RETRIED":
+        return `${e.consumer_group} attempt ${e.attempt} failed (${e.detail})` +
+          (e.next_delivery_ms ? `, due again ${fmt.time(e.next_delivery_ms)}` : "");
+      default:
+        return `${e.consumer_group} ${e.client_id ? "(" + e.client_id + ") " : ""}attempt ${e.attempt}` +
+          (e.from_topic ? ` from ${e.from_topic}` : "") + (e.detail ? ` (${e.detail})` : "");
+    }
+  };
+  const rows = events.map((e) => h("tr", { "data-trace-kind": e.kind },
+    h("td", { class: "when" }, fmt.time(e.time_ms)),
+    h("td", {}, h("span", { class: "badge" }, e.kind)),
+    h("td", {}, `${e.broker_group} node ${e.node_id}`),
+    h("td", {}, what(e))));
+  return table(["time", "event", "recorded by", "details"], rows,
+    "No trace recorded: tracing was off for this message (a topic's --trace, or the producer's).");
+}
+
 async function messagesPage(main, rest, params) {
   main.append(h("h1", {}, "Messages"));
   const results = h("div", { id: "msg-results" });
@@ -499,6 +523,8 @@ async function messagesPage(main, rest, params) {
     nav.replaceChildren();
     const r = await api("GET", "/messages/by-id?id=" + q(id.value.trim()));
     show("Message " + id.value.trim(), r.messages);
+    const t = await api("GET", "/messages/trace?id=" + q(id.value.trim()));
+    results.append(h("h3", { id: "trace-title" }, "Trace"), traceTable(t.events));
   }));
 
   const keyTopic = h("input", { id: "msg-key-topic", placeholder: "topic", spellcheck: false });
