@@ -223,7 +223,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     let mut temp = None;
     let mut local = None;
-    let mut tls_ca_file = args.tls_ca_file.clone();
+    // What every client of the run starts from: the local cluster's own (its CA,
+    // its admin's credentials), or --namesrv with --tls-ca-file.
+    let mut base = None;
     let (namesrv, cluster_desc) = match &args.namesrv {
         Some(ns) => (ns.clone(), format!("namesrv {}", ns.join(","))),
         None => {
@@ -267,7 +269,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 },
                 data_dir.display()
             );
-            tls_ca_file = cluster.tls_ca_file.clone();
+            base = Some(cluster.client_config()?);
             local = Some(cluster);
             (vec![ns], format!("local 3 replicas, flush {}{transport}", args.flush))
         }
@@ -293,9 +295,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             return Ok(None);
         }
-        measure(&args, namesrv, tls_ca_file.as_deref(), cluster_desc)
-            .await
-            .map(Some)
+        let base = match base {
+            Some(b) => b,
+            None => {
+                let config = ClientConfig::new(namesrv);
+                match &args.tls_ca_file {
+                    Some(ca) => config.with_tls_ca_file(ca)?,
+                    None => config,
+                }
+            }
+        };
+        measure(&args, base, cluster_desc).await.map(Some)
     }
     .await;
     if let Some(c) = local {
@@ -313,17 +323,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(
-    args: &BenchArgs,
-    namesrv: Vec<String>,
-    tls_ca_file: Option<&std::path::Path>,
-    cluster: String,
-) -> anyhow::Result<Report> {
+async fn measure(args: &BenchArgs, base: ClientConfig, cluster: String) -> anyhow::Result<Report> {
     let client = || {
-        let mut config = ClientConfig::new(namesrv.clone());
-        if let Some(ca) = tls_ca_file {
-            config = config.with_tls_ca_file(ca)?;
-        }
+        let mut config = base.clone();
         config.max_auto_batch = args.auto_batch;
         config.idempotent = !args.no_idempotence;
         Client::new(config).context("building a client")
