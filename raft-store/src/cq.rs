@@ -8,19 +8,33 @@
 //! compaction rewrote the whole ConsumeQueue again and again (write amplification
 //! 4.1 after ten minutes and rising with each level; at 10^8 messages it took
 //! 65-73 % of the 2 cores and the send rate fell 37 %). Now a row's key starts
-//! with its epoch: the count of rows the group ever stored, over 2^16, which only
-//! grows. A flush holds the newest epochs, overlapping older files in one epoch at
-//! most, so compaction rewrites little, as RocketMQ's flat ConsumeQueue files are
-//! never rewritten. Retention drops whole epochs with one range delete and then
-//! deletes the files that held them outright.
+//! with its epoch, a number that only grows: an epoch holds 2^16 rows (more when
+//! one entry carries more) and the next one opens with the next entry that adds
+//! a row, so an entry's rows never straddle two epochs.
 //!
-//! The count is state-machine state (a meta row written with every apply batch),
-//! so every replica files a row under the same epoch. A queue's rows are a run of
-//! offsets in each epoch it was written in; `cq_runs` records, per queue, the
-//! first offset of each run and its epoch, so a lookup by offset is one
-//! `seek_for_prev` there and one read here. `cq_epochs` records the index of the
-//! entry that opened each epoch, which tells retention which epochs lie wholly at
-//! or below its horizon.
+//! Why whole entries: the state machine switches the `cq_rows` memtable only
+//! between epochs ([`RunCache::closed_epoch`]), so no two flushed files share
+//! an epoch, no file overlaps an older one, and RocksDB moves every file down
+//! its levels without rewriting it (a "trivial move"), as RocketMQ's flat
+//! ConsumeQueue files are never rewritten. With epochs cut by row count alone,
+//! consecutive flushes shared one epoch and compaction still rewrote the newest
+//! levels: the 10^8 run's send rate fell 16 % from its first minute to its last.
+//!
+//! Retention writes no tombstone into `cq_rows` either (a range tombstone's file
+//! spans from key 0 to the newest row and overlaps everything): it records the
+//! epoch below which rows are dropped, deletes the files wholly below it, and a
+//! compaction filter drops the rest when compaction meets them. Rows of a
+//! queue's trimmed prefix inside the boundary epoch stay until a later horizon
+//! drops that epoch; reads never reach them ([`get`] and [`scan`] stop at the
+//! retention horizon and the queue's minimum).
+//!
+//! The epoch and its row count are state-machine state (a meta row written
+//! with every apply batch), so a restart files the next row in the epoch every
+//! replica files it in. A queue's rows are a run of offsets in each epoch it was
+//! written in; `cq_runs` records, per queue, the first offset of each run and
+//! its epoch, so a lookup by offset is one `seek_for_prev` there and one read
+//! here. `cq_epochs` records the index of the entry that opened each epoch,
+//! which tells retention which epochs lie wholly at or below its horizon.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,21 +44,34 @@ use rocksdb::WriteBatch;
 use crate::layout::*;
 use crate::state_machine::{SmState, rocks_io};
 
-/// Rows per epoch: 2^16 (about 4 MiB of rows). Small enough that a memtable
-/// flush (a million rows) spans many epochs and overlaps older files in one at
-/// most; large enough that the run index gains one row per queue per 65,536
-/// rows. Not entries: under load one entry carries a hundred messages or more.
+/// Rows per epoch: 2^16 (about 4 MiB of rows). Small enough that the memtable
+/// can be switched at an epoch's end long before it is full; large enough that
+/// the run index gains one row per queue per 65,536 rows. Not entries: under
+/// load one entry carries a hundred messages or more.
 #[cfg(not(test))]
 pub(crate) const CQ_EPOCH_SHIFT: u32 = 16;
 /// Four rows per epoch, so unit tests cross epochs with a few rows.
 #[cfg(test)]
 pub(crate) const CQ_EPOCH_SHIFT: u32 = 2;
+const EPOCH_ROWS: u64 = 1 << CQ_EPOCH_SHIFT;
 
-/// Meta row: rows ever stored (le64), whose top bits are the current epoch.
+/// Meta row: the current epoch (le64) and the rows filed in it (le64).
+const KEY_EPOCH: &[u8] = b"cq_epoch";
+/// Meta row of the layout before whole-entry epochs: rows ever stored (le64),
+/// whose top bits were the epoch. Read once when `KEY_EPOCH` is missing.
 const KEY_ROWS_STORED: &[u8] = b"cq_rows_stored";
+/// Meta row: epochs below this (le64) were dropped by retention; the
+/// compaction filter removes their rows and snapshots leave them out.
+pub(crate) const KEY_DROPPED_BELOW: &[u8] = b"cq_dropped_below";
 
+#[cfg(test)]
 fn epoch_of(rows_stored: u64) -> u64 {
     rows_stored >> CQ_EPOCH_SHIFT
+}
+
+/// The epoch of a `cq_rows` key (its first 8 bytes).
+pub(crate) fn key_epoch(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
 }
 
 /// `first applied index_be64 -> epoch_le64` in `cq_epochs`.
@@ -78,15 +105,20 @@ fn parse_run(qk: &[u8], k: &[u8], v: &[u8]) -> io::Result<Option<(u64, u64)>> {
     Ok(Some((first, u64_value(v)?)))
 }
 
-/// The state machine's ConsumeQueue writer: the count of rows stored (loaded
-/// from its meta row, written back with each batch) and, per queue (by
-/// `queue_key`), the epoch of its newest run, so a run-index row is written only
-/// when a queue enters an epoch. Keyed by bytes so the per-row lookup allocates
-/// nothing.
+/// The state machine's ConsumeQueue writer: the current epoch and its row
+/// count (loaded from their meta row, written back with each batch), the entry
+/// that wrote the last row (so its further rows stay in its epoch) and, per
+/// queue (by `queue_key`), the epoch of its newest run, so a run-index row is
+/// written only when a queue enters an epoch. Keyed by bytes so the per-row
+/// lookup allocates nothing.
 #[derive(Default)]
 pub(crate) struct RunCache {
     runs: HashMap<Vec<u8>, u64>,
-    rows_stored: Option<u64>,
+    /// `(epoch, rows filed in it)`.
+    epoch: Option<(u64, u64)>,
+    last_entry: Option<u64>,
+    /// The last full epoch [`RunCache::closed_epoch`] reported.
+    reported: Option<u64>,
     dirty: bool,
 }
 
@@ -101,18 +133,48 @@ impl RunCache {
         self.runs.retain(|qk, _| !qk.starts_with(&from));
     }
 
-    /// Adds the count of rows stored to `wb` if rows were put since the last
-    /// call: every write of an apply batch carries it, so a restart numbers the
+    /// Adds the epoch and its row count to `wb` if rows were put since the last
+    /// call: every write of an apply batch carries them, so a restart files the
     /// next row exactly as the other replicas do.
     pub(crate) fn persist(&mut self, state: &SmState, wb: &mut WriteBatch) {
-        if let (true, Some(n)) = (self.dirty, self.rows_stored) {
-            wb.put_cf(state.cf(CF_META), KEY_ROWS_STORED, n.to_le_bytes());
+        if let (true, Some((epoch, rows))) = (self.dirty, self.epoch) {
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&epoch.to_le_bytes());
+            v[8..].copy_from_slice(&rows.to_le_bytes());
+            wb.put_cf(state.cf(CF_META), KEY_EPOCH, v);
             self.dirty = false;
         }
     }
 
+    /// The current epoch once it is full, reported once: no later row goes
+    /// into it, so the writes so far can be flushed into files of their own.
+    pub(crate) fn closed_epoch(&mut self) -> Option<u64> {
+        match self.epoch {
+            Some((epoch, rows)) if rows >= EPOCH_ROWS && self.reported != Some(epoch) => {
+                self.reported = Some(epoch);
+                Some(epoch)
+            }
+            _ => None,
+        }
+    }
+
+    fn load_epoch(state: &SmState) -> io::Result<(u64, u64)> {
+        if let Some(v) = state.get(CF_META, KEY_EPOCH)? {
+            let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("ConsumeQueue epoch row {v:?}"));
+            let epoch = u64::from_le_bytes(v.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+            let rows = u64::from_le_bytes(v.get(8..16).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+            return Ok((epoch, rows));
+        }
+        let stored = match state.get(CF_META, KEY_ROWS_STORED)? {
+            Some(v) => u64_value(&v)?,
+            None => 0,
+        };
+        Ok((stored >> CQ_EPOCH_SHIFT, stored & (EPOCH_ROWS - 1)))
+    }
+
     /// Writes the row at `offset` (the queue's next) of queue `qk` into `wb`,
-    /// opening a run when the row's epoch is newer than the queue's last.
+    /// opening a new epoch when the current one is full and the row comes from
+    /// a new entry, and a run when the row's epoch is newer than the queue's last.
     pub(crate) fn put(
         &mut self,
         state: &SmState,
@@ -121,22 +183,23 @@ impl RunCache {
         offset: u64,
         row: &CqRow,
     ) -> io::Result<()> {
-        let stored = match self.rows_stored {
-            Some(n) => n,
-            None => match state.get(CF_META, KEY_ROWS_STORED)? {
-                Some(v) => u64_value(&v)?,
-                None => 0,
-            },
+        let (mut epoch, mut rows) = match self.epoch {
+            Some(e) => e,
+            None => Self::load_epoch(state)?,
         };
-        let epoch = epoch_of(stored);
-        if stored == 0 || epoch_of(stored - 1) != epoch {
+        if rows >= EPOCH_ROWS && self.last_entry != Some(row.applied_index) {
+            epoch += 1;
+            rows = 0;
+        }
+        if rows == 0 {
             wb.put_cf(
                 state.cf(CF_CQ_EPOCHS),
                 epoch_start_key(row.applied_index),
                 epoch.to_le_bytes(),
             );
         }
-        self.rows_stored = Some(stored + 1);
+        self.epoch = Some((epoch, rows + 1));
+        self.last_entry = Some(row.applied_index);
         self.dirty = true;
         let last = match self.runs.get(qk) {
             Some(&e) => Some(e),
@@ -148,6 +211,39 @@ impl RunCache {
         }
         wb.put_cf(state.cf(CF_CQ_ROWS), row_key(epoch, qk, offset), row.encode());
         Ok(())
+    }
+}
+
+/// Below this, the active `cq_rows` memtable is not switched at an epoch's end:
+/// the flush would make a small file for little gain. Half the write buffer
+/// (RocksDB's 64 MiB default), so the switch comes before RocksDB's own, which
+/// would cut an epoch in two.
+#[cfg(not(test))]
+const SWITCH_AT_BYTES: u64 = 32 << 20;
+/// Any rows: unit tests switch at every epoch's end.
+#[cfg(test)]
+const SWITCH_AT_BYTES: u64 = 1;
+
+/// Switches the `cq_rows` memtable at an epoch's end (the caller has written
+/// every row of the epoch and none of the next), so the flushed file shares no
+/// epoch with the next one. Skipped while the memtable is small, or while an
+/// earlier one is still being flushed: RocksDB would wait for that flush here,
+/// in the apply path, and the next epoch's end comes soon. True when switched.
+pub(crate) fn switch_memtable_at_epoch_end(state: &SmState) -> bool {
+    let cf = state.cf(CF_CQ_ROWS);
+    let prop = |name: &str| state.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+    if prop("rocksdb.cur-size-active-mem-table") < SWITCH_AT_BYTES || prop("rocksdb.num-immutable-mem-table") > 0 {
+        return false;
+    }
+    let mut opts = rocksdb::FlushOptions::default();
+    opts.set_wait(false);
+    match state.db.flush_cf_opt(cf, &opts) {
+        Ok(()) => true,
+        Err(e) => {
+            // Only compaction work is at stake: RocksDB flushes when the memtable is full.
+            tracing::warn!(error = %e, "could not switch the ConsumeQueue memtable at an epoch's end");
+            false
+        }
     }
 }
 
@@ -177,10 +273,16 @@ pub(crate) fn get(state: &SmState, topic: &str, queue_id: u32, offset: u64) -> i
     let Some((_, epoch)) = current_run(&it, &qk)? else {
         return Ok(None);
     };
-    state
+    let Some(row) = state
         .get(CF_CQ_ROWS, &row_key(epoch, &qk, offset))?
         .map(|v| CqRow::decode(&v))
-        .transpose()
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    // A row of the queue's trimmed prefix, left in the boundary epoch (see the
+    // module's note): trimmed rows are exactly those written at or below the horizon.
+    Ok((row.applied_index > state.horizon()).then_some(row))
 }
 
 /// Visits up to `max_rows` rows of a queue from `from` on, in offset order, as
@@ -197,6 +299,11 @@ pub(crate) fn scan(
         return Ok(());
     }
     let qk = queue_key(topic, queue_id);
+    // Rows below the queue's minimum may still be stored (see the module's note).
+    let from = match state.get(CF_QMIN, &qk)? {
+        Some(v) => from.max(u64_value(&v)?),
+        None => from,
+    };
     let mut runs = state.db.raw_iterator_cf(state.cf(CF_CQ_RUNS));
     runs.seek_for_prev(run_key(&qk, from));
     if current_run(&runs, &qk)?.is_none() {
@@ -232,8 +339,11 @@ pub(crate) fn scan(
     Ok(())
 }
 
-/// Drops a queue's rows in `[min, lo)` (a prefix: rows written by entries at or
-/// below the horizon) and the runs that end at or below `lo`.
+/// Drops the runs of a queue that end at or below `lo`, its new minimum (rows
+/// below it were written by entries at or below the horizon). The rows stay:
+/// those of epochs wholly below the horizon go with [`drop_epochs_at_or_below`],
+/// the rest with a later one, and reads stop at the minimum meanwhile. `min`
+/// is the queue's previous minimum.
 pub(crate) fn trim(
     state: &SmState,
     wb: &mut WriteBatch,
@@ -250,36 +360,31 @@ pub(crate) fn trim(
     }
     // The first offset of the run holding `lo`: runs before it are emptied.
     let mut keep_from = None;
-    while let Some((first, epoch)) = current_run(&runs, &qk)? {
+    while let Some((first, _)) = current_run(&runs, &qk)? {
         if first >= lo {
             if first == lo {
                 keep_from = Some(lo);
             }
             break;
         }
-        wb.delete_range_cf(
-            state.cf(CF_CQ_ROWS),
-            row_key(epoch, &qk, min.max(first)),
-            row_key(epoch, &qk, lo),
-        );
         keep_from = Some(first);
         runs.next();
     }
     // Otherwise the last run starting below `lo` may hold `lo` and later rows; it
-    // is kept (its rows below `lo` are gone, which reads never ask for). So is a
-    // queue's newest run, which `RunCache` relies on.
+    // is kept (its rows below `lo` are never read again). So is a queue's newest
+    // run, which `RunCache` relies on.
     if let Some(keep) = keep_from {
         wb.delete_range_cf(state.cf(CF_CQ_RUNS), run_key(&qk, 0), run_key(&qk, keep));
     }
     Ok(())
 }
 
-/// Drops, with one range delete, every row of every epoch whose rows were all
-/// written by entries at or below `upto`: those before the newest epoch opened at
-/// or below it (an epoch's rows come from the entries between its opening and
-/// the next one's). Returns that epoch: once the batch is written, the files
-/// wholly below it can go without a compaction ([`delete_files_below`]). The
-/// per-queue [`trim`] still runs for the rows and runs of the boundary epoch.
+/// Drops every row of every epoch whose rows were all written by entries at or
+/// below `upto`: those before the newest epoch opened at or below it (an epoch's
+/// rows come from the entries between its opening and the next one's). Records
+/// that epoch as the boundary, with no tombstone in `cq_rows`: once the batch is
+/// written, the caller publishes it to the compaction filter and deletes the
+/// files wholly below it ([`delete_files_below`]). Returns the boundary when it moved.
 pub(crate) fn drop_epochs_at_or_below(state: &SmState, wb: &mut WriteBatch, upto: u64) -> io::Result<Option<u64>> {
     let mut it = state.db.raw_iterator_cf(state.cf(CF_CQ_EPOCHS));
     it.seek_for_prev(epoch_start_key(upto));
@@ -294,7 +399,7 @@ pub(crate) fn drop_epochs_at_or_below(state: &SmState, wb: &mut WriteBatch, upto
     if boundary == 0 {
         return Ok(None);
     }
-    wb.delete_range_cf(state.cf(CF_CQ_ROWS), 0u64.to_be_bytes(), boundary.to_be_bytes());
+    wb.put_cf(state.cf(CF_META), KEY_DROPPED_BELOW, boundary.to_le_bytes());
     wb.delete_range_cf(
         state.cf(CF_CQ_EPOCHS),
         epoch_start_key(0).as_slice(),
@@ -304,14 +409,15 @@ pub(crate) fn drop_epochs_at_or_below(state: &SmState, wb: &mut WriteBatch, upto
 }
 
 /// Deletes the files that hold only rows of epochs below `boundary`, which a
-/// written [`drop_epochs_at_or_below`] already deleted: their space comes back
-/// now, not when compaction reaches them, and compaction never reads them.
+/// written [`drop_epochs_at_or_below`] dropped: their space comes back now, and
+/// compaction never reads them. Files holding the boundary epoch too keep
+/// their dropped rows until compaction filters them or a later boundary passes.
 pub(crate) fn delete_files_below(state: &SmState, boundary: u64) {
     if let Err(e) = state
         .db
         .delete_file_in_range_cf(state.cf(CF_CQ_ROWS), 0u64.to_be_bytes(), boundary.to_be_bytes())
     {
-        // Only space is at stake: the rows are deleted either way.
+        // Only space is at stake: the rows are unreachable either way.
         tracing::warn!(error = %e, boundary, "could not delete trimmed ConsumeQueue files");
     }
 }
@@ -395,11 +501,9 @@ pub(crate) fn migrate_queue_first_rows(state: &SmState) -> io::Result<u64> {
     }
     it.status().map_err(rocks_io("scan old ConsumeQueue"))?;
     wb.put_cf(state.cf(CF_CQ_EPOCHS), epoch_start_key(lowest), 0u64.to_le_bytes());
-    wb.put_cf(
-        state.cf(CF_META),
-        KEY_ROWS_STORED,
-        (1u64 << CQ_EPOCH_SHIFT).to_le_bytes(),
-    );
+    let mut next_epoch = [0u8; 16];
+    next_epoch[..8].copy_from_slice(&1u64.to_le_bytes());
+    wb.put_cf(state.cf(CF_META), KEY_EPOCH, next_epoch);
     // After every moved row, in WAL order: a crash before this leaves them all.
     if let Some(first) = first_key {
         last_key.push(0);
@@ -515,6 +619,142 @@ mod tests {
         assert_eq!(offsets(&state, "T", 0, 28, 10), vec![28, 29, 30]);
     }
 
+    /// The row key's epoch of every stored row of queue `qk`, in offset order.
+    fn epochs_of(state: &SmState, qk: &[u8]) -> Vec<u64> {
+        let mut rows: Vec<(u64, u64)> = state
+            .db
+            .iterator_cf(state.cf(CF_CQ_ROWS), rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("row").0)
+            .filter(|k| k[8..].starts_with(qk))
+            .map(|k| {
+                (
+                    u64::from_be_bytes(k[k.len() - 8..].try_into().expect("offset")),
+                    key_epoch(&k).expect("epoch"),
+                )
+            })
+            .collect();
+        rows.sort_unstable();
+        rows.into_iter().map(|(_, e)| e).collect()
+    }
+
+    #[test]
+    fn an_entrys_rows_share_one_epoch_and_a_full_epoch_is_reported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = open(dir.path());
+        let qk = queue_key("T", 0);
+        let mut cache = RunCache::default();
+        let mut wb = WriteBatch::default();
+        let mut offset = 0;
+        let mut closed = Vec::new();
+        // Entries of 3, 6, 1 and 3 rows (four rows per epoch in tests).
+        for (index, rows) in [(10u64, 3u64), (11, 6), (12, 1), (13, 3)] {
+            for _ in 0..rows {
+                cache
+                    .put(&state, &mut wb, &qk, offset, &row(index, offset))
+                    .expect("put");
+                offset += 1;
+            }
+            closed.push(cache.closed_epoch());
+            assert_eq!(cache.closed_epoch(), None, "reported twice");
+        }
+        cache.persist(&state, &mut wb);
+        state.db.write(wb).expect("write");
+        // Entry 11 overfills epoch 0 rather than cross into epoch 1; entry 12
+        // opens epoch 1, and entry 13 fills it.
+        assert_eq!(epochs_of(&state, &qk), vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(closed, vec![None, Some(0), None, Some(1)]);
+        drop(state);
+        // After a restart the full epoch is read back: the next entry opens epoch 2.
+        let state = open(dir.path());
+        let mut cache = RunCache::default();
+        let mut wb = WriteBatch::default();
+        cache.put(&state, &mut wb, &qk, offset, &row(14, offset)).expect("put");
+        cache.persist(&state, &mut wb);
+        state.db.write(wb).expect("write");
+        assert_eq!(epochs_of(&state, &qk).last(), Some(&2));
+        assert_eq!(newest_epoch(&state), 2);
+        assert_eq!(offsets(&state, "T", 0, 0, 100), (0..14).collect::<Vec<_>>());
+    }
+
+    /// What #18's 10^8 run needs of the epochs: the memtable switched at every
+    /// epoch's end gives files that share no epoch, so RocksDB moves them down
+    /// its levels without rewriting any (a rewrite would merge them into fewer,
+    /// larger files), and they never overlap.
+    #[test]
+    fn files_flushed_at_epoch_ends_are_moved_down_not_rewritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = open(dir.path());
+        let mut cache = RunCache::default();
+        let mut switches = 0;
+        // Entries of three rows over eight queues, so every epoch (four rows in
+        // tests) is overfilled by its last entry and queues interleave in each.
+        for offset in 0..60u64 {
+            let index = offset + 1;
+            let mut wb = WriteBatch::default();
+            for q in 0..3u32 {
+                let queue = (offset as u32 * 3 + q) % 8;
+                cache
+                    .put(&state, &mut wb, &queue_key("T", queue), offset, &row(index, offset))
+                    .expect("put");
+            }
+            cache.persist(&state, &mut wb);
+            state.db.write(wb).expect("write");
+            if cache.closed_epoch().is_some() {
+                // As the state machine does after the entry that fills an epoch.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while state
+                    .db
+                    .property_int_value_cf(state.cf(CF_CQ_ROWS), "rocksdb.num-immutable-mem-table")
+                    .expect("property")
+                    != Some(0)
+                {
+                    assert!(std::time::Instant::now() < deadline, "a flush never finished");
+                    std::thread::yield_now();
+                }
+                switches += usize::from(switch_memtable_at_epoch_end(&state));
+            }
+        }
+        assert!(switches >= 20, "only {switches} switches");
+        // Let compaction finish what the files triggered (four L0 files start one).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let prop = |name: &str| {
+            state
+                .db
+                .property_int_value_cf(state.cf(CF_CQ_ROWS), name)
+                .expect("property")
+                .unwrap_or(0)
+        };
+        while prop("rocksdb.num-immutable-mem-table") > 0
+            || prop("rocksdb.compaction-pending") > 0
+            || prop("rocksdb.num-running-compactions") > 0
+            || prop("rocksdb.num-running-flushes") > 0
+        {
+            assert!(std::time::Instant::now() < deadline, "compaction never settled");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let files: Vec<_> = state
+            .db
+            .live_files()
+            .expect("live files")
+            .into_iter()
+            .filter(|f| f.column_family_name == CF_CQ_ROWS)
+            .collect();
+        assert_eq!(files.len(), switches, "files were merged: {files:?}");
+        assert!(files.iter().any(|f| f.level > 0), "nothing left L0: {files:?}");
+        let mut spans: Vec<(u64, u64)> = files
+            .iter()
+            .map(|f| {
+                let epoch = |k: &Option<Vec<u8>>| key_epoch(k.as_deref().expect("key")).expect("epoch");
+                (epoch(&f.start_key), epoch(&f.end_key))
+            })
+            .collect();
+        spans.sort_unstable();
+        for pair in spans.windows(2) {
+            assert!(pair[0].1 < pair[1].0, "files share an epoch: {spans:?}");
+        }
+        assert_eq!(offsets(&state, "T", 5, 0, 100).len(), 22);
+    }
+
     #[test]
     fn trimming_and_deleting_leave_exactly_the_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -535,22 +775,44 @@ mod tests {
             trim(&state, &mut wb, topic, queue, 0, lo).expect("trim");
             lows.push(lo);
         }
+        // What the state machine writes with them: the horizon and each queue's minimum.
+        wb.put_cf(state.cf(CF_META), KEY_HORIZON, upto.to_le_bytes());
+        for ((topic, queue), lo) in [("T", 0), ("T", 1), ("U", 0)].into_iter().zip(&lows) {
+            wb.put_cf(state.cf(CF_QMIN), queue_key(topic, queue), lo.to_le_bytes());
+        }
+        // No tombstone goes into `cq_rows`: a flush of it would span every epoch.
+        let rows_before = count(&state, CF_CQ_ROWS);
         state.db.write(wb).expect("write");
+        state.load_horizon().expect("load horizon");
+        assert_eq!(state.cq_dropped_below(), 7);
         state.db.flush_cf(state.cf(CF_CQ_ROWS)).expect("flush");
+        assert_eq!(count(&state, CF_CQ_ROWS), rows_before, "rows deleted by a tombstone");
         delete_files_below(&state, 7);
         for ((topic, queue), lo) in [("T", 0), ("T", 1), ("U", 0)].into_iter().zip(lows) {
             assert_eq!(offsets(&state, topic, queue, 0, 100), (lo..30).collect::<Vec<_>>());
             assert_eq!(get(&state, topic, queue, lo - 1).expect("get"), None);
+            // Reading from below the minimum starts at the minimum.
+            assert_eq!(offsets(&state, topic, queue, lo - 1, 1), vec![lo]);
         }
-        assert_eq!(count(&state, CF_CQ_ROWS), 19 + 19 + 20);
+        // Compaction drops the rows of the dropped epochs (0-6): what stays is
+        // epoch 7 on (rows 28-89), four of them trimmed but not yet dropped.
+        state
+            .db
+            .compact_range_cf(state.cf(CF_CQ_ROWS), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(count(&state, CF_CQ_ROWS), 62);
+        assert_eq!(19 + 19 + 20 + 4, 62);
 
         let mut wb = WriteBatch::default();
         delete_topic(&state, &mut wb, "T").expect("delete");
+        wb.delete_cf(state.cf(CF_QMIN), queue_key("T", 0));
+        wb.delete_cf(state.cf(CF_QMIN), queue_key("T", 1));
         state.db.write(wb).expect("write");
         assert!(offsets(&state, "T", 0, 0, 100).is_empty());
         assert!(offsets(&state, "T", 1, 0, 100).is_empty());
         assert_eq!(offsets(&state, "U", 0, 0, 100).len(), 20);
-        assert_eq!(count(&state, CF_CQ_ROWS), 20);
+        // U's 20 rows, and T's 4 trimmed rows of epoch 7 (its runs there were
+        // trimmed away, so deleting the topic does not see them).
+        assert_eq!(count(&state, CF_CQ_ROWS), 24);
         let u = queue_key("U", 0);
         let runs: Vec<_> = state
             .db

@@ -116,12 +116,18 @@ impl StoreReader {
     }
 
     /// Number of ConsumeQueue rows across all queues (for checks and admin).
+    /// Rows retention dropped but RocksDB still holds (cq.rs drops them without
+    /// tombstones) are not counted: those of dropped epochs and of trimmed prefixes.
     pub fn consume_queue_rows(&self) -> io::Result<u64> {
         let state = self.shared.current();
+        let (from, horizon) = (state.cq_dropped_below().to_be_bytes(), state.horizon());
         let mut n = 0;
-        for item in state.db.iterator_cf(state.cf(CF_CQ_ROWS), rocksdb::IteratorMode::Start) {
-            item.map_err(rocks_io("scan ConsumeQueue"))?;
-            n += 1;
+        let mode = rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward);
+        for item in state.db.iterator_cf(state.cf(CF_CQ_ROWS), mode) {
+            let (_, v) = item.map_err(rocks_io("scan ConsumeQueue"))?;
+            if CqRow::decode(&v)?.applied_index > horizon {
+                n += 1;
+            }
         }
         Ok(n)
     }

@@ -55,7 +55,7 @@ use openraft::alias::SnapshotOf;
 use rocksdb::WriteBatch;
 
 use crate::commitlog::CommitLogReader;
-use crate::layout::{CF_META, CFS, KEY_HORIZON, u64_value};
+use crate::layout::{CF_CQ_ROWS, CF_META, CFS, KEY_HORIZON, u64_value};
 use crate::record::{self, Decoded, HEADER_LEN, Header};
 use crate::segment::LinkedSegment;
 use crate::state_machine::{SmShared, SmState, rocks_io};
@@ -261,12 +261,29 @@ impl LocalSnapshot {
         let db_path = self.dir.join(CHECKPOINT_DIR);
         {
             let db = open_checkpoint(&db_path)?;
+            // ConsumeQueue rows of epochs retention dropped may still be stored
+            // (cq.rs drops them without tombstones); they are not sent.
+            let cq_from = match db.cf_handle(CF_META) {
+                Some(meta) => db
+                    .get_cf(meta, crate::cq::KEY_DROPPED_BELOW)
+                    .map_err(|e| io::Error::other(format!("reading {}: {e}", db_path.display())))?
+                    .map(|v| u64_value(&v))
+                    .transpose()?
+                    .unwrap_or(0),
+                None => 0,
+            }
+            .to_be_bytes();
             for (cf_id, cf) in CFS.iter().enumerate() {
                 // A checkpoint taken before a column family existed has no rows of it.
                 let Some(handle) = db.cf_handle(cf) else {
                     continue;
                 };
-                for item in db.iterator_cf(handle, rocksdb::IteratorMode::Start) {
+                let mode = if *cf == CF_CQ_ROWS {
+                    rocksdb::IteratorMode::From(&cq_from, rocksdb::Direction::Forward)
+                } else {
+                    rocksdb::IteratorMode::Start
+                };
+                for item in db.iterator_cf(handle, mode) {
                     let (k, v) = item.map_err(|e| io::Error::other(format!("reading {}: {e}", db_path.display())))?;
                     w.put(&[ITEM_ROW, cf_id as u8])?;
                     w.put_bytes(&k)?;

@@ -58,6 +58,9 @@ pub(crate) struct SmState {
     /// reads skip what it covers, and the key index's compaction filter drops
     /// rows naming entries at or below it.
     horizon: Arc<AtomicU64>,
+    /// ConsumeQueue epochs below this were dropped by retention (the meta row's
+    /// value once written): `cq_rows`' compaction filter removes their rows.
+    cq_dropped_below: Arc<AtomicU64>,
 }
 
 impl SmState {
@@ -80,8 +83,21 @@ impl SmState {
         env.lower_thread_pool_cpu_priority();
         opts.set_env(&env);
         let horizon = Arc::new(AtomicU64::new(0));
+        let cq_dropped_below = Arc::new(AtomicU64::new(0));
         let cfs = CFS.iter().map(|n| {
             let mut cf_opts = Options::default();
+            if *n == CF_CQ_ROWS {
+                // Retention drops whole epochs without tombstones (see cq.rs):
+                // files wholly below the boundary are deleted, and compaction
+                // drops the rows of the files that straddle it.
+                let below = cq_dropped_below.clone();
+                cf_opts.set_compaction_filter("raftmq-cq-retention", move |_level: u32, key: &[u8], _value: &[u8]| {
+                    match cq::key_epoch(key) {
+                        Some(e) if e < below.load(Ordering::Relaxed) => rocksdb::compaction_filter::Decision::Remove,
+                        _ => rocksdb::compaction_filter::Decision::Keep,
+                    }
+                });
+            }
             if *n == CF_KEY {
                 // Key rows are ordered by key, not by entry, so retention cannot
                 // delete them by range without scanning the whole index inside
@@ -109,6 +125,7 @@ impl SmState {
             archive: RwLock::new(archive),
             dir: dir.to_path_buf(),
             horizon,
+            cq_dropped_below,
         };
         state
             .load_horizon()
@@ -129,7 +146,17 @@ impl SmState {
             None => 0,
         };
         self.horizon.store(h, Ordering::Release);
+        let below = match self.get(CF_META, cq::KEY_DROPPED_BELOW)? {
+            Some(v) => u64_value(&v)?,
+            None => 0,
+        };
+        self.cq_dropped_below.store(below, Ordering::Release);
         Ok(h)
+    }
+
+    /// ConsumeQueue epochs below this were dropped by retention.
+    pub(crate) fn cq_dropped_below(&self) -> u64 {
+        self.cq_dropped_below.load(Ordering::Acquire)
     }
 
     pub(crate) fn archive(&self) -> std::sync::RwLockReadGuard<'_, SegmentSet> {
@@ -1062,11 +1089,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             last = Some(entry.log_id);
             replies.push((responder, response));
+            if self.cq_runs.closed_epoch().is_some() {
+                // The ConsumeQueue epoch is full: write what is applied so far,
+                // then start a new memtable, so the next epoch's rows land in
+                // other files (see cq.rs). As atomic as two batches, like the
+                // split before retention.
+                self.cq_runs.persist(&state, &mut wb);
+                Self::write_applied(&state, std::mem::take(&mut wb), entry.log_id, membership.take())?;
+                self.timer_overlay.clear();
+                cq::switch_memtable_at_epoch_end(&state);
+            }
         }
         let Some(last) = last else { return Ok(()) };
         self.cq_runs.persist(&state, &mut wb);
         Self::write_applied(&state, wb, last, membership)?;
         if let Some(boundary) = self.cq_files_below.take() {
+            state.cq_dropped_below.store(boundary, Ordering::Release);
             cq::delete_files_below(&state, boundary);
         }
         if self.horizon != horizon_before {
